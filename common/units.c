@@ -214,6 +214,24 @@ const char *hx_units_fmt_bandwidth(double bytes_per_s, char *buf, size_t size)
     return fmt_scaled(bytes_per_s * 8, steps, names, 5, buf, size);
 }
 
+const char *hx_units_fmt_byte_rate(double bytes_per_s, char *buf, size_t size)
+{
+    static const double steps[] = {1, 1e3, 1e6, 1e9, 1e12};
+    static const char *const names[] = {"B/s", "KB/s", "MB/s", "GB/s", "TB/s"};
+    return fmt_scaled(bytes_per_s, steps, names, 5, buf, size);
+}
+
+const char *hx_units_fmt_number(double x, char *buf, size_t size)
+{
+    if (fabs(x) >= 100 || x == 0)
+        snprintf(buf, size, "%.0f", x);
+    else if (fabs(x) >= 10)
+        snprintf(buf, size, "%.1f", x);
+    else
+        snprintf(buf, size, "%.3g", x);
+    return buf;
+}
+
 const char *hx_units_fmt_time(double s, char *buf, size_t size)
 {
     static const double steps[] = {1e-9, 1e-6, 1e-3, 1};

@@ -29,6 +29,8 @@ hx_status hx_units_parse_flops(const char *s, double *out_flops_per_s, hx_err *e
 /* Formatting for people; each returns buf. Three significant digits. */
 const char *hx_units_fmt_bytes(double bytes, char *buf, size_t size);       /* "80 GiB" */
 const char *hx_units_fmt_bandwidth(double bytes_per_s, char *buf, size_t size); /* "400 Gb/s" */
+const char *hx_units_fmt_byte_rate(double bytes_per_s, char *buf, size_t size); /* "3.35 TB/s" */
+const char *hx_units_fmt_number(double x, char *buf, size_t size);          /* "7910", "0.166" */
 const char *hx_units_fmt_time(double s, char *buf, size_t size);            /* "15 us" */
 const char *hx_units_fmt_flops(double flops_per_s, char *buf, size_t size); /* "989 TFLOP/s" */
 const char *hx_units_fmt_count(double n, char *buf, size_t size);           /* "68.98 B" */

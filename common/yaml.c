@@ -60,7 +60,7 @@ hx_status hx_yaml_load_string(const char *text, size_t len, const char *name,
         doc = fy_document_create(&pcfg); /* no document at all (empty or only comments) */
     if (first || !doc) {
         if (first)
-            hx_diags_add(diags, name, first->line + 1, first->column + 1, "yaml", "%s",
+            hx_diags_add(diags, name, first->line, first->column, "yaml", "%s", /* 1-based */
                          first->msg ? first->msg : "syntax error");
         else
             hx_diags_add(diags, name, 0, 0, "yaml", "syntax error");

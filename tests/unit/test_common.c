@@ -145,6 +145,11 @@ static void formatting(void **state)
     assert_string_equal(hx_units_fmt_bandwidth(50e9, b, sizeof b), "400 Gb/s");
     assert_string_equal(hx_units_fmt_bandwidth(12.5e9, b, sizeof b), "100 Gb/s");
     assert_string_equal(hx_units_fmt_bandwidth(3.125e9, b, sizeof b), "25 Gb/s");
+    assert_string_equal(hx_units_fmt_byte_rate(3.35e12, b, sizeof b), "3.35 TB/s");
+    assert_string_equal(hx_units_fmt_byte_rate(450e9, b, sizeof b), "450 GB/s");
+    assert_string_equal(hx_units_fmt_number(7912, b, sizeof b), "7912");
+    assert_string_equal(hx_units_fmt_number(0.166, b, sizeof b), "0.166");
+    assert_string_equal(hx_units_fmt_number(12.34, b, sizeof b), "12.3");
     assert_string_equal(hx_units_fmt_time(15e-6, b, sizeof b), "15 us");
     assert_string_equal(hx_units_fmt_time(2.5e-3, b, sizeof b), "2.5 ms");
     assert_string_equal(hx_units_fmt_flops(989e12, b, sizeof b), "989 TFLOP/s");

@@ -1,0 +1,42 @@
+# hexflow - thin wrapper over CMake.
+#   make        build (build/hexflow)
+#   make test   install missing Debian packages, build, run the tests
+#   make demo   install missing Debian packages, build, run the shipped example
+#   make asan   the tests again under AddressSanitizer + UndefinedBehaviorSanitizer
+BUILD ?= build
+ASAN_BUILD ?= build-asan
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+WERROR ?= OFF
+CMAKE_FLAGS ?=
+
+HEXFLOW = $(BUILD)/hexflow
+
+.PHONY: all build deps test demo asan clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build:
+	@cmake -S . -B $(BUILD) -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+test: deps build
+	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+asan: deps
+	@cmake -S . -B $(ASAN_BUILD) -DHX_SANITIZE=ON -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
+
+demo: deps build
+	@echo '$$ hexflow inventory show inventories/mixed.yaml'
+	@$(HEXFLOW) inventory show inventories/mixed.yaml
+	@echo
+	@echo '$$ hexflow model show llama-2-70b'
+	@$(HEXFLOW) model show llama-2-70b
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)
