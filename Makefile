@@ -3,6 +3,7 @@
 #   make test   install missing Debian packages, build, run the tests
 #   make demo   install missing Debian packages, build, run the shipped example
 #   make asan   the tests again under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make bench  the planner's benchmarks (bench/plan_bench.c; prints numbers)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -11,7 +12,7 @@ CMAKE_FLAGS ?=
 
 HEXFLOW = $(BUILD)/hexflow
 
-.PHONY: all build deps test demo asan clean
+.PHONY: all build deps test demo bench asan clean
 
 all: build
 
@@ -35,8 +36,13 @@ demo: deps build
 	@echo '$$ hexflow inventory show inventories/mixed.yaml'
 	@$(HEXFLOW) inventory show inventories/mixed.yaml
 	@echo
-	@echo '$$ hexflow model show llama-2-70b'
-	@$(HEXFLOW) model show llama-2-70b
+	@echo '$$ hexflow plan --inventory inventories/mixed.yaml --model llama-2-70b --out build/plan.json'
+	@$(HEXFLOW) plan --inventory inventories/mixed.yaml --model llama-2-70b --out $(BUILD)/plan.json
+
+bench: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS) --target plan_bench
+	@$(BUILD)/plan_bench all
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

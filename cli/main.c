@@ -24,6 +24,7 @@ static const cmd commands[] = {
     {"inventory", hx_cmd_inventory, "check or show a cluster inventory"},
     {"discover", hx_cmd_discover, "describe this machine as an inventory fragment"},
     {"model", hx_cmd_model, "show a model's size, KV cache and FLOPs"},
+    {"plan", hx_cmd_plan, "plan prefill/decode replicas, layouts and routes for a cluster"},
 };
 
 void hx_cli_error(const char *fmt, ...)

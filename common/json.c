@@ -27,7 +27,7 @@ hx_status hx_json_load_file(const char *path, const char *what, json_t **out, hx
 
 hx_status hx_json_write_file(const char *path, const json_t *root, hx_err *err)
 {
-    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
     if (!text)
         return hx_err_set(err, HX_ENOMEM, "cannot write '%s': out of memory", path);
     size_t len = strlen(text);
@@ -45,7 +45,7 @@ hx_status hx_json_write_file(const char *path, const json_t *root, hx_err *err)
 
 hx_status hx_json_print(const json_t *root)
 {
-    if (json_dumpf(root, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER) != 0)
+    if (json_dumpf(root, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15)) != 0)
         return HX_EIO;
     fputc('\n', stdout);
     return HX_OK;

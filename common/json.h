@@ -1,5 +1,8 @@
 /*
  * json.h - JSON files over jansson: load with located errors, write atomically.
+ *
+ * Output (files and stdout) prints reals with 15 significant digits, so numbers
+ * read back as written ("0.1", not "0.10000000000000001").
  */
 #ifndef HX_JSON_H
 #define HX_JSON_H

@@ -19,10 +19,13 @@
 
 #include <lapacke.h>
 #include <math.h>
+#include <fcntl.h>
 #include <metis.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define FM_MAX_PASSES 50        /* refinement passes (FM + swaps) per refine call */
 #define SWAP_MAX_N 512          /* pair swaps are tried on graphs up to this size */
@@ -1628,8 +1631,24 @@ static hx_status metis_partition(const hx_wgraph *g, int k, const double *t, dou
     options[METIS_OPTION_CONTIG] = 0;
     idx_t nvtxs = n, ncon = 1, nparts = k, objval = 0;
     real_t ubvec[1] = {(real_t)(1 + fmax(imbalance, 0.001))};
+    /*
+     * METIS prints to stdout on some degenerate inputs; our stdout may be a
+     * JSON document (plan --json), so its chatter goes to /dev/null.
+     */
+    fflush(stdout);
+    int saved_stdout = dup(STDOUT_FILENO);
+    int devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (saved_stdout >= 0 && devnull >= 0)
+        dup2(devnull, STDOUT_FILENO);
     int rc = METIS_PartGraphKway(&nvtxs, &ncon, xadj, adjncy, vwgt, NULL, adjwgt, &nparts,
                                  tpwgts, ubvec, options, &objval, mpart);
+    fflush(stdout);
+    if (saved_stdout >= 0 && devnull >= 0)
+        dup2(saved_stdout, STDOUT_FILENO);
+    if (saved_stdout >= 0)
+        close(saved_stdout);
+    if (devnull >= 0)
+        close(devnull);
     if (rc != METIS_OK) {
         st = hx_err_set(err, rc == METIS_ERROR_MEMORY ? HX_ENOMEM : HX_EINTERNAL,
                         "partition: METIS_PartGraphKway failed (%s) on %d vertices, k = %d",

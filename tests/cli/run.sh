@@ -36,7 +36,7 @@ expect "version" 0 "hexflow 0." -- "$HX" --version
 expect "version lists backends" 0 "backends: cpu" -- "$HX" --version
 expect "unknown command" 2 "'frobnicate' is not a hexflow command" -- "$HX" frobnicate
 expect "unknown global option" 2 "unknown option '--nope'" -- "$HX" --nope
-for c in inventory discover model; do
+for c in inventory discover model plan; do
     expect "$c --help" 0 "usage: hexflow $c" -- "$HX" "$c" --help
 done
 
@@ -134,6 +134,67 @@ if "$HX" model show llama-2-70b --json | python3 -c 'import json,sys; json.load(
 else
     not_ok "model show --json is valid JSON" "$(cat "$TMP/py.err")"
 fi
+
+# --- plan ----------------------------------------------------------------
+INV="$SRC/inventories/mixed.yaml"
+expect "plan --help" 0 "usage: hexflow plan" -- "$HX" plan --help
+expect "plan mixed" 0 "throughput" -- "$HX" plan --inventory "$INV" --model llama-2-70b
+expect "plan shows routes" 0 "PREFILL  DECODE" -- "$HX" plan --inventory "$INV" --model llama-2-70b
+expect "plan shows bottleneck" 0 "bottleneck" -- "$HX" plan --inventory "$INV" --model llama-2-70b
+expect "plan shows cost" 0 "per million output tokens" -- "$HX" plan --inventory "$INV" --model llama-2-70b
+if "$HX" plan --inventory "$INV" --model llama-2-70b --json --out "$TMP/plan.json" >"$TMP/plan-stdout.json" 2>"$TMP/plan.err" &&
+    python3 - "$TMP/plan.json" "$TMP/plan-stdout.json" <<'PY' 2>"$TMP/py.err"
+import json, sys
+a = json.load(open(sys.argv[1])); b = json.load(open(sys.argv[2]))
+assert a["schema"] == "hexflow.plan/1"
+for k in ("model", "workload", "hosts", "router", "groups", "routes", "throughput", "cost", "search"):
+    assert k in a, k
+assert a["router"]["host"] in [h["name"] for h in a["hosts"]]
+seen = set()
+for g in a["groups"]:
+    nxt = 0
+    for st in g["stages"]:
+        assert st["first_layer"] == nxt; nxt += st["num_layers"]
+        for d in st["devices"]:
+            assert d not in seen; seen.add(d)
+    assert nxt == a["model"]["num_layers"]
+rps = sum(r["rps"] for r in a["routes"]) + sum(g["capacity_rps"] for g in a["groups"] if g["role"] == "both")
+assert abs(rps - a["throughput"]["rps"]) < 1e-6 * max(1, rps)
+a["search"].pop("seconds"); b["search"].pop("seconds")
+assert a == b
+PY
+then
+    ok "plan --json --out writes a valid plan (devices once, layers covered, routes sum)"
+else
+    not_ok "plan --json --out writes a valid plan" "$(cat "$TMP/plan.err" "$TMP/py.err")"
+fi
+for s in colocated homogeneous; do
+    expect "plan --strategy $s" 0 "strategy $s" -- "$HX" plan --inventory "$INV" --model llama-2-70b --strategy $s
+done
+cat >"$TMP/small.yaml" <<'YAML'
+hosts:
+  - {name: a, address: 10.0.0.1, gpus: {type: L40S, count: 4}, intra: {kind: pcie}}
+  - {name: b, address: 10.0.0.2, gpus: {type: A100-80G, count: 2}, intra: {kind: nvlink}}
+YAML
+expect "plan --strategy exact" 0 "strategy exact" -- "$HX" plan --inventory "$TMP/small.yaml" --model llama-2-13b --strategy exact
+expect "plan exact too big" 2 "at most 16 devices" -- "$HX" plan --inventory "$INV" --model llama-2-7b --strategy exact
+expect "plan localhost" 0 "throughput" -- "$HX" plan --inventory "$SRC/inventories/localhost.yaml" --model "$SRC/tests/data/tiny-config.json" --slo-ttft 10 --slo-tpot 1
+expect "plan missing inventory" 2 "missing --inventory" -- "$HX" plan --model llama-2-7b
+expect "plan missing model" 2 "missing --model" -- "$HX" plan --inventory "$INV"
+expect "plan unknown model" 2 "unknown model 'llama-9'" -- "$HX" plan --inventory "$INV" --model llama-9
+expect "plan model too big" 2 "needs" -- "$HX" plan --inventory "$SRC/inventories/localhost.yaml" --model llama-2-70b
+expect "plan bad strategy" 2 "unknown strategy 'best'" -- "$HX" plan --inventory "$INV" --model llama-2-7b --strategy best
+expect "plan bad rate" 2 "--rate: 'fast' is not a number" -- "$HX" plan --inventory "$INV" --model llama-2-7b --rate fast
+expect "plan bad slo" 2 "--slo-ttft" -- "$HX" plan --inventory "$INV" --model llama-2-7b --slo-ttft -1
+expect "plan unknown option" 2 "unknown option" -- "$HX" plan --inventory "$INV" --model llama-2-7b --frob
+expect "plan bad inventory" 2 "has 1 error" -- "$HX" plan --inventory "$TMP/bad.yaml" --model llama-2-7b
+expect "plan unreachable SLO" 2 "no replica" -- "$HX" plan --inventory "$INV" --model llama-2-70b --slo-tpot 0.0001
+printf 'input_tokens: 1024\noutput_tokens: 64\nslo: {ttft: 3s, tpot: 80ms}\n' >"$TMP/wl.yaml"
+expect "plan --workload" 0 "1024 input / 64 output tokens" -- "$HX" plan --inventory "$INV" --model llama-2-13b --workload "$TMP/wl.yaml"
+printf 'input_tokens: many\n' >"$TMP/badwl.yaml"
+expect "plan bad workload" 2 "$TMP/badwl.yaml:1:15: input_tokens: 'many' is not a token count" -- "$HX" plan --inventory "$INV" --model llama-2-13b --workload "$TMP/badwl.yaml"
+expect "plan --out to a missing dir" 1 "cannot write" -- "$HX" plan --inventory "$INV" --model llama-2-13b --out "$TMP/no/such/dir/plan.json"
+[ ! -e "$TMP/no/such/dir/plan.json" ] && ok "nothing half-written" || not_ok "nothing half-written"
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
