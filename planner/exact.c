@@ -20,7 +20,7 @@
 #include <string.h>
 
 #define EXACT_MAX_GROUPS 16
-#define EXACT_MAX_NODES 2000000L
+#define EXACT_MAX_NODES 5000000L
 #define EXACT_MAX_ROLE_GROUPS 10
 
 typedef struct vec_entry {
@@ -44,7 +44,7 @@ typedef struct exact_state {
     long nodes;
     int too_big;
     double ub_now;                       /* sum of ub over the chosen groups */
-    double ub_per_device;                /* max over vectors of ub / devices */
+    double ub_rate[HX_EXACT_MAX_DEVICES]; /* per host: max ub / devices over vectors using it */
     hx_solution best;
     hx_solution trial;
     int have;
@@ -155,11 +155,21 @@ out:
     free(as);
 }
 
+static int cmp_vec_desc(const void *a, const void *b)
+{
+    const vec_entry *x = a, *y = b;
+    double rx = x->ub / x->ndevices, ry = y->ub / y->ndevices;
+    if (rx != ry)
+        return rx < ry ? 1 : -1;
+    return y->ndevices - x->ndevices;
+}
+
 /*
  * Depth-first over multisets: vectors in non-decreasing index order.
  * Throughput is colocated + min(prefill, decode) <= sum over groups of
- * max(B, P/2, D/2), and the devices still free add at most ub_per_device
- * each: a subtree whose bound cannot beat the best plan is skipped.
+ * max(B, P/2, D/2); a group's bound is at most the sum over its devices of
+ * their host's best bound per device (ub_rate), so the devices still free add
+ * at most that much: a subtree whose bound cannot beat the best is skipped.
  */
 static void dfs(exact_state *e, int from)
 {
@@ -167,11 +177,11 @@ static void dfs(exact_state *e, int from)
         e->too_big = 1;
         return;
     }
-    int free_devices = 0;
+    double rest = 0;
     for (int j = 0; j < e->nh; j++)
-        free_devices += e->left[j];
+        rest += e->left[j] * e->ub_rate[j];
     double best = e->have ? e->best.value_rps * (1 + 1e-12) : 0;
-    if (e->have && e->ub_now + free_devices * e->ub_per_device <= best)
+    if (e->have && e->ub_now + rest <= best)
         return;
     if (!e->have || e->ub_now > best)
         evaluate_multiset(e);
@@ -244,10 +254,14 @@ hx_status hx_search_exact(hx_search_ctx *s, hx_solution *best, hx_err *err)
         v->ub = fmax(v->cap[HX_ROLE_BOTH],
                      0.5 * fmax(v->cap[HX_ROLE_PREFILL], v->cap[HX_ROLE_DECODE]));
         if (any) {
-            e.ub_per_device = fmax(e.ub_per_device, v->ub / ndev);
+            for (int j = 0; j < e.nh; j++)
+                if (v->count[j] > 0)
+                    e.ub_rate[j] = fmax(e.ub_rate[j], v->ub / ndev);
             e.nvecs++;
         }
     }
+    /* the most promising groups first, so that strong plans prune early */
+    qsort(e.vecs, (size_t)e.nvecs, sizeof *e.vecs, cmp_vec_desc);
     if ((st = hx_solution_init(&e.trial, EXACT_MAX_GROUPS)) != HX_OK ||
         (st = hx_solution_init(&e.best, EXACT_MAX_GROUPS)) != HX_OK) {
         st = hx_err_set(err, HX_ENOMEM, "out of memory");
