@@ -245,14 +245,6 @@ void hx_cost_ctx_init(hx_cost_ctx *c, const hx_model *model, const hx_graph *gra
 /* ------------------------------------------------------------------------- */
 /* Evaluation                                                                 */
 
-static int dev_offset(const hx_layout *l, int stage)
-{
-    int off = 0;
-    for (int i = 0; i < stage; i++)
-        off += l->tp[i];
-    return off;
-}
-
 double hx_cost_stage_weight_bytes(const hx_cost_ctx *c, const hx_layout *l, int i)
 {
     int64_t b = 0;
@@ -260,56 +252,6 @@ double hx_cost_stage_weight_bytes(const hx_cost_ctx *c, const hx_layout *l, int 
         HX_OK)
         return INFINITY;
     return (double)b;
-}
-
-/* The weakest device of a stage bounds it (stages are normally uniform). */
-typedef struct stage_hw {
-    double flops;    /* peak x efficiency, per device */
-    double hbm;      /* bandwidth x efficiency, per device */
-    double mem;      /* usable bytes per device */
-    double tp_bw;    /* all-reduce bandwidth (narrowest ring hop) x net_eff */
-    double tp_lat;   /* its latency */
-    double next_bw;  /* to the next stage x net_eff (INFINITY for the last) */
-    double next_lat;
-} stage_hw;
-
-static void stage_hardware(const hx_cost_ctx *c, const hx_layout *l, int i, stage_hw *hw)
-{
-    const hx_cost_params *p = c->params;
-    int off = dev_offset(l, i), tp = l->tp[i];
-    hw->flops = INFINITY;
-    hw->hbm = INFINITY;
-    hw->mem = INFINITY;
-    hw->tp_bw = INFINITY;
-    hw->tp_lat = 0;
-    for (int k = 0; k < tp; k++) {
-        int d = l->devices[off + k];
-        const hx_gpu_spec *s = hx_graph_device_spec(c->graph, d);
-        hw->flops = fmin(hw->flops, s->bf16_flops * hx_cost_compute_eff(p, s));
-        hw->hbm = fmin(hw->hbm, s->hbm_bytes_per_s * hx_cost_hbm_eff(p, s));
-        hw->mem = fmin(hw->mem, s->memory_bytes * p->mem_util);
-        if (tp > 1) {
-            hx_path path = hx_graph_path(c->graph, d, l->devices[off + (k + 1) % tp]);
-            hw->tp_bw = fmin(hw->tp_bw, path.bytes_per_s * p->net_eff);
-            hw->tp_lat = fmax(hw->tp_lat, path.latency_s);
-        }
-    }
-    if (i + 1 < l->nstages) {
-        hx_path path = hx_graph_path(c->graph, l->devices[off + tp - 1], l->devices[off + tp]);
-        hw->next_bw = path.bytes_per_s * p->net_eff;
-        hw->next_lat = path.latency_s;
-    } else {
-        hw->next_bw = INFINITY;
-        hw->next_lat = 0;
-    }
-}
-
-/* Ring all-reduce of `bytes` over tp devices. */
-static double allreduce_s(double bytes, int tp, double bw, double lat)
-{
-    if (tp <= 1)
-        return 0;
-    return 2.0 * (tp - 1) / tp * bytes / bw + 2.0 * (tp - 1) * lat;
 }
 
 /* Fraction of the KV heads one device of a TP group holds (heads replicate when tp > K). */
@@ -321,50 +263,141 @@ static double kv_shard(const hx_model *m, int tp)
     return per_dev / m->num_kv_heads;
 }
 
-/* Activation workspace per device for `tokens` tokens in flight (fp32 scratch). */
-static double workspace_bytes(const hx_cost_ctx *c, double tokens, int tp)
+void hx_group_model_init(const hx_cost_ctx *c, const hx_layout *l, hx_group_model *gm)
 {
     const hx_model *m = c->model;
-    double per_token = 4.0 * m->hidden_size + 3.0 * m->intermediate_size / tp +
-                       (double)m->vocab_size / tp;
+    const hx_cost_params *p = c->params;
+    hx_model_flops f;
+    hx_model_decode_flops(m, 0, &f); /* per-token parts, no attention */
+    memset(gm, 0, sizeof *gm);
+    gm->nstages = l->nstages;
+    gm->window_tokens = m->sliding_window_tokens;
+    gm->hidden_size = m->hidden_size;
+    gm->intermediate_size = m->intermediate_size;
+    gm->vocab_size = m->vocab_size;
+    gm->mem_util = p->mem_util;
+    int off = 0;
+    for (int i = 0; i < l->nstages; i++) {
+        hx_stage_model *st = &gm->st[i];
+        int tp = l->tp[i];
+        st->tp = tp;
+        st->num_layers = l->num_layers[i];
+        st->flops_per_s = INFINITY;
+        st->bytes_per_s = INFINITY;
+        st->mem_bytes = INFINITY;
+        st->tp_bw = INFINITY;
+        for (int k = 0; k < tp; k++) {
+            int d = l->devices[off + k];
+            const hx_gpu_spec *s = hx_graph_device_spec(c->graph, d);
+            st->flops_per_s = fmin(st->flops_per_s, s->bf16_flops * hx_cost_compute_eff(p, s));
+            st->bytes_per_s = fmin(st->bytes_per_s, s->hbm_bytes_per_s * hx_cost_hbm_eff(p, s));
+            st->mem_bytes = fmin(st->mem_bytes, s->memory_bytes * p->mem_util);
+            if (tp > 1) {
+                hx_path path = hx_graph_path(c->graph, d, l->devices[off + (k + 1) % tp]);
+                st->tp_bw = fmin(st->tp_bw, path.bytes_per_s * p->net_eff);
+                st->tp_lat = fmax(st->tp_lat, path.latency_s);
+            }
+        }
+        if (i + 1 < l->nstages) {
+            hx_path path = hx_graph_path(c->graph, l->devices[off + tp - 1], l->devices[off + tp]);
+            st->next_bw = path.bytes_per_s * p->net_eff;
+            st->next_lat = path.latency_s;
+        } else {
+            st->next_bw = INFINITY;
+        }
+        off += tp;
+        st->weights_bytes = hx_cost_stage_weight_bytes(c, l, i) / tp;
+        st->tok_flops = st->num_layers * f.layer.total_flops +
+                        (l->first_layer[i] == 0 ? f.embed_flops : 0);
+        st->head_flops = i == l->nstages - 1 ? f.head_flops : 0;
+        st->attn_flops_per_key = 4.0 * m->num_heads * m->head_dim * st->num_layers;
+        st->kv_bytes_per_token = c->kv_bytes_per_token_layer * st->num_layers * kv_shard(m, tp);
+        st->act_bytes_per_token = (double)m->hidden_size * m->dtype_bytes;
+    }
+}
+
+/* Ring all-reduce of `bytes` over tp devices. */
+static double allreduce_s(double bytes, int tp, double bw, double lat)
+{
+    if (tp <= 1)
+        return 0;
+    return 2.0 * (tp - 1) / tp * bytes / bw + 2.0 * (tp - 1) * lat;
+}
+
+/* Roofline time of one stage for `tokens` tokens, `seqs` sequences and `keys` attention pairs. */
+static double stage_s(const hx_stage_model *st, double tokens, double seqs, double keys,
+                      double kv_read_bytes)
+{
+    double flops = tokens * st->tok_flops + seqs * st->head_flops + keys * st->attn_flops_per_key;
+    double t = fmax(flops / st->tp / st->flops_per_s,
+                    (st->weights_bytes + kv_read_bytes) / st->bytes_per_s);
+    double act = tokens * st->act_bytes_per_token;
+    t += 2.0 * st->num_layers * allreduce_s(act, st->tp, st->tp_bw, st->tp_lat);
+    if (!isinf(st->next_bw))
+        t += act / st->next_bw + st->next_lat;
+    return t;
+}
+
+double hx_group_prefill_s(const hx_group_model *gm, int prompts, double tokens, double key_pairs,
+                          double *occupancy_s)
+{
+    double lat = 0, slowest = 0;
+    for (int i = 0; i < gm->nstages; i++) {
+        double t = stage_s(&gm->st[i], tokens, prompts, key_pairs, 0);
+        lat += t;
+        slowest = fmax(slowest, t);
+    }
+    if (occupancy_s)
+        *occupancy_s = slowest;
+    return lat;
+}
+
+double hx_group_decode_step_s(const hx_group_model *gm, double batch, double keys)
+{
+    /* pp micro-batches of batch/pp requests in flight, one stage each */
+    int pp = gm->nstages;
+    double b = batch / pp, k = keys / pp, slowest = 0, sum = 0;
+    for (int i = 0; i < pp; i++) {
+        double t = stage_s(&gm->st[i], b, b, k, k * gm->st[i].kv_bytes_per_token);
+        slowest = fmax(slowest, t);
+        sum += t;
+    }
+    return pp > 1 ? fmax(sum, pp * slowest) : slowest;
+}
+
+/* Activation workspace per device for `tokens` tokens in flight (fp32 scratch). */
+static double workspace_bytes(const hx_group_model *gm, double tokens, int tp)
+{
+    double per_token = 4.0 * gm->hidden_size + 3.0 * gm->intermediate_size / tp +
+                       (double)gm->vocab_size / tp;
     return tokens * per_token * 4.0 + 64.0 * 1048576.0; /* + fixed runtime buffers */
 }
 
-/* Time of stage i for one prefill batch of b prompts. */
-static double prefill_stage_s(const hx_cost_ctx *c, const hx_layout *l, int i,
-                              const stage_hw *hw, double weights, int b)
+double hx_group_kv_tokens(const hx_group_model *gm, double workspace_tokens)
 {
-    const hx_model *m = c->model;
-    int tp = l->tp[i];
-    double tokens = (double)b * c->wl.input_tokens;
-    double flops = b * (l->num_layers[i] * c->prefill_layer_flops +
-                        (l->first_layer[i] == 0 ? c->prefill_embed_flops : 0) +
-                        (i == l->nstages - 1 ? c->prefill_head_flops : 0));
-    double t = fmax(flops / tp / hw->flops, weights / tp / hw->hbm);
-    double act = tokens * m->hidden_size * m->dtype_bytes;
-    t += 2.0 * l->num_layers[i] * allreduce_s(act, tp, hw->tp_bw, hw->tp_lat);
-    if (i + 1 < l->nstages)
-        t += act / hw->next_bw + hw->next_lat;
-    return t;
+    double tokens = INFINITY;
+    for (int i = 0; i < gm->nstages; i++) {
+        const hx_stage_model *st = &gm->st[i];
+        double free_b = st->mem_bytes - st->weights_bytes -
+                        workspace_bytes(gm, workspace_tokens, st->tp);
+        if (free_b <= 0)
+            return 0;
+        tokens = fmin(tokens, free_b / st->kv_bytes_per_token);
+    }
+    return isinf(tokens) ? 0 : floor(tokens);
 }
 
-/* Time of stage i for one decode step of a micro-batch of B requests. */
-static double decode_stage_s(const hx_cost_ctx *c, const hx_layout *l, int i,
-                             const stage_hw *hw, double weights, double B)
+/* Mean attention pairs of one causal prompt of s tokens (window-aware). */
+static double prompt_key_pairs(double s, int window)
 {
-    const hx_model *m = c->model;
-    int tp = l->tp[i];
-    double kv = B * c->ctx_mean_tokens * c->kv_bytes_per_token_layer * l->num_layers[i] *
-                kv_shard(m, tp);
-    double flops = B * (l->num_layers[i] * c->decode_layer_flops +
-                        (l->first_layer[i] == 0 ? c->decode_embed_flops : 0) +
-                        (i == l->nstages - 1 ? c->decode_head_flops : 0));
-    double t = fmax(flops / tp / hw->flops, (weights / tp + kv) / hw->hbm);
-    double act = B * m->hidden_size * m->dtype_bytes;
-    t += 2.0 * l->num_layers[i] * allreduce_s(act, tp, hw->tp_bw, hw->tp_lat);
-    if (i + 1 < l->nstages)
-        t += act / hw->next_bw + hw->next_lat;
-    return t;
+    if (window <= 0 || s <= window)
+        return s * (s + 1) / 2;
+    return (double)window * (window + 1) / 2 + (s - window) * window;
+}
+
+static double context_keys(double ctx, int window)
+{
+    return window > 0 && ctx > window ? window : ctx;
 }
 
 typedef struct prefill_res {
@@ -374,11 +407,11 @@ typedef struct prefill_res {
     const char *limit;
 } prefill_res;
 
-static void eval_prefill(const hx_cost_ctx *c, const hx_layout *l, const stage_hw *hw,
-                         const double *weights, hx_perf *out, prefill_res *r)
+static void eval_prefill(const hx_cost_ctx *c, const hx_group_model *gm, prefill_res *r)
 {
     const hx_cost_params *p = c->params;
-    double budget = p->ttft_budget * c->wl.slo_ttft_s;
+    double s = c->wl.input_tokens, budget = p->ttft_budget * c->wl.slo_ttft_s;
+    double pairs = prompt_key_pairs(s, gm->window_tokens);
     r->ok = 0;
     r->capacity_rps = 0;
     r->ttft_s = INFINITY;
@@ -387,11 +420,11 @@ static void eval_prefill(const hx_cost_ctx *c, const hx_layout *l, const stage_h
     for (int b = 1; b <= p->max_prefill_batch; b++) {
         /* memory: weights + workspace + KV of two batches (one computing, one sending) */
         int fits = 1;
-        for (int i = 0; i < l->nstages; i++) {
-            double ws = workspace_bytes(c, b * c->wl.input_tokens, l->tp[i]);
-            double kv = 2.0 * b * c->wl.input_tokens * c->kv_bytes_per_token_layer *
-                        l->num_layers[i] * kv_shard(c->model, l->tp[i]);
-            if (weights[i] / l->tp[i] + ws + kv > hw[i].mem) {
+        for (int i = 0; i < gm->nstages; i++) {
+            const hx_stage_model *st = &gm->st[i];
+            if (st->weights_bytes + workspace_bytes(gm, b * s, st->tp) +
+                    2.0 * b * s * st->kv_bytes_per_token >
+                st->mem_bytes) {
                 fits = 0;
                 break;
             }
@@ -401,12 +434,8 @@ static void eval_prefill(const hx_cost_ctx *c, const hx_layout *l, const stage_h
                 r->limit = "memory (weights and one prompt do not fit)";
             break;
         }
-        double lat = 0, slowest = 0;
-        for (int i = 0; i < l->nstages; i++) {
-            double t = prefill_stage_s(c, l, i, &hw[i], weights[i], b);
-            lat += t;
-            slowest = fmax(slowest, t);
-        }
+        double slowest;
+        double lat = hx_group_prefill_s(gm, b, b * s, b * pairs, &slowest);
         if (lat > budget) {
             if (b == 1)
                 r->limit = "TTFT SLO (one prompt takes too long)";
@@ -421,96 +450,65 @@ static void eval_prefill(const hx_cost_ctx *c, const hx_layout *l, const stage_h
             r->limit = "prefill compute";
         }
     }
-    if (out && r->ok) {
-        for (int i = 0; i < l->nstages; i++) {
-            out->mem[i].weights_bytes = weights[i] / l->tp[i];
-            out->mem[i].workspace_bytes = workspace_bytes(c, r->batch * c->wl.input_tokens,
-                                                          l->tp[i]);
-            out->mem[i].kv_bytes = 2.0 * r->batch * c->wl.input_tokens *
-                                   c->kv_bytes_per_token_layer * l->num_layers[i] *
-                                   kv_shard(c->model, l->tp[i]);
-        }
-    }
+}
+
+/* TPOT with `concurrency` requests at the mean context. */
+static double decode_tpot(const hx_cost_ctx *c, const hx_group_model *gm, double concurrency)
+{
+    return hx_group_decode_step_s(gm, concurrency,
+                                  concurrency * context_keys(c->ctx_mean_tokens,
+                                                             gm->window_tokens));
 }
 
 typedef struct decode_res {
     int ok;
     double capacity_rps, tpot_s;
-    int concurrency;   /* pp x B */
+    int concurrency; /* pp x B */
     double kv_tokens;
-    int b;             /* micro-batch */
     const char *limit;
 } decode_res;
 
-/* TPOT at micro-batch B. */
-static double decode_tpot(const hx_cost_ctx *c, const hx_layout *l, const stage_hw *hw,
-                          const double *weights, double B)
-{
-    double slowest = 0, sum = 0;
-    for (int i = 0; i < l->nstages; i++) {
-        double t = decode_stage_s(c, l, i, &hw[i], weights[i], B);
-        slowest = fmax(slowest, t);
-        sum += t;
-    }
-    return l->nstages > 1 ? fmax(sum, l->nstages * slowest) : slowest;
-}
-
 /* Largest concurrency whose KV at full context fits beside weights and workspace. */
-static int decode_max_concurrency(const hx_cost_ctx *c, const hx_layout *l, const stage_hw *hw,
-                                  const double *weights, double extra_tokens_per_stage)
+static int decode_max_concurrency(const hx_cost_ctx *c, const hx_group_model *gm,
+                                  double extra_tokens, double *kv_tokens)
 {
-    double nmax = INFINITY;
-    for (int i = 0; i < l->nstages; i++) {
-        double per_req = c->ctx_max_tokens * c->kv_bytes_per_token_layer * l->num_layers[i] *
-                         kv_shard(c->model, l->tp[i]);
-        /* workspace for the decode batch is small; size it for 256 tokens in flight */
-        double ws = workspace_bytes(c, 256 + extra_tokens_per_stage, l->tp[i]);
-        double free_b = hw[i].mem - weights[i] / l->tp[i] - ws;
-        if (free_b <= 0)
-            return 0;
-        nmax = fmin(nmax, floor(free_b / per_req));
-    }
-    if (nmax > 1e6)
-        nmax = 1e6;
-    return (int)nmax;
+    /* workspace for the decode batch is small; size it for 256 tokens in flight */
+    *kv_tokens = hx_group_kv_tokens(gm, 256 + extra_tokens);
+    double n = floor(*kv_tokens / c->ctx_max_tokens);
+    return n > 1e6 ? 1000000 : (int)n;
 }
 
-static void eval_decode(const hx_cost_ctx *c, const hx_layout *l, const stage_hw *hw,
-                        const double *weights, double extra_tokens, double tpot_limit_s,
+static void eval_decode(const hx_cost_ctx *c, const hx_group_model *gm, double tpot_limit_s,
                         decode_res *r)
 {
-    int pp = l->nstages;
+    int pp = gm->nstages;
     r->ok = 0;
     r->capacity_rps = 0;
     r->tpot_s = INFINITY;
     r->concurrency = 0;
-    r->kv_tokens = 0;
-    r->b = 0;
-    int nmax = decode_max_concurrency(c, l, hw, weights, extra_tokens);
+    int nmax = decode_max_concurrency(c, gm, 0, &r->kv_tokens);
     if (nmax < pp) {
         r->limit = nmax < 1 ? "memory (weights leave no room for KV)"
                             : "memory (too little KV for the pipeline)";
         return;
     }
-    r->kv_tokens = nmax * c->ctx_max_tokens;
     int bmax = nmax / pp;
-    if (decode_tpot(c, l, hw, weights, 1) > tpot_limit_s) {
+    if (decode_tpot(c, gm, pp) > tpot_limit_s) {
         r->limit = "TPOT SLO (one request steps too slowly)";
         return;
     }
-    /* TPOT grows with B: the largest B within the limit */
+    /* TPOT grows with the micro-batch B: the largest B within the limit */
     int lo = 1, hi = bmax;
     while (lo < hi) {
         int mid = lo + (hi - lo + 1) / 2;
-        if (decode_tpot(c, l, hw, weights, mid) <= tpot_limit_s)
+        if (decode_tpot(c, gm, (double)pp * mid) <= tpot_limit_s)
             lo = mid;
         else
             hi = mid - 1;
     }
     r->ok = 1;
-    r->b = lo;
     r->concurrency = pp * lo;
-    r->tpot_s = decode_tpot(c, l, hw, weights, lo);
+    r->tpot_s = decode_tpot(c, gm, r->concurrency);
     r->capacity_rps = r->concurrency / (c->decode_tokens * r->tpot_s);
     r->limit = lo == bmax ? "decode KV memory" : "decode HBM bandwidth (TPOT SLO)";
 }
@@ -521,30 +519,34 @@ void hx_cost_eval(const hx_cost_ctx *c, const hx_layout *l, hx_role role, hx_per
     out->role = role;
     out->ttft_s = -1;
     out->tpot_s = -1;
-    stage_hw hw[HX_MAX_STAGES];
-    double weights[HX_MAX_STAGES];
+    hx_group_model gm;
+    hx_group_model_init(c, l, &gm);
     for (int i = 0; i < l->nstages; i++) {
-        stage_hardware(c, l, i, &hw[i]);
-        weights[i] = hx_cost_stage_weight_bytes(c, l, i);
-        out->mem[i].capacity_bytes = hw[i].mem / c->params->mem_util;
-        out->mem[i].weights_bytes = weights[i] / l->tp[i];
+        out->mem[i].capacity_bytes = gm.st[i].mem_bytes / c->params->mem_util;
+        out->mem[i].weights_bytes = gm.st[i].weights_bytes;
     }
+    double s = c->wl.input_tokens;
 
     if (role == HX_ROLE_PREFILL) {
         prefill_res pr;
-        eval_prefill(c, l, hw, weights, out, &pr);
+        eval_prefill(c, &gm, &pr);
         out->feasible = pr.ok;
         out->capacity_rps = pr.capacity_rps;
         out->ttft_s = pr.ok ? pr.ttft_s : -1;
         out->batch = pr.batch;
         out->limit = pr.limit;
+        if (pr.ok)
+            for (int i = 0; i < l->nstages; i++) {
+                out->mem[i].workspace_bytes = workspace_bytes(&gm, pr.batch * s, l->tp[i]);
+                out->mem[i].kv_bytes = 2.0 * pr.batch * s * gm.st[i].kv_bytes_per_token;
+            }
         return;
     }
 
     double tpot_limit = c->params->tpot_budget * c->wl.slo_tpot_s;
     if (role == HX_ROLE_DECODE) {
         decode_res dr;
-        eval_decode(c, l, hw, weights, 0, tpot_limit, &dr);
+        eval_decode(c, &gm, tpot_limit, &dr);
         out->feasible = dr.ok;
         out->capacity_rps = dr.capacity_rps;
         out->tpot_s = dr.ok ? dr.tpot_s : -1;
@@ -558,23 +560,22 @@ void hx_cost_eval(const hx_cost_ctx *c, const hx_layout *l, hx_role role, hx_per
          * R <= P (1 - TPOT(B)/limit) and R <= (1 - x) D(B) = P D / (P + D).
          */
         prefill_res pr;
-        eval_prefill(c, l, hw, weights, NULL, &pr);
+        eval_prefill(c, &gm, &pr);
         if (!pr.ok) {
             out->limit = pr.limit;
             return;
         }
-        double P = pr.capacity_rps;
+        double P = pr.capacity_rps, kv_tokens;
         int pp = l->nstages;
-        int nmax = decode_max_concurrency(c, l, hw, weights, pr.batch * c->wl.input_tokens);
+        int nmax = decode_max_concurrency(c, &gm, pr.batch * s, &kv_tokens);
         if (nmax < pp) {
             out->limit = "memory (weights leave no room for KV)";
             return;
         }
-        double best = 0;
+        double best = 0, best_tpot = 0;
         int bestB = 0;
-        double best_tpot = 0;
         for (int B = 1; B <= nmax / pp; B = B < 8 ? B + 1 : (int)(B * 1.25) + 1) {
-            double t = decode_tpot(c, l, hw, weights, B);
+            double t = decode_tpot(c, &gm, (double)pp * B);
             if (t > tpot_limit)
                 break;
             double D = pp * B / (c->decode_tokens * t);
@@ -599,18 +600,15 @@ void hx_cost_eval(const hx_cost_ctx *c, const hx_layout *l, hx_role role, hx_per
         out->ttft_s = pr.ttft_s;
         out->tpot_s = best_tpot;
         out->batch = pp * bestB;
-        out->kv_tokens = nmax * c->ctx_max_tokens;
+        out->kv_tokens = kv_tokens;
         out->limit = "colocated prefill/decode interference";
     }
-    if (out->feasible) {
-        int conc = out->batch;
+    if (out->feasible)
         for (int i = 0; i < l->nstages; i++) {
-            out->mem[i].kv_bytes = (double)conc * c->ctx_max_tokens *
-                                   c->kv_bytes_per_token_layer * l->num_layers[i] *
-                                   kv_shard(c->model, l->tp[i]);
-            out->mem[i].workspace_bytes = workspace_bytes(c, 256, l->tp[i]);
+            out->mem[i].kv_bytes = (double)out->batch * c->ctx_max_tokens *
+                                   gm.st[i].kv_bytes_per_token;
+            out->mem[i].workspace_bytes = workspace_bytes(&gm, 256, l->tp[i]);
         }
-    }
 }
 
 hx_status hx_layout_check(const hx_cost_ctx *c, const hx_layout *l, hx_err *err)
@@ -782,9 +780,13 @@ static void try_splits(const hx_cost_ctx *c, hx_layout *l, hx_role role, hx_layo
         speed[i] = l->tp[i] * (role == HX_ROLE_PREFILL ? f : h);
         memw[i] = l->tp[i] * mem;
         /* layers that fit beside the embedding/head share and some workspace */
+        hx_group_model ws = {0};
+        ws.hidden_size = m->hidden_size;
+        ws.intermediate_size = m->intermediate_size;
+        ws.vocab_size = m->vocab_size;
         double fixed = (double)hx_model_embed_weight_bytes(m) / l->tp[i] * (i == 0) +
                        (double)hx_model_head_weight_bytes(m) / l->tp[i] * (i == n - 1) +
-                       workspace_bytes(c, c->wl.input_tokens, l->tp[i]);
+                       workspace_bytes(&ws, c->wl.input_tokens, l->tp[i]);
         double room = mem - fixed;
         cap[i] = room > 0 ? (int)floor(room / (c->layer_bytes / l->tp[i])) : 0;
         if (cap[i] > m->num_layers)

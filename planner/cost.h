@@ -121,6 +121,33 @@ typedef struct hx_perf {
     hx_stage_mem mem[HX_MAX_STAGES];
 } hx_perf;
 
+/*
+ * What a layout's stage times are made of, per stage. Built once per group
+ * (hx_group_model_init); the planner and the simulator time batches with it.
+ */
+typedef struct hx_stage_model {
+    int tp, num_layers;
+    double flops_per_s;          /* per device: peak x efficiency */
+    double bytes_per_s;          /* per device: memory bandwidth x efficiency */
+    double mem_bytes;            /* per device: usable memory */
+    double weights_bytes;        /* per device: weight shard */
+    double tok_flops;            /* whole stage: FLOPs per token outside attention scores */
+    double head_flops;           /* whole stage: FLOPs per sequence for its logits (last stage) */
+    double attn_flops_per_key;   /* whole stage: FLOPs per (query, key) pair: 4 H d layers */
+    double kv_bytes_per_token;   /* per device: KV of one token in the stage's layers */
+    double act_bytes_per_token;  /* activations passed on / all-reduced: hidden x dtype */
+    double tp_bw, tp_lat;        /* TP ring: narrowest link x net_eff, its latency */
+    double next_bw, next_lat;    /* to the next stage (INFINITY for the last) */
+} hx_stage_model;
+
+typedef struct hx_group_model {
+    int nstages;
+    hx_stage_model st[HX_MAX_STAGES];
+    int window_tokens;           /* sliding attention window, 0 = full */
+    int hidden_size, intermediate_size, vocab_size;
+    double mem_util;
+} hx_group_model;
+
 /* Everything the model needs, precomputed once per plan. Borrowed pointers. */
 typedef struct hx_cost_ctx {
     const hx_model *model;
@@ -144,6 +171,29 @@ typedef struct hx_cost_ctx {
 
 void hx_cost_ctx_init(hx_cost_ctx *c, const hx_model *model, const hx_graph *graph,
                       const hx_cost_params *params, const hx_workload *wl);
+
+/* The stage coefficients of layout `l` (see hx_group_model). */
+void hx_group_model_init(const hx_cost_ctx *c, const hx_layout *l, hx_group_model *gm);
+
+/*
+ * One prefill batch of `prompts` prompts holding `tokens` tokens and
+ * `key_pairs` causal (query, key) pairs in all (s(s+1)/2 per prompt of s
+ * tokens without a window). Returns its latency (the sum of the stage times);
+ * *occupancy_s (may be NULL) is the slowest stage: the next batch can start
+ * after it.
+ */
+double hx_group_prefill_s(const hx_group_model *gm, int prompts, double tokens,
+                          double key_pairs, double *occupancy_s);
+
+/*
+ * One decode step (every request gains a token) for `batch` requests that
+ * attend `keys` context tokens in all: pp micro-batches, so
+ * max(sum of stage times, pp x slowest stage).
+ */
+double hx_group_decode_step_s(const hx_group_model *gm, double batch, double keys);
+
+/* KV cache capacity in tokens beside the weights and a workspace for `workspace_tokens`. */
+double hx_group_kv_tokens(const hx_group_model *gm, double workspace_tokens);
 
 /* Evaluates `l` in `role`. Layouts must have consistent stages (see hx_layout_check). */
 void hx_cost_eval(const hx_cost_ctx *c, const hx_layout *l, hx_role role, hx_perf *out);

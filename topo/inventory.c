@@ -1001,3 +1001,103 @@ const char *hx_inventory_device_name(const hx_inventory *inv, int device, char *
         snprintf(buf, size, "%s:%d", inv->hosts[h].name, local);
     return buf;
 }
+
+/* ------------------------------------------------------------------------- */
+/* Writing                                                                    */
+
+static json_t *qty(double v, const char *unit)
+{
+    char buf[64];
+    snprintf(buf, sizeof buf, "%.17g%s", v, unit);
+    return json_string(buf);
+}
+
+static void ssh_to_json(json_t *o, const hx_ssh_settings *s)
+{
+    json_t *ssh = json_object();
+    if (s->user)
+        json_object_set_new(ssh, "user", json_string(s->user));
+    json_object_set_new(ssh, "port", json_integer(s->port ? s->port : HX_DEFAULT_SSH_PORT));
+    if (s->identity)
+        json_object_set_new(ssh, "identity", json_string(s->identity));
+    if (s->known_hosts)
+        json_object_set_new(ssh, "known_hosts", json_string(s->known_hosts));
+    json_object_set_new(o, "ssh", ssh);
+}
+
+json_t *hx_inventory_to_json(const hx_inventory *inv, const unsigned char *hosts)
+{
+    static const char *const intra[] = {"none", "pcie", "nvlink"};
+    json_t *root = json_object();
+    if (!root)
+        return NULL;
+    json_object_set_new(root, "name", json_string(inv->name ? inv->name : "inventory"));
+    /* every type in use, with its figures, so the document stands alone */
+    json_t *types = json_array();
+    for (size_t t = 0; t < inv->ntypes; t++) {
+        int used = 0;
+        for (size_t h = 0; h < inv->nhosts; h++)
+            if ((!hosts || hosts[h]) && inv->hosts[h].gpu_type == (int)t)
+                used = 1;
+        if (!used)
+            continue;
+        const hx_gpu_spec *s = &inv->types[t];
+        json_t *o = json_object();
+        json_object_set_new(o, "name", json_string(s->name));
+        json_object_set_new(o, "memory", qty(s->memory_bytes, "B"));
+        json_object_set_new(o, "bf16_tflops", json_real(s->bf16_flops / 1e12));
+        json_object_set_new(o, "hbm_bandwidth", qty(s->hbm_bytes_per_s, "B/s"));
+        json_object_set_new(o, "price_per_hour", json_real(s->usd_per_hour));
+        json_array_append_new(types, o);
+    }
+    json_object_set_new(root, "gpu_types", types);
+    json_t *hs = json_array();
+    for (size_t h = 0; h < inv->nhosts; h++) {
+        if (hosts && !hosts[h])
+            continue;
+        const hx_host *x = &inv->hosts[h];
+        json_t *o = json_object();
+        json_object_set_new(o, "name", json_string(x->name));
+        json_object_set_new(o, "address", json_string(x->address));
+        ssh_to_json(o, &x->ssh);
+        if (x->workdir)
+            json_object_set_new(o, "workdir", json_string(x->workdir));
+        json_object_set_new(o, "gpus", json_pack("{s:s, s:i}", "type",
+                                                 inv->types[x->gpu_type].name, "count",
+                                                 x->gpu_count));
+        json_object_set_new(o, "intra", json_pack("{s:s, s:o}", "kind", intra[x->intra_kind],
+                                                  "bandwidth",
+                                                  qty(x->intra_bytes_per_s, "B/s")));
+        json_object_set_new(o, "nic", json_pack("{s:o, s:b}", "bandwidth",
+                                                qty(x->nic_bytes_per_s, "B/s"), "rdma",
+                                                x->nic_rdma));
+        if (x->switch_index >= 0)
+            json_object_set_new(o, "switch", json_string(inv->switches[x->switch_index].name));
+        json_array_append_new(hs, o);
+    }
+    json_object_set_new(root, "hosts", hs);
+    json_t *net = json_object(), *sw = json_array(), *links = json_array();
+    for (size_t i = 0; i < inv->nswitches; i++) {
+        json_t *o = json_object();
+        json_object_set_new(o, "name", json_string(inv->switches[i].name));
+        if (inv->switches[i].uplink_bytes_per_s > 0)
+            json_object_set_new(o, "uplink", qty(inv->switches[i].uplink_bytes_per_s, "B/s"));
+        json_array_append_new(sw, o);
+    }
+    for (size_t i = 0; i < inv->nlinks; i++) {
+        const hx_link *l = &inv->links[i];
+        if (hosts && (!hosts[l->host_a] || !hosts[l->host_b]))
+            continue;
+        json_t *o = json_object();
+        json_object_set_new(o, "a", json_string(inv->hosts[l->host_a].name));
+        json_object_set_new(o, "b", json_string(inv->hosts[l->host_b].name));
+        json_object_set_new(o, "bandwidth", qty(l->bytes_per_s, "B/s"));
+        if (l->latency_s > 0)
+            json_object_set_new(o, "latency", qty(l->latency_s, "s"));
+        json_array_append_new(links, o);
+    }
+    json_object_set_new(net, "switches", sw);
+    json_object_set_new(net, "links", links);
+    json_object_set_new(root, "network", net);
+    return root;
+}

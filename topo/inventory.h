@@ -13,6 +13,8 @@
 
 #include <stddef.h>
 
+#include <jansson.h>
+
 #include "common/diag.h"
 #include "common/status.h"
 #include "topo/catalog.h"
@@ -109,6 +111,15 @@ const hx_gpu_spec *hx_inventory_host_spec(const hx_inventory *inv, const hx_host
 
 /* Device index -> host index and the device's index inside its host. */
 int hx_inventory_device_host(const hx_inventory *inv, int device, int *local_index);
+
+/*
+ * The inventory as a document of the inventory format, in JSON (which the
+ * YAML loader reads back: hx_inventory_load_string(json_dumps(...)) gives an
+ * equal inventory). Quantities carry units ("450000000000B/s"). With
+ * `hosts` (a bitmap of nhosts flags, or NULL for all) only those hosts, and
+ * the links between them, are written. A new reference, or NULL.
+ */
+json_t *hx_inventory_to_json(const hx_inventory *inv, const unsigned char *hosts);
 
 /* Writes "host:index" for a device into buf; returns buf. */
 const char *hx_inventory_device_name(const hx_inventory *inv, int device, char *buf,

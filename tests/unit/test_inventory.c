@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -400,6 +401,58 @@ static void shipped_examples_load(void **state)
     }
 }
 
+/* The JSON form reads back as the same inventory. */
+static void json_round_trip(void **state)
+{
+    (void)state;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/inventories/mixed.yaml", HX_SOURCE_DIR);
+    hx_diags d;
+    hx_diags_init(&d);
+    hx_inventory *a = NULL, *b = NULL;
+    assert_int_equal(hx_inventory_load(path, &a, &d), HX_OK);
+    json_t *j = hx_inventory_to_json(a, NULL);
+    assert_non_null(j);
+    char *text = json_dumps(j, 0);
+    if (hx_inventory_load_string(text, strlen(text), "rt.json", &b, &d) != HX_OK) {
+        hx_diags_print(&d, stderr, "  ");
+        fail_msg("the JSON form does not load");
+    }
+    assert_int_equal(a->nhosts, b->nhosts);
+    assert_int_equal(a->ndevices, b->ndevices);
+    assert_int_equal(a->nswitches, b->nswitches);
+    assert_int_equal(a->nlinks, b->nlinks);
+    for (size_t h = 0; h < a->nhosts; h++) {
+        const hx_host *x = &a->hosts[h], *y = &b->hosts[h];
+        assert_string_equal(x->name, y->name);
+        assert_string_equal(x->address, y->address);
+        assert_int_equal(x->gpu_count, y->gpu_count);
+        assert_int_equal(x->intra_kind, y->intra_kind);
+        assert_true(x->intra_bytes_per_s == y->intra_bytes_per_s);
+        assert_true(x->nic_bytes_per_s == y->nic_bytes_per_s);
+        assert_int_equal(x->nic_rdma, y->nic_rdma);
+        assert_int_equal(x->switch_index, y->switch_index);
+        const hx_gpu_spec *sx = hx_inventory_host_spec(a, x), *sy = hx_inventory_host_spec(b, y);
+        assert_string_equal(sx->name, sy->name);
+        assert_true(fabs(sx->bf16_flops - sy->bf16_flops) <= 1e-6 * sx->bf16_flops);
+        assert_true(sx->memory_bytes == sy->memory_bytes);
+        assert_true(sx->usd_per_hour == sy->usd_per_hour);
+    }
+    assert_true(a->links[0].latency_s == b->links[0].latency_s);
+    free(text);
+    json_decref(j);
+    /* a subset of hosts, and only the links between them */
+    unsigned char keep[8] = {0, 0, 1, 0, 0, 0, 0, 1};
+    j = hx_inventory_to_json(a, keep);
+    assert_int_equal(json_array_size(json_object_get(j, "hosts")), 2);
+    assert_int_equal(json_array_size(json_object_get(json_object_get(j, "network"), "links")),
+                     0);
+    json_decref(j);
+    hx_inventory_free(a);
+    hx_inventory_free(b);
+    hx_diags_release(&d);
+}
+
 static void free_null(void **state)
 {
     (void)state;
@@ -428,6 +481,7 @@ int main(void)
         cmocka_unit_test(defaults_and_overrides),
         cmocka_unit_test(devices_and_links),
         cmocka_unit_test(shipped_examples_load),
+        cmocka_unit_test(json_round_trip),
         cmocka_unit_test(free_null),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
