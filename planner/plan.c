@@ -196,6 +196,7 @@ void hx_plan_free(hx_plan *p)
         return;
     free(p->model_name);
     json_decref(p->model);
+    json_decref(p->cluster);
     for (int i = 0; i < p->nhosts; i++)
         host_release(&p->hosts[i]);
     free(p->hosts);
@@ -627,6 +628,9 @@ json_t *hx_plan_to_json(const hx_plan *p)
         }
         wset(&w, root, "unused_devices", un);
     }
+
+    if (p->cluster)
+        wset(&w, root, "cluster", json_deep_copy(p->cluster));
 
     json_t *search = json_object();
     if (search && (p->search_strategy || given(p->search_seconds) ||
@@ -1538,7 +1542,22 @@ static int read_array(dctx *c, const json_t *obj, const char *key, int required,
 
 static const char *const top_keys[] = {"schema", "model", "workload", "hosts", "router",
                                        "groups", "routes", "throughput", "bottleneck", "cost",
-                                       "unused_devices", "search", NULL};
+                                       "unused_devices", "cluster", "search", NULL};
+
+/* The cluster the plan was made for: an inventory document, kept whole. */
+static void read_cluster(dctx *c, const json_t *root, hx_plan *p)
+{
+    const json_t *cl = json_object_get(root, "cluster");
+    if (!cl)
+        return;
+    if (!json_is_object(cl)) {
+        problem(c, "cluster", "is %s; expected an inventory document (an object)", kind(cl));
+        return;
+    }
+    p->cluster = json_deep_copy(cl);
+    if (!p->cluster)
+        c->oom = 1;
+}
 
 static void read_model(dctx *c, const json_t *root, hx_plan *p)
 {
@@ -1985,6 +2004,7 @@ hx_status hx_plan_from_json(const json_t *root, const char *name, hx_plan **out,
         problem(&c, "schema", "'%s' is not supported; expected \"%s\"", schema, HX_PLAN_SCHEMA);
 
     read_model(&c, root, p);
+    read_cluster(&c, root, p);
     read_workload(&c, root, p);
     read_hosts(&c, root, p);
     read_router(&c, root, p);

@@ -126,6 +126,11 @@ typedef struct hx_plan {
     hx_plan_unused *unused;         /* owned [nunused] */
     int nunused;
 
+    json_t *cluster;                /* owned reference: an inventory document (docs/inventory-
+                                       format.md, as JSON) of the plan's hosts with their
+                                       devices and links, or NULL; the simulator times the
+                                       plan with it */
+
     char *search_strategy;          /* owned; "hexflow", "colocated", "homogeneous", "exact", or NULL */
     double search_seconds;          /* < 0 = not given */
     int search_iterations;          /* < 0 = not given */

@@ -1396,6 +1396,10 @@ static hx_status fill_hosts(const hx_search_ctx *s, const hx_solution *sol, hx_p
             used[hx_graph_device_host(s->graph, g->devices[k])] = 1;
     }
     hx_status st = HX_OK;
+    /* the cluster the plan runs on, for the simulator and for people */
+    p->cluster = hx_inventory_to_json(inv, (const unsigned char *)used);
+    if (!p->cluster)
+        st = HX_ENOMEM;
     for (size_t h = 0; h < inv->nhosts && st == HX_OK; h++) {
         if (!used[h])
             continue;
