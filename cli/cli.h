@@ -17,6 +17,7 @@ int hx_cmd_inventory(int argc, char **argv);
 int hx_cmd_discover(int argc, char **argv);
 int hx_cmd_model(int argc, char **argv);
 int hx_cmd_plan(int argc, char **argv);
+int hx_cmd_simulate(int argc, char **argv);
 
 /* Prints "hexflow: MESSAGE" to stderr. */
 void hx_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

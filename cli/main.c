@@ -25,6 +25,7 @@ static const cmd commands[] = {
     {"discover", hx_cmd_discover, "describe this machine as an inventory fragment"},
     {"model", hx_cmd_model, "show a model's size, KV cache and FLOPs"},
     {"plan", hx_cmd_plan, "plan prefill/decode replicas, layouts and routes for a cluster"},
+    {"simulate", hx_cmd_simulate, "simulate a plan's deployment under traffic"},
 };
 
 void hx_cli_error(const char *fmt, ...)

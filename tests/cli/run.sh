@@ -36,7 +36,7 @@ expect "version" 0 "hexflow 0." -- "$HX" --version
 expect "version lists backends" 0 "backends: cpu" -- "$HX" --version
 expect "unknown command" 2 "'frobnicate' is not a hexflow command" -- "$HX" frobnicate
 expect "unknown global option" 2 "unknown option '--nope'" -- "$HX" --nope
-for c in inventory discover model plan; do
+for c in inventory discover model plan simulate; do
     expect "$c --help" 0 "usage: hexflow $c" -- "$HX" "$c" --help
 done
 
@@ -195,6 +195,52 @@ printf 'input_tokens: many\n' >"$TMP/badwl.yaml"
 expect "plan bad workload" 2 "$TMP/badwl.yaml:1:15: input_tokens: 'many' is not a token count" -- "$HX" plan --inventory "$INV" --model llama-2-13b --workload "$TMP/badwl.yaml"
 expect "plan --out to a missing dir" 1 "cannot write" -- "$HX" plan --inventory "$INV" --model llama-2-13b --out "$TMP/no/such/dir/plan.json"
 [ ! -e "$TMP/no/such/dir/plan.json" ] && ok "nothing half-written" || not_ok "nothing half-written"
+
+# --- simulate --------------------------------------------------------------
+"$HX" plan --inventory "$INV" --model llama-2-13b --out "$TMP/p13.json" >/dev/null 2>&1
+expect "simulate --help" 0 "usage: hexflow simulate" -- "$HX" simulate --help
+expect "simulate" 0 "SLO met" -- "$HX" simulate --plan "$TMP/p13.json" --requests 3000
+if "$HX" simulate --plan "$TMP/p13.json" --requests 3000 --json >"$TMP/s1.json" 2>"$TMP/s.err" &&
+    "$HX" simulate --plan "$TMP/p13.json" --requests 3000 --json >"$TMP/s2.json" 2>>"$TMP/s.err" &&
+    python3 - "$TMP/s1.json" "$TMP/s2.json" <<'PY' 2>"$TMP/py.err"
+import json, sys
+a = json.load(open(sys.argv[1])); b = json.load(open(sys.argv[2]))
+for k in ("throughput_rps", "slo_attainment", "ttft_s", "tpot_s", "groups", "links"):
+    assert k in a, k
+for k in ("p50", "p90", "p99"):
+    assert a["ttft_s"][k] > 0 and a["tpot_s"][k] > 0
+assert 0 <= a["slo_attainment"] <= 1
+a.pop("wall_s"); b.pop("wall_s")
+assert a == b, "same seed, different results"
+PY
+then
+    ok "simulate --json: fields, and the same seed gives the same output"
+else
+    not_ok "simulate --json" "$(cat "$TMP/s.err" "$TMP/py.err")"
+fi
+expect "simulate --csv" 0 "requests written to" -- "$HX" simulate --plan "$TMP/p13.json" --requests 500 --csv "$TMP/req.csv"
+rows=$(($(wc -l <"$TMP/req.csv") - 1))
+[ "$rows" -eq 500 ] && ok "csv has one row per request" || not_ok "csv has one row per request" "rows: $rows"
+expect "simulate --svg --find-goodput" 0 "goodput" -- "$HX" simulate --plan "$TMP/p13.json" --requests 800 --find-goodput --svg "$TMP/sim.svg"
+if python3 -c "import sys,xml.dom.minidom; d=xml.dom.minidom.parse(sys.argv[1]); assert d.documentElement.tagName=='svg'" "$TMP/sim.svg" 2>"$TMP/py.err"; then
+    ok "simulate --svg writes a valid SVG document"
+else
+    not_ok "simulate --svg writes a valid SVG document" "$(cat "$TMP/py.err")"
+fi
+expect "simulate mooncake trace" 0 "trace lengths" -- "$HX" simulate --plan "$TMP/p13.json" --trace "$SRC/tests/data/sample-mooncake.jsonl"
+expect "simulate azure trace" 0 "trace lengths" -- "$HX" simulate --plan "$TMP/p13.json" --trace "$SRC/tests/data/sample-azure.csv" --rate 20
+printf '{"timestamp": 0, "input_length": 10, "output_length": 5}\n{"timestamp": 5, "input_length": -1, "output_length": 5}\n' >"$TMP/bad.jsonl"
+expect "simulate malformed trace" 2 "$TMP/bad.jsonl:2" -- "$HX" simulate --plan "$TMP/p13.json" --trace "$TMP/bad.jsonl"
+expect "simulate missing plan arg" 2 "missing --plan" -- "$HX" simulate
+expect "simulate missing plan file" 2 "cannot open plan" -- "$HX" simulate --plan "$TMP/none.json"
+cat >"$TMP/hand.json" <<'JSON'
+{"schema": "hexflow.plan/1", "hosts": [{"name": "local", "address": "local"}],
+ "router": {"host": "local", "port": 8123},
+ "groups": [{"id": "g0", "role": "both", "stages": [{"num_layers": 40, "devices": ["local:0"]}]}]}
+JSON
+expect "simulate a plan without cluster" 2 "no 'cluster'" -- "$HX" simulate --plan "$TMP/hand.json" --model llama-2-13b
+expect "simulate bad lengths" 2 "unknown distribution" -- "$HX" simulate --plan "$TMP/p13.json" --lengths zipf
+expect "simulate exponential lengths" 0 "exponential lengths" -- "$HX" simulate --plan "$TMP/p13.json" --lengths exponential --requests 500
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
