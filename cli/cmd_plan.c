@@ -49,12 +49,6 @@ static const char usage_text[] =
 enum {
     OPT_INVENTORY = 256,
     OPT_MODEL,
-    OPT_INPUT,
-    OPT_OUTPUT,
-    OPT_WORKLOAD,
-    OPT_RATE,
-    OPT_TTFT,
-    OPT_TPOT,
     OPT_STRATEGY,
     OPT_TIME_LIMIT,
     OPT_SEED,
@@ -64,31 +58,6 @@ enum {
     OPT_DTYPE,
     OPT_ROUTER_PORT
 };
-
-/* Parses a non-negative finite number option; 0 on error (message printed). */
-static int number_arg(const char *opt, const char *s, double lo, double hi, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(v) || v < lo || v > hi) {
-        hx_cli_usage_error("plan", "%s: '%s' is not a number from %g to %g", opt, s, lo, hi);
-        return 0;
-    }
-    *out = v;
-    return 1;
-}
-
-static int time_arg(const char *opt, const char *s, double *out)
-{
-    hx_err e = {0};
-    if (hx_units_parse_time(s, out, &e) != HX_OK || !(*out > 0)) {
-        hx_cli_usage_error("plan", "%s: '%s' is not a positive duration (e.g. 2, 0.1, 150ms)",
-                           opt, s);
-        return 0;
-    }
-    return 1;
-}
 
 static const char *devices_text(const hx_plan_stage *st, char *buf, size_t size)
 {
@@ -238,12 +207,7 @@ int hx_cmd_plan(int argc, char **argv)
     static const struct option opts[] = {
         {"inventory", required_argument, NULL, OPT_INVENTORY},
         {"model", required_argument, NULL, OPT_MODEL},
-        {"input-tokens", required_argument, NULL, OPT_INPUT},
-        {"output-tokens", required_argument, NULL, OPT_OUTPUT},
-        {"workload", required_argument, NULL, OPT_WORKLOAD},
-        {"rate", required_argument, NULL, OPT_RATE},
-        {"slo-ttft", required_argument, NULL, OPT_TTFT},
-        {"slo-tpot", required_argument, NULL, OPT_TPOT},
+        HX_CLI_WORKLOAD_OPTIONS,
         {"strategy", required_argument, NULL, OPT_STRATEGY},
         {"time-limit", required_argument, NULL, OPT_TIME_LIMIT},
         {"seed", required_argument, NULL, OPT_SEED},
@@ -254,9 +218,11 @@ int hx_cmd_plan(int argc, char **argv)
         {"router-port", required_argument, NULL, OPT_ROUTER_PORT},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
-    const char *inv_path = NULL, *model_name = NULL, *workload_path = NULL, *out_path = NULL,
-               *calib_path = NULL, *dtype = NULL;
-    double input = -1, output = -1, rate = -1, ttft = -1, tpot = -1, v;
+    const char *inv_path = NULL, *model_name = NULL, *out_path = NULL, *calib_path = NULL,
+               *dtype = NULL;
+    hx_cli_workload cw;
+    hx_cli_workload_init(&cw);
+    double v;
     int as_json = 0;
     hx_search_opts so;
     hx_search_opts_default(&so);
@@ -267,44 +233,32 @@ int hx_cmd_plan(int argc, char **argv)
         switch (c) {
         case OPT_INVENTORY: inv_path = optarg; break;
         case OPT_MODEL: model_name = optarg; break;
-        case OPT_WORKLOAD: workload_path = optarg; break;
         case OPT_OUT: out_path = optarg; break;
         case OPT_JSON: as_json = 1; break;
         case OPT_CALIBRATION: calib_path = optarg; break;
         case OPT_DTYPE: dtype = optarg; break;
-        case OPT_INPUT:
-            if (!number_arg("--input-tokens", optarg, 1, 1e7, &input))
-                return 2;
-            break;
-        case OPT_OUTPUT:
-            if (!number_arg("--output-tokens", optarg, 1, 1e7, &output))
-                return 2;
-            break;
-        case OPT_RATE:
-            if (!number_arg("--rate", optarg, 0, 1e9, &rate))
-                return 2;
-            break;
-        case OPT_TTFT:
-            if (!time_arg("--slo-ttft", optarg, &ttft))
-                return 2;
-            break;
-        case OPT_TPOT:
-            if (!time_arg("--slo-tpot", optarg, &tpot))
+        case HX_CLI_OPT_WORKLOAD:
+        case HX_CLI_OPT_INPUT:
+        case HX_CLI_OPT_OUTPUT:
+        case HX_CLI_OPT_RATE:
+        case HX_CLI_OPT_TTFT:
+        case HX_CLI_OPT_TPOT:
+            if (!hx_cli_workload_opt("plan", c, optarg, &cw))
                 return 2;
             break;
         case OPT_TIME_LIMIT:
-            if (!time_arg("--time-limit", optarg, &so.time_limit_s))
+            if (!hx_cli_duration("plan", "--time-limit", optarg, &so.time_limit_s))
                 return 2;
             break;
         case OPT_SEED:
             v = 0;
-            if (!number_arg("--seed", optarg, 0, 4294967295.0, &v) || v != floor(v))
+            if (!hx_cli_number("plan", "--seed", optarg, 0, 4294967295.0, &v) || v != floor(v))
                 return v != floor(v) ? hx_cli_usage_error("plan", "--seed: expected an integer")
                                      : 2;
             so.seed = (unsigned long)v;
             break;
         case OPT_ROUTER_PORT:
-            if (!number_arg("--router-port", optarg, 1, 65535, &v))
+            if (!hx_cli_number("plan", "--router-port", optarg, 1, 65535, &v))
                 return 2;
             so.router_port = (int)v;
             break;
@@ -350,29 +304,8 @@ int hx_cmd_plan(int argc, char **argv)
         hx_model_set_dtype(&model, dt);
     }
     hx_workload wl;
-    hx_workload_default(&wl);
-    if (workload_path) {
-        hx_status st = hx_workload_load(workload_path, &wl, &d);
-        if (st != HX_OK) {
-            hx_diags_print(&d, stderr, "");
-            rc = hx_status_exit_code(st);
-            goto out;
-        }
-    }
-    if (input > 0)
-        wl.input_tokens = input;
-    if (output > 0)
-        wl.output_tokens = output;
-    if (rate >= 0)
-        wl.rate_rps = rate;
-    if (ttft > 0)
-        wl.slo_ttft_s = ttft;
-    if (tpot > 0)
-        wl.slo_tpot_s = tpot;
-    if (hx_workload_check(&wl, &err) != HX_OK) {
-        rc = hx_cli_fail(&err);
+    if ((rc = hx_cli_workload_build(&cw, &wl)) != 0)
         goto out;
-    }
     if (calib_path && hx_cost_params_load(&params, calib_path, &err) != HX_OK) {
         rc = hx_cli_fail(&err);
         goto out;

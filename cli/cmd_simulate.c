@@ -69,19 +69,6 @@ enum {
     OPT_MODEL
 };
 
-static int num_arg(const char *opt, const char *s, double lo, double hi, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(v) || v < lo || v > hi) {
-        hx_cli_usage_error("simulate", "%s: '%s' is not a number from %g to %g", opt, s, lo, hi);
-        return 0;
-    }
-    *out = v;
-    return 1;
-}
-
 static json_t *lat_json(const hx_latency_stats *s)
 {
     return json_pack("{s:f, s:f, s:f, s:f, s:f}", "mean", s->mean, "p50", s->p50, "p90", s->p90,
@@ -340,39 +327,39 @@ int hx_cmd_simulate(int argc, char **argv)
         case OPT_JSON: as_json = 1; break;
         case OPT_GOODPUT: goodput = 1; break;
         case OPT_RATE:
-            if (!num_arg("--rate", optarg, 1e-9, 1e9, &rate))
+            if (!hx_cli_number("simulate", "--rate", optarg, 1e-9, 1e9, &rate))
                 return 2;
             break;
         case OPT_INPUT:
-            if (!num_arg("--input-tokens", optarg, 1, 1e7, &input))
+            if (!hx_cli_number("simulate", "--input-tokens", optarg, 1, 1e7, &input))
                 return 2;
             break;
         case OPT_OUTPUT:
-            if (!num_arg("--output-tokens", optarg, 1, 1e7, &output))
+            if (!hx_cli_number("simulate", "--output-tokens", optarg, 1, 1e7, &output))
                 return 2;
             break;
         case OPT_REQUESTS:
-            if (!num_arg("--requests", optarg, 1, 5e7, &requests))
+            if (!hx_cli_number("simulate", "--requests", optarg, 1, 5e7, &requests))
                 return 2;
             break;
         case OPT_DURATION:
-            if (!num_arg("--duration", optarg, 1e-6, 1e8, &duration))
+            if (!hx_cli_number("simulate", "--duration", optarg, 1e-6, 1e8, &duration))
                 return 2;
             break;
         case OPT_SEED:
-            if (!num_arg("--seed", optarg, 0, 4294967295.0, &seed))
+            if (!hx_cli_number("simulate", "--seed", optarg, 0, 4294967295.0, &seed))
                 return 2;
             break;
         case OPT_ATTAINMENT:
-            if (!num_arg("--attainment", optarg, 1e-6, 1, &target))
+            if (!hx_cli_number("simulate", "--attainment", optarg, 1e-6, 1, &target))
                 return 2;
             break;
         case OPT_TTFT:
-            if (!num_arg("--slo-ttft", optarg, 1e-9, 1e6, &ttft))
+            if (!hx_cli_number("simulate", "--slo-ttft", optarg, 1e-9, 1e6, &ttft))
                 return 2;
             break;
         case OPT_TPOT:
-            if (!num_arg("--slo-tpot", optarg, 1e-9, 1e6, &tpot))
+            if (!hx_cli_number("simulate", "--slo-tpot", optarg, 1e-9, 1e6, &tpot))
                 return 2;
             break;
         case OPT_LENGTHS:

@@ -26,6 +26,7 @@ static const cmd commands[] = {
     {"model", hx_cmd_model, "show a model's size, KV cache and FLOPs"},
     {"plan", hx_cmd_plan, "plan prefill/decode replicas, layouts and routes for a cluster"},
     {"simulate", hx_cmd_simulate, "simulate a plan's deployment under traffic"},
+    {"whatif", hx_cmd_whatif, "compare goodput and cost with hardware added or removed"},
 };
 
 void hx_cli_error(const char *fmt, ...)

@@ -36,7 +36,7 @@ expect "version" 0 "hexflow 0." -- "$HX" --version
 expect "version lists backends" 0 "backends: cpu" -- "$HX" --version
 expect "unknown command" 2 "'frobnicate' is not a hexflow command" -- "$HX" frobnicate
 expect "unknown global option" 2 "unknown option '--nope'" -- "$HX" --nope
-for c in inventory discover model plan simulate; do
+for c in inventory discover model plan simulate whatif; do
     expect "$c --help" 0 "usage: hexflow $c" -- "$HX" "$c" --help
 done
 
@@ -241,6 +241,31 @@ JSON
 expect "simulate a plan without cluster" 2 "no 'cluster'" -- "$HX" simulate --plan "$TMP/hand.json" --model llama-2-13b
 expect "simulate bad lengths" 2 "unknown distribution" -- "$HX" simulate --plan "$TMP/p13.json" --lengths zipf
 expect "simulate exponential lengths" 0 "exponential lengths" -- "$HX" simulate --plan "$TMP/p13.json" --lengths exponential --requests 500
+
+# --- whatif ----------------------------------------------------------------
+expect "whatif --help" 0 "usage: hexflow whatif" -- "$HX" whatif --help
+expect "whatif add and remove" 0 "+ 8 x H100-SXM (h100-c)" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --add h100-c:H100-SXM:8@tor-a --remove L40S --requests 500
+if "$HX" whatif --inventory "$INV" --model llama-2-13b --add x:L4:4 --requests 500 --json --svg "$TMP/wi.svg" >"$TMP/wi.json" 2>"$TMP/wi.err" &&
+    python3 - "$TMP/wi.json" "$TMP/wi.svg" <<'PY' 2>"$TMP/py.err"
+import json, sys, xml.dom.minidom
+d = json.load(open(sys.argv[1]))
+sc = d["scenarios"]
+assert sc[0]["name"] == "current" and len(sc) == 2
+for s in sc:
+    for k in ("name", "plan_rps", "goodput_rps", "usd_per_hour", "usd_per_million_output_tokens", "ttft_p90_s", "tpot_p90_s"):
+        assert k in s, k
+assert sc[1]["plan_rps"] >= sc[0]["plan_rps"] * (1 - 1e-9)
+assert xml.dom.minidom.parse(sys.argv[2]).documentElement.tagName == "svg"
+PY
+then
+    ok "whatif --json lists the current cluster first, --svg writes a chart"
+else
+    not_ok "whatif --json / --svg" "$(cat "$TMP/wi.err" "$TMP/py.err")"
+fi
+expect "whatif budget" 0 "purchase options" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --budget 5 --requests 500
+expect "whatif bad --add" 2 "expected NAME:TYPE:COUNT" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --add h100
+expect "whatif unknown --remove" 2 "--remove nope" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --remove nope
+expect "whatif nothing to compare" 2 "nothing to compare" -- "$HX" whatif --inventory "$INV" --model llama-2-13b
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
