@@ -38,6 +38,9 @@ demo: deps build
 	@echo
 	@echo '$$ hexflow plan --inventory inventories/mixed.yaml --model llama-2-70b --out build/plan.json'
 	@$(HEXFLOW) plan --inventory inventories/mixed.yaml --model llama-2-70b --out $(BUILD)/plan.json
+	@echo
+	@echo '$$ hexflow simulate --plan build/plan.json'
+	@$(HEXFLOW) simulate --plan $(BUILD)/plan.json
 
 bench: deps
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null

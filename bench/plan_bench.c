@@ -5,7 +5,9 @@
  *   plan_bench gap     heuristic vs exact over 20 random clusters of 4-16 GPUs
  *   plan_bench compare hexflow vs colocated vs homogeneous at equal $/hour on the
  *                      mixed 48-GPU cluster, Llama-2-70B, four length mixes
- *   plan_bench all     all three (default)
+ *   plan_bench sim     simulator speed (one hour at 100 req/s) and simulated against
+ *                      planned throughput on the example clusters
+ *   plan_bench all     all four (default)
  *
  * Run from the build directory: ./plan_bench [scale|gap|compare|all] [SOURCE_DIR]
  */
@@ -16,6 +18,7 @@
 #include <time.h>
 
 #include "planner/search.h"
+#include "planner/sim.h"
 
 static const char *src_dir = ".";
 
@@ -295,6 +298,113 @@ static void bench_compare(void)
     hx_inventory_free(mixed);
 }
 
+/* Plans `inventory` for `model` and returns the plan (exits on failure). */
+static hx_plan *plan_for(const char *inventory, const char *model, const hx_workload *wl)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/inventories/%s", src_dir, inventory);
+    hx_diags d;
+    hx_diags_init(&d);
+    hx_inventory *inv = NULL;
+    if (hx_inventory_load(path, &inv, &d) != HX_OK) {
+        hx_diags_print(&d, stderr, "bench: ");
+        exit(1);
+    }
+    hx_diags_release(&d);
+    hx_model m;
+    if (!strcmp(model, "tiny")) {
+        hx_err err = {0};
+        snprintf(path, sizeof path, "%s/tests/data/tiny-config.json", src_dir);
+        if (hx_model_load(path, &m, &err) != HX_OK) {
+            fprintf(stderr, "bench: %s\n", err.msg);
+            exit(1);
+        }
+    } else {
+        load_model(model, &m);
+    }
+    hx_cost_params cp;
+    hx_cost_params_default(&cp);
+    hx_search_opts o;
+    hx_search_opts_default(&o);
+    hx_plan *p = NULL;
+    hx_err err = {0};
+    if (hx_search_plan(inv, &m, wl, &cp, &o, &p, NULL, &err) != HX_OK) {
+        fprintf(stderr, "bench: %s\n", err.msg);
+        exit(1);
+    }
+    hx_cost_params_release(&cp);
+    hx_inventory_free(inv);
+    return p;
+}
+
+static void bench_sim(void)
+{
+    hx_workload wl;
+    hx_workload_default(&wl);
+    printf("\n== simulator: one hour at 100 req/s (mixed-48, llama-2-70b, 512/128) ==\n");
+    hx_plan *p = plan_for("mixed.yaml", "llama-2-70b", &wl);
+    hx_sim *sim = NULL;
+    hx_err err = {0};
+    if (hx_sim_new(p, NULL, &sim, &err) != HX_OK) {
+        fprintf(stderr, "bench: %s\n", err.msg);
+        exit(1);
+    }
+    hx_sim_opts o;
+    hx_sim_opts_from_plan(&o, p);
+    o.rate_rps = 100;
+    o.requests = 0;
+    o.duration_s = 3600;
+    hx_sim_result r;
+    if (hx_sim_run(sim, &o, &r, &err) != HX_OK) {
+        fprintf(stderr, "bench: %s\n", err.msg);
+        exit(1);
+    }
+    printf("requests %ld, events %ld, wall %.3f s, %.2f M events/s, SLO met %.1f%%\n",
+           r.arrived, r.events, r.wall_s, r.events / r.wall_s / 1e6, 100 * r.slo_attainment);
+    hx_sim_result_release(&r);
+    hx_sim_free(sim);
+    hx_plan_free(p);
+
+    printf("\n== simulated against planned (max-flow) throughput ==\n");
+    printf("%-16s %-12s %10s %12s %10s %12s %8s\n", "inventory", "model", "plan", "sim@2x", "ratio",
+           "goodput", "ratio");
+    struct {
+        const char *inv, *model;
+        double ttft, tpot;
+    } cases[] = {{"mixed.yaml", "llama-2-70b", 2, 0.1},
+                 {"mixed.yaml", "llama-2-13b", 2, 0.1},
+                 {"h100-32.yaml", "llama-2-70b", 2, 0.1},
+                 {"localhost.yaml", "tiny", 10, 1}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        hx_workload w;
+        hx_workload_default(&w);
+        w.slo_ttft_s = cases[i].ttft;
+        w.slo_tpot_s = cases[i].tpot;
+        hx_plan *pl = plan_for(cases[i].inv, cases[i].model, &w);
+        if (hx_sim_new(pl, NULL, &sim, &err) != HX_OK) {
+            fprintf(stderr, "bench: %s\n", err.msg);
+            exit(1);
+        }
+        hx_sim_opts_from_plan(&o, pl);
+        o.rate_rps = 2 * pl->throughput_rps;
+        o.requests = 20000;
+        if (hx_sim_run(sim, &o, &r, &err) != HX_OK) {
+            fprintf(stderr, "bench: %s\n", err.msg);
+            exit(1);
+        }
+        double gp = 0;
+        o.requests = 4000;
+        hx_sim_find_goodput(sim, &o, 0.9, &gp, NULL, 0, NULL, &err);
+        printf("%-16s %-12s %10.2f %12.2f %10.2f %12.2f %8.2f\n", cases[i].inv, cases[i].model,
+               pl->throughput_rps, r.throughput_rps, r.throughput_rps / pl->throughput_rps, gp,
+               gp / pl->throughput_rps);
+        fflush(stdout);
+        hx_sim_result_release(&r);
+        hx_sim_free(sim);
+        hx_plan_free(pl);
+    }
+}
+
 int main(int argc, char **argv)
 {
     const char *what = argc > 1 ? argv[1] : "all";
@@ -313,5 +423,7 @@ int main(int argc, char **argv)
         bench_gap();
     if (all || !strcmp(what, "compare"))
         bench_compare();
+    if (all || !strcmp(what, "sim"))
+        bench_sim();
     return 0;
 }

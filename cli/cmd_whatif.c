@@ -37,7 +37,7 @@ static const char usage_text[] =
     "search and simulation:\n"
     "  --time-limit SECONDS  per plan (default 20)\n"
     "  --seed N              (default 1)\n"
-    "  --requests N          requests per simulation (default 2000)\n"
+    "  --duration SECONDS    traffic per simulation (default 120)\n"
     "  --calibration FILE    efficiencies per device type\n"
     "\n"
     "output:\n"
@@ -53,7 +53,7 @@ enum {
     OPT_BUDGET,
     OPT_TIME_LIMIT,
     OPT_SEED,
-    OPT_REQUESTS,
+    OPT_DURATION,
     OPT_CALIBRATION,
     OPT_JSON,
     OPT_SVG
@@ -167,7 +167,7 @@ int hx_cmd_whatif(int argc, char **argv)
         {"budget", required_argument, NULL, OPT_BUDGET},
         {"time-limit", required_argument, NULL, OPT_TIME_LIMIT},
         {"seed", required_argument, NULL, OPT_SEED},
-        {"requests", required_argument, NULL, OPT_REQUESTS},
+        {"duration", required_argument, NULL, OPT_DURATION},
         {"calibration", required_argument, NULL, OPT_CALIBRATION},
         {"json", no_argument, NULL, OPT_JSON},
         {"svg", required_argument, NULL, OPT_SVG},
@@ -222,10 +222,9 @@ int hx_cmd_whatif(int argc, char **argv)
                 return 2;
             wo.search.seed = (unsigned long)v;
             break;
-        case OPT_REQUESTS:
-            if (!hx_cli_number("whatif", "--requests", optarg, 100, 1e7, &v))
+        case OPT_DURATION:
+            if (!hx_cli_number("whatif", "--duration", optarg, 1, 1e6, &wo.sim_seconds))
                 return 2;
-            wo.sim_requests = (long)v;
             break;
         case HX_CLI_OPT_WORKLOAD:
         case HX_CLI_OPT_INPUT:

@@ -1079,19 +1079,24 @@ hx_status hx_sim_run(hx_sim *sim, const hx_sim_opts *o, hx_sim_result *res, hx_e
                            : 0;
     res->completion_rps = res->makespan_s > 0 ? r.completed / res->makespan_s : 0;
     /*
-     * Throughput: completions while the middle 80% of the arrivals come in
-     * (no ramp-up, no drain: right under light load), or completions over
-     * the makespan (right under overload, where the arrival window is short
-     * and the drain runs at capacity), whichever is higher.
+     * Throughput: the rate of the middle 80% of the completions. Under light
+     * load completions follow arrivals; under overload the queue drains at
+     * capacity; either way ramp-up and the last stragglers are left out.
      */
     res->throughput_rps = res->completion_rps;
-    if (r.nreqs >= 50) {
-        double t1 = r.reqs[r.nreqs / 10].arrival, t2 = r.reqs[r.nreqs - 1 - r.nreqs / 10].arrival;
-        long n = 0;
-        for (long i = 0; i < r.nreqs; i++)
-            n += r.reqs[i].done >= t1 && r.reqs[i].done < t2;
-        if (t2 > t1 && n / (t2 - t1) > res->throughput_rps)
-            res->throughput_rps = n / (t2 - t1);
+    if (r.completed >= 50) {
+        double *done = malloc((size_t)r.nreqs * sizeof *done);
+        if (done) {
+            long k = 0;
+            for (long i = 0; i < r.nreqs; i++)
+                if (r.reqs[i].out > 0)
+                    done[k++] = r.reqs[i].done;
+            qsort(done, (size_t)k, sizeof *done, cmp_double);
+            long i1 = k / 10, i2 = k - 1 - k / 10;
+            if (i2 > i1 && done[i2] > done[i1])
+                res->throughput_rps = (i2 - i1) / (done[i2] - done[i1]);
+            free(done);
+        }
     }
     res->mean_in_system = res->makespan_s > 0 ? r.area / res->makespan_s : 0;
     double *ttft = malloc((size_t)(r.nreqs ? r.nreqs : 1) * sizeof *ttft);
@@ -1198,6 +1203,15 @@ hx_status hx_sim_find_goodput(hx_sim *sim, const hx_sim_opts *opts, double targe
         return hx_err_set(err, HX_EINVAL, "attainment target %g; expected a fraction in (0, 1]",
                           target);
     hx_sim_opts o = *opts;
+    /*
+     * Every probe covers the same stretch of time, so that a high rate is not
+     * judged on a burst the queues absorb before they reach steady state.
+     */
+    if (!o.trace) {
+        o.requests = 0;
+        if (!(o.duration_s > 0))
+            o.duration_s = HX_GOODPUT_SECONDS;
+    }
     int np = 0;
     double lo = 0, hi = sim->plan->throughput_rps > 0 ? sim->plan->throughput_rps : 1;
     hx_status st = HX_OK;

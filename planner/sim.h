@@ -99,8 +99,9 @@ typedef struct hx_sim_result {
     long arrived, completed;
     double makespan_s;        /* first arrival to last completion */
     double offered_rps;       /* arrivals / arrival window */
-    double throughput_rps;    /* the higher of: completions per second while the middle 80%
-                                 of the arrivals come in, and completion_rps */
+    double throughput_rps;    /* rate of the middle 80% of the completions (no ramp-up, no
+                                 stragglers): the offered rate under light load, the
+                                 capacity under overload */
     double completion_rps;    /* completed / makespan (the lambda of Little's law) */
     double slo_attainment;    /* fraction meeting both SLOs */
     hx_latency_stats ttft_s, tpot_s, e2e_s;
@@ -136,9 +137,13 @@ typedef struct hx_goodput_point {
     double rate_rps, attainment, throughput_rps;
 } hx_goodput_point;
 
+#define HX_GOODPUT_SECONDS 120.0
+
 /*
  * The highest rate at which at least `target` of the requests meet both SLOs
  * (DistServe's goodput), by bisection over rates (opts->rate_rps ignored).
+ * Without a trace every probe simulates opts->duration_s seconds of
+ * arrivals (HX_GOODPUT_SECONDS when 0); opts->requests is ignored.
  * points (may be NULL) receives up to max_points probes, sorted by rate.
  */
 hx_status hx_sim_find_goodput(hx_sim *sim, const hx_sim_opts *opts, double target,

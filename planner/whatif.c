@@ -13,7 +13,6 @@
 
 #include "planner/sim.h"
 
-#define DEFAULT_SIM_REQUESTS 2000
 #define MAX_BUY_HOSTS_PER_TYPE 8
 
 static const int shapes[] = {1, 2, 4, 8};
@@ -261,7 +260,8 @@ hx_status hx_whatif_evaluate(const char *name, const hx_inventory *inv, const hx
     }
     hx_sim_opts so;
     hx_sim_opts_from_plan(&so, plan);
-    so.requests = opts->sim_requests > 0 ? opts->sim_requests : DEFAULT_SIM_REQUESTS;
+    so.requests = 0;
+    so.duration_s = opts->sim_seconds > 0 ? opts->sim_seconds : HX_GOODPUT_SECONDS;
     double target = opts->attainment > 0 ? opts->attainment : wl->slo_attainment;
     double gp = 0;
     if (hx_sim_find_goodput(sim, &so, target, &gp, NULL, 0, NULL, &err) != HX_OK) {

@@ -63,7 +63,7 @@ void hx_whatif_result_release(hx_whatif_result *r);
 
 typedef struct hx_whatif_opts {
     hx_search_opts search;
-    long sim_requests;           /* requests per simulation (0 = 2000) */
+    double sim_seconds;          /* seconds of traffic per simulation (0 = HX_GOODPUT_SECONDS) */
     double attainment;           /* SLO attainment for goodput (0 = the workload's) */
 } hx_whatif_opts;
 

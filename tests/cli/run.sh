@@ -221,7 +221,7 @@ fi
 expect "simulate --csv" 0 "requests written to" -- "$HX" simulate --plan "$TMP/p13.json" --requests 500 --csv "$TMP/req.csv"
 rows=$(($(wc -l <"$TMP/req.csv") - 1))
 [ "$rows" -eq 500 ] && ok "csv has one row per request" || not_ok "csv has one row per request" "rows: $rows"
-expect "simulate --svg --find-goodput" 0 "goodput" -- "$HX" simulate --plan "$TMP/p13.json" --requests 800 --find-goodput --svg "$TMP/sim.svg"
+expect "simulate --svg --find-goodput" 0 "goodput" -- "$HX" simulate --plan "$TMP/p13.json" --duration 20 --find-goodput --svg "$TMP/sim.svg"
 if python3 -c "import sys,xml.dom.minidom; d=xml.dom.minidom.parse(sys.argv[1]); assert d.documentElement.tagName=='svg'" "$TMP/sim.svg" 2>"$TMP/py.err"; then
     ok "simulate --svg writes a valid SVG document"
 else
@@ -244,8 +244,8 @@ expect "simulate exponential lengths" 0 "exponential lengths" -- "$HX" simulate 
 
 # --- whatif ----------------------------------------------------------------
 expect "whatif --help" 0 "usage: hexflow whatif" -- "$HX" whatif --help
-expect "whatif add and remove" 0 "+ 8 x H100-SXM (h100-c)" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --add h100-c:H100-SXM:8@tor-a --remove L40S --requests 500
-if "$HX" whatif --inventory "$INV" --model llama-2-13b --add x:L4:4 --requests 500 --json --svg "$TMP/wi.svg" >"$TMP/wi.json" 2>"$TMP/wi.err" &&
+expect "whatif add and remove" 0 "+ 8 x H100-SXM (h100-c)" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --add h100-c:H100-SXM:8@tor-a --remove L40S --duration 20
+if "$HX" whatif --inventory "$INV" --model llama-2-13b --add x:L4:4 --duration 20 --json --svg "$TMP/wi.svg" >"$TMP/wi.json" 2>"$TMP/wi.err" &&
     python3 - "$TMP/wi.json" "$TMP/wi.svg" <<'PY' 2>"$TMP/py.err"
 import json, sys, xml.dom.minidom
 d = json.load(open(sys.argv[1]))
@@ -262,7 +262,7 @@ then
 else
     not_ok "whatif --json / --svg" "$(cat "$TMP/wi.err" "$TMP/py.err")"
 fi
-expect "whatif budget" 0 "purchase options" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --budget 5 --requests 500
+expect "whatif budget" 0 "purchase options" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --budget 5 --duration 20
 expect "whatif bad --add" 2 "expected NAME:TYPE:COUNT" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --add h100
 expect "whatif unknown --remove" 2 "--remove nope" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --remove nope
 expect "whatif nothing to compare" 2 "nothing to compare" -- "$HX" whatif --inventory "$INV" --model llama-2-13b

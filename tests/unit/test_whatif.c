@@ -117,7 +117,7 @@ static void adding_never_lowers_throughput(void **state)
     hx_whatif_opts wo;
     memset(&wo, 0, sizeof wo);
     hx_search_opts_default(&wo.search);
-    wo.sim_requests = 800;
+    wo.sim_seconds = 20;
     hx_whatif_result cur, more;
     assert_int_equal(hx_whatif_evaluate("current", inv, &m, &wl, &cp, &wo, NULL, &cur), HX_OK);
     assert_true(cur.ok);
