@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "common/file.h"
+#include "common/text.h"
 
 #ifndef HX_MODELS_DIR
 #define HX_MODELS_DIR ""
@@ -655,33 +656,6 @@ size_t hx_model_preset_list(char *buf, size_t size)
     return n;
 }
 
-/* Case-insensitive Levenshtein distance of two short strings. */
-static size_t edit_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b);
-    size_t row[HX_MODEL_NAME_MAX + 1];
-    if (lb > HX_MODEL_NAME_MAX || la > HX_MODEL_NAME_MAX)
-        return (size_t)-1;
-    for (size_t j = 0; j <= lb; j++)
-        row[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        size_t diag = row[0];
-        row[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t up = row[j];
-            int same = tolower((unsigned char)a[i - 1]) == tolower((unsigned char)b[j - 1]);
-            size_t cost = same ? 0 : 1;
-            size_t best = diag + cost;
-            if (up + 1 < best)
-                best = up + 1;
-            if (row[j - 1] + 1 < best)
-                best = row[j - 1] + 1;
-            row[j] = best;
-            diag = up;
-        }
-    }
-    return row[lb];
-}
 
 static int contains_ci(const char *hay, const char *needle)
 {
@@ -702,7 +676,7 @@ static const char *suggest(const char *name, char **names, size_t n)
     const char *best = NULL;
     size_t best_d = (size_t)-1;
     for (size_t i = 0; i < n; i++) {
-        size_t d = edit_distance(name, names[i]);
+        size_t d = hx_text_edit_distance(name, names[i]);
         if (d <= limit && d < best_d) {
             best = names[i];
             best_d = d;

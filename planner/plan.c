@@ -17,6 +17,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "plan.h"
 
+#include "common/text.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -85,46 +87,7 @@ static void *grow_one(void **arr, int n, size_t size)
     return a + (size_t)n * size;
 }
 
-static size_t edit_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b);
-    if (la > 64 || lb > 64)
-        return 99;
-    size_t prev[65], cur[65];
-    for (size_t j = 0; j <= lb; j++)
-        prev[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        cur[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t cost = tolower((unsigned char)a[i - 1]) != tolower((unsigned char)b[j - 1]);
-            size_t v = prev[j - 1] + cost;
-            if (prev[j] + 1 < v)
-                v = prev[j] + 1;
-            if (cur[j - 1] + 1 < v)
-                v = cur[j - 1] + 1;
-            cur[j] = v;
-        }
-        memcpy(prev, cur, (lb + 1) * sizeof *prev);
-    }
-    return prev[lb];
-}
 
-/* Closest of `names` (entries may be NULL) to `s` within edit distance 2, or NULL. */
-static const char *closest(const char *s, const char *const *names, size_t n)
-{
-    const char *best = NULL;
-    size_t bestd = 3;
-    for (size_t i = 0; i < n && s; i++) {
-        if (!names[i])
-            continue;
-        size_t d = edit_distance(s, names[i]);
-        if (d < bestd) {
-            bestd = d;
-            best = names[i];
-        }
-    }
-    return best;
-}
 
 /* Host names and group ids: letters, digits, '-', '_', '.'; shorter than HX_PLAN_NAME_MAX. */
 static int valid_name(const char *s)
@@ -765,13 +728,13 @@ static void list_names(char *buf, size_t size, const char *const *names, size_t 
     }
 }
 
-/* closest(), limited to HX_PLAN_MAX_SUGGESTIONS searches per read or check. */
+/* hx_text_closest within 2 edits, limited to HX_PLAN_MAX_SUGGESTIONS searches per read or check. */
 static const char *suggest(dctx *c, const char *s, const char *const *names, size_t n)
 {
     if (c->nsuggest >= HX_PLAN_MAX_SUGGESTIONS)
         return NULL;
     c->nsuggest++;
-    return closest(s, names, n);
+    return hx_text_closest(s, names, n, 2);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1399,7 +1362,7 @@ static int check_object(dctx *c, const json_t *obj, const char *path, const char
         if (known)
             continue;
         char fp[PATH_MAX_LEN];
-        const char *sug = closest(key, allowed, n);
+        const char *sug = hx_text_closest(key, allowed, n, 2);
         if (sug)
             problem(c, pkey(fp, sizeof fp, path, key), "unknown field; did you mean '%s'?", sug);
         else
@@ -1771,7 +1734,7 @@ static void read_groups(dctx *c, const json_t *root, hx_plan *p)
         read_string(c, g, "id", fp, 1, 0, "a group id such as 'g0'", &id);
         if (read_string(c, g, "role", fp, 1, 0, "prefill, decode or both", &role_s) == 1 &&
             hx_role_parse(role_s, &role) != HX_OK) {
-            const char *sug = closest(role_s, role_names, 3);
+            const char *sug = hx_text_closest(role_s, role_names, 3, 2);
             if (sug)
                 problem(c, pkey(ep, sizeof ep, fp, "role"),
                         "'%s' is not a role; did you mean '%s'? (prefill, decode or both)",

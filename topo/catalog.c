@@ -24,6 +24,8 @@
 
 #include "catalog.h"
 
+#include "common/text.h"
+
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -165,32 +167,6 @@ const hx_gpu_spec *hx_catalog_find(const char *name)
 
 #define NAME_CMP_MAX 64 /* longer names are compared on their first 64 chars */
 
-/* Case-insensitive Levenshtein distance of the first NAME_CMP_MAX chars. */
-static size_t edit_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b);
-    if (la > NAME_CMP_MAX)
-        la = NAME_CMP_MAX;
-    if (lb > NAME_CMP_MAX)
-        lb = NAME_CMP_MAX;
-    size_t prev[NAME_CMP_MAX + 1], cur[NAME_CMP_MAX + 1];
-    for (size_t j = 0; j <= lb; j++)
-        prev[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        cur[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            int same = tolower((unsigned char)a[i - 1]) == tolower((unsigned char)b[j - 1]);
-            size_t best = prev[j - 1] + (same ? 0 : 1);
-            if (prev[j] + 1 < best)
-                best = prev[j] + 1;
-            if (cur[j - 1] + 1 < best)
-                best = cur[j - 1] + 1;
-            cur[j] = best;
-        }
-        memcpy(prev, cur, (lb + 1) * sizeof prev[0]);
-    }
-    return prev[lb];
-}
 
 /* Whether `needle` occurs in `hay`, ignoring case. */
 static int contains_ci(const char *hay, const char *needle)
@@ -219,7 +195,7 @@ static int closeness(const char *query, const char *candidate)
     size_t lq = strlen(query), lc = strlen(candidate);
     size_t longer = lq > lc ? lq : lc, shorter = lq < lc ? lq : lc;
     int prefix = shorter >= 2 && !strncasecmp(query, candidate, shorter);
-    size_t d = edit_distance(query, candidate);
+    size_t d = hx_text_edit_distance(query, candidate);
     int score = -1;
     if (d == 0)
         return 0;

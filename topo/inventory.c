@@ -18,6 +18,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/text.h"
 #include "common/units.h"
 #include "common/yaml.h"
 
@@ -66,44 +67,7 @@ static const char *path_index(char *buf, size_t size, const char *parent, int i)
     return buf;
 }
 
-static size_t edit_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b);
-    if (la > 64 || lb > 64)
-        return 99;
-    size_t prev[65], cur[65];
-    for (size_t j = 0; j <= lb; j++)
-        prev[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        cur[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t cost = tolower((unsigned char)a[i - 1]) != tolower((unsigned char)b[j - 1]);
-            size_t v = prev[j - 1] + cost;
-            if (prev[j] + 1 < v)
-                v = prev[j] + 1;
-            if (cur[j - 1] + 1 < v)
-                v = cur[j - 1] + 1;
-            cur[j] = v;
-        }
-        memcpy(prev, cur, (lb + 1) * sizeof *prev);
-    }
-    return prev[lb];
-}
 
-/* Closest of `names` to `s` within distance 2, or NULL. */
-static const char *closest(const char *s, const char *const *names, size_t n)
-{
-    const char *best = NULL;
-    size_t bestd = 3;
-    for (size_t i = 0; i < n; i++) {
-        size_t d = edit_distance(s, names[i]);
-        if (d < bestd) {
-            bestd = d;
-            best = names[i];
-        }
-    }
-    return best;
-}
 
 static void join_names(char *buf, size_t size, const char *const *names, size_t n)
 {
@@ -152,7 +116,7 @@ static int check_mapping(vctx *c, struct fy_node *map, const char *path,
             n++;
         }
         if (!known) {
-            const char *sug = closest(key, allowed, n);
+            const char *sug = hx_text_closest(key, allowed, n, 2);
             char keys[512];
             join_names(keys, sizeof keys, allowed, n);
             if (sug)
@@ -611,7 +575,7 @@ static int resolve_host(vctx *c, const hx_inventory *inv, struct fy_node *n, con
         for (size_t i = 0; i < inv->nhosts; i++)
             if (inv->hosts[i].name)
                 names[k++] = inv->hosts[i].name;
-        sug = closest(s, names, k);
+        sug = hx_text_closest(s, names, k, 2);
     }
     if (sug)
         verr(c, n, path, "unknown host '%s'; did you mean '%s'?", s, sug);
@@ -863,7 +827,7 @@ static hx_status build(vctx *c, struct fy_document *doc, const char *name, hx_in
                 const char **names = calloc(inv->nswitches ? inv->nswitches : 1, sizeof *names);
                 for (size_t k = 0; names && k < inv->nswitches; k++)
                     names[k] = inv->switches[k].name;
-                const char *sug = names ? closest(raw[i].switch_name, names, inv->nswitches)
+                const char *sug = names ? hx_text_closest(raw[i].switch_name, names, inv->nswitches, 2)
                                         : NULL;
                 free(names);
                 if (sug)
