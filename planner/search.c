@@ -1062,7 +1062,7 @@ static int apply_move(hx_search_ctx *s, hx_solution *sol, const move *mv, undo *
 /* Slack of a group in the last flow: capacity minus what flows through it. */
 static double group_slack(hx_search_ctx *s, const hx_solution *sol, int i)
 {
-    const hx_sgroup *g = &sol->groups[i];
+    (void)sol;
     if (!s->flow || s->group_node[i] < 0)
         return 0;
     for (int e = 0; e < hx_flow_num_edges(s->flow); e++) {
@@ -1070,7 +1070,6 @@ static double group_slack(hx_search_ctx *s, const hx_solution *sol, int i)
         if ((k == HX_EK_PREFILL || k == HX_EK_DECODE) && s->edge_ref[e] == i)
             return hx_flow_edge_cap(s->flow, e) - hx_flow_edge_flow(s->flow, e);
     }
-    (void)g;
     return 0;
 }
 
