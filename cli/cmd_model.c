@@ -1,6 +1,8 @@
 /*
  * cmd_model.c - `hexflow model show NAME|DIR`: a model's architecture,
- * parameters, weight and KV-cache bytes and FLOPs, for people or as JSON.
+ * parameters, weight and KV-cache bytes and FLOPs, for people or as JSON;
+ * `hexflow model make-tiny --out DIR`: a small random-weight Llama model in
+ * Hugging Face layout (runtime/tiny.h).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -13,6 +15,7 @@
 #include "common/json.h"
 #include "common/table.h"
 #include "planner/model.h"
+#include "runtime/tiny.h"
 
 #define DEFAULT_CONTEXT_TOKENS 2048
 #define MAX_CONTEXT_TOKENS 16777216
@@ -23,12 +26,16 @@ static const long long prefill_points[] = {512, 2048};
 static void usage_model(FILE *fp)
 {
     fputs("usage: hexflow model show NAME|DIR [--json] [--dtype bf16|fp16|fp32] [--context N]\n"
+          "       hexflow model make-tiny --out DIR [--layers N --hidden N --heads N ...]\n"
           "\n"
           "Describes a model: architecture, parameter count, weight and KV-cache bytes,\n"
-          "and FLOPs per token for prefill and decode.\n"
+          "and FLOPs per token for prefill and decode; or writes a small random-weight\n"
+          "Llama model for tests and demos.\n"
           "\n"
           "subcommands:\n"
           "  show NAME|DIR   describe a model (see 'hexflow model show --help')\n"
+          "  make-tiny       write a random-weight Llama model in Hugging Face layout\n"
+          "                  (see 'hexflow model make-tiny --help')\n"
           "\n"
           "NAME is a preset (llama-2-70b, llama-3-8b, mistral-7b, qwen2.5-72b, opt-30b, ...)\n"
           "found in $" HX_MODEL_DIR_ENV " or the models/ directory of the installation;\n"
@@ -388,10 +395,156 @@ static int cmd_show(int argc, char **argv)
     return 0;
 }
 
+/* ---- make-tiny ------------------------------------------------------------ */
+
+static void usage_make_tiny(FILE *fp)
+{
+    hx_tiny_config d;
+    hx_tiny_config_init(&d);
+    fprintf(fp,
+            "usage: hexflow model make-tiny --out DIR [--layers N] [--hidden N] [--heads N]\n"
+            "                               [--kv-heads N] [--intermediate N] [--vocab N]\n"
+            "                               [--seed N] [--dtype fp32|bf16|fp16]\n"
+            "\n"
+            "Writes a small Llama model with random weights in Hugging Face layout:\n"
+            "DIR/config.json, DIR/model.safetensors (HF tensor names) and\n"
+            "DIR/tokenizer.json (byte-level BPE; ids 0-255 are bytes, 256 <s>, 257 </s>).\n"
+            "The weights depend only on the seed and the shape. DIR is created when\n"
+            "missing; a DIR that already holds a config.json is refused.\n"
+            "\n"
+            "  --out DIR          directory to write (required)\n"
+            "  --layers N         decoder layers (default %d)\n"
+            "  --hidden N         hidden size (default %d)\n"
+            "  --heads N          attention heads (default %d)\n"
+            "  --kv-heads N       key/value heads, dividing --heads (default %d)\n"
+            "  --intermediate N   MLP inner size (default %d)\n"
+            "  --vocab N          vocabulary size, at least 258 (default %d)\n"
+            "  --seed N           random seed (default %llu)\n"
+            "  --dtype TYPE       weight type: fp32, bf16 or fp16 (default fp32)\n"
+            "  -h, --help         show this help\n",
+            d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.intermediate_size,
+            d.vocab_size, (unsigned long long)d.seed);
+}
+
+/* Parses an integer option in [lo, hi]; 0 (after printing why) when it is not one. */
+static int int_option(const char *opt, const char *s, long long lo, long long hi,
+                      long long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end != '\0' || v < lo || v > hi) {
+        hx_cli_usage_error("model make-tiny", "%s: '%s' is not an integer from %lld to %lld",
+                           opt, s, lo, hi);
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+static int cmd_make_tiny(int argc, char **argv)
+{
+    enum { O_OUT = 1, O_LAYERS, O_HIDDEN, O_HEADS, O_KV, O_INTER, O_VOCAB, O_SEED, O_DTYPE };
+    static const struct option opts[] = {
+        {"out", required_argument, NULL, O_OUT},
+        {"layers", required_argument, NULL, O_LAYERS},
+        {"hidden", required_argument, NULL, O_HIDDEN},
+        {"heads", required_argument, NULL, O_HEADS},
+        {"kv-heads", required_argument, NULL, O_KV},
+        {"intermediate", required_argument, NULL, O_INTER},
+        {"vocab", required_argument, NULL, O_VOCAB},
+        {"seed", required_argument, NULL, O_SEED},
+        {"dtype", required_argument, NULL, O_DTYPE},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    hx_tiny_config c;
+    hx_tiny_config_init(&c);
+    const char *out = NULL;
+    hx_err err = {0};
+    long long v;
+
+    opterr = 0;
+    optind = 0; /* restart scanning (glibc: full reinitialisation) */
+    int ch;
+    while ((ch = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (ch) {
+        case O_OUT: out = optarg; break;
+        case O_LAYERS:
+            if (!int_option("--layers", optarg, 1, 256, &v))
+                return 2;
+            c.num_layers = (int)v;
+            break;
+        case O_HIDDEN:
+            if (!int_option("--hidden", optarg, 2, 16384, &v))
+                return 2;
+            c.hidden_size = (int)v;
+            break;
+        case O_HEADS:
+            if (!int_option("--heads", optarg, 1, 16384, &v))
+                return 2;
+            c.num_heads = (int)v;
+            break;
+        case O_KV:
+            if (!int_option("--kv-heads", optarg, 1, 16384, &v))
+                return 2;
+            c.num_kv_heads = (int)v;
+            break;
+        case O_INTER:
+            if (!int_option("--intermediate", optarg, 1, 65536, &v))
+                return 2;
+            c.intermediate_size = (int)v;
+            break;
+        case O_VOCAB:
+            if (!int_option("--vocab", optarg, 258, 262144, &v))
+                return 2;
+            c.vocab_size = (int)v;
+            break;
+        case O_SEED:
+            if (!int_option("--seed", optarg, 0, 9007199254740991LL, &v))
+                return 2;
+            c.seed = (uint64_t)v;
+            break;
+        case O_DTYPE:
+            if (hx_model_dtype_parse(optarg, &c.dtype, &err) != HX_OK)
+                return hx_cli_usage_error("model make-tiny", "--dtype: %s", err.msg);
+            break;
+        case 'h': usage_make_tiny(stdout); return 0;
+        case ':':
+            return hx_cli_usage_error("model make-tiny", "option '%s' needs a value",
+                                      argv[optind - 1]);
+        default:
+            if (optopt)
+                return hx_cli_usage_error("model make-tiny", "unknown option '-%c'", optopt);
+            return hx_cli_usage_error("model make-tiny", "unknown option '%s'",
+                                      argv[optind - 1]);
+        }
+    }
+    if (optind < argc)
+        return hx_cli_usage_error("model make-tiny", "unexpected argument '%s'", argv[optind]);
+    if (!out)
+        return hx_cli_usage_error("model make-tiny", "missing --out DIR");
+    if (hx_tiny_config_check(&c, &err) != HX_OK)
+        return hx_cli_fail(&err);
+    hx_status st = hx_tiny_write(out, &c, &err);
+    if (st == HX_EEXIST) {
+        hx_cli_error("%s", err.msg);
+        return 2; /* bad input: the directory is taken */
+    }
+    if (st != HX_OK)
+        return hx_cli_fail(&err);
+    long long params = (long long)hx_tiny_param_count(&c);
+    printf("wrote %s: llama, %d layers, hidden %d, %d heads (%d KV), intermediate %d, "
+           "vocab %d, %s, seed %llu, %lld parameters\n",
+           out, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.intermediate_size,
+           c.vocab_size, hx_model_dtype_name(c.dtype), (unsigned long long)c.seed, params);
+    return 0;
+}
+
 int hx_cmd_model(int argc, char **argv)
 {
     if (argc < 2)
-        return hx_cli_usage_error("model", "missing subcommand; expected 'show'");
+        return hx_cli_usage_error("model", "missing subcommand; expected 'show' or 'make-tiny'");
     const char *sub = argv[1];
     if (strcmp(sub, "--help") == 0 || strcmp(sub, "-h") == 0 || strcmp(sub, "help") == 0) {
         usage_model(stdout);
@@ -399,7 +552,10 @@ int hx_cmd_model(int argc, char **argv)
     }
     if (strcmp(sub, "show") == 0)
         return cmd_show(argc - 1, argv + 1);
+    if (strcmp(sub, "make-tiny") == 0)
+        return cmd_make_tiny(argc - 1, argv + 1);
     if (sub[0] == '-')
         return hx_cli_usage_error("model", "unknown option '%s'", sub);
-    return hx_cli_usage_error("model", "unknown subcommand '%s'; expected 'show'", sub);
+    return hx_cli_usage_error("model", "unknown subcommand '%s'; expected 'show' or 'make-tiny'",
+                              sub);
 }

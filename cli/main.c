@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "cli/cmd_generate.h"
 #ifdef HX_HAVE_CUDA
 #include "kernels/kernels.h"
 #endif
@@ -23,7 +24,8 @@ typedef struct cmd {
 static const cmd commands[] = {
     {"inventory", hx_cmd_inventory, "check or show a cluster inventory"},
     {"discover", hx_cmd_discover, "describe this machine as an inventory fragment"},
-    {"model", hx_cmd_model, "show a model's size, KV cache and FLOPs"},
+    {"model", hx_cmd_model, "show a model, or write a small random-weight one (make-tiny)"},
+    {"generate", hx_cmd_generate, "run a model on this CPU and print what it generates"},
     {"plan", hx_cmd_plan, "plan prefill/decode replicas, layouts and routes for a cluster"},
     {"simulate", hx_cmd_simulate, "simulate a plan's deployment under traffic"},
     {"whatif", hx_cmd_whatif, "compare goodput and cost with hardware added or removed"},

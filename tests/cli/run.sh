@@ -36,7 +36,7 @@ expect "version" 0 "hexflow 0." -- "$HX" --version
 expect "version lists backends" 0 "backends: cpu" -- "$HX" --version
 expect "unknown command" 2 "'frobnicate' is not a hexflow command" -- "$HX" frobnicate
 expect "unknown global option" 2 "unknown option '--nope'" -- "$HX" --nope
-for c in inventory discover model plan simulate whatif; do
+for c in inventory discover model plan simulate whatif generate; do
     expect "$c --help" 0 "usage: hexflow $c" -- "$HX" "$c" --help
 done
 
@@ -266,6 +266,21 @@ expect "whatif budget" 0 "purchase options" -- "$HX" whatif --inventory "$INV" -
 expect "whatif bad --add" 2 "expected NAME:TYPE:COUNT" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --add h100
 expect "whatif unknown --remove" 2 "--remove nope" -- "$HX" whatif --inventory "$INV" --model llama-2-13b --remove nope
 expect "whatif nothing to compare" 2 "nothing to compare" -- "$HX" whatif --inventory "$INV" --model llama-2-13b
+
+# --- model make-tiny and generate (the CPU runtime) ---------------------------
+expect "model make-tiny" 0 "wrote $TMP/tiny" -- "$HX" model make-tiny --out "$TMP/tiny" --layers 2 --hidden 64
+expect "model make-tiny refuses to overwrite" 2 "already holds a model" -- "$HX" model make-tiny --out "$TMP/tiny"
+expect "model show tiny" 0 "layers           2" -- "$HX" model show "$TMP/tiny"
+expect "generate --help" 0 "usage: hexflow generate" -- "$HX" generate --help
+if "$HX" generate --model "$TMP/tiny" --prompt "Hello" --max-tokens 8 --json >"$TMP/g1.json" 2>"$TMP/g.err" &&
+    "$HX" generate --model "$TMP/tiny" --prompt "Hello" --max-tokens 8 --json >"$TMP/g2.json" 2>>"$TMP/g.err" &&
+    python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); b=json.load(open(sys.argv[2])); assert a["tokens"] and isinstance(a["text"], str) and a == b' "$TMP/g1.json" "$TMP/g2.json" 2>"$TMP/py.err"; then
+    ok "generate --json is valid and greedy decoding is repeatable"
+else
+    not_ok "generate --json" "$(cat "$TMP/g.err" "$TMP/py.err")"
+fi
+expect "generate missing model" 2 "" -- "$HX" generate --model "$TMP/none" --prompt hi
+expect "plan a tiny model on localhost" 0 "throughput" -- "$HX" plan --inventory "$SRC/inventories/localhost.yaml" --model "$TMP/tiny" --slo-ttft 10 --slo-tpot 1
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
