@@ -6,7 +6,7 @@ set -eu
 PKGS="build-essential cmake pkg-config
 libfyaml-dev libjansson-dev libglpk-dev libmetis-dev
 liblapacke-dev libopenblas-dev libhwloc-dev libssh2-1-dev
-libmicrohttpd-dev libcmocka-dev
+libmicrohttpd-dev libcmocka-dev libssl-dev
 python3 python3-numpy openssh-server openssh-client iproute2 procps curl"
 
 missing=""
