@@ -44,10 +44,11 @@ demo: deps build
 
 bench: deps
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null
-	@cmake --build $(BUILD) -j $(JOBS) --target plan_bench cpu_bench proto_bench
+	@cmake --build $(BUILD) -j $(JOBS) --target plan_bench cpu_bench proto_bench batch_bench
 	@$(BUILD)/plan_bench all
 	@$(BUILD)/cpu_bench
 	@$(BUILD)/proto_bench
+	@$(BUILD)/batch_bench
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "common/file.h"
+#include "runtime/llama_weights.h"
 #include "runtime/safetensors.h"
 
 /* ---- the model ----------------------------------------------------------------------- */
@@ -736,4 +737,40 @@ hx_status hx_llama_generate(const hx_llama *m, hx_llama_state *s, hx_llama_sampl
             return st;
     }
     return HX_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Read access to the weights and the KV cache (llama_weights.h)              */
+
+hx_status hx_llama_weights_layer(const hx_llama *m, int layer, hx_llama_layer_weights *out,
+                                 hx_err *err)
+{
+    if (layer < 0 || layer >= m->num_layers)
+        return hx_err_set(err, HX_ERANGE, "model '%s': layer %d is not in this stage's 0-%d",
+                          m->dir, layer, m->num_layers - 1);
+    const llama_layer *L = &m->layers[layer];
+    *out = (hx_llama_layer_weights){L->attn_norm, L->wq,     L->wk,   L->wv,    L->wo,
+                                    L->ffn_norm,  L->w_gate, L->w_up, L->w_down};
+    return HX_OK;
+}
+
+const float *hx_llama_weights_embed(const hx_llama *m)
+{
+    return m->has_embedding ? m->embed : NULL;
+}
+
+const float *hx_llama_weights_final_norm(const hx_llama *m)
+{
+    return m->has_head ? m->final_norm : NULL;
+}
+
+const float *hx_llama_weights_lm_head(const hx_llama *m)
+{
+    return m->has_head ? m->lm_head : NULL;
+}
+
+void hx_llama_state_kv(const hx_llama_state *s, const float **k, const float **v)
+{
+    *k = s->k_cache;
+    *v = s->v_cache;
 }
