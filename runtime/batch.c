@@ -557,14 +557,7 @@ static void run_layers(hx_batch *b, int n_sel, int rows)
         hx_cpu_matmul(pool, b->xb2, b->att, W->wo, rows, H * d, h);
         hx_cpu_add(x, b->xb2, rows * h);
 
-        /* MLP block: x += Wdown (silu(Wgate h) * Wup h), h = norm(x) */
-        for (int r = 0; r < rows; r++)
-            hx_cpu_rmsnorm(b->xb + (size_t)r * h, x + (size_t)r * h, W->ffn_norm, h, eps);
-        const hx_cpu_linear gate_up[2] = {{b->gate, W->w_gate, f}, {b->up, W->w_up, f}};
-        hx_cpu_matmul_many(pool, b->xb, rows, h, gate_up, 2);
-        hx_cpu_swiglu(b->gate, b->gate, b->up, rows * f);
-        hx_cpu_matmul(pool, b->xb2, b->gate, W->w_down, rows, f, h);
-        hx_cpu_add(x, b->xb2, rows * h);
+        hx_llama_mlp(pool, W, x, rows, h, f, eps, b->xb, b->xb2, b->gate, b->up);
     }
 }
 

@@ -17,17 +17,7 @@
 /* ---- the model ----------------------------------------------------------------------- */
 
 /* One decoder layer's weights, fp32, borrowed from the mapping or from owned[]. */
-typedef struct llama_layer {
-    const float *attn_norm; /* [hidden] */
-    const float *wq;        /* [heads * head_dim][hidden] */
-    const float *wk;        /* [kv_heads * head_dim][hidden] */
-    const float *wv;        /* [kv_heads * head_dim][hidden] */
-    const float *wo;        /* [hidden][heads * head_dim] */
-    const float *ffn_norm;  /* [hidden] */
-    const float *w_gate;    /* [intermediate][hidden] */
-    const float *w_up;      /* [intermediate][hidden] */
-    const float *w_down;    /* [hidden][intermediate] */
-} llama_layer;
+typedef hx_llama_layer_weights llama_layer;
 
 struct hx_llama {
     char *dir;                       /* owned */
@@ -485,14 +475,7 @@ hx_status hx_llama_layers(const hx_llama *m, hx_llama_state *s, float *x, int n,
         hx_cpu_matmul(pool, s->xb2, s->att, L->wo, n, H * d, h);
         hx_cpu_add(x, s->xb2, n * h);
 
-        /* MLP block: x += Wdown (silu(Wgate h) * Wup h), h = norm(x) */
-        for (int t = 0; t < n; t++)
-            hx_cpu_rmsnorm(s->xb + (size_t)t * h, x + (size_t)t * h, L->ffn_norm, h, eps);
-        const hx_cpu_linear gate_up[2] = {{s->gate, L->w_gate, f}, {s->up, L->w_up, f}};
-        hx_cpu_matmul_many(pool, s->xb, n, h, gate_up, 2);
-        hx_cpu_swiglu(s->gate, s->gate, s->up, n * f);
-        hx_cpu_matmul(pool, s->xb2, s->gate, L->w_down, n, f, h);
-        hx_cpu_add(x, s->xb2, n * h);
+        hx_llama_mlp(pool, L, x, n, h, f, eps, s->xb, s->xb2, s->gate, s->up);
     }
     return HX_OK;
 }
@@ -748,9 +731,7 @@ hx_status hx_llama_weights_layer(const hx_llama *m, int layer, hx_llama_layer_we
     if (layer < 0 || layer >= m->num_layers)
         return hx_err_set(err, HX_ERANGE, "model '%s': layer %d is not in this stage's 0-%d",
                           m->dir, layer, m->num_layers - 1);
-    const llama_layer *L = &m->layers[layer];
-    *out = (hx_llama_layer_weights){L->attn_norm, L->wq,     L->wk,   L->wv,    L->wo,
-                                    L->ffn_norm,  L->w_gate, L->w_up, L->w_down};
+    *out = m->layers[layer];
     return HX_OK;
 }
 
@@ -773,4 +754,17 @@ void hx_llama_state_kv(const hx_llama_state *s, const float **k, const float **v
 {
     *k = s->k_cache;
     *v = s->v_cache;
+}
+
+void hx_llama_mlp(hx_cpu_pool *pool, const hx_llama_layer_weights *W, float *x, int rows, int h,
+                  int f, float eps, float *xb, float *xb2, float *gate, float *up)
+{
+    /* x += Wdown (silu(Wgate h) * Wup h), h = norm(x) */
+    for (int r = 0; r < rows; r++)
+        hx_cpu_rmsnorm(xb + (size_t)r * h, x + (size_t)r * h, W->ffn_norm, h, eps);
+    const hx_cpu_linear gate_up[2] = {{gate, W->w_gate, f}, {up, W->w_up, f}};
+    hx_cpu_matmul_many(pool, xb, rows, h, gate_up, 2);
+    hx_cpu_swiglu(gate, gate, up, rows * f);
+    hx_cpu_matmul(pool, xb2, gate, W->w_down, rows, f, h);
+    hx_cpu_add(x, xb2, rows * h);
 }

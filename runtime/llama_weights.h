@@ -14,6 +14,7 @@
 #define HX_LLAMA_WEIGHTS_H
 
 #include "common/status.h"
+#include "kernels/cpu/cpu.h"
 #include "runtime/llama.h"
 
 /* One decoder layer's weights (fp32, Linear weights [out][in]). Plain value, borrowed. */
@@ -52,5 +53,14 @@ const float *hx_llama_weights_lm_head(const hx_llama *m);
  * hx_llama_layers / prefill / forward calls wrote.
  */
 void hx_llama_state_kv(const hx_llama_state *s, const float **k, const float **v);
+
+/*
+ * The MLP block of one layer for `rows` tokens, in place:
+ * x += Wdown (silu(Wgate norm(x)) * Wup norm(x)). Workspaces (caller-owned):
+ * xb, xb2 [rows][h], gate, up [rows][f]. Shared by the single-sequence pass
+ * and the batching engine.
+ */
+void hx_llama_mlp(hx_cpu_pool *pool, const hx_llama_layer_weights *W, float *x, int rows, int h,
+                  int f, float eps, float *xb, float *xb2, float *gate, float *up);
 
 #endif /* HX_LLAMA_WEIGHTS_H */
