@@ -24,41 +24,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench/bench_model.h"
 #include "kernels/cpu/cpu.h"
 #include "runtime/batch.h"
 #include "runtime/llama.h"
 #include "runtime/tiny.h"
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int ensure_model(const char *dir)
-{
-    char cfg[1024];
-    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
-    if (access(cfg, F_OK) == 0)
-        return 0;
-    hx_tiny_config c;
-    hx_tiny_config_init(&c);
-    c.num_layers = 6;
-    c.hidden_size = 288;
-    c.num_heads = 6;
-    c.num_kv_heads = 6;
-    c.intermediate_size = 768;
-    c.vocab_size = 32000;
-    c.seed = 15;
-    hx_err err = {0};
-    printf("writing the stories15M-shaped model to %s ...\n", dir);
-    if (hx_tiny_write(dir, &c, &err) != HX_OK) {
-        fprintf(stderr, "batch_bench: %s\n", err.msg);
-        return -1;
-    }
-    return 0;
-}
 
 static void die(const hx_err *err)
 {
@@ -79,12 +50,12 @@ static double bench_single(const hx_llama *m, int n)
     double start = 0;
     for (int pos = 0; pos < n; pos++) {
         if (pos == 1)
-            start = now_s();
+            start = hx_bench_now_s();
         if (hx_llama_forward(m, s, token, pos, &logits, &err) != HX_OK)
             die(&err);
         token = hx_llama_argmax(logits, vocab);
     }
-    double t = now_s() - start;
+    double t = hx_bench_now_s() - start;
     hx_llama_state_free(s);
     return (n - 1) / t;
 }
@@ -104,14 +75,14 @@ static double bench_engine(hx_batch *b, int batch, int n, double *step_ms)
     long tokens = 0;
     if (hx_batch_step(b, &ev, &n_ev, &err) != HX_OK) /* the prompts: not timed */
         die(&err);
-    double t0 = now_s();
+    double t0 = hx_bench_now_s();
     while (hx_batch_seq_count(b) > 0) {
         if (hx_batch_step(b, &ev, &n_ev, &err) != HX_OK)
             die(&err);
         tokens += n_ev;
         steps++;
     }
-    double t = now_s() - t0;
+    double t = hx_bench_now_s() - t0;
     *step_ms = 1e3 * t / steps;
     return tokens / t;
 }
@@ -156,7 +127,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "batch_bench: batch %d is not in [1, 1024]\n", batches[i]);
             return 2;
         }
-    if (ensure_model(dir) != 0)
+    if (hx_bench_ensure_model(dir, "batch_bench") != 0)
         return 1;
 
     printf("stories15M shape (dim 288, 6 layers, 6 heads, MLP 768, vocab 32000), fp32; "

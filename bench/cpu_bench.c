@@ -21,40 +21,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench/bench_model.h"
 #include "kernels/cpu/cpu.h"
 #include "runtime/llama.h"
 #include "runtime/tiny.h"
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int ensure_model(const char *dir)
-{
-    char cfg[1024];
-    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
-    if (access(cfg, F_OK) == 0)
-        return 0;
-    hx_tiny_config c;
-    hx_tiny_config_init(&c);
-    c.num_layers = 6;
-    c.hidden_size = 288;
-    c.num_heads = 6;
-    c.num_kv_heads = 6;
-    c.intermediate_size = 768;
-    c.vocab_size = 32000;
-    c.seed = 15;
-    hx_err err = {0};
-    printf("writing the stories15M-shaped model to %s ...\n", dir);
-    if (hx_tiny_write(dir, &c, &err) != HX_OK) {
-        fprintf(stderr, "cpu_bench: %s\n", err.msg);
-        return -1;
-    }
-    return 0;
-}
 
 /* Decode tokens/s: positions 0 .. n-1, timed from position 1. */
 static double bench_decode(const hx_llama *m, hx_llama_state *s, int n)
@@ -66,26 +37,26 @@ static double bench_decode(const hx_llama *m, hx_llama_state *s, int n)
     double start = 0;
     for (int pos = 0; pos < n; pos++) {
         if (pos == 1)
-            start = now_s();
+            start = hx_bench_now_s();
         if (hx_llama_forward(m, s, token, pos, &logits, &err) != HX_OK) {
             fprintf(stderr, "cpu_bench: %s\n", err.msg);
             exit(1);
         }
         token = hx_llama_argmax(logits, vocab);
     }
-    return (n - 1) / (now_s() - start);
+    return (n - 1) / (hx_bench_now_s() - start);
 }
 
 static double bench_prefill(const hx_llama *m, hx_llama_state *s, const int *tokens, int n)
 {
     hx_err err = {0};
     const float *logits;
-    double t0 = now_s();
+    double t0 = hx_bench_now_s();
     if (hx_llama_prefill(m, s, tokens, n, 0, &logits, &err) != HX_OK) {
         fprintf(stderr, "cpu_bench: %s\n", err.msg);
         exit(1);
     }
-    return n / (now_s() - t0);
+    return n / (hx_bench_now_s() - t0);
 }
 
 int main(int argc, char **argv)
@@ -114,7 +85,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "cpu_bench: --tokens must be in [2, 2048], --repeat >= 1\n");
         return 2;
     }
-    if (ensure_model(dir) != 0)
+    if (hx_bench_ensure_model(dir, "cpu_bench") != 0)
         return 1;
     int *tokens = malloc((size_t)n * sizeof *tokens);
     if (!tokens)
