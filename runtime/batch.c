@@ -54,17 +54,7 @@ struct hx_batch {
     /* workspaces for R = max_step_tokens rows, S = max_seqs sequences */
     int *row_token;                     /* [R] */
     int *row_pos;                       /* [R] */
-    float *x;                           /* [R][hidden]: residual stream */
-    float *xb;                          /* [R][hidden]: normed input of a block */
-    float *xb2;                         /* [R][hidden]: a block's output */
-    float *q;                           /* [R][heads][head_dim] */
-    float *k;                           /* [R][kv_heads][head_dim] */
-    float *v;                           /* [R][kv_heads][head_dim] */
-    float *att;                         /* [R][heads][head_dim] */
-    float *gate;                        /* [R][intermediate] */
-    float *up;                          /* [R][intermediate] */
-    float *rope_cos;                    /* [R][head_dim / 2] */
-    float *rope_sin;                    /* [R][head_dim / 2] */
+    hx_llama_rows w;                    /* [R] rows of per-token workspaces */
     float *scores;                      /* [pool threads][max_seq_tokens] */
     float *head_x;                      /* [S][hidden]: normed rows that give logits */
     float *logits;                      /* [S][vocab] */
@@ -165,26 +155,13 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in, hx_bat
         goto out_free;
 
     const size_t R = (size_t)opt.max_step_tokens, S = (size_t)opt.max_seqs;
-    const size_t h = (size_t)c->hidden_size, d = (size_t)c->head_dim;
-    const size_t qd = (size_t)c->num_heads * d, kvd = (size_t)c->num_kv_heads * d;
-    const size_t f = (size_t)c->intermediate_size, V = (size_t)c->vocab_size;
+    const size_t h = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
     const size_t threads = (size_t)hx_cpu_pool_threads(b->pool);
     b->seqs = calloc(S, sizeof *b->seqs);
     b->used = calloc(S, sizeof *b->used);
     b->order = calloc(S, sizeof *b->order);
     b->row_token = malloc(R * sizeof *b->row_token);
     b->row_pos = malloc(R * sizeof *b->row_pos);
-    b->x = malloc(R * h * sizeof(float));
-    b->xb = malloc(R * h * sizeof(float));
-    b->xb2 = malloc(R * h * sizeof(float));
-    b->q = malloc(R * qd * sizeof(float));
-    b->k = malloc(R * kvd * sizeof(float));
-    b->v = malloc(R * kvd * sizeof(float));
-    b->att = malloc(R * qd * sizeof(float));
-    b->gate = malloc(R * f * sizeof(float));
-    b->up = malloc(R * f * sizeof(float));
-    b->rope_cos = malloc(R * (d / 2) * sizeof(float));
-    b->rope_sin = malloc(R * (d / 2) * sizeof(float));
     b->scores = malloc(threads * (size_t)opt.max_seq_tokens * sizeof(float));
     b->head_x = malloc(S * h * sizeof(float));
     b->logits = malloc(S * V * sizeof(float));
@@ -193,9 +170,9 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in, hx_bat
     b->pseqs = malloc(S * sizeof *b->pseqs);
     b->events = malloc(S * sizeof *b->events);
     b->covered = malloc((size_t)L * (size_t)c->num_kv_heads);
-    if (!b->seqs || !b->used || !b->order || !b->row_token || !b->row_pos || !b->x || !b->xb ||
-        !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->gate || !b->up || !b->rope_cos ||
-        !b->rope_sin || !b->scores || !b->head_x || !b->logits || !b->tables || !b->sel ||
+    if (!b->seqs || !b->used || !b->order || !b->row_token || !b->row_pos ||
+        hx_llama_rows_init(&b->w, c, opt.max_step_tokens) != HX_OK || !b->scores ||
+        !b->head_x || !b->logits || !b->tables || !b->sel ||
         !b->pseqs || !b->events || !b->covered) {
         st = hx_err_set(err, HX_ENOMEM,
                         "batch engine: out of memory for workspaces of %d rows, %d sequences",
@@ -243,17 +220,7 @@ void hx_batch_free(hx_batch *b)
     free(b->order);
     free(b->row_token);
     free(b->row_pos);
-    free(b->x);
-    free(b->xb);
-    free(b->xb2);
-    free(b->q);
-    free(b->k);
-    free(b->v);
-    free(b->att);
-    free(b->gate);
-    free(b->up);
-    free(b->rope_cos);
-    free(b->rope_sin);
+    hx_llama_rows_release(&b->w);
     free(b->scores);
     free(b->head_x);
     free(b->logits);
@@ -508,7 +475,7 @@ static hx_status plan_step(hx_batch *b, int *n_sel_out, int *n_rows_out, hx_err 
     return HX_OK;
 }
 
-/* Runs every layer over the step's rows, in place on b->x: [rows][hidden]. */
+/* Runs every layer over the step's rows, in place on b->w.x: [rows][hidden]. */
 static void run_layers(hx_batch *b, int n_sel, int rows)
 {
     const hx_model *c = b->cfg;
@@ -517,10 +484,10 @@ static void run_layers(hx_batch *b, int n_sel, int rows)
     const int bt = b->opt.block_tokens;
     const float eps = (float)c->norm_eps;
     hx_cpu_pool *pool = b->pool;
-    float *x = b->x;
+    float *x = b->w.x;
 
     for (int r = 0; r < rows; r++)
-        hx_cpu_rope_angles(b->rope_cos + (size_t)r * half, b->rope_sin + (size_t)r * half, d,
+        hx_cpu_rope_angles(b->w.rope_cos + (size_t)r * half, b->w.rope_sin + (size_t)r * half, d,
                            b->row_pos[r], c->rope_theta);
 
     for (int l = 0; l < hx_kvcache_layers(b->kv); l++) {
@@ -528,36 +495,36 @@ static void run_layers(hx_batch *b, int n_sel, int rows)
 
         /* attention block: x += Wo attention(rope(Wq h), rope(Wk h), Wv h), h = norm(x) */
         for (int r = 0; r < rows; r++)
-            hx_cpu_rmsnorm(b->xb + (size_t)r * h, x + (size_t)r * h, W->attn_norm, h, eps);
-        const hx_cpu_linear qkv[3] = {{b->q, W->wq, H * d}, {b->k, W->wk, K * d},
-                                      {b->v, W->wv, K * d}};
-        hx_cpu_matmul_many(pool, b->xb, rows, h, qkv, 3);
+            hx_cpu_rmsnorm(b->w.xb + (size_t)r * h, x + (size_t)r * h, W->attn_norm, h, eps);
+        const hx_cpu_linear qkv[3] = {{b->w.q, W->wq, H * d}, {b->w.k, W->wk, K * d},
+                                      {b->w.v, W->wv, K * d}};
+        hx_cpu_matmul_many(pool, b->w.xb, rows, h, qkv, 3);
         for (int i = 0; i < n_sel; i++) {
             const step_seq *q = &b->sel[i];
             for (int t = 0; t < q->n; t++) {
                 const int r = q->row0 + t, pos = q->pos0 + t;
-                const float *cs = b->rope_cos + (size_t)r * half;
-                const float *sn = b->rope_sin + (size_t)r * half;
-                hx_cpu_rope(b->q + (size_t)r * H * d, H, d, cs, sn);
-                hx_cpu_rope(b->k + (size_t)r * K * d, K, d, cs, sn);
+                const float *cs = b->w.rope_cos + (size_t)r * half;
+                const float *sn = b->w.rope_sin + (size_t)r * half;
+                hx_cpu_rope(b->w.q + (size_t)r * H * d, H, d, cs, sn);
+                hx_cpu_rope(b->w.k + (size_t)r * K * d, K, d, cs, sn);
                 const int block = q->blocks[pos / bt];
                 const size_t at = (size_t)(pos % bt) * d;
                 for (int kh = 0; kh < K; kh++) {
                     memcpy(hx_kvcache_block_data(b->kv, block, l, 0, kh) + at,
-                           b->k + ((size_t)r * K + kh) * d, (size_t)d * sizeof(float));
+                           b->w.k + ((size_t)r * K + kh) * d, (size_t)d * sizeof(float));
                     memcpy(hx_kvcache_block_data(b->kv, block, l, 1, kh) + at,
-                           b->v + ((size_t)r * K + kh) * d, (size_t)d * sizeof(float));
+                           b->w.v + ((size_t)r * K + kh) * d, (size_t)d * sizeof(float));
                 }
             }
         }
         hx_cpu_paged_kv view;
         hx_kvcache_layer_view(b->kv, l, &view);
-        hx_cpu_paged_attention(pool, b->att, b->q, &view, b->pseqs, n_sel, rows, H, K, d,
+        hx_cpu_paged_attention(pool, b->w.att, b->w.q, &view, b->pseqs, n_sel, rows, H, K, d,
                                b->opt.max_seq_tokens, b->scores);
-        hx_cpu_matmul(pool, b->xb2, b->att, W->wo, rows, H * d, h);
-        hx_cpu_add(x, b->xb2, rows * h);
+        hx_cpu_matmul(pool, b->w.xb2, b->w.att, W->wo, rows, H * d, h);
+        hx_cpu_add(x, b->w.xb2, rows * h);
 
-        hx_llama_mlp(pool, W, x, rows, h, f, eps, b->xb, b->xb2, b->gate, b->up);
+        hx_llama_mlp(pool, W, x, rows, h, f, eps, b->w.xb, b->w.xb2, b->w.gate, b->w.up);
     }
 }
 
@@ -576,7 +543,7 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
         return st;
 
     for (int r = 0; r < rows; r++)
-        memcpy(b->x + (size_t)r * h, b->embed + (size_t)b->row_token[r] * h,
+        memcpy(b->w.x + (size_t)r * h, b->embed + (size_t)b->row_token[r] * h,
                (size_t)h * sizeof(float));
     run_layers(b, n_sel, rows);
 
@@ -586,7 +553,7 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
         const step_seq *q = &b->sel[i];
         if (q->emits)
             hx_cpu_rmsnorm(b->head_x + (size_t)n_out++ * h,
-                           b->x + (size_t)(q->row0 + q->n - 1) * h, b->final_norm, h,
+                           b->w.x + (size_t)(q->row0 + q->n - 1) * h, b->final_norm, h,
                            (float)c->norm_eps);
     }
     if (n_out > 0)

@@ -297,17 +297,7 @@ struct hx_llama_state {
     int max_batch;         /* tokens per call */
     float *k_cache;        /* [layers][kv_heads][max_tokens][head_dim] */
     float *v_cache;        /* [layers][kv_heads][max_tokens][head_dim] */
-    float *x;              /* [max_batch][hidden]: residual stream of forward/prefill */
-    float *xb;             /* [max_batch][hidden]: normed input of a block */
-    float *xb2;            /* [max_batch][hidden]: a block's output before the residual add */
-    float *q;              /* [max_batch][heads][head_dim] */
-    float *k;              /* [max_batch][kv_heads][head_dim] */
-    float *v;              /* [max_batch][kv_heads][head_dim] */
-    float *att;            /* [max_batch][heads][head_dim]: attention output */
-    float *gate;           /* [max_batch][intermediate] (then silu(gate) * up) */
-    float *up;             /* [max_batch][intermediate] */
-    float *rope_cos;       /* [max_batch][head_dim / 2] */
-    float *rope_sin;       /* [max_batch][head_dim / 2] */
+    hx_llama_rows w;       /* [max_batch] rows of per-token workspaces */
     float *scores;         /* [pool threads][max_tokens]: attention scores */
     float *head_x;         /* [hidden]: normed input of the lm_head */
     float *logits;         /* [vocab] */
@@ -334,30 +324,16 @@ hx_status hx_llama_state_new(const hx_llama *m, int max_tokens, int max_batch_to
     s->m = m;
     s->max_tokens = max_tokens;
     s->max_batch = max_batch_tokens;
-    const size_t B = (size_t)max_batch_tokens, h = (size_t)c->hidden_size;
-    const size_t d = (size_t)c->head_dim, q = (size_t)c->num_heads * d;
-    const size_t kv = (size_t)c->num_kv_heads * d, f = (size_t)c->intermediate_size;
+    const size_t h = (size_t)c->hidden_size, kv = (size_t)c->num_kv_heads * c->head_dim;
     const size_t cache = (size_t)m->num_layers * kv * (size_t)max_tokens;
     const size_t threads = (size_t)hx_cpu_pool_threads(m->pool);
     s->k_cache = calloc(cache, sizeof(float));
     s->v_cache = calloc(cache, sizeof(float));
-    s->x = malloc(B * h * sizeof(float));
-    s->xb = malloc(B * h * sizeof(float));
-    s->xb2 = malloc(B * h * sizeof(float));
-    s->q = malloc(B * q * sizeof(float));
-    s->k = malloc(B * kv * sizeof(float));
-    s->v = malloc(B * kv * sizeof(float));
-    s->att = malloc(B * q * sizeof(float));
-    s->gate = malloc(B * f * sizeof(float));
-    s->up = malloc(B * f * sizeof(float));
-    s->rope_cos = malloc(B * (d / 2) * sizeof(float));
-    s->rope_sin = malloc(B * (d / 2) * sizeof(float));
     s->scores = malloc(threads * (size_t)max_tokens * sizeof(float));
     s->head_x = malloc(h * sizeof(float));
     s->logits = malloc((size_t)c->vocab_size * sizeof(float));
-    if (!s->k_cache || !s->v_cache || !s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v ||
-        !s->att || !s->gate || !s->up || !s->rope_cos || !s->rope_sin || !s->scores ||
-        !s->head_x || !s->logits) {
+    if (!s->k_cache || !s->v_cache || hx_llama_rows_init(&s->w, c, max_batch_tokens) != HX_OK ||
+        !s->scores || !s->head_x || !s->logits) {
         hx_llama_state_free(s);
         return hx_err_set(err, HX_ENOMEM,
                           "model '%s': out of memory for a state of %d tokens (KV cache %lld "
@@ -374,17 +350,7 @@ void hx_llama_state_free(hx_llama_state *s)
         return;
     free(s->k_cache);
     free(s->v_cache);
-    free(s->x);
-    free(s->xb);
-    free(s->xb2);
-    free(s->q);
-    free(s->k);
-    free(s->v);
-    free(s->att);
-    free(s->gate);
-    free(s->up);
-    free(s->rope_cos);
-    free(s->rope_sin);
+    hx_llama_rows_release(&s->w);
     free(s->scores);
     free(s->head_x);
     free(s->logits);
@@ -447,7 +413,7 @@ hx_status hx_llama_layers(const hx_llama *m, hx_llama_state *s, float *x, int n,
     hx_cpu_pool *pool = m->pool;
 
     for (int t = 0; t < n; t++)
-        hx_cpu_rope_angles(s->rope_cos + (size_t)t * half, s->rope_sin + (size_t)t * half, d,
+        hx_cpu_rope_angles(s->w.rope_cos + (size_t)t * half, s->w.rope_sin + (size_t)t * half, d,
                            pos + t, c->rope_theta);
 
     for (int l = 0; l < m->num_layers; l++) {
@@ -457,25 +423,25 @@ hx_status hx_llama_layers(const hx_llama *m, hx_llama_state *s, float *x, int n,
 
         /* attention block: x += Wo attention(rope(Wq h), rope(Wk h), Wv h), h = norm(x) */
         for (int t = 0; t < n; t++)
-            hx_cpu_rmsnorm(s->xb + (size_t)t * h, x + (size_t)t * h, L->attn_norm, h, eps);
-        const hx_cpu_linear qkv[3] = {{s->q, L->wq, H * d}, {s->k, L->wk, K * d},
-                                      {s->v, L->wv, K * d}};
-        hx_cpu_matmul_many(pool, s->xb, n, h, qkv, 3);
+            hx_cpu_rmsnorm(s->w.xb + (size_t)t * h, x + (size_t)t * h, L->attn_norm, h, eps);
+        const hx_cpu_linear qkv[3] = {{s->w.q, L->wq, H * d}, {s->w.k, L->wk, K * d},
+                                      {s->w.v, L->wv, K * d}};
+        hx_cpu_matmul_many(pool, s->w.xb, n, h, qkv, 3);
         for (int t = 0; t < n; t++) {
-            const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
-            hx_cpu_rope(s->q + (size_t)t * H * d, H, d, cs, sn);
-            hx_cpu_rope(s->k + (size_t)t * K * d, K, d, cs, sn);
+            const float *cs = s->w.rope_cos + (size_t)t * half, *sn = s->w.rope_sin + (size_t)t * half;
+            hx_cpu_rope(s->w.q + (size_t)t * H * d, H, d, cs, sn);
+            hx_cpu_rope(s->w.k + (size_t)t * K * d, K, d, cs, sn);
             for (int kh = 0; kh < K; kh++) {
                 size_t at = ((size_t)kh * T + (size_t)(pos + t)) * d;
-                memcpy(k_cache + at, s->k + ((size_t)t * K + kh) * d, (size_t)d * sizeof(float));
-                memcpy(v_cache + at, s->v + ((size_t)t * K + kh) * d, (size_t)d * sizeof(float));
+                memcpy(k_cache + at, s->w.k + ((size_t)t * K + kh) * d, (size_t)d * sizeof(float));
+                memcpy(v_cache + at, s->w.v + ((size_t)t * K + kh) * d, (size_t)d * sizeof(float));
             }
         }
-        hx_cpu_attention(pool, s->att, s->q, k_cache, v_cache, n, pos, H, K, d, T, s->scores);
-        hx_cpu_matmul(pool, s->xb2, s->att, L->wo, n, H * d, h);
-        hx_cpu_add(x, s->xb2, n * h);
+        hx_cpu_attention(pool, s->w.att, s->w.q, k_cache, v_cache, n, pos, H, K, d, T, s->scores);
+        hx_cpu_matmul(pool, s->w.xb2, s->w.att, L->wo, n, H * d, h);
+        hx_cpu_add(x, s->w.xb2, n * h);
 
-        hx_llama_mlp(pool, L, x, n, h, f, eps, s->xb, s->xb2, s->gate, s->up);
+        hx_llama_mlp(pool, L, x, n, h, f, eps, s->w.xb, s->w.xb2, s->w.gate, s->w.up);
     }
     return HX_OK;
 }
@@ -519,13 +485,13 @@ hx_status hx_llama_prefill(const hx_llama *m, hx_llama_state *s, const int *toke
     int done = 0, last = 0;
     while (done < n) {
         int chunk = n - done < s->max_batch ? n - done : s->max_batch;
-        if ((st = hx_llama_embed(m, tokens + done, chunk, s->x, err)) != HX_OK ||
-            (st = hx_llama_layers(m, s, s->x, chunk, pos + done, err)) != HX_OK)
+        if ((st = hx_llama_embed(m, tokens + done, chunk, s->w.x, err)) != HX_OK ||
+            (st = hx_llama_layers(m, s, s->w.x, chunk, pos + done, err)) != HX_OK)
             return st;
         last = chunk - 1;
         done += chunk;
     }
-    if ((st = hx_llama_head(m, s, s->x + (size_t)last * h, s->logits, err)) != HX_OK)
+    if ((st = hx_llama_head(m, s, s->w.x + (size_t)last * h, s->logits, err)) != HX_OK)
         return st;
     *logits = s->logits;
     return HX_OK;
@@ -767,4 +733,48 @@ void hx_llama_mlp(hx_cpu_pool *pool, const hx_llama_layer_weights *W, float *x, 
     hx_cpu_swiglu(gate, gate, up, rows * f);
     hx_cpu_matmul(pool, xb2, gate, W->w_down, rows, f, h);
     hx_cpu_add(x, xb2, rows * h);
+}
+
+hx_status hx_llama_rows_init(hx_llama_rows *w, const hx_model *c, int max_rows)
+{
+    memset(w, 0, sizeof *w);
+    const size_t R = (size_t)max_rows, h = (size_t)c->hidden_size, d = (size_t)c->head_dim;
+    const size_t q = (size_t)c->num_heads * d, kv = (size_t)c->num_kv_heads * d;
+    const size_t f = (size_t)c->intermediate_size;
+    w->max_rows = max_rows;
+    w->x = malloc(R * h * sizeof(float));
+    w->xb = malloc(R * h * sizeof(float));
+    w->xb2 = malloc(R * h * sizeof(float));
+    w->q = malloc(R * q * sizeof(float));
+    w->k = malloc(R * kv * sizeof(float));
+    w->v = malloc(R * kv * sizeof(float));
+    w->att = malloc(R * q * sizeof(float));
+    w->gate = malloc(R * f * sizeof(float));
+    w->up = malloc(R * f * sizeof(float));
+    w->rope_cos = malloc(R * (d / 2) * sizeof(float));
+    w->rope_sin = malloc(R * (d / 2) * sizeof(float));
+    if (!w->x || !w->xb || !w->xb2 || !w->q || !w->k || !w->v || !w->att || !w->gate ||
+        !w->up || !w->rope_cos || !w->rope_sin) {
+        hx_llama_rows_release(w);
+        return HX_ENOMEM;
+    }
+    return HX_OK;
+}
+
+void hx_llama_rows_release(hx_llama_rows *w)
+{
+    if (!w)
+        return;
+    free(w->x);
+    free(w->xb);
+    free(w->xb2);
+    free(w->q);
+    free(w->k);
+    free(w->v);
+    free(w->att);
+    free(w->gate);
+    free(w->up);
+    free(w->rope_cos);
+    free(w->rope_sin);
+    memset(w, 0, sizeof *w);
 }

@@ -63,4 +63,28 @@ void hx_llama_state_kv(const hx_llama_state *s, const float **k, const float **v
 void hx_llama_mlp(hx_cpu_pool *pool, const hx_llama_layer_weights *W, float *x, int rows, int h,
                   int f, float eps, float *xb, float *xb2, float *gate, float *up);
 
+/*
+ * The per-token workspaces of a forward step over `max_rows` tokens at once,
+ * shared by the single-sequence pass and the batching engine. Caller-owned
+ * storage; allocated once, never per token.
+ */
+typedef struct hx_llama_rows {
+    int max_rows;
+    float *x;        /* [rows][hidden]: residual stream */
+    float *xb;       /* [rows][hidden]: normed input of a block */
+    float *xb2;      /* [rows][hidden]: a block's output before the residual add */
+    float *q;        /* [rows][heads][head_dim] */
+    float *k;        /* [rows][kv_heads][head_dim] */
+    float *v;        /* [rows][kv_heads][head_dim] */
+    float *att;      /* [rows][heads][head_dim]: attention output */
+    float *gate;     /* [rows][intermediate] (then silu(gate) * up) */
+    float *up;       /* [rows][intermediate] */
+    float *rope_cos; /* [rows][head_dim / 2] */
+    float *rope_sin; /* [rows][head_dim / 2] */
+} hx_llama_rows;
+
+/* Allocates every workspace for `max_rows` rows of model `c`; HX_ENOMEM leaves none. */
+hx_status hx_llama_rows_init(hx_llama_rows *w, const hx_model *c, int max_rows);
+void hx_llama_rows_release(hx_llama_rows *w);
+
 #endif /* HX_LLAMA_WEIGHTS_H */
