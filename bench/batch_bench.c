@@ -66,7 +66,7 @@ static double bench_engine(hx_batch *b, int batch, int n, double *step_ms)
     hx_err err = {0};
     for (int i = 0; i < batch; i++) {
         int prompt = (int)((i * 7919u + 11) % 32000u);
-        hx_batch_request r = {(uint64_t)i, &prompt, 1, n, -1, 0, 1, 0};
+        hx_batch_request r = {(uint64_t)i, &prompt, 1, n, -1, 0, 1, 0, 0};
         if (hx_batch_add(b, &r, &err) != HX_OK)
             die(&err);
     }
@@ -157,7 +157,7 @@ int main(int argc, char **argv)
             o.max_step_tokens = batches[i] > 64 ? batches[i] : 64;
             o.max_seq_tokens = n;
             hx_batch *b = NULL;
-            if (hx_batch_new(m, &o, &b, &err) != HX_OK)
+            if (hx_batch_new(m, &o, NULL, &b, &err) != HX_OK)
                 die(&err);
             double best_tps = 0, best_ms = 0;
             for (int r = 0; r < repeat; r++) {

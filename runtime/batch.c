@@ -22,6 +22,8 @@ typedef struct batch_seq {
     int n_generated;
     int max_new, eos_id;
     int reserved_blocks;        /* blocks it may hold at most */
+    int hold_kv;                /* keep the blocks after the last token */
+    int done;                   /* held after its last token: takes no rows */
     hx_llama_sampler *sampler;  /* owned; NULL when greedy */
 } batch_seq;
 
@@ -36,8 +38,11 @@ typedef struct step_seq {
 
 struct hx_batch {
     const hx_llama *m;                  /* borrowed */
-    const hx_model *cfg;                /* borrowed from m */
+    const hx_model *cfg;                /* borrowed from m: the whole model's */
     hx_cpu_pool *pool;                  /* borrowed from m */
+    hx_llama_slice slice;               /* the TP slice m holds */
+    int has_embedding, has_head;        /* first stage, last stage */
+    hx_batch_comm comm;                 /* callbacks (borrowed); all NULL without a comm */
     hx_llama_layer_weights *layers;     /* owned, [layers] (the pointers are m's) */
     const float *embed;                 /* [vocab][hidden], m's */
     const float *final_norm;            /* [hidden], m's */
@@ -62,6 +67,7 @@ struct hx_batch {
     step_seq *sel;                      /* [S] */
     hx_cpu_paged_seq *pseqs;            /* [S] */
     hx_batch_event *events;             /* [S] */
+    int *step_tokens;                   /* [S]: the tokens of this step, in event order */
     unsigned char *covered;             /* [layers][kv_heads]: import coverage */
 };
 
@@ -85,8 +91,8 @@ int hx_batch_free_blocks(const hx_batch *b)
     return hx_kvcache_max_blocks(b->kv) - b->reserved_total;
 }
 
-hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in, hx_batch **out,
-                       hx_err *err)
+hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in,
+                       const hx_batch_comm *comm, hx_batch **out, hx_err *err)
 {
     const hx_model *c = hx_llama_config(m);
     hx_batch_options opt;
@@ -94,12 +100,25 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in, hx_bat
         opt = *opt_in;
     else
         hx_batch_options_init(&opt);
-    if (!hx_llama_has_embedding(m) || !hx_llama_has_head(m))
+    hx_llama_slice slice;
+    hx_llama_slice_of(m, &slice);
+    const int first = hx_llama_has_embedding(m), last = hx_llama_has_head(m);
+    const char *missing = NULL;
+    if (slice.tp_size > 1 && (!comm || !comm->allreduce))
+        missing = "allreduce";
+    else if (!first && (!comm || !comm->recv_rows))
+        missing = "recv_rows";
+    else if (!last && (!comm || !comm->send_rows))
+        missing = "send_rows";
+    else if ((!first || !last) && (!comm || !comm->tokens))
+        missing = "tokens";
+    if (missing)
         return hx_err_set(err, HX_EINVAL,
-                          "batch engine: the model stage holds layers %d-%d of %d; the engine "
-                          "needs the whole model",
+                          "batch engine: the model holds layers %d-%d of %d at TP rank %d of %d "
+                          "(not the whole model at TP 1): the engine needs a comm with %s",
                           hx_llama_first_layer(m),
-                          hx_llama_first_layer(m) + hx_llama_num_layers(m) - 1, c->num_layers);
+                          hx_llama_first_layer(m) + hx_llama_num_layers(m) - 1, c->num_layers,
+                          slice.tp_rank, slice.tp_size, missing);
     if (opt.max_seq_tokens <= 0)
         opt.max_seq_tokens = c->max_position_tokens < 4096 ? c->max_position_tokens : 4096;
     if (opt.max_seqs < 1 || opt.max_step_tokens < 1 || opt.block_tokens < 1 ||
@@ -137,6 +156,11 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in, hx_bat
     b->m = m;
     b->cfg = c;
     b->pool = hx_llama_pool(m);
+    b->slice = slice;
+    b->has_embedding = first;
+    b->has_head = last;
+    if (comm)
+        b->comm = *comm;
     b->opt = opt;
     b->embed = hx_llama_weights_embed(m);
     b->final_norm = hx_llama_weights_final_norm(m);
@@ -150,9 +174,16 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in, hx_bat
     for (int l = 0; l < L; l++)
         if ((st = hx_llama_weights_layer(m, l, &b->layers[l], err)) != HX_OK)
             goto out_free;
-    if ((st = hx_kvcache_new(L, c->num_kv_heads, c->head_dim, opt.block_tokens, opt.max_blocks,
-                             &b->kv, err)) != HX_OK)
+    if ((st = hx_kvcache_new(L, slice.kv_heads, c->head_dim, opt.block_tokens, opt.max_blocks,
+                             &b->kv, err)) != HX_OK ||
+        (st = hx_kvcache_set_origin(b->kv, hx_llama_first_layer(m), slice.kv_head_first,
+                                    err)) != HX_OK)
         goto out_free;
+    /* the workspaces of the slice: its heads and intermediate rows */
+    hx_model shape = *c;
+    shape.num_heads = slice.q_heads;
+    shape.num_kv_heads = slice.kv_heads;
+    shape.intermediate_size = slice.ff_size;
 
     const size_t R = (size_t)opt.max_step_tokens, S = (size_t)opt.max_seqs;
     const size_t h = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
@@ -163,17 +194,20 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in, hx_bat
     b->row_token = malloc(R * sizeof *b->row_token);
     b->row_pos = malloc(R * sizeof *b->row_pos);
     b->scores = malloc(threads * (size_t)opt.max_seq_tokens * sizeof(float));
-    b->head_x = malloc(S * h * sizeof(float));
-    b->logits = malloc(S * V * sizeof(float));
+    if (last) { /* only the last stage computes logits */
+        b->head_x = malloc(S * h * sizeof(float));
+        b->logits = malloc(S * V * sizeof(float));
+    }
     b->tables = malloc((size_t)opt.max_blocks * sizeof *b->tables);
     b->sel = malloc(S * sizeof *b->sel);
     b->pseqs = malloc(S * sizeof *b->pseqs);
     b->events = malloc(S * sizeof *b->events);
-    b->covered = malloc((size_t)L * (size_t)c->num_kv_heads);
+    b->step_tokens = malloc(S * sizeof *b->step_tokens);
+    b->covered = malloc((size_t)L * (size_t)slice.kv_heads);
     if (!b->seqs || !b->used || !b->order || !b->row_token || !b->row_pos ||
-        hx_llama_rows_init(&b->w, c, opt.max_step_tokens) != HX_OK || !b->scores ||
-        !b->head_x || !b->logits || !b->tables || !b->sel ||
-        !b->pseqs || !b->events || !b->covered) {
+        hx_llama_rows_init(&b->w, &shape, opt.max_step_tokens) != HX_OK || !b->scores ||
+        (last && (!b->head_x || !b->logits)) || !b->tables || !b->sel ||
+        !b->pseqs || !b->events || !b->step_tokens || !b->covered) {
         st = hx_err_set(err, HX_ENOMEM,
                         "batch engine: out of memory for workspaces of %d rows, %d sequences",
                         opt.max_step_tokens, opt.max_seqs);
@@ -228,6 +262,7 @@ void hx_batch_free(hx_batch *b)
     free(b->sel);
     free(b->pseqs);
     free(b->events);
+    free(b->step_tokens);
     free(b->covered);
     free(b);
 }
@@ -307,6 +342,7 @@ static hx_status admit(hx_batch *b, const hx_batch_request *r, int *slot_out, hx
                                 .max_new = r->max_new_tokens,
                                 .eos_id = r->eos_id,
                                 .reserved_blocks = (int)need,
+                                .hold_kv = r->hold_kv != 0,
                                 .sampler = sampler};
     b->used[slot] = 1;
     b->order[b->n_live++] = slot;
@@ -339,6 +375,7 @@ hx_status hx_batch_add_prefilled(hx_batch *b, const hx_batch_request *req, int f
                                  const hx_kv_segment *segs, int n_segs, hx_err *err)
 {
     const int L = hx_kvcache_layers(b->kv), K = hx_kvcache_kv_heads(b->kv);
+    const int l0 = hx_kvcache_layer_first(b->kv), k0 = hx_kvcache_head_first(b->kv);
     if (first_token < 0 || first_token >= b->cfg->vocab_size)
         return hx_err_set(err, HX_EINVAL,
                           "batch: request %llu: first token %d is outside the vocabulary of %d",
@@ -370,8 +407,9 @@ hx_status hx_batch_add_prefilled(hx_batch *b, const hx_batch_request *req, int f
         }
         if ((st = hx_kvcache_unpack_parsed(b->kv, s->kv, g, err)) != HX_OK)
             goto out_release;
+        /* within the cache (unpack checked): cache-local indices */
         for (int l = 0; l < g->num_layers; l++)
-            memset(b->covered + (size_t)(g->layer_first + l) * K + g->head_first, 1,
+            memset(b->covered + (size_t)(g->layer_first - l0 + l) * K + (g->head_first - k0), 1,
                    (size_t)g->num_heads);
     }
     for (int i = 0; i < L * K; i++)
@@ -379,7 +417,7 @@ hx_status hx_batch_add_prefilled(hx_batch *b, const hx_batch_request *req, int f
             st = hx_err_set(err, HX_EINVAL,
                             "batch: request %llu: the segments leave layer %d, KV head %d "
                             "uncovered",
-                            (unsigned long long)req->id, i / K, i % K);
+                            (unsigned long long)req->id, l0 + i / K, k0 + i % K);
             goto out_release;
         }
     s->fed = req->n_prompt;
@@ -389,6 +427,14 @@ hx_status hx_batch_add_prefilled(hx_batch *b, const hx_batch_request *req, int f
 out_release:
     release_seq(b, slot);
     return st;
+}
+
+int hx_batch_seq_kv(const hx_batch *b, uint64_t id)
+{
+    for (int i = 0; i < b->n_live; i++)
+        if (b->seqs[b->order[i]].id == id)
+            return b->seqs[b->order[i]].kv;
+    return -1;
 }
 
 hx_status hx_batch_remove(hx_batch *b, uint64_t id, hx_err *err)
@@ -441,7 +487,7 @@ static hx_status plan_step(hx_batch *b, int *n_sel_out, int *n_rows_out, hx_err 
             const int slot = b->order[i];
             const batch_seq *s = &b->seqs[slot];
             const int decoding = s->fed >= s->n_prompt;
-            if (decoding != (pass == 0))
+            if (s->done || decoding != (pass == 0))
                 continue;
             int n = decoding ? 1 : s->n_prompt - s->fed;
             if (n > R - rows)
@@ -460,7 +506,9 @@ static hx_status plan_step(hx_batch *b, int *n_sel_out, int *n_rows_out, hx_err 
         step_seq *q = &b->sel[i];
         const batch_seq *s = &b->seqs[q->slot];
         hx_err inner = {0};
-        if (hx_kvcache_append(b->kv, s->kv, q->n, &inner) != HX_OK)
+        /* a step that failed may have appended these positions already */
+        const int more = q->pos0 + q->n - hx_kvcache_seq_tokens(b->kv, s->kv);
+        if (more > 0 && hx_kvcache_append(b->kv, s->kv, more, &inner) != HX_OK)
             return hx_err_set(err, HX_EINTERNAL,
                               "batch: request %llu ran out of reserved KV blocks: %s",
                               (unsigned long long)s->id, inner.msg);
@@ -475,16 +523,40 @@ static hx_status plan_step(hx_batch *b, int *n_sel_out, int *n_rows_out, hx_err 
     return HX_OK;
 }
 
-/* Runs every layer over the step's rows, in place on b->w.x: [rows][hidden]. */
-static void run_layers(hx_batch *b, int n_sel, int rows)
+/*
+ * comm->allreduce on partial sums x[0..n), in place; the failure names the
+ * layer and the projection.
+ */
+static hx_status allreduce(hx_batch *b, float *x, size_t n, int layer, const char *what,
+                           hx_err *err)
+{
+    hx_err inner;
+    inner.msg[0] = '\0';
+    hx_status st = b->comm.allreduce(b->comm.ctx, x, n, &inner);
+    if (st == HX_OK)
+        return HX_OK;
+    return hx_err_set(err, st, "batch: layer %d, TP rank %d of %d: all-reduce after the %s "
+                      "projection failed: %s",
+                      hx_kvcache_layer_first(b->kv) + layer, b->slice.tp_rank, b->slice.tp_size,
+                      what, inner.msg[0] ? inner.msg : hx_strerror(st));
+}
+
+/*
+ * Runs every layer over the step's rows, in place on b->w.x: [rows][hidden].
+ * On a TP slice the o and down projections give partial sums, all-reduced
+ * (b->w.xb2) before the residual add.
+ */
+static hx_status run_layers(hx_batch *b, int n_sel, int rows, hx_err *err)
 {
     const hx_model *c = b->cfg;
     const int h = c->hidden_size, d = c->head_dim, half = d / 2;
-    const int H = c->num_heads, K = c->num_kv_heads, f = c->intermediate_size;
+    const int H = b->slice.q_heads, K = b->slice.kv_heads, f = b->slice.ff_size;
+    const int tp = b->slice.tp_size > 1;
     const int bt = b->opt.block_tokens;
     const float eps = (float)c->norm_eps;
     hx_cpu_pool *pool = b->pool;
     float *x = b->w.x;
+    hx_status st;
 
     for (int r = 0; r < rows; r++)
         hx_cpu_rope_angles(b->w.rope_cos + (size_t)r * half, b->w.rope_sin + (size_t)r * half, d,
@@ -522,10 +594,31 @@ static void run_layers(hx_batch *b, int n_sel, int rows)
         hx_cpu_paged_attention(pool, b->w.att, b->w.q, &view, b->pseqs, n_sel, rows, H, K, d,
                                b->opt.max_seq_tokens, b->scores);
         hx_cpu_matmul(pool, b->w.xb2, b->w.att, W->wo, rows, H * d, h);
+        if (tp && (st = allreduce(b, b->w.xb2, (size_t)rows * h, l, "o", err)) != HX_OK)
+            return st;
         hx_cpu_add(x, b->w.xb2, rows * h);
 
-        hx_llama_mlp(pool, W, x, rows, h, f, eps, b->w.xb, b->w.xb2, b->w.gate, b->w.up);
+        if (!tp) {
+            hx_llama_mlp(pool, W, x, rows, h, f, eps, b->w.xb, b->w.xb2, b->w.gate, b->w.up);
+            continue;
+        }
+        hx_llama_mlp_out(pool, W, x, rows, h, f, eps, b->w.xb, b->w.xb2, b->w.gate, b->w.up);
+        if ((st = allreduce(b, b->w.xb2, (size_t)rows * h, l, "down", err)) != HX_OK)
+            return st;
+        hx_cpu_add(x, b->w.xb2, rows * h);
     }
+    return HX_OK;
+}
+
+/* A comm callback's failure, wrapped with what the step was doing. */
+static hx_status comm_failed(const hx_batch *b, hx_status st, const char *what,
+                             const hx_err *inner, hx_err *err)
+{
+    return hx_err_set(err, st, "batch: stage of layers %d-%d, TP rank %d of %d: %s failed: %s",
+                      hx_kvcache_layer_first(b->kv),
+                      hx_kvcache_layer_first(b->kv) + hx_kvcache_layers(b->kv) - 1,
+                      b->slice.tp_rank, b->slice.tp_size, what,
+                      inner->msg[0] ? inner->msg : hx_strerror(st));
 }
 
 hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_events,
@@ -537,29 +630,65 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
         return HX_OK;
     const hx_model *c = b->cfg;
     const int h = c->hidden_size, V = c->vocab_size;
-    int n_sel, rows;
+    int n_sel = 0, rows = 0;
     hx_status st = plan_step(b, &n_sel, &rows, err);
     if (st != HX_OK)
         return st;
+    if (rows == 0) /* only held sequences */
+        return HX_OK;
+    hx_err inner;
+    inner.msg[0] = '\0';
 
-    for (int r = 0; r < rows; r++)
-        memcpy(b->w.x + (size_t)r * h, b->embed + (size_t)b->row_token[r] * h,
-               (size_t)h * sizeof(float));
-    run_layers(b, n_sel, rows);
-
-    /* logits of every sequence's last row that gives a token */
-    int n_out = 0;
-    for (int i = 0; i < n_sel; i++) {
-        const step_seq *q = &b->sel[i];
-        if (q->emits)
-            hx_cpu_rmsnorm(b->head_x + (size_t)n_out++ * h,
-                           b->w.x + (size_t)(q->row0 + q->n - 1) * h, b->final_norm, h,
-                           (float)c->norm_eps);
+    if (b->has_embedding) {
+        for (int r = 0; r < rows; r++)
+            memcpy(b->w.x + (size_t)r * h, b->embed + (size_t)b->row_token[r] * h,
+                   (size_t)h * sizeof(float));
+    } else if ((st = b->comm.recv_rows(b->comm.ctx, b->w.x, rows, h, &inner)) != HX_OK) {
+        return comm_failed(b, st, "recv_rows", &inner, err);
     }
-    if (n_out > 0)
-        hx_cpu_matmul(b->pool, b->logits, b->head_x, b->lm_head, n_out, h, V);
+    if ((st = run_layers(b, n_sel, rows, err)) != HX_OK)
+        return st;
 
-    /* sample, emit, and let finished sequences go */
+    int n_out = 0;
+    for (int i = 0; i < n_sel; i++)
+        n_out += b->sel[i].emits;
+    if (b->has_head) {
+        /* logits of every sequence's last row that gives a token, and its token */
+        int e = 0;
+        for (int i = 0; i < n_sel; i++) {
+            const step_seq *q = &b->sel[i];
+            if (q->emits)
+                hx_cpu_rmsnorm(b->head_x + (size_t)e++ * h,
+                               b->w.x + (size_t)(q->row0 + q->n - 1) * h, b->final_norm, h,
+                               (float)c->norm_eps);
+        }
+        if (n_out > 0)
+            hx_cpu_matmul(b->pool, b->logits, b->head_x, b->lm_head, n_out, h, V);
+        e = 0;
+        for (int i = 0; i < n_sel; i++) {
+            const batch_seq *s = &b->seqs[b->sel[i].slot];
+            if (!b->sel[i].emits)
+                continue;
+            const float *lg = b->logits + (size_t)e * V;
+            b->step_tokens[e++] = s->sampler ? hx_llama_sample(s->sampler, lg) : argmax(lg, V);
+        }
+    } else if ((st = b->comm.send_rows(b->comm.ctx, b->w.x, rows, h, &inner)) != HX_OK) {
+        return comm_failed(b, st, "send_rows", &inner, err);
+    }
+    if (!b->has_embedding || !b->has_head) {
+        /* the last stage publishes the tokens; the others learn them */
+        if ((st = b->comm.tokens(b->comm.ctx, b->step_tokens, n_out, b->has_head, &inner)) !=
+            HX_OK)
+            return comm_failed(b, st, "tokens", &inner, err);
+        for (int e = 0; e < n_out; e++)
+            if (b->step_tokens[e] < 0 || b->step_tokens[e] >= V)
+                return hx_err_set(err, HX_EINVAL,
+                                  "batch: the tokens hook gave token %d (event %d of %d), "
+                                  "outside the vocabulary of %d",
+                                  b->step_tokens[e], e, n_out, V);
+    }
+
+    /* emit, and let finished sequences go (or hold them) */
     int e = 0;
     for (int i = 0; i < n_sel; i++) {
         const step_seq *q = &b->sel[i];
@@ -567,20 +696,25 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
         s->fed += q->n;
         if (!q->emits)
             continue;
-        const float *lg = b->logits + (size_t)e * V;
-        const int token = s->sampler ? hx_llama_sample(s->sampler, lg) : argmax(lg, V);
+        const int token = b->step_tokens[e];
         const int finished = token == s->eos_id || s->n_generated + 1 == s->max_new;
+        const float *lg = b->has_head ? b->logits + (size_t)e * V : NULL;
         b->events[e++] = (hx_batch_event){s->id, token, s->n_generated, finished, lg};
         s->last = token;
         s->n_generated++;
+        if (finished && s->hold_kv)
+            s->done = 1;
     }
     for (int i = 0; i < e; i++)
         if (b->events[i].finished)
-            for (int j = 0; j < b->n_live; j++)
-                if (b->seqs[b->order[j]].id == b->events[i].id) {
-                    release_seq(b, b->order[j]);
+            for (int j = 0; j < b->n_live; j++) {
+                const batch_seq *s = &b->seqs[b->order[j]];
+                if (s->id == b->events[i].id) {
+                    if (!s->hold_kv)
+                        release_seq(b, b->order[j]);
                     break;
                 }
+            }
     *n_events = e;
     return HX_OK;
 }

@@ -15,7 +15,8 @@
  * A step emits one event per sequence that produced a token: those that
  * decoded, and those whose prompt finished prefilling (their first token).
  * A sequence that emits its last token (max_new_tokens reached, or eos_id)
- * leaves the batch in the same step and its blocks return to the cache.
+ * leaves the batch in the same step and its blocks return to the cache
+ * (unless it was added with hold_kv: see "Prefill groups").
  *
  * Results: per sequence, the arithmetic is that of hx_llama_layers /
  * hx_llama_head run on that sequence alone (same kernels, same order of
@@ -23,7 +24,9 @@
  * On the portable kernel path the logits are bit-identical; on the AVX2 path
  * the matmul pairs batch rows differently from a lone sequence, so logits
  * agree to rounding only (the tests allow 1e-4) and a near-tie could, in
- * principle, resolve differently.
+ * principle, resolve differently. A group of stages gives a lone engine's
+ * results; TP ranks add the o and down projections in pieces, so TP logits
+ * agree to rounding as well.
  *
  * Admission control: a request needs ceil((n_prompt + max_new_tokens - 1) /
  * block_tokens) blocks (its last token is never fed back) and a free slot;
@@ -37,11 +40,62 @@
  * nothing. Adding a request allocates its prompt copy (and a sampler when
  * temperature > 0).
  *
- * Scope: the model must be whole (embedding and head: one stage, TP 1);
- * the engine's cache holds all its layers and KV heads (origin (0, 0)).
+ * Stages and ranks: an engine may run one (stage, TP rank) of a group: a
+ * model loaded for a layer range and a TP slice (llama.h). Its cache holds
+ * the stage's layers and the rank's KV heads (origin (first_layer,
+ * kv_head_first)). Every engine of a group is driven in lockstep: the same
+ * hx_batch_add / add_prefilled / remove / step calls in the same order, so
+ * their schedules (rows of each step) and block tables agree without being
+ * exchanged (hx_batch_add needs the prompt on every stage: its length
+ * schedules the rows). What the ranks do exchange goes through an
+ * hx_batch_comm: partial sums after the o and down projections (TP), the
+ * residual rows between stages (PP), and the tokens the last stage samples.
+ * An engine of a whole model at TP 1 needs no comm (NULL).
+ *
+ * The comm calls of one step, on every engine, in this order (a step with
+ * no rows, because the engine is empty or holds only done requests, calls
+ * nothing; `rows` is the step's row count, the same on every engine):
+ *
+ *   1. stage > 0:            recv_rows(x, rows, hidden), instead of the embedding
+ *   2. TP > 1, each layer l of the stage in order:
+ *                            allreduce(o-proj partial sums, rows * hidden), then
+ *                            allreduce(down-proj partial sums, rows * hidden)
+ *   3. not the last stage:   send_rows(x, rows, hidden), instead of the head
+ *   4. more than one stage:  tokens(tokens, n, is_source): n is the step's event
+ *                            count (0 is possible: the call still comes, once per
+ *                            step with rows); is_source 1 on the last stage
+ *
+ * Every rank of a stage makes the same calls with the same arguments (the
+ * rows a stage sends are identical on its ranks, so the comm may send one
+ * rank's copy; every rank of the next stage needs them in recv_rows, and
+ * every engine of the earlier stages the tokens). Every rank of the last
+ * stage computes the logits and samples on its own; with bit-identical
+ * all-reduce sums, the same kernel path (hx_cpu_set_path) on the stage's
+ * ranks and the same seeds they agree (thread counts do not matter), so
+ * only one of them needs to publish. On stages without the head, events
+ * carry the tokens the hook gave and logits NULL.
+ *
+ * A step that fails (a callback's error, wrapped in a message naming the
+ * engine's layers, rank and the call, with the callback's code) changes no
+ * request (except that a sampling request's generator may have advanced):
+ * the next step recomputes the same positions. The other engines
+ * of the group may have got further, though, so a worker treats the group
+ * as broken (removes the requests everywhere, or frees the engines).
+ *
+ * Prefill groups: a request added with hold_kv keeps its blocks after it
+ * emits its last token (the event has finished 1; it stays in the engine,
+ * done, taking no rows and emitting nothing more, counted by
+ * hx_batch_seq_count) until hx_batch_remove, so the worker can pack its KV
+ * into segments (hx_batch_seq_kv + hx_kvcache_pack on hx_batch_kvcache(b),
+ * model-wide layer and head indices, one per hx_kv_plan_segments piece
+ * whose source is this engine's (stage, rank)) for the decode group.
  *
  * Threads: an engine runs its kernels on the model's pool and must be used
  * from one thread at a time; the model must not run other work meanwhile.
+ * The comm callbacks run on that thread, inside hx_batch_step; the engines
+ * of a group block on each other there, so each must step on its own thread
+ * (or process), and engines that step at the same time must not share a
+ * model or a pool.
  *
  * Pointers: the model is borrowed and must outlive the engine; request
  * arrays and segments are borrowed for the call; events and their logits
@@ -83,26 +137,60 @@ typedef struct hx_batch_request {
     float temperature;  /* 0: greedy (argmax, lowest id on ties) */
     float top_p;        /* as hx_llama_sampler_new */
     uint64_t seed;      /* sampler seed (unused when greedy) */
+    int hold_kv;        /* 1: keep the KV after the last token, until hx_batch_remove */
 } hx_batch_request;
+
+/*
+ * How the engines of one group talk (all callbacks borrowed; ctx is passed
+ * back). Each returns HX_OK or an error (with err set) that fails the step.
+ *
+ *  allreduce  TP > 1: replaces x[0..n) with the sum over the stage's ranks;
+ *             every rank must end with bit-identical sums (add in rank
+ *             order on one rank and share the result, for instance). Called
+ *             twice per layer per step with n = rows * hidden.
+ *  recv_rows  stage > 0: fills x ([rows][hidden]) with the previous stage's
+ *             output rows of this step.
+ *  send_rows  not the last stage: hands x ([rows][hidden]) to the next stage.
+ *  tokens     groups of more than one stage: the step's n sampled tokens (in
+ *             event order). On the last stage tokens[] holds them and
+ *             is_source is 1 (publish them to the other stages); elsewhere
+ *             is_source is 0 and tokens[] must be filled.
+ *
+ * A callback may be NULL where it is never needed (allreduce at TP 1,
+ * recv_rows on stage 0, send_rows on the last stage, tokens in one stage).
+ */
+typedef struct hx_batch_comm {
+    void *ctx;
+    hx_status (*allreduce)(void *ctx, float *x, size_t n, hx_err *err);
+    hx_status (*recv_rows)(void *ctx, float *x, int rows, int hidden, hx_err *err);
+    hx_status (*send_rows)(void *ctx, const float *x, int rows, int hidden, hx_err *err);
+    hx_status (*tokens)(void *ctx, int *tokens, int n, int is_source, hx_err *err);
+} hx_batch_comm;
 
 /* A generated token. Plain value; logits borrowed from the engine until the next step. */
 typedef struct hx_batch_event {
     uint64_t id;          /* the request's */
     int token;
     int index;            /* 0 for a request's first generated token, then 1, 2 ... */
-    int finished;         /* 1: the request ended with this token and left the engine */
-    const float *logits;  /* [vocab]: the logits the token was sampled from */
+    int finished;         /* 1: the request ended with this token and left the engine
+                             (or, with hold_kv, stays done until hx_batch_remove) */
+    const float *logits;  /* [vocab]: the logits the token was sampled from; NULL on a
+                             stage without the head */
 } hx_batch_event;
 
 /*
- * An engine for model m (borrowed; it must hold the whole model, HX_EINVAL
- * otherwise). opt may be NULL for the defaults. HX_EINVAL for sizes below 1,
+ * An engine for model m (borrowed: a whole model, or a stage and TP slice;
+ * then comm must provide the callbacks it needs, HX_EINVAL naming the
+ * missing one otherwise; comm is copied, its ctx and functions borrowed,
+ * and may be NULL for a whole model at TP 1). The cache holds the stage's
+ * layers and the rank's KV heads, with the origin (first_layer,
+ * kv_head_first). opt may be NULL for the defaults. HX_EINVAL for sizes below 1,
  * max_step_tokens < max_seqs or max_seq_tokens above the model's
  * max_position_embeddings; HX_ENOMEM when the cache or the workspaces cannot
  * be had. *out is freed with hx_batch_free.
  */
-hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt, hx_batch **out,
-                       hx_err *err);
+hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt,
+                       const hx_batch_comm *comm, hx_batch **out, hx_err *err);
 
 /* Frees the engine and every sequence in it; NULL is a no-op. */
 void hx_batch_free(hx_batch *b);
@@ -134,7 +222,11 @@ hx_status hx_batch_add(hx_batch *b, const hx_batch_request *req, hx_err *err);
  * layer and head range, which together must cover every layer and KV head
  * of the model; first_token is the token the prefill sampled (generated
  * token 0, already delivered: the engine's first event for this request has
- * index 1). req->prompt is not read. Besides hx_batch_add's errors: the
+ * index 1). req->prompt is not read; on a stage other than the first,
+ * first_token is still needed (the first stage embeds it). On a stage or
+ * TP slice the segments must cover the engine's layers and KV heads only
+ * (model-wide indices; hx_kv_plan_segments' pieces for this destination
+ * (stage, rank)). Besides hx_batch_add's errors: the
  * segments' (hx_kvcache_unpack_parsed), and HX_EINVAL when a segment does
  * not hold exactly positions 0 .. n_prompt-1, when the segments leave a
  * (layer, head) uncovered, when first_token is outside the vocabulary, or
@@ -144,12 +236,20 @@ hx_status hx_batch_add(hx_batch *b, const hx_batch_request *req, hx_err *err);
 hx_status hx_batch_add_prefilled(hx_batch *b, const hx_batch_request *req, int first_token,
                                  const hx_kv_segment *segs, int n_segs, hx_err *err);
 
+/*
+ * The kvcache sequence holding request id's KV (for hx_kvcache_pack on
+ * hx_batch_kvcache(b)); -1 when id is unknown. Its length is the positions
+ * computed so far: n_prompt once a held request of max_new_tokens 1 is done
+ * (n_prompt + generated tokens - 1 otherwise).
+ */
+int hx_batch_seq_kv(const hx_batch *b, uint64_t id);
+
 /* Removes (cancels) request `id`, returning its blocks. HX_ENOENT when unknown. */
 hx_status hx_batch_remove(hx_batch *b, uint64_t id, hx_err *err);
 
 /*
- * Runs one step over every sequence in the engine (a no-op, with no events,
- * when there is none). *events (the engine's, [*n_events]) lists the tokens
+ * Runs one step over every sequence in the engine (a no-op, with no events
+ * and no comm calls, when none takes rows). *events (the engine's, [*n_events]) lists the tokens
  * produced: those of decoding sequences, then those of sequences whose
  * prompt finished prefilling in this step, each group in the order added.
  */

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "common/file.h"
+#include "runtime/kvcache.h"
 #include "runtime/llama_weights.h"
 #include "runtime/safetensors.h"
 
@@ -24,6 +25,7 @@ struct hx_llama {
     hx_model cfg;
     int first_layer, num_layers;     /* the stage: [first_layer, first_layer + num_layers) */
     int has_embedding, has_head;
+    hx_llama_slice slice;            /* the TP slice held (everything at TP 1) */
     hx_safetensors_index *weights;   /* owned; fp32 tensors point into its mappings */
     const float *embed;              /* [vocab][hidden], when has_embedding */
     llama_layer *layers;             /* owned, [num_layers] */
@@ -38,7 +40,7 @@ struct hx_llama {
 
 void hx_llama_options_init(hx_llama_options *opt)
 {
-    *opt = (hx_llama_options){0, 0, 0, NULL};
+    *opt = (hx_llama_options){0, 0, 0, NULL, 0, 1};
 }
 
 const hx_model *hx_llama_config(const hx_llama *m)
@@ -64,6 +66,21 @@ int hx_llama_has_embedding(const hx_llama *m)
 int hx_llama_has_head(const hx_llama *m)
 {
     return m->has_head;
+}
+
+int hx_llama_tp_rank(const hx_llama *m)
+{
+    return m->slice.tp_rank;
+}
+
+int hx_llama_tp_size(const hx_llama *m)
+{
+    return m->slice.tp_size;
+}
+
+void hx_llama_slice_of(const hx_llama *m, hx_llama_slice *out)
+{
+    *out = m->slice;
 }
 
 hx_cpu_pool *hx_llama_pool(const hx_llama *m)
@@ -108,13 +125,38 @@ static void fmt_shape(char *buf, size_t size, int ndim, const int64_t *shape)
         snprintf(buf + o, size - o, "]");
 }
 
+/* Registers buf (malloc'ed, `floats` long) as owned by the model; frees it on failure. */
+static hx_status own(hx_llama *m, float *buf, int64_t floats, const char *name, hx_err *err)
+{
+    if (!buf)
+        return hx_err_set(err, HX_ENOMEM, "model '%s': tensor '%s': out of memory (%lld bytes)",
+                          m->dir, name, (long long)floats * 4);
+    if (m->n_owned == m->cap_owned) {
+        size_t cap = m->cap_owned ? 2 * m->cap_owned : 32;
+        float **n = realloc(m->owned, cap * sizeof *n);
+        if (!n) {
+            free(buf);
+            return hx_err_set(err, HX_ENOMEM, "model '%s': out of memory", m->dir);
+        }
+        m->owned = n;
+        m->cap_owned = cap;
+    }
+    m->owned[m->n_owned++] = buf;
+    m->owned_bytes += floats * (int64_t)sizeof *buf;
+    return HX_OK;
+}
+
 /*
- * Finds `name`, checks its dtype and shape (rows, cols; cols 0 for a vector)
- * and returns its fp32 data: in place for aligned F32, else converted into a
- * buffer the model owns.
+ * Finds `name`, checks its dtype and its full shape (rows, cols; cols 0 for
+ * a vector) and returns the fp32 data of the part [row0, row0 + n_rows) x
+ * [col0, col0 + n_cols) as a dense [n_rows][n_cols] array (n_cols = 1 and
+ * col0 = 0 for a vector): in place for aligned F32 when the part is whole
+ * rows, else copied (converted) into a buffer the model owns, for the part
+ * only. The caller passes a part within the shape.
  */
-static hx_status get_tensor(hx_llama *m, const char *name, int64_t rows, int64_t cols,
-                            const float **out, hx_err *err)
+static hx_status get_tensor_part(hx_llama *m, const char *name, int64_t rows, int64_t cols,
+                                 int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols,
+                                 const float **out, hx_err *err)
 {
     hx_safetensors_tensor t;
     hx_status st = hx_safetensors_index_find(m->weights, name, &t, err);
@@ -134,43 +176,68 @@ static hx_status get_tensor(hx_llama *m, const char *name, int64_t rows, int64_t
         return hx_err_set(err, HX_EPARSE, "model '%s': tensor '%s': shape %s, expected %s",
                           m->dir, name, got_s, want_s);
     }
-    if (t.dtype == HX_SAFETENSORS_F32 && ((uintptr_t)t.data % sizeof(float)) == 0) {
-        *out = t.data;
+    const int64_t row_len = cols ? cols : 1;
+    const int whole_rows = col0 == 0 && n_cols == row_len;
+    if (whole_rows && t.dtype == HX_SAFETENSORS_F32 && ((uintptr_t)t.data % sizeof(float)) == 0) {
+        *out = (const float *)t.data + row0 * row_len;
         return HX_OK;
     }
-    if (m->n_owned == m->cap_owned) {
-        size_t cap = m->cap_owned ? 2 * m->cap_owned : 32;
-        float **n = realloc(m->owned, cap * sizeof *n);
-        if (!n)
-            return hx_err_set(err, HX_ENOMEM, "model '%s': out of memory", m->dir);
-        m->owned = n;
-        m->cap_owned = cap;
+    const int64_t floats = n_rows * n_cols;
+    float *buf = malloc((size_t)floats * sizeof *buf);
+    if ((st = own(m, buf, floats, name, err)) != HX_OK)
+        return st;
+    if (whole_rows) {
+        st = hx_safetensors_to_f32(&t, row0 * row_len, floats, buf, err);
+    } else {
+        for (int64_t r = 0; r < n_rows && st == HX_OK; r++)
+            st = hx_safetensors_to_f32(&t, (row0 + r) * row_len + col0, n_cols,
+                                       buf + r * n_cols, err);
     }
-    float *buf = malloc((size_t)t.numel * sizeof *buf);
-    if (!buf)
-        return hx_err_set(err, HX_ENOMEM, "model '%s': tensor '%s': out of memory (%lld bytes)",
-                          m->dir, name, (long long)t.numel * 4);
-    m->owned[m->n_owned++] = buf;
-    m->owned_bytes += t.numel * (int64_t)sizeof *buf;
-    st = hx_safetensors_to_f32(&t, 0, t.numel, buf, err);
     if (st != HX_OK)
         return st;
     *out = buf;
     return HX_OK;
 }
 
+/* The whole tensor (see get_tensor_part). */
+static hx_status get_tensor(hx_llama *m, const char *name, int64_t rows, int64_t cols,
+                            const float **out, hx_err *err)
+{
+    return get_tensor_part(m, name, rows, cols, 0, rows, 0, cols ? cols : 1, out, err);
+}
+
 static hx_status load_weights(hx_llama *m, hx_err *err)
 {
     const hx_model *c = &m->cfg;
+    const hx_llama_slice *sl = &m->slice;
     const int64_t h = c->hidden_size, f = c->intermediate_size, v = c->vocab_size;
-    const int64_t q = (int64_t)c->num_heads * c->head_dim;
-    const int64_t kv = (int64_t)c->num_kv_heads * c->head_dim;
+    const int64_t d = c->head_dim;
+    const int64_t q = (int64_t)c->num_heads * d;
+    const int64_t kv = (int64_t)c->num_kv_heads * d;
+    /* the slice: rows of Wq, Wk, Wv, Wgate, Wup; columns of Wo, Wdown */
+    const int64_t q0 = sl->q_head_first * d, nq = sl->q_heads * d;
+    const int64_t kv0 = sl->kv_head_first * d, nkv = sl->kv_heads * d;
+    const int64_t f0 = sl->ff_first, nf = sl->ff_size;
     char name[128];
     hx_status st;
 #define GET(dst, rows, cols, ...)                                                            \
     do {                                                                                     \
         snprintf(name, sizeof name, __VA_ARGS__);                                            \
         if ((st = get_tensor(m, name, rows, cols, &(dst), err)) != HX_OK)                    \
+            return st;                                                                       \
+    } while (0)
+#define GET_ROWS(dst, rows, cols, r0, nr, ...)                                               \
+    do {                                                                                     \
+        snprintf(name, sizeof name, __VA_ARGS__);                                            \
+        if ((st = get_tensor_part(m, name, rows, cols, r0, nr, 0, cols, &(dst), err)) !=     \
+            HX_OK)                                                                           \
+            return st;                                                                       \
+    } while (0)
+#define GET_COLS(dst, rows, cols, c0, nc, ...)                                               \
+    do {                                                                                     \
+        snprintf(name, sizeof name, __VA_ARGS__);                                            \
+        if ((st = get_tensor_part(m, name, rows, cols, 0, rows, c0, nc, &(dst), err)) !=     \
+            HX_OK)                                                                           \
             return st;                                                                       \
     } while (0)
 
@@ -180,14 +247,14 @@ static hx_status load_weights(hx_llama *m, hx_err *err)
         llama_layer *L = &m->layers[i];
         int l = m->first_layer + i;
         GET(L->attn_norm, h, 0, "model.layers.%d.input_layernorm.weight", l);
-        GET(L->wq, q, h, "model.layers.%d.self_attn.q_proj.weight", l);
-        GET(L->wk, kv, h, "model.layers.%d.self_attn.k_proj.weight", l);
-        GET(L->wv, kv, h, "model.layers.%d.self_attn.v_proj.weight", l);
-        GET(L->wo, h, q, "model.layers.%d.self_attn.o_proj.weight", l);
+        GET_ROWS(L->wq, q, h, q0, nq, "model.layers.%d.self_attn.q_proj.weight", l);
+        GET_ROWS(L->wk, kv, h, kv0, nkv, "model.layers.%d.self_attn.k_proj.weight", l);
+        GET_ROWS(L->wv, kv, h, kv0, nkv, "model.layers.%d.self_attn.v_proj.weight", l);
+        GET_COLS(L->wo, h, q, q0, nq, "model.layers.%d.self_attn.o_proj.weight", l);
         GET(L->ffn_norm, h, 0, "model.layers.%d.post_attention_layernorm.weight", l);
-        GET(L->w_gate, f, h, "model.layers.%d.mlp.gate_proj.weight", l);
-        GET(L->w_up, f, h, "model.layers.%d.mlp.up_proj.weight", l);
-        GET(L->w_down, h, f, "model.layers.%d.mlp.down_proj.weight", l);
+        GET_ROWS(L->w_gate, f, h, f0, nf, "model.layers.%d.mlp.gate_proj.weight", l);
+        GET_ROWS(L->w_up, f, h, f0, nf, "model.layers.%d.mlp.up_proj.weight", l);
+        GET_COLS(L->w_down, h, f, f0, nf, "model.layers.%d.mlp.down_proj.weight", l);
     }
     if (m->has_head) {
         GET(m->final_norm, h, 0, "model.norm.weight");
@@ -202,6 +269,45 @@ static hx_status load_weights(hx_llama *m, hx_err *err)
             GET(m->lm_head, v, h, "model.embed_tokens.weight");
     }
 #undef GET
+#undef GET_ROWS
+#undef GET_COLS
+    return HX_OK;
+}
+
+/*
+ * Rank tp_rank's slice of a stage of degree tp_size (see llama.h); HX_EINVAL
+ * naming the model directory, tp and the head counts when the model does not
+ * split that way.
+ */
+static hx_status plan_slice(const hx_model *c, const char *dir, int tp_rank, int tp_size,
+                            hx_llama_slice *out, hx_err *err)
+{
+    const int H = c->num_heads, K = c->num_kv_heads, f = c->intermediate_size;
+    if (tp_size < 1 || tp_rank < 0 || tp_rank >= tp_size)
+        return hx_err_set(err, HX_EINVAL,
+                          "model '%s': tensor-parallel rank %d of tp %d (the rank must be in "
+                          "[0, tp), tp >= 1)",
+                          dir, tp_rank, tp_size);
+    int kf = 0, kn = K;
+    if (tp_size > 1) {
+        if (H % tp_size != 0 || (K % tp_size != 0 && tp_size % K != 0))
+            return hx_err_set(err, HX_EINVAL,
+                              "model '%s': tp %d does not split its %d attention heads and %d "
+                              "KV heads (tp must divide the heads, and divide or be a multiple "
+                              "of the KV heads)",
+                              dir, tp_size, H, K);
+        if (f < tp_size)
+            return hx_err_set(err, HX_EINVAL,
+                              "model '%s': tp %d exceeds its intermediate size %d", dir,
+                              tp_size, f);
+        hx_status st = hx_kv_rank_heads(K, tp_size, tp_rank, &kf, &kn, err);
+        if (st != HX_OK)
+            return st;
+    }
+    const int qn = H / tp_size, qf = tp_rank * qn;
+    const int ff0 = (int)((int64_t)tp_rank * f / tp_size);
+    const int ff1 = (int)((int64_t)(tp_rank + 1) * f / tp_size);
+    *out = (hx_llama_slice){tp_rank, tp_size, qf, qn, kf, kn, ff0, ff1 - ff0};
     return HX_OK;
 }
 
@@ -248,6 +354,9 @@ hx_status hx_llama_load(const char *dir, const hx_llama_options *opt, hx_llama *
     }
     m->has_embedding = m->first_layer == 0;
     m->has_head = m->first_layer + m->num_layers == total;
+    if ((st = plan_slice(&m->cfg, dir, opt->tp_rank, opt->tp_size ? opt->tp_size : 1,
+                         &m->slice, err)) != HX_OK)
+        goto out_free;
     m->layers = calloc((size_t)m->num_layers, sizeof *m->layers);
     if (!m->layers) {
         st = hx_err_set(err, HX_ENOMEM, "model '%s': out of memory", dir);
@@ -374,6 +483,17 @@ int64_t hx_llama_state_kv_bytes(const hx_llama_state *s)
            (int64_t)sizeof(float);
 }
 
+/* HX_EINVAL for a TP slice: its partial sums need the batch engine's all-reduce. */
+static hx_status need_unsliced(const hx_llama *m, const char *what, hx_err *err)
+{
+    if (m->slice.tp_size == 1)
+        return HX_OK;
+    return hx_err_set(err, HX_EINVAL,
+                      "model '%s': %s cannot run tensor-parallel rank %d of %d (its partial "
+                      "sums need the other ranks: use runtime/batch.h with a comm)",
+                      m->dir, what, m->slice.tp_rank, m->slice.tp_size);
+}
+
 /* ---- the forward pass ------------------------------------------------------------------------ */
 
 hx_status hx_llama_embed(const hx_llama *m, const int *tokens, int n, float *x, hx_err *err)
@@ -399,6 +519,8 @@ hx_status hx_llama_layers(const hx_llama *m, hx_llama_state *s, float *x, int n,
                           hx_err *err)
 {
     const hx_model *c = &m->cfg;
+    if (m->slice.tp_size > 1)
+        return need_unsliced(m, "hx_llama_layers", err);
     if (n < 1 || n > s->max_batch)
         return hx_err_set(err, HX_ERANGE, "model '%s': %d tokens in one call (1 to %d)", m->dir,
                           n, s->max_batch);
@@ -460,6 +582,8 @@ hx_status hx_llama_head(const hx_llama *m, hx_llama_state *s, const float *x, fl
 
 static hx_status need_whole_model(const hx_llama *m, hx_err *err)
 {
+    if (m->slice.tp_size > 1)
+        return need_unsliced(m, "the single-sequence pass", err);
     if (m->has_embedding && m->has_head)
         return HX_OK;
     return hx_err_set(err, HX_EINVAL,
@@ -666,6 +790,8 @@ hx_status hx_llama_generate(const hx_llama *m, hx_llama_state *s, hx_llama_sampl
                             int *n_out, hx_err *err)
 {
     *n_out = 0;
+    if (m->slice.tp_size > 1)
+        return need_unsliced(m, "hx_llama_generate", err);
     if (max_new <= 0)
         return HX_OK;
     if (n_prompt + max_new - 1 > s->max_tokens)
@@ -722,16 +848,24 @@ void hx_llama_state_kv(const hx_llama_state *s, const float **k, const float **v
     *v = s->v_cache;
 }
 
-void hx_llama_mlp(hx_cpu_pool *pool, const hx_llama_layer_weights *W, float *x, int rows, int h,
-                  int f, float eps, float *xb, float *xb2, float *gate, float *up)
+void hx_llama_mlp_out(hx_cpu_pool *pool, const hx_llama_layer_weights *W, const float *x,
+                      int rows, int h, int f, float eps, float *xb, float *out, float *gate,
+                      float *up)
 {
-    /* x += Wdown (silu(Wgate h) * Wup h), h = norm(x) */
+    /* out = Wdown (silu(Wgate h) * Wup h), h = norm(x) */
     for (int r = 0; r < rows; r++)
         hx_cpu_rmsnorm(xb + (size_t)r * h, x + (size_t)r * h, W->ffn_norm, h, eps);
     const hx_cpu_linear gate_up[2] = {{gate, W->w_gate, f}, {up, W->w_up, f}};
     hx_cpu_matmul_many(pool, xb, rows, h, gate_up, 2);
     hx_cpu_swiglu(gate, gate, up, rows * f);
-    hx_cpu_matmul(pool, xb2, gate, W->w_down, rows, f, h);
+    hx_cpu_matmul(pool, out, gate, W->w_down, rows, f, h);
+}
+
+void hx_llama_mlp(hx_cpu_pool *pool, const hx_llama_layer_weights *W, float *x, int rows, int h,
+                  int f, float eps, float *xb, float *xb2, float *gate, float *up)
+{
+    /* x += Wdown (silu(Wgate h) * Wup h), h = norm(x) */
+    hx_llama_mlp_out(pool, W, x, rows, h, f, eps, xb, xb2, gate, up);
     hx_cpu_add(x, xb2, rows * h);
 }
 

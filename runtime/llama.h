@@ -30,6 +30,26 @@
  * or one the caller lends). A model and its states must be used from one
  * thread at a time. Several states (requests) may share one model.
  *
+ * Tensor parallelism: with tp_size > 1 a model holds rank tp_rank's slice
+ * of each layer (Megatron style): the query and KV heads of
+ * hx_kv_rank_heads (runtime/kvcache.h) with the matching rows of Wq, Wk, Wv
+ * and columns of Wo; the rows [r*f/tp, (r+1)*f/tp) of Wgate and Wup and
+ * those columns of Wdown (f = intermediate_size). Norms, the embedding and
+ * lm_head are replicated. The o and down projections then give partial sums
+ * that the stage's ranks add (an all-reduce) before the residual add; only
+ * runtime/batch.h's engine does that (through its hx_batch_comm), so
+ * hx_llama_layers, hx_llama_forward, hx_llama_prefill and hx_llama_generate
+ * refuse a sliced model (HX_EINVAL); hx_llama_embed and hx_llama_head (whose
+ * weights are replicated) work on any rank. hx_llama_config stays the whole
+ * model's architecture; hx_llama_slice_of (llama_weights.h) says which heads
+ * and intermediate rows the rank holds, and hx_llama_weights_layer gives the
+ * slice's weights. Loading reads (and, for bf16/fp16, widens) only the
+ * rank's part: rows of Wq, Wk, Wv, Wgate, Wup stay in the mapping for fp32;
+ * the columns of Wo and Wdown are copied into owned memory (counted by
+ * hx_llama_owned_weight_bytes). tp_size must divide the attention heads and
+ * divide or be a multiple of the KV heads (HX_EINVAL naming the model, tp
+ * and the head counts otherwise).
+ *
  * Supported: model_type llama (and mistral without a sliding window): no
  * biases, RMSNorm, SwiGLU, rotary positions, tied or untied embeddings.
  * Anything else is refused with HX_ENOTSUP.
@@ -52,6 +72,8 @@ typedef struct hx_llama_options {
     int num_layers;    /* default 0: every layer from first_layer to the last */
     int threads;       /* threads of the model's own pool; 0: hx_cpu_default_threads() */
     hx_cpu_pool *pool; /* borrowed: run on this pool instead (threads ignored); NULL: own */
+    int tp_rank;       /* tensor-parallel rank within the stage; default 0 */
+    int tp_size;       /* tensor-parallel degree of the stage; default 1 (0 means 1) */
 } hx_llama_options;
 
 void hx_llama_options_init(hx_llama_options *opt);
@@ -80,9 +102,14 @@ int hx_llama_first_layer(const hx_llama *m);
 int hx_llama_num_layers(const hx_llama *m);   /* layers this stage holds */
 int hx_llama_has_embedding(const hx_llama *m); /* holds layer 0 */
 int hx_llama_has_head(const hx_llama *m);      /* holds the last layer */
+int hx_llama_tp_rank(const hx_llama *m);
+int hx_llama_tp_size(const hx_llama *m);
 hx_cpu_pool *hx_llama_pool(const hx_llama *m); /* borrowed */
 
-/* Bytes of fp32 weights the model converted and owns (0 for an fp32 file). */
+/*
+ * Bytes of fp32 weights the model converted or copied and owns (0 for an
+ * fp32 file at TP 1; a TP slice's Wo and Wdown columns otherwise).
+ */
 int64_t hx_llama_owned_weight_bytes(const hx_llama *m);
 
 /* ---- state: KV cache and workspaces --------------------------------------------- */

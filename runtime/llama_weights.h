@@ -17,7 +17,27 @@
 #include "kernels/cpu/cpu.h"
 #include "runtime/llama.h"
 
-/* One decoder layer's weights (fp32, Linear weights [out][in]). Plain value, borrowed. */
+/*
+ * The tensor-parallel slice a model holds (see llama.h). Plain value. For
+ * tp_size 1: every head and the whole intermediate dimension. Query heads:
+ * q_heads = heads / tp each, q_head_first = tp_rank * q_heads; local query
+ * head j uses local KV head j / (q_heads / kv_heads). The intermediate
+ * rows need not split evenly (ff_size may differ by one between ranks).
+ */
+typedef struct hx_llama_slice {
+    int tp_rank, tp_size;
+    int q_head_first, q_heads;   /* model-wide query heads held */
+    int kv_head_first, kv_heads; /* model-wide KV heads held (hx_kv_rank_heads) */
+    int ff_first, ff_size;       /* intermediate rows held: [ff_first, ff_first + ff_size) */
+} hx_llama_slice;
+
+void hx_llama_slice_of(const hx_llama *m, hx_llama_slice *out);
+
+/*
+ * One decoder layer's weights (fp32, Linear weights [out][in]). Plain value,
+ * borrowed. For a TP slice the shapes are the slice's: heads = q_heads,
+ * kv_heads = the slice's kv_heads, intermediate = ff_size.
+ */
 typedef struct hx_llama_layer_weights {
     const float *attn_norm; /* [hidden] */
     const float *wq;        /* [heads * head_dim][hidden] */
@@ -57,11 +77,21 @@ void hx_llama_state_kv(const hx_llama_state *s, const float **k, const float **v
 /*
  * The MLP block of one layer for `rows` tokens, in place:
  * x += Wdown (silu(Wgate norm(x)) * Wup norm(x)). Workspaces (caller-owned):
- * xb, xb2 [rows][h], gate, up [rows][f]. Shared by the single-sequence pass
- * and the batching engine.
+ * xb, xb2 [rows][h], gate, up [rows][f] (f: the slice's ff_size). Shared by
+ * the single-sequence pass and the batching engine.
  */
 void hx_llama_mlp(hx_cpu_pool *pool, const hx_llama_layer_weights *W, float *x, int rows, int h,
                   int f, float eps, float *xb, float *xb2, float *gate, float *up);
+
+/*
+ * The same block without the residual add: out = Wdown (silu(Wgate norm(x))
+ * * Wup norm(x)), out: [rows][h] (x is not modified). On a TP slice, out is
+ * the rank's partial sum, to be all-reduced before it is added to x.
+ * hx_llama_mlp is this followed by x += out.
+ */
+void hx_llama_mlp_out(hx_cpu_pool *pool, const hx_llama_layer_weights *W, const float *x,
+                      int rows, int h, int f, float eps, float *xb, float *out, float *gate,
+                      float *up);
 
 /*
  * The per-token workspaces of a forward step over `max_rows` tokens at once,

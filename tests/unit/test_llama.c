@@ -2,7 +2,8 @@
  * test_llama.c - the CPU Llama forward pass against an independent NumPy
  * implementation (tests/ref/llama_ref.py) on make-tiny models in fp32, bf16
  * and fp16; token-by-token, batched prefill and pipeline stages agreeing;
- * greedy and seeded sampling being deterministic; and the loader's errors.
+ * greedy and seeded sampling being deterministic; the loader's errors; and
+ * tensor-parallel slices holding exactly their rows and columns.
  *
  * The NumPy comparisons skip, saying so, where python3 with numpy is missing
  * ($HX_PYTHON, python3 on PATH and /usr/bin/python3 are tried, in order).
@@ -22,7 +23,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "runtime/kvcache.h"
 #include "runtime/llama.h"
+#include "runtime/llama_weights.h"
 #include "runtime/safetensors.h"
 #include "runtime/tiny.h"
 
@@ -913,6 +916,185 @@ static void test_tiny_writer(void **state)
     assert_int_equal(hx_tiny_param_count(&c), 139584);
 }
 
+/* ---- tensor-parallel slices ------------------------------------------------------------------- */
+
+static hx_llama *load_tp(const char *dir, int rank, int tp)
+{
+    hx_llama_options opt;
+    hx_llama_options_init(&opt);
+    opt.threads = 1;
+    opt.tp_rank = rank;
+    opt.tp_size = tp;
+    hx_llama *m = NULL;
+    hx_err err = {0};
+    if (hx_llama_load(dir, &opt, &m, &err) != HX_OK)
+        fail_msg("load '%s' rank %d of %d: %s", dir, rank, tp, err.msg);
+    return m;
+}
+
+/* rows [r0, r0 + nr) x cols [c0, c0 + nc) of a [..][cols] matrix equal the dense [nr][nc] part */
+static void same_part(const char *what, int layer, const float *part, const float *whole, int cols,
+                      int r0, int nr, int c0, int nc)
+{
+    for (int r = 0; r < nr; r++)
+        for (int k = 0; k < nc; k++)
+            if (part[(size_t)r * nc + k] != whole[(size_t)(r0 + r) * cols + c0 + k])
+                fail_msg("layer %d: %s[%d][%d] of the slice is not the model's [%d][%d]", layer,
+                         what, r, k, r0 + r, c0 + k);
+}
+
+/*
+ * Every rank of TP 2 and TP 4 (over 2 KV heads: replicated at 4) holds
+ * exactly its rows of Wq, Wk, Wv, Wgate, Wup and columns of Wo, Wdown, and
+ * converts or copies nothing else; fp32 and bf16.
+ */
+static void slices_of(hx_model_dtype dtype, const char *name)
+{
+    hx_tiny_config c;
+    hx_tiny_config_init(&c);
+    c.num_layers = 2;
+    c.hidden_size = 64;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.intermediate_size = 90; /* 90 / 4: ranks of 22 and 23 rows */
+    c.vocab_size = 300;
+    c.dtype = dtype;
+    char dir[512];
+    make_tiny(name, &c, dir, sizeof dir);
+    hx_llama *whole = load(dir, 0, 0, 1);
+    const int h = c.hidden_size, d = h / c.num_heads, f = c.intermediate_size;
+    const int q = c.num_heads * d, V = c.vocab_size;
+    const int64_t whole_owned = hx_llama_owned_weight_bytes(whole);
+    for (int tp = 2; tp <= 4; tp *= 2) {
+        int ff_total = 0;
+        for (int r = 0; r < tp; r++) {
+            hx_llama *m = load_tp(dir, r, tp);
+            assert_int_equal(hx_llama_tp_rank(m), r);
+            assert_int_equal(hx_llama_tp_size(m), tp);
+            assert_int_equal(hx_llama_config(m)->num_heads, c.num_heads); /* model-wide */
+            hx_llama_slice sl;
+            hx_llama_slice_of(m, &sl);
+            int kf, kn;
+            assert_int_equal(hx_kv_rank_heads(c.num_kv_heads, tp, r, &kf, &kn, NULL), HX_OK);
+            assert_int_equal(sl.tp_rank, r);
+            assert_int_equal(sl.tp_size, tp);
+            assert_int_equal(sl.kv_head_first, kf);
+            assert_int_equal(sl.kv_heads, kn);
+            assert_int_equal(sl.q_heads, c.num_heads / tp);
+            assert_int_equal(sl.q_head_first, r * c.num_heads / tp);
+            /* the query heads use the rank's KV heads */
+            const int group = c.num_heads / c.num_kv_heads;
+            assert_true(sl.q_head_first / group >= kf);
+            assert_true((sl.q_head_first + sl.q_heads - 1) / group < kf + kn);
+            assert_int_equal(sl.ff_first, r * f / tp);
+            assert_int_equal(sl.ff_size, (r + 1) * f / tp - r * f / tp);
+            ff_total += sl.ff_size;
+            const int q0 = sl.q_head_first * d, nq = sl.q_heads * d;
+            const int k0 = kf * d, nk = kn * d;
+            for (int l = 0; l < c.num_layers; l++) {
+                hx_llama_layer_weights W, S;
+                assert_int_equal(hx_llama_weights_layer(whole, l, &W, NULL), HX_OK);
+                assert_int_equal(hx_llama_weights_layer(m, l, &S, NULL), HX_OK);
+                same_part("attn_norm", l, S.attn_norm, W.attn_norm, h, 0, 1, 0, h);
+                same_part("ffn_norm", l, S.ffn_norm, W.ffn_norm, h, 0, 1, 0, h);
+                same_part("wq", l, S.wq, W.wq, h, q0, nq, 0, h);
+                same_part("wk", l, S.wk, W.wk, h, k0, nk, 0, h);
+                same_part("wv", l, S.wv, W.wv, h, k0, nk, 0, h);
+                same_part("wo", l, S.wo, W.wo, q, 0, h, q0, nq);
+                same_part("w_gate", l, S.w_gate, W.w_gate, h, sl.ff_first, sl.ff_size, 0, h);
+                same_part("w_up", l, S.w_up, W.w_up, h, sl.ff_first, sl.ff_size, 0, h);
+                same_part("w_down", l, S.w_down, W.w_down, f, 0, h, sl.ff_first, sl.ff_size);
+            }
+            same_part("embed", -1, hx_llama_weights_embed(m), hx_llama_weights_embed(whole), h, 0,
+                      V, 0, h);
+            same_part("lm_head", -1, hx_llama_weights_lm_head(m),
+                      hx_llama_weights_lm_head(whole), h, 0, V, 0, h);
+            /* memory: fp32 copies only the Wo and Wdown columns; bf16 widens only the slice */
+            const int64_t L = c.num_layers;
+            const int64_t cols = L * ((int64_t)h * nq + (int64_t)h * sl.ff_size);
+            const int64_t rows = L * ((int64_t)nq * h + 2 * (int64_t)nk * h +
+                                      2 * (int64_t)sl.ff_size * h + 2 * h);
+            const int64_t shared = 2 * (int64_t)V * h + h; /* embed, lm_head, final norm */
+            if (dtype == HX_MODEL_DTYPE_FP32) {
+                assert_int_equal(whole_owned, 0);
+                assert_int_equal(hx_llama_owned_weight_bytes(m), 4 * cols);
+            } else {
+                assert_int_equal(hx_llama_owned_weight_bytes(m), 4 * (cols + rows + shared));
+                assert_true(hx_llama_owned_weight_bytes(m) < whole_owned);
+            }
+            hx_llama_free(m);
+        }
+        assert_int_equal(ff_total, f);
+    }
+    hx_llama_free(whole);
+}
+
+static void test_tp_slices(void **state)
+{
+    (void)state;
+    slices_of(HX_MODEL_DTYPE_FP32, "tp32");
+    slices_of(HX_MODEL_DTYPE_BF16, "tpbf16");
+}
+
+static void test_tp_errors(void **state)
+{
+    (void)state;
+    hx_tiny_config c;
+    hx_tiny_config_init(&c); /* 4 heads, 2 KV heads */
+    c.num_layers = 1;
+    char dir[512];
+    make_tiny("tperr", &c, dir, sizeof dir);
+    hx_llama_options opt;
+    hx_llama_options_init(&opt);
+    assert_int_equal(opt.tp_rank, 0);
+    assert_int_equal(opt.tp_size, 1);
+    hx_llama *m = NULL;
+    hx_err err = {0};
+    opt.tp_size = 3;
+    assert_int_equal(hx_llama_load(dir, &opt, &m, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, dir));
+    assert_non_null(strstr(err.msg, "tp 3 does not split its 4 attention heads and 2 KV heads"));
+    assert_null(m);
+    opt.tp_size = 8;
+    assert_int_equal(hx_llama_load(dir, &opt, &m, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "tp 8"));
+    opt.tp_size = 2;
+    opt.tp_rank = 2;
+    assert_int_equal(hx_llama_load(dir, &opt, &m, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "rank 2 of tp 2"));
+    opt.tp_size = -1;
+    opt.tp_rank = 0;
+    assert_int_equal(hx_llama_load(dir, &opt, &m, &err), HX_EINVAL);
+    opt.tp_size = 0; /* the default: no TP */
+    assert_int_equal(hx_llama_load(dir, &opt, &m, &err), HX_OK);
+    assert_int_equal(hx_llama_tp_size(m), 1);
+    hx_llama_free(m);
+
+    /* a slice loads, but the single-sequence pass refuses it */
+    opt.tp_size = 2;
+    opt.tp_rank = 1;
+    opt.threads = 1;
+    assert_int_equal(hx_llama_load(dir, &opt, &m, &err), HX_OK);
+    hx_llama_state *s = state_for(m, 8, 8);
+    const float *logits;
+    int tokens[2] = {1, 2};
+    float x[2 * 64];
+    assert_int_equal(hx_llama_forward(m, s, 1, 0, &logits, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "tensor-parallel rank 1 of 2"));
+    assert_int_equal(hx_llama_prefill(m, s, tokens, 2, 0, &logits, &err), HX_EINVAL);
+    assert_int_equal(hx_llama_embed(m, tokens, 2, x, &err), HX_OK); /* replicated */
+    assert_int_equal(hx_llama_layers(m, s, x, 2, 0, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "hx_llama_layers"));
+    hx_llama_sampler *g = NULL;
+    assert_int_equal(hx_llama_sampler_new(c.vocab_size, 0, 1, 1, &g, &err), HX_OK);
+    int out[4], n_out = -1;
+    assert_int_equal(hx_llama_generate(m, s, g, tokens, 2, 4, -1, out, &n_out, &err), HX_EINVAL);
+    assert_int_equal(n_out, 0);
+    hx_llama_sampler_free(g);
+    hx_llama_state_free(s);
+    hx_llama_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -928,6 +1110,8 @@ int main(void)
         cmocka_unit_test(test_sampler),
         cmocka_unit_test(test_generation_deterministic),
         cmocka_unit_test(test_tiny_writer),
+        cmocka_unit_test(test_tp_slices),
+        cmocka_unit_test(test_tp_errors),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
