@@ -138,6 +138,9 @@ static const type_info TYPES[HX_PROTO_TYPE_LIMIT] = {
     [HX_PROTO_HEALTH] = {"HEALTH", 0, 0},
     [HX_PROTO_HEALTH_OK] = {"HEALTH_OK", 8 + 8 * HX_PROTO_HEALTH_MAX_COUNTERS, 0},
     [HX_PROTO_SHUTDOWN] = {"SHUTDOWN", 6 + HX_PROTO_REASON_MAX, 0},
+    [HX_PROTO_GROUP_OP] = {"GROUP_OP", HX_PROTO_DEFAULT_MAX_PREFILL_BYTES, 0},
+    [HX_PROTO_TENSOR] = {"TENSOR", (uint64_t)1 << 30, 0},
+    [HX_PROTO_STEP_TOKENS] = {"STEP_TOKENS", HX_PROTO_DEFAULT_MAX_TOKENS_BYTES, 0},
 };
 
 const char *hx_proto_type_name(int type)
@@ -495,6 +498,11 @@ static void conn_set_who(hx_proto_conn *c)
         snprintf(c->who, sizeof c->who, "%s (%s)", c->peer, c->role);
     else
         snprintf(c->who, sizeof c->who, "%s", c->peer);
+}
+
+size_t hx_proto_buffered(const hx_proto_conn *c)
+{
+    return c->rend - c->rpos;
 }
 
 const char *hx_proto_peer(const hx_proto_conn *c)
@@ -2444,4 +2452,128 @@ hx_status hx_proto_decode_shutdown(const hx_proto_frame *f, hx_proto_shutdown *o
     memcpy(out->reason, f->payload + 6, n);
     out->reason[n] = '\0';
     return HX_OK;
+}
+
+/* ---- group messages --------------------------------------------------------- */
+
+hx_status hx_proto_send_group_op(hx_proto_conn *c, uint64_t req_id, const hx_proto_group_op *m,
+                                 int64_t deadline_ns, hx_err *err)
+{
+    unsigned char fixed[HX_PROTO_GROUP_OP_FIXED_BYTES];
+    uint32_t bad = 0;
+    if (!c || !m || (m->num_tokens > 0 && !m->token_ids))
+        return hx_err_set(err, HX_EINVAL, "hx_proto_send_group_op: NULL argument");
+    if (m->op < HX_PROTO_OP_ADD || m->op > HX_PROTO_OP_STOP ||
+        (m->num_tokens > 0 && !tokens_ok(m->token_ids, m->num_tokens, &bad)))
+        return hx_err_set(err, HX_EINVAL, "GROUP_OP to %s: op %d, %u tokens (none negative)",
+                          c->who, (int)m->op, m->num_tokens);
+    memset(fixed, 0, sizeof fixed);
+    put_u32(fixed, (uint32_t)m->op);
+    put_u32(fixed + 4, m->max_tokens);
+    put_f32(fixed + 8, m->temperature);
+    put_f32(fixed + 12, m->top_p);
+    put_u64(fixed + 16, m->seed);
+    put_u32(fixed + 24, (uint32_t)m->eos_id);
+    put_u32(fixed + 28, m->hold_kv);
+    put_u32(fixed + 32, (uint32_t)m->first_token);
+    put_u32(fixed + 36, m->n_prompt);
+    put_u16(fixed + 40, (uint16_t)(int16_t)m->src_group);
+    put_u16(fixed + 42, (uint16_t)(int16_t)m->dst_group);
+    put_u32(fixed + 44, m->num_tokens);
+    hx_proto_part parts[2] = {{fixed, sizeof fixed},
+                              {m->token_ids, (size_t)m->num_tokens * 4}};
+    return hx_proto_sendv(c, HX_PROTO_GROUP_OP, req_id, parts, m->num_tokens ? 2 : 1,
+                          deadline_ns, err);
+}
+
+hx_status hx_proto_decode_group_op(const hx_proto_frame *f, hx_proto_group_op *out,
+                                   hx_err *err)
+{
+    hx_status st = expect_type(f, HX_PROTO_GROUP_OP, err);
+    if (st != HX_OK)
+        return st;
+    if (!out)
+        return hx_err_set(err, HX_EINVAL, "hx_proto_decode_group_op: NULL argument");
+    if (f->len < HX_PROTO_GROUP_OP_FIXED_BYTES)
+        return bad_payload(f, err, "%zu bytes; at least %d expected", f->len,
+                           HX_PROTO_GROUP_OP_FIXED_BYTES);
+    const unsigned char *p = f->payload;
+    uint32_t n = get_u32(p + 44);
+    uint64_t want = HX_PROTO_GROUP_OP_FIXED_BYTES + 4 * (uint64_t)n;
+    if (f->len != want)
+        return bad_payload(f, err, "%zu bytes, but %u tokens need %llu", f->len, n,
+                           (unsigned long long)want);
+    uint32_t op = get_u32(p);
+    if (op < HX_PROTO_OP_ADD || op > HX_PROTO_OP_STOP)
+        return bad_payload(f, err, "unknown operation %u", op);
+    out->op = (hx_proto_op)op;
+    out->max_tokens = get_u32(p + 4);
+    out->temperature = get_f32(p + 8);
+    out->top_p = get_f32(p + 12);
+    out->seed = get_u64(p + 16);
+    out->eos_id = (int32_t)get_u32(p + 24);
+    out->hold_kv = get_u32(p + 28);
+    out->first_token = (int32_t)get_u32(p + 32);
+    out->n_prompt = get_u32(p + 36);
+    out->src_group = (int16_t)(uint16_t)(p[40] | p[41] << 8);
+    out->dst_group = (int16_t)(uint16_t)(p[42] | p[43] << 8);
+    out->num_tokens = n;
+    out->token_ids = n ? (const int32_t *)(const void *)(p + HX_PROTO_GROUP_OP_FIXED_BYTES) : NULL;
+    uint32_t bad = 0;
+    if (n && !tokens_ok(out->token_ids, n, &bad))
+        return bad_payload(f, err, "token %u is negative", bad);
+    if (!(out->temperature >= 0.0f) || !(out->top_p >= 0.0f && out->top_p <= 1.0f))
+        return bad_payload(f, err, "sampling parameters out of range");
+    return HX_OK;
+}
+
+/* Receives one frame of `type` holding exactly `bytes`; an ERROR frame becomes its error. */
+static hx_status recv_exact(hx_proto_conn *c, hx_proto_type type, void *dst, size_t bytes,
+                            int64_t deadline_ns, hx_err *err)
+{
+    hx_proto_frame f;
+    hx_status st = hx_proto_recv(c, &f, deadline_ns, err);
+    if (st != HX_OK)
+        return st;
+    if (f.type == HX_PROTO_ERROR) {
+        hx_proto_error e;
+        if (hx_proto_decode_error(&f, &e, err) != HX_OK)
+            return HX_EPARSE;
+        return hx_err_set(err, e.code < 0 ? (hx_status)e.code : HX_EIO, "%s: %s", c->who,
+                          e.message);
+    }
+    if (f.type != type)
+        return hx_err_set(err, HX_EPARSE, "%s: got %s, expected %s", c->who,
+                          hx_proto_type_name((int)f.type), hx_proto_type_name((int)type));
+    if (f.len != bytes)
+        return hx_err_set(err, HX_EPARSE, "%s: %s of %zu bytes, expected %zu", c->who,
+                          hx_proto_type_name((int)type), f.len, bytes);
+    memcpy(dst, f.payload, bytes);
+    return HX_OK;
+}
+
+hx_status hx_proto_send_floats(hx_proto_conn *c, const float *x, size_t n, int64_t deadline_ns,
+                               hx_err *err)
+{
+    return hx_proto_send(c, HX_PROTO_TENSOR, 0, x, n * sizeof(float), deadline_ns, err);
+}
+
+hx_status hx_proto_recv_floats(hx_proto_conn *c, float *x, size_t n, int64_t deadline_ns,
+                               hx_err *err)
+{
+    return recv_exact(c, HX_PROTO_TENSOR, x, n * sizeof(float), deadline_ns, err);
+}
+
+hx_status hx_proto_send_step_tokens(hx_proto_conn *c, const int *tokens, int n,
+                                    int64_t deadline_ns, hx_err *err)
+{
+    return hx_proto_send(c, HX_PROTO_STEP_TOKENS, 0, tokens, (size_t)n * sizeof(int),
+                         deadline_ns, err);
+}
+
+hx_status hx_proto_recv_step_tokens(hx_proto_conn *c, int *tokens, int n, int64_t deadline_ns,
+                                    hx_err *err)
+{
+    return recv_exact(c, HX_PROTO_STEP_TOKENS, tokens, (size_t)n * sizeof(int), deadline_ns,
+                      err);
 }

@@ -140,7 +140,11 @@ typedef enum hx_proto_type {
     HX_PROTO_ERROR = 23,
     HX_PROTO_HEALTH = 24,
     HX_PROTO_HEALTH_OK = 25,
-    HX_PROTO_SHUTDOWN = 26
+    HX_PROTO_SHUTDOWN = 26,
+    /* inside a group (and router -> group leader for ADD_PREFILLED) */
+    HX_PROTO_GROUP_OP = 27,    /* the group leader's scheduling decision, in order */
+    HX_PROTO_TENSOR = 28,      /* fp32 rows: stage-to-stage activations, TP partial sums */
+    HX_PROTO_STEP_TOKENS = 29  /* the tokens the last stage sampled in a step */
 } hx_proto_type;
 
 #define HX_PROTO_TYPE_LIMIT 32 /* every type value is below this */
@@ -269,6 +273,14 @@ const char *hx_proto_peer_role(const hx_proto_conn *c);
  * hx_proto_recv before polling again.
  */
 int hx_proto_fd(const hx_proto_conn *c);
+/*
+ * Bytes received and not yet returned as frames. A caller that polls
+ * hx_proto_fd before hx_proto_recv must first check this: a frame may sit
+ * here already while the socket has nothing more to read.
+ */
+size_t hx_proto_buffered(const hx_proto_conn *c);
+/* Threads: one thread may send on a connection while another receives on it;
+ * two senders (or two receivers) need the caller's lock. */
 size_t hx_proto_pending(const hx_proto_conn *c);
 
 /*
@@ -512,5 +524,64 @@ hx_status hx_proto_send_shutdown(hx_proto_conn *c, const hx_proto_shutdown *m,
                                  int64_t deadline_ns, hx_err *err);
 hx_status hx_proto_decode_shutdown(const hx_proto_frame *f, hx_proto_shutdown *out,
                                    hx_err *err);
+
+/*
+ * GROUP_OP: what every engine of a group applies, in the order the leader
+ * sends them (runtime/batch.h lockstep). req_id is the request's (0 for STEP).
+ *   ADD            a request to prefill (and decode, in a `both` group):
+ *                  token_ids is the prompt; hold_kv 1 in a prefill group;
+ *                  dst_group: the decode group (plan index) its KV goes to, -1 none.
+ *   ADD_PREFILLED  a request whose KV comes from prefill group src_group
+ *                  (plan index): n_prompt positions, first_token already
+ *                  sampled. Also what the router sends a decode group's leader.
+ *   REMOVE         drop a request (cancelled, or its KV sent on).
+ *   STEP           run one engine step.
+ *   STOP           leave the loop and exit.
+ */
+typedef enum hx_proto_op {
+    HX_PROTO_OP_ADD = 1,
+    HX_PROTO_OP_ADD_PREFILLED = 2,
+    HX_PROTO_OP_REMOVE = 3,
+    HX_PROTO_OP_STEP = 4,
+    HX_PROTO_OP_STOP = 5
+} hx_proto_op;
+
+#define HX_PROTO_GROUP_OP_FIXED_BYTES 48
+
+typedef struct hx_proto_group_op {
+    hx_proto_op op;
+    uint32_t max_tokens;      /* tokens to generate in all, the first included */
+    float temperature;
+    float top_p;
+    uint64_t seed;
+    int32_t eos_id;           /* < 0: none */
+    uint32_t hold_kv;
+    int32_t first_token;      /* ADD_PREFILLED */
+    uint32_t n_prompt;        /* ADD_PREFILLED: positions of KV */
+    int32_t src_group;        /* ADD_PREFILLED: prefill group index */
+    int32_t dst_group;        /* ADD: decode group index, -1 none */
+    uint32_t num_tokens;      /* ADD: prompt length */
+    const int32_t *token_ids; /* ADD: [num_tokens]; borrowed as in prefill_request */
+} hx_proto_group_op;
+hx_status hx_proto_send_group_op(hx_proto_conn *c, uint64_t req_id, const hx_proto_group_op *m,
+                                 int64_t deadline_ns, hx_err *err);
+hx_status hx_proto_decode_group_op(const hx_proto_frame *f, hx_proto_group_op *out,
+                                   hx_err *err);
+
+/*
+ * TENSOR: n fp32 values (little-endian); the receiver knows the shape from
+ * the step it is in. STEP_TOKENS: n int32 token ids. Both with req_id 0.
+ * hx_proto_recv_floats / recv_tokens receive one such frame into the
+ * caller's buffer of exactly n values (HX_EPARSE for another size or type;
+ * an ERROR frame from the peer gives its code and message).
+ */
+hx_status hx_proto_send_floats(hx_proto_conn *c, const float *x, size_t n, int64_t deadline_ns,
+                               hx_err *err);
+hx_status hx_proto_recv_floats(hx_proto_conn *c, float *x, size_t n, int64_t deadline_ns,
+                               hx_err *err);
+hx_status hx_proto_send_step_tokens(hx_proto_conn *c, const int *tokens, int n,
+                                    int64_t deadline_ns, hx_err *err);
+hx_status hx_proto_recv_step_tokens(hx_proto_conn *c, int *tokens, int n, int64_t deadline_ns,
+                                    hx_err *err);
 
 #endif /* HX_PROTO_H */

@@ -1357,6 +1357,88 @@ static void test_decoders_reject_malformed(void **state)
 
 /* ---- secrets ---------------------------------------------------------------------------- */
 
+/* GROUP_OP, TENSOR and STEP_TOKENS: what a group's ranks exchange. */
+static void test_group_messages(void **state)
+{
+    (void)state;
+    hx_proto_conn *s, *c;
+    hx_err err = {0};
+    connected_pair(&s, &c);
+    int32_t prompt[3] = {5, 0, 511};
+    hx_proto_group_op op = {HX_PROTO_OP_ADD, 16, 0.5f, 0.9f, 42, 257, 1, 0, 0, -1, 3, 3, prompt};
+    check_ok(hx_proto_send_group_op(c, 7, &op, HX_PROTO_NO_DEADLINE, &err), &err);
+    hx_proto_group_op back;
+    hx_proto_frame f;
+    check_ok(hx_proto_recv(s, &f, hx_proto_deadline_in(5), &err), &err);
+    assert_int_equal(f.type, HX_PROTO_GROUP_OP);
+    assert_int_equal(f.req_id, 7);
+    check_ok(hx_proto_decode_group_op(&f, &back, &err), &err);
+    assert_int_equal(back.op, HX_PROTO_OP_ADD);
+    assert_int_equal(back.max_tokens, 16);
+    assert_true(back.temperature == 0.5f && back.top_p == 0.9f);
+    assert_int_equal(back.seed, 42);
+    assert_int_equal(back.eos_id, 257);
+    assert_int_equal(back.hold_kv, 1);
+    assert_int_equal(back.src_group, -1);
+    assert_int_equal(back.dst_group, 3);
+    assert_int_equal(back.num_tokens, 3);
+    assert_memory_equal(back.token_ids, prompt, sizeof prompt);
+
+    hx_proto_group_op pre = {HX_PROTO_OP_ADD_PREFILLED, 8, 0, 1, 1, -1, 0, 99, 12, 2, -1, 0, NULL};
+    check_ok(hx_proto_send_group_op(c, 8, &pre, HX_PROTO_NO_DEADLINE, &err), &err);
+    check_ok(hx_proto_recv(s, &f, hx_proto_deadline_in(5), &err), &err);
+    check_ok(hx_proto_decode_group_op(&f, &back, &err), &err);
+    assert_int_equal(back.op, HX_PROTO_OP_ADD_PREFILLED);
+    assert_int_equal(back.first_token, 99);
+    assert_int_equal(back.n_prompt, 12);
+    assert_int_equal(back.src_group, 2);
+    assert_int_equal(back.eos_id, -1);
+    assert_int_equal(back.num_tokens, 0);
+    assert_null(back.token_ids);
+
+    /* rows and tokens: exact sizes, and a frame of the wrong size or type is refused */
+    float x[6] = {1, -2, 3.5f, 0, 1e-30f, 7}, y[6];
+    check_ok(hx_proto_send_floats(c, x, 6, HX_PROTO_NO_DEADLINE, &err), &err);
+    check_ok(hx_proto_recv_floats(s, y, 6, hx_proto_deadline_in(5), &err), &err);
+    assert_memory_equal(x, y, sizeof x);
+    int t[2] = {4, 9}, u[2];
+    check_ok(hx_proto_send_step_tokens(c, t, 2, HX_PROTO_NO_DEADLINE, &err), &err);
+    check_ok(hx_proto_recv_step_tokens(s, u, 2, hx_proto_deadline_in(5), &err), &err);
+    assert_memory_equal(t, u, sizeof t);
+    check_ok(hx_proto_send_floats(c, x, 5, HX_PROTO_NO_DEADLINE, &err), &err);
+    expect_err(hx_proto_recv_floats(s, y, 6, hx_proto_deadline_in(5), &err), &err, HX_EPARSE,
+               "TENSOR of 20 bytes, expected 24");
+    check_ok(hx_proto_send_step_tokens(c, t, 2, HX_PROTO_NO_DEADLINE, &err), &err);
+    expect_err(hx_proto_recv_floats(s, y, 2, hx_proto_deadline_in(5), &err), &err, HX_EPARSE,
+               "got STEP_TOKENS, expected TENSOR");
+    /* an ERROR in place of the rows carries the peer's failure */
+    check_ok(hx_proto_send_error(c, 0, HX_ETIMEDOUT, "rank 1 gave up", HX_PROTO_NO_DEADLINE,
+                                 &err), &err);
+    expect_err(hx_proto_recv_floats(s, y, 6, hx_proto_deadline_in(5), &err), &err, HX_ETIMEDOUT,
+               "rank 1 gave up");
+    /* nothing buffered between frames */
+    assert_int_equal(hx_proto_buffered(s), 0);
+
+    /* the sender refuses a bad operation; the decoder a bad payload */
+    hx_proto_group_op bad = op;
+    bad.op = (hx_proto_op)9;
+    expect_err(hx_proto_send_group_op(c, 1, &bad, HX_PROTO_NO_DEADLINE, &err), &err, HX_EINVAL,
+               "op 9");
+    _Alignas(64) unsigned char b[64];
+    memset(b, 0, sizeof b);
+    put32(b, 9);
+    hx_proto_frame g = frame_of(HX_PROTO_GROUP_OP, 1, b, HX_PROTO_GROUP_OP_FIXED_BYTES);
+    expect_err(hx_proto_decode_group_op(&g, &back, &err), &err, HX_EPARSE, "unknown operation 9");
+    put32(b, HX_PROTO_OP_ADD);
+    put32(b + 44, 2); /* two tokens announced, none there */
+    expect_err(hx_proto_decode_group_op(&g, &back, &err), &err, HX_EPARSE, "2 tokens need 56");
+    put32(b + 44, 0);
+    put32(b + 12, 0x40000000); /* top_p 2.0 */
+    expect_err(hx_proto_decode_group_op(&g, &back, &err), &err, HX_EPARSE, "sampling");
+    hx_proto_close(s);
+    hx_proto_close(c);
+}
+
 static void write_file_mode(const char *path, const char *text, mode_t mode)
 {
     FILE *fp = fopen(path, "w");
@@ -1565,6 +1647,7 @@ int main(void)
         cmocka_unit_test(test_handshake_bad_client_proof),
         cmocka_unit_test(test_handshake_garbage_and_silence),
         cmocka_unit_test(test_messages_round_trip),
+        cmocka_unit_test(test_group_messages),
         cmocka_unit_test(test_send_side_checks),
         cmocka_unit_test(test_kv_segment_64mib_tcp),
         cmocka_unit_test(test_bad_frames),
