@@ -1,0 +1,551 @@
+/*
+ * gpu_bench.c - numbers for the CUDA engine on a 1B-class random-weight
+ * Llama (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192,
+ * vocab 32000; weights made on the GPU, no files):
+ *
+ *   decode    tokens/s at batch 1, 8 and 64 (prompts of 512 tokens), and the
+ *             achieved memory bandwidth: (weight + KV bytes read per step) /
+ *             step time, against the device's peak (read from its name);
+ *             batch 1 also without CUDA graphs, with cuBLAS instead of the GEMV
+ *             kernel, and with programmatic dependent launch, to show what
+ *             each is worth
+ *   prefill   TFLOP/s of one 2048-token prompt (one step), against the dense
+ *             BF16 peak, with each prefill attention kernel (WMMA, mma.sync)
+ *   KV pack   GB/s of hx_cuda_engine_pack_kv of that prompt (2048 positions,
+ *             all layers, fp32 segment, checksummed): into pinned memory, into
+ *             pageable memory; and for scale a CRC-32C on one thread and a raw
+ *             device-to-pinned copy
+ *
+ *   micro     (--micro) each kernel alone at the model's shapes: time, GB/s, TFLOP/s
+ *
+ * Usage: gpu_bench [--json FILE] [--quick] [--micro]. Prints a table; --json writes
+ * the same numbers as JSON. Exit status 1 when something fails, 0 otherwise
+ * (also when there is no GPU: it says so and measures nothing).
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/cuda.h"
+#include "runtime/cuda_engine.h"
+#include "runtime/kvcache.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void die(const char *what, const hx_err *err)
+{
+    fprintf(stderr, "gpu_bench: %s: %s\n", what, err->msg);
+    exit(1);
+}
+
+#define TRY(what, call)                                                                        \
+    do {                                                                                       \
+        if ((call) != HX_OK)                                                                   \
+            die(what, &err);                                                                   \
+    } while (0)
+
+static hx_model bench_model(void)
+{
+    hx_model c;
+    memset(&c, 0, sizeof c);
+    snprintf(c.name, sizeof c.name, "llama-1b-random");
+    c.arch = HX_MODEL_ARCH_LLAMA;
+    c.num_layers = 16;
+    c.hidden_size = 2048;
+    c.num_heads = 32;
+    c.num_kv_heads = 8;
+    c.head_dim = 64;
+    c.intermediate_size = 8192;
+    c.vocab_size = 32000;
+    c.max_position_tokens = 4096;
+    c.word_embed_dim = 2048;
+    c.gated_mlp = 1;
+    c.norm_params_per_dim = 1;
+    c.has_final_norm = 1;
+    c.rope_theta = 10000.0;
+    c.norm_eps = 1e-5;
+    c.dtype = HX_MODEL_DTYPE_BF16;
+    c.dtype_bytes = 2;
+    return c;
+}
+
+/* JSON out, kept as text while we go */
+static char json[16384];
+static size_t json_len;
+static void jadd(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void jadd(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(json + json_len, sizeof json - json_len, fmt, ap);
+    va_end(ap);
+    if (n > 0 && json_len + (size_t)n < sizeof json)
+        json_len += (size_t)n;
+}
+
+static uint64_t tok_state = 88172645463325252ull;
+static int rand_token(int vocab)
+{
+    tok_state ^= tok_state << 13;
+    tok_state ^= tok_state >> 7;
+    tok_state ^= tok_state << 17;
+    return (int)(tok_state % (uint64_t)vocab);
+}
+
+static hx_cuda_engine *make_engine(const hx_model *cfg, int max_seqs, int max_step, int graphs,
+                                   int gemv_rows)
+{
+    hx_cuda_options o;
+    hx_cuda_options_init(&o);
+    o.max_seqs = max_seqs;
+    o.max_step_tokens = max_step;
+    o.max_seq_tokens = 4096;
+    o.graphs = graphs;
+    o.gemv_max_rows = gemv_rows;
+    hx_err err = {0};
+    hx_cuda_engine *e = NULL;
+    TRY("engine", hx_cuda_engine_new_random(cfg, 1, &o, &e, &err));
+    return e;
+}
+
+static void step(hx_cuda_engine *e, int *n_events)
+{
+    hx_err err = {0};
+    const hx_batch_event *ev = NULL;
+    int n = 0;
+    TRY("step", hx_cuda_engine_step(e, &ev, &n, &err));
+    if (n_events)
+        *n_events = n;
+}
+
+typedef struct decode_result {
+    double step_s, tokens_per_s, bytes_per_step, bytes_per_s, frac_peak;
+} decode_result;
+
+/*
+ * Decode at batch B: B prompts of `prompt` tokens, prefilled, then `warm`
+ * untimed and `timed` timed steps.
+ */
+static decode_result bench_decode(hx_cuda_engine *e, int B, int prompt, int warm, int timed,
+                                  double peak_bw)
+{
+    hx_err err = {0};
+    const hx_model *cfg = hx_cuda_engine_config(e);
+    int *p = malloc((size_t)prompt * sizeof *p);
+    for (int b = 0; b < B; b++) {
+        for (int i = 0; i < prompt; i++)
+            p[i] = rand_token(cfg->vocab_size);
+        hx_batch_request r;
+        memset(&r, 0, sizeof r);
+        r.id = (uint64_t)b;
+        r.prompt = p;
+        r.n_prompt = prompt;
+        r.max_new_tokens = 1 + warm + timed + 1;
+        r.eos_id = -1;
+        r.top_p = 1.0f;
+        TRY("add", hx_cuda_engine_add(e, &r, &err));
+    }
+    free(p);
+    /* prefill until every sequence has its first token */
+    int firsts = 0;
+    while (firsts < B) {
+        int n = 0;
+        step(e, &n);
+        firsts += n;
+    }
+    for (int i = 0; i < warm; i++)
+        step(e, NULL);
+    const double t0 = now_s();
+    for (int i = 0; i < timed; i++)
+        step(e, NULL);
+    const double dt = (now_s() - t0) / timed;
+    /* bytes read per step: every weight but the embedding table (B rows of it), and each
+       sequence's KV at the window's mean context */
+    const double weights = (double)hx_cuda_engine_weight_bytes(e) -
+                           (double)cfg->vocab_size * cfg->hidden_size * 2 +
+                           (double)B * cfg->hidden_size * 2;
+    const double ctx = prompt + warm + timed / 2.0;
+    const double kv = (double)B * ctx * (double)hx_cuda_engine_kv_bytes_per_token(e);
+    decode_result d = {.step_s = dt,
+                       .tokens_per_s = B / dt,
+                       .bytes_per_step = weights + kv,
+                       .bytes_per_s = (weights + kv) / dt,
+                       .frac_peak = peak_bw > 0 ? (weights + kv) / dt / peak_bw : 0};
+    for (int b = 0; b < B; b++)
+        (void)hx_cuda_engine_remove(e, (uint64_t)b, NULL);
+    return d;
+}
+
+static void report_decode(const char *label, int B, const decode_result *d, double peak_bw)
+{
+    printf("decode  %-28s batch %3d: %8.3f ms/step %9.0f tok/s  %7.1f GB/s  %5.1f%% of peak "
+           "%.2f TB/s\n",
+           label, B, d->step_s * 1e3, d->tokens_per_s, d->bytes_per_s / 1e9, d->frac_peak * 100,
+           peak_bw / 1e12);
+    jadd("%s{\"label\": \"%s\", \"batch\": %d, \"step_ms\": %.4f, \"tokens_per_s\": %.1f, "
+         "\"bytes_per_step\": %.0f, \"bandwidth_gb_s\": %.1f, \"fraction_of_peak\": %.4f}",
+         json_len && json[json_len - 1] == '}' ? ", " : "", label, B, d->step_s * 1e3,
+         d->tokens_per_s, d->bytes_per_step, d->bytes_per_s / 1e9, d->frac_peak);
+}
+
+/* ---- per-kernel timings (--micro): where a step's time goes ---- */
+
+static double kernel_us(void)
+{
+    static double t0;
+    hx_err err = {0};
+    TRY("sync", hx_cuda_sync(&err));
+    const double t = now_s();
+    const double dt = t - t0;
+    t0 = t;
+    return dt * 1e6;
+}
+
+#define MICRO_ITERS 200
+/* times CALL (a launch function returning hx_status, using `err`) */
+#define TIME(label, bytes, flops, CALL)                                                        \
+    do {                                                                                       \
+        for (int w_ = 0; w_ < 3; w_++)                                                         \
+            TRY(label, CALL);                                                                  \
+        (void)kernel_us();                                                                     \
+        for (int it_ = 0; it_ < MICRO_ITERS; it_++)                                            \
+            TRY(label, CALL);                                                                  \
+        const double us_ = kernel_us() / MICRO_ITERS;                                          \
+        printf("micro %-40s %9.2f us  %8.1f GB/s  %7.1f TFLOP/s\n", label, us_,               \
+               (double)(bytes) / us_ / 1e3, (double)(flops) / us_ / 1e6);                      \
+        jadd("%s{\"kernel\": \"%s\", \"us\": %.3f, \"gb_s\": %.2f, \"tflops\": %.2f}",          \
+             n_micro++ ? ", " : "", label, us_, (double)(bytes) / us_ / 1e3,                   \
+             (double)(flops) / us_ / 1e6);                                                     \
+    } while (0)
+
+static void bench_micro(const hx_model *c)
+{
+    hx_err err = {0};
+    int n_micro = 0;
+    const int hid = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
+    const int H = c->num_heads, K = c->num_kv_heads, D = c->head_dim;
+    const int qkv_n = (H + 2 * K) * D, T = 2048;
+    hx_cuda_blas *gemv = NULL, *blas = NULL;
+    TRY("blas", hx_cuda_blas_new(8, &gemv, &err));
+    TRY("blas", hx_cuda_blas_new(0, &blas, &err));
+    void *w = NULL, *x = NULL, *y = NULL, *gu = NULL, *act = NULL;
+    const size_t w_elems = (size_t)V * hid; /* the largest matrix */
+    TRY("malloc", hx_cuda_malloc(&w, w_elems * 2, &err));
+    TRY("malloc", hx_cuda_malloc(&x, (size_t)T * F * 2, &err));
+    TRY("malloc", hx_cuda_malloc(&y, (size_t)T * 2 * F * 4, &err));
+    TRY("malloc", hx_cuda_malloc(&gu, (size_t)T * 2 * F * 2, &err));
+    TRY("malloc", hx_cuda_malloc(&act, (size_t)T * F * 2, &err));
+    TRY("fill", hx_cuda_fill_uniform_bf16(w, (int64_t)w_elems, 1, -0.02f, 0.02f, NULL, &err));
+    TRY("fill", hx_cuda_fill_uniform_bf16(x, (int64_t)T * F, 2, -1, 1, NULL, &err));
+    TRY("fill", hx_cuda_fill_uniform_bf16(gu, (int64_t)T * 2 * F, 3, -1, 1, NULL, &err));
+    jadd("\"micro\": [");
+    struct {
+        const char *name;
+        int in, out;
+    } mats[4] = {{"qkv", hid, qkv_n}, {"o", H * D, hid}, {"gate_up", hid, 2 * F},
+                 {"lm_head", hid, V}};
+    const int rows_list[4] = {1, 8, 64, T};
+    char label[96];
+    for (int m = 0; m < 4; m++)
+        for (int ri = 0; ri < 4; ri++) {
+            const int rows = rows_list[ri];
+            const double bytes = (double)mats[m].in * mats[m].out * 2;
+            const double flops = 2.0 * rows * mats[m].in * mats[m].out;
+            hx_cuda_blas *b = rows <= 8 ? gemv : blas;
+            snprintf(label, sizeof label, "gemm %s rows %d (%s)", mats[m].name, rows,
+                     rows <= 8 ? "gemv" : "cublas");
+            TIME(label, bytes, flops,
+                 hx_cuda_gemm(b, y, 0, x, w, rows, mats[m].in, mats[m].out, 0.0f, NULL, &err));
+            if (rows == 1) {
+                snprintf(label, sizeof label, "gemm %s rows 1 (cublas)", mats[m].name);
+                TIME(label, bytes, flops,
+                     hx_cuda_gemm(blas, y, 0, x, w, 1, mats[m].in, mats[m].out, 0.0f, NULL,
+                                  &err));
+            }
+        }
+    for (int ri = 0; ri < 4; ri++) {
+        const int rows = rows_list[ri];
+        snprintf(label, sizeof label, "down+swiglu rows %d (%s)", rows,
+                 rows <= 8 ? "gemv" : "cublas");
+        TIME(label, (double)F * hid * 2, 2.0 * rows * F * hid,
+             hx_cuda_gemm_swiglu(rows <= 8 ? gemv : blas, y, gu, w, act, rows, F, hid, NULL,
+                                 &err));
+    }
+    /* per-row kernels */
+    float *xf = y, *delta = (float *)y + (size_t)T * hid, *nw = (float *)y + (size_t)2 * T * hid;
+    TRY("fill", hx_cuda_fill_uniform_f32(xf, (int64_t)3 * T * hid, 4, -1, 1, NULL, &err));
+    for (int ri = 0; ri < 4; ri += 2) {
+        const int rows = rows_list[ri];
+        snprintf(label, sizeof label, "add_rmsnorm rows %d", rows);
+        TIME(label, (double)rows * hid * 14, 0,
+             hx_cuda_add_rmsnorm(xf, delta, nw, x, NULL, rows, hid, 1e-5f, NULL, &err));
+    }
+    /* attention on a paged cache: 64 sequences of 2048 positions, 16-token blocks */
+    const int bt = 16, seqs = 64, ctx = 2048, mb = ctx / bt;
+    hx_cuda_kv_layout kv = {1, K, D, bt, mb};
+    void *cache = NULL, *tables = NULL, *q = NULL, *out = NULL, *part = NULL, *meta = NULL;
+    const size_t cache_elems = (size_t)seqs * mb * 2 * K * bt * D;
+    TRY("malloc", hx_cuda_malloc(&cache, cache_elems * 2, &err));
+    TRY("fill", hx_cuda_fill_uniform_bf16(cache, (int64_t)cache_elems, 5, -1, 1, NULL, &err));
+    int *ht = malloc((size_t)seqs * mb * sizeof *ht);
+    for (int i = 0; i < seqs * mb; i++)
+        ht[i] = i;
+    TRY("malloc", hx_cuda_malloc(&tables, (size_t)seqs * mb * 4, &err));
+    TRY("copy", hx_cuda_memcpy(tables, ht, (size_t)seqs * mb * 4, &err));
+    free(ht);
+    TRY("malloc", hx_cuda_malloc(&q, (size_t)T * H * D * 2, &err));
+    TRY("fill", hx_cuda_fill_uniform_bf16(q, (int64_t)T * H * D, 6, -1, 1, NULL, &err));
+    TRY("malloc", hx_cuda_malloc(&out, (size_t)T * H * D * 2, &err));
+    const int parts = 16;
+    TRY("malloc", hx_cuda_malloc(&part, hx_cuda_decode_attention_workspace(seqs, H, D, parts),
+                                 &err));
+    int hm[5 * 64];
+    for (int i = 0; i < seqs; i++) {
+        hm[i] = i;              /* slot */
+        hm[64 + i] = i;         /* row */
+        hm[128 + i] = 512;      /* len */
+        hm[192 + i] = 0;        /* pos0 */
+        hm[256 + i] = ctx;      /* n */
+    }
+    TRY("malloc", hx_cuda_malloc(&meta, sizeof hm, &err));
+    TRY("copy", hx_cuda_memcpy(meta, hm, sizeof hm, &err));
+    const int *m_slot = meta, *m_row = (int *)meta + 64, *m_len = (int *)meta + 128,
+              *m_pos0 = (int *)meta + 192, *m_n = (int *)meta + 256;
+    for (int bi = 0; bi < 2; bi++) {
+        const int B = bi ? 64 : 1;
+        snprintf(label, sizeof label, "decode attention batch %d ctx 512", B);
+        TIME(label, (double)B * 512 * 2 * K * D * 2, 4.0 * B * H * D * 512,
+             hx_cuda_decode_attention(out, q, cache, &kv, 0, tables, m_slot, m_row, m_len, B,
+                                      parts, H, part, NULL, &err));
+    }
+    for (int mma = 0; mma <= 1; mma++) {
+        hx_cuda_set_prefill_mma(mma);
+        snprintf(label, sizeof label, "prefill attention %d tokens (%s)", ctx,
+                 mma ? "mma.sync" : "wmma");
+        TIME(label, 0, 4.0 * H * D * ((double)ctx * (ctx + 1) / 2),
+             hx_cuda_prefill_attention(out, q, cache, &kv, 0, tables, m_slot, m_pos0, m_pos0, m_n,
+                                       1, ctx, H, NULL, &err));
+    }
+    hx_cuda_set_prefill_mma(0);
+    int *toks = NULL;
+    TRY("malloc", hx_cuda_malloc((void **)&toks, 64 * 4, &err));
+    TIME("argmax 64 rows x 32000", 64.0 * V * 4, 0,
+         hx_cuda_sample(toks, xf, 64, V, NULL, NULL, NULL, NULL, NULL, &err));
+    jadd("], ");
+    hx_cuda_free(toks);
+    hx_cuda_free(meta);
+    hx_cuda_free(part);
+    hx_cuda_free(out);
+    hx_cuda_free(q);
+    hx_cuda_free(tables);
+    hx_cuda_free(cache);
+    hx_cuda_free(w);
+    hx_cuda_free(x);
+    hx_cuda_free(y);
+    hx_cuda_free(gu);
+    hx_cuda_free(act);
+    hx_cuda_blas_free(gemv);
+    hx_cuda_blas_free(blas);
+}
+
+int main(int argc, char **argv)
+{
+    const char *json_path = NULL;
+    int quick = 0, micro = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--json") && i + 1 < argc)
+            json_path = argv[++i];
+        else if (!strcmp(argv[i], "--quick"))
+            quick = 1;
+        else if (!strcmp(argv[i], "--micro"))
+            micro = 1;
+        else {
+            fprintf(stderr, "usage: gpu_bench [--json FILE] [--quick] [--micro]\n");
+            return 2;
+        }
+    }
+    if (!hx_cuda_available()) {
+        printf("gpu_bench: no CUDA device (cudaGetDeviceCount reports %d): nothing measured\n",
+               hx_cuda_device_count());
+        return 0;
+    }
+    hx_err err = {0};
+    char name[256];
+    double peak_bw = 0, peak_flops = 0;
+    TRY("device", hx_cuda_device_info(0, name, sizeof name, &peak_bw, &peak_flops, &err));
+    printf("device: %s (peak %.2f TB/s, %.0f dense BF16 TFLOP/s)\n", name, peak_bw / 1e12,
+           peak_flops / 1e12);
+    const hx_model cfg = bench_model();
+    jadd("{\"device\": \"%s\", \"peak_bytes_per_s\": %.4g, \"peak_bf16_flops\": %.4g, "
+         "\"model\": {\"hidden\": %d, \"layers\": %d, \"heads\": %d, \"kv_heads\": %d, "
+         "\"intermediate\": %d, \"vocab\": %d}, \"decode\": [",
+         name, peak_bw, peak_flops, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+         cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size);
+
+    const int timed = quick ? 20 : 100;
+    /* ---- decode ---- */
+    {
+        hx_cuda_engine *e = make_engine(&cfg, 64, 2048, 1, 8);
+        printf("weights: %.3f GB bf16; KV: %lld bytes per position\n",
+               (double)hx_cuda_engine_weight_bytes(e) / 1e9,
+               (long long)hx_cuda_engine_kv_bytes_per_token(e));
+        const int batches[3] = {1, 8, 64};
+        for (int i = 0; i < 3; i++) {
+            decode_result d = bench_decode(e, batches[i], 512, 5, timed, peak_bw);
+            report_decode("graphs+gemv", batches[i], &d, peak_bw);
+        }
+        int64_t steps = 0, gsteps = 0;
+        hx_cuda_engine_stats(e, &steps, &gsteps);
+        printf("        (%lld steps, %lld replayed from CUDA graphs)\n", (long long)steps,
+               (long long)gsteps);
+        hx_cuda_engine_free(e);
+    }
+    if (!quick) {
+        hx_cuda_engine *e = make_engine(&cfg, 8, 512, 1, 0);
+        decode_result d = bench_decode(e, 1, 512, 5, timed, peak_bw);
+        report_decode("graphs+cublas", 1, &d, peak_bw);
+        hx_cuda_engine_free(e);
+        e = make_engine(&cfg, 8, 512, 0, 8);
+        d = bench_decode(e, 1, 512, 5, timed, peak_bw);
+        report_decode("no-graphs+gemv", 1, &d, peak_bw);
+        hx_cuda_engine_free(e);
+        hx_cuda_set_pdl(1);
+        e = make_engine(&cfg, 8, 512, 1, 8);
+        d = bench_decode(e, 1, 512, 5, timed, peak_bw);
+        report_decode("graphs+gemv+PDL", 1, &d, peak_bw);
+        hx_cuda_engine_free(e);
+        hx_cuda_set_pdl(0);
+    }
+    jadd("], ");
+    if (micro)
+        bench_micro(&cfg);
+
+    /* ---- prefill ---- */
+    const int T = 2048;
+    hx_cuda_engine *e = make_engine(&cfg, 4, T, 1, 8);
+    int *prompt = malloc(T * sizeof *prompt);
+    for (int i = 0; i < T; i++)
+        prompt[i] = rand_token(cfg.vocab_size);
+    hx_batch_request r;
+    memset(&r, 0, sizeof r);
+    r.prompt = prompt;
+    r.n_prompt = T;
+    r.max_new_tokens = 1;
+    r.eos_id = -1;
+    r.top_p = 1.0f;
+    const int runs = quick ? 3 : 10;
+    const double L = cfg.num_layers, h = cfg.hidden_size, f = cfg.intermediate_size,
+                 qd = (double)cfg.num_heads * cfg.head_dim,
+                 kd = (double)cfg.num_kv_heads * cfg.head_dim;
+    const double mm_params = L * (h * (qd + 2 * kd) + qd * h + 3 * h * f);
+    const double attn_flops = L * 4.0 * cfg.num_heads * cfg.head_dim * ((double)T * (T + 1) / 2);
+    const double flops = 2.0 * mm_params * T + attn_flops + 2.0 * h * cfg.vocab_size;
+    /* the default (WMMA) attention kernel, then the mma.sync one (hx_cuda_set_prefill_mma) */
+    for (int mma = 0; mma <= 1; mma++) {
+        hx_cuda_set_prefill_mma(mma);
+        double best = 1e30, total = 0;
+        for (int i = 0; i < 2 + runs; i++) {
+            r.id = (uint64_t)(1000 + i);
+            TRY("add", hx_cuda_engine_add(e, &r, &err));
+            const double t0 = now_s();
+            int n = 0;
+            step(e, &n);
+            const double dt = now_s() - t0;
+            if (n != 1) {
+                fprintf(stderr, "gpu_bench: prefill step gave %d events\n", n);
+                return 1;
+            }
+            if (i >= 2) {
+                total += dt;
+                best = dt < best ? dt : best;
+            }
+        }
+        const double mean = total / runs;
+        printf("prefill %d tokens (%s attention): %.3f ms mean, %.3f ms best: %.1f TFLOP/s mean, "
+               "%.1f best (%.1f%% of %.0f peak; %.2f TFLOP per prompt, %.1f%% attention)\n",
+               T, mma ? "mma.sync" : "wmma", mean * 1e3, best * 1e3, flops / mean / 1e12,
+               flops / best / 1e12, peak_flops > 0 ? flops / mean / peak_flops * 100 : 0,
+               peak_flops / 1e12, flops / 1e12, attn_flops / flops * 100);
+        jadd("\"%s\": {\"tokens\": %d, \"mean_ms\": %.4f, \"best_ms\": %.4f, \"flops\": %.6g, "
+             "\"tflops_mean\": %.2f, \"tflops_best\": %.2f, \"fraction_of_peak\": %.4f}, ",
+             mma ? "prefill_mma" : "prefill", T, mean * 1e3, best * 1e3, flops,
+             flops / mean / 1e12, flops / best / 1e12,
+             peak_flops > 0 ? flops / mean / peak_flops : 0);
+    }
+    hx_cuda_set_prefill_mma(0);
+
+    /* ---- KV pack + transfer ---- */
+    r.id = 7;
+    r.hold_kv = 1;
+    TRY("add", hx_cuda_engine_add(e, &r, &err));
+    step(e, NULL);
+    const int K = cfg.num_kv_heads, D = cfg.head_dim, Ln = cfg.num_layers;
+    const size_t bytes = hx_kv_segment_bytes(Ln, K, T, D);
+    void *pinned = NULL, *dev = NULL;
+    TRY("pinned", hx_cuda_host_alloc(&pinned, bytes, &err));
+    void *pageable = malloc(bytes);
+    memset(pageable, 0, bytes);
+    const int reps = quick ? 2 : 5;
+    double t_pin = 1e30, t_page = 1e30, t_crc = 1e30, t_raw = 1e30;
+    size_t wrote = 0;
+    for (int i = 0; i < reps + 1; i++) {
+        double t0 = now_s();
+        TRY("pack", hx_cuda_engine_pack_kv(e, 7, 0, Ln, 0, K, pinned, bytes, &wrote, &err));
+        double dt = now_s() - t0;
+        if (i)
+            t_pin = dt < t_pin ? dt : t_pin;
+        t0 = now_s();
+        TRY("pack", hx_cuda_engine_pack_kv(e, 7, 0, Ln, 0, K, pageable, bytes, &wrote, &err));
+        dt = now_s() - t0;
+        if (i)
+            t_page = dt < t_page ? dt : t_page;
+        t0 = now_s();
+        volatile uint32_t crc = hx_kv_crc32c(0, pinned, bytes);
+        (void)crc;
+        dt = now_s() - t0;
+        if (i)
+            t_crc = dt < t_crc ? dt : t_crc;
+    }
+    TRY("malloc", hx_cuda_malloc(&dev, bytes, &err));
+    for (int i = 0; i < reps + 1; i++) {
+        double t0 = now_s();
+        TRY("copy", hx_cuda_memcpy(pinned, dev, bytes, &err));
+        double dt = now_s() - t0;
+        if (i)
+            t_raw = dt < t_raw ? dt : t_raw;
+    }
+    hx_kv_segment seg;
+    TRY("parse", hx_kv_segment_parse(pageable, wrote, &seg, &err));
+    printf("kv pack %d positions (%.1f MB fp32 segment): pinned %.2f GB/s (%.2f ms), pageable "
+           "%.2f GB/s; CRC-32C on one thread %.2f GB/s (pack uses up to 16); raw "
+           "device->pinned copy %.2f GB/s\n",
+           T, bytes / 1e6, bytes / t_pin / 1e9, t_pin * 1e3, bytes / t_page / 1e9,
+           bytes / t_crc / 1e9, bytes / t_raw / 1e9);
+    jadd("\"kv_pack\": {\"tokens\": %d, \"bytes\": %zu, \"pinned_gb_s\": %.3f, "
+         "\"pageable_gb_s\": %.3f, \"crc_gb_s\": %.3f, \"raw_d2h_pinned_gb_s\": %.3f}}\n",
+         T, bytes, bytes / t_pin / 1e9, bytes / t_page / 1e9, bytes / t_crc / 1e9,
+         bytes / t_raw / 1e9);
+    hx_cuda_free(dev);
+    hx_cuda_host_free(pinned);
+    free(pageable);
+    free(prompt);
+    hx_cuda_engine_free(e);
+
+    if (json_path) {
+        FILE *jf = fopen(json_path, "w");
+        if (!jf || fwrite(json, 1, json_len, jf) != json_len || fclose(jf) != 0) {
+            fprintf(stderr, "gpu_bench: cannot write '%s'\n", json_path);
+            return 1;
+        }
+    }
+    return 0;
+}

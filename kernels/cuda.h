@@ -1,0 +1,339 @@
+/*
+ * cuda.h - the CUDA backend, callable from C: device memory helpers, the
+ * launch functions of the bf16 kernels, a cuBLAS-backed GEMM, NCCL wrappers,
+ * and a whole-model engine (continuous batching over a paged bf16 KV cache,
+ * CUDA graphs for decode steps) that mirrors runtime/batch.h's hx_batch.
+ *
+ * No CUDA type appears here: streams, handles and graphs are opaque
+ * pointers, bf16 values are their bit patterns (hx_bf16), and device
+ * memory is plain `void *` / typed pointers that only the GPU may read.
+ * Everything declared here exists only when the build found a CUDA toolkit
+ * (HX_HAVE_CUDA); kernels/kernels.h has the build version and device count.
+ *
+ * Numerics: weights and activations between kernels are bf16; every kernel
+ * accumulates in fp32; the residual stream, the o / down projection outputs
+ * and the logits are fp32; the KV cache is bf16. Rounding bf16 is to nearest
+ * even.
+ *
+ * Conventions of the launch functions: pointers named d_* (and the tensors
+ * in shape comments) are device memory, borrowed for the call; they run
+ * asynchronously on `stream` (NULL: the legacy default stream) and return
+ * HX_EINVAL for bad sizes, HX_ENOTSUP for a shape the kernels do not cover,
+ * HX_EIO naming the kernel when the launch fails. Errors of the kernels
+ * themselves surface at the next synchronising call (hx_cuda_sync).
+ *
+ * Linear weights are HF's [out][in] row-major, so y = x W^T.
+ */
+#ifndef HX_CUDA_H
+#define HX_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" { /* common/status.h has no C++ guard of its own */
+#endif
+
+#include "common/status.h"
+#include "kernels/kernels.h"
+
+typedef uint16_t hx_bf16;                    /* bf16 bit pattern */
+typedef struct hx_cuda_stream hx_cuda_stream; /* opaque: a CUDA stream */
+typedef struct hx_cuda_blas hx_cuda_blas;     /* opaque: cuBLAS handle + workspace */
+
+/* ---- devices and memory --------------------------------------------------------------------- */
+
+/* 1 when a CUDA device can be used (hx_cuda_device_count() > 0), else 0. */
+int hx_cuda_available(void);
+
+hx_status hx_cuda_set_device(int device, hx_err *err);
+
+/*
+ * The device's name (into name[0..size), caller-owned), its peak HBM
+ * bandwidth in bytes/s and dense BF16 tensor peak in FLOP/s, from a table
+ * of known parts by name (H100 SXM 3.35e12 / 989e12, H100 PCIe 2.0e12 /
+ * 756e12, H200 4.8e12 / 989e12, A100 2.0e12 / 312e12 ...; 0 when unknown).
+ * Either out pointer may be NULL.
+ */
+hx_status hx_cuda_device_info(int device, char *name, size_t size, double *peak_bytes_per_s,
+                              double *peak_bf16_flops, hx_err *err);
+
+/* Device memory (cudaMalloc); *ptr is freed with hx_cuda_free (NULL is a no-op). */
+hx_status hx_cuda_malloc(void **ptr, size_t bytes, hx_err *err);
+void hx_cuda_free(void *ptr);
+
+/* Page-locked host memory (cudaMallocHost), for fast transfers; hx_cuda_host_free. */
+hx_status hx_cuda_host_alloc(void **ptr, size_t bytes, hx_err *err);
+void hx_cuda_host_free(void *ptr);
+
+/* Synchronous copies (any direction, by address: unified addressing) and memset. */
+hx_status hx_cuda_memcpy(void *dst, const void *src, size_t bytes, hx_err *err);
+hx_status hx_cuda_memset(void *d_dst, int value, size_t bytes, hx_err *err);
+/* Asynchronous copy on `stream` (truly asynchronous only for pinned host memory). */
+hx_status hx_cuda_memcpy_async(void *dst, const void *src, size_t bytes, hx_cuda_stream *stream,
+                               hx_err *err);
+
+/* Waits for all work on the device and reports any asynchronous error (HX_EIO). */
+hx_status hx_cuda_sync(hx_err *err);
+
+/* A non-blocking stream; hx_cuda_stream_free (NULL is a no-op). */
+hx_status hx_cuda_stream_new(hx_cuda_stream **out, hx_err *err);
+void hx_cuda_stream_free(hx_cuda_stream *s);
+hx_status hx_cuda_stream_sync(hx_cuda_stream *s, hx_err *err);
+
+/*
+ * Programmatic dependent launch (Hopper and later): each kernel may start
+ * while the previous one on its stream finishes (the GEMV streams its first
+ * weights meanwhile). Off by default: on an H100 it made a batch-1 decode
+ * step slower (1.86 ms against 1.61 ms). $HX_CUDA_PDL=1 or hx_cuda_set_pdl(1)
+ * turns it on (devices of compute capability 9.0+ only) for later launches;
+ * hx_cuda_set_pdl(0) off again. Graphs keep what they captured.
+ */
+void hx_cuda_set_pdl(int on);
+
+/* ---- element conversion and initialisation ------------------------------------------------ */
+
+#define HX_CUDA_DTYPE_F32 0
+#define HX_CUDA_DTYPE_BF16 1
+#define HX_CUDA_DTYPE_F16 2
+
+/* d_dst[i] = bf16(d_src[i]) for i < n; d_src holds n elements of src_dtype (4-byte aligned). */
+hx_status hx_cuda_to_bf16(hx_bf16 *d_dst, const void *d_src, int src_dtype, int64_t n,
+                          hx_cuda_stream *stream, hx_err *err);
+
+/* d_dst[i] = float(d_src[i]);  d_dst, d_src: [n] */
+hx_status hx_cuda_bf16_to_f32(float *d_dst, const hx_bf16 *d_src, int64_t n,
+                              hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * Deterministic uniform values in [lo, hi) from (seed, i): for random-weight
+ * models made directly on the GPU (benchmarks).   d_dst: [n]
+ */
+hx_status hx_cuda_fill_uniform_bf16(hx_bf16 *d_dst, int64_t n, uint64_t seed, float lo, float hi,
+                                    hx_cuda_stream *stream, hx_err *err);
+hx_status hx_cuda_fill_uniform_f32(float *d_dst, int64_t n, uint64_t seed, float lo, float hi,
+                                   hx_cuda_stream *stream, hx_err *err);
+
+/* ---- GEMM ------------------------------------------------------------------------------------- */
+
+/*
+ * A cuBLAS handle with a fixed workspace (so that GEMMs can be captured
+ * into CUDA graphs). gemv_max_rows (at most 8): GEMMs of at most this many
+ * rows (and `in` a multiple of 8) may use hexflow's own bf16 GEMV kernel,
+ * which streams the weights at close to full memory bandwidth: always up to
+ * 4 rows, and up to 8 for matrices of at most 8M elements, where it beat
+ * cuBLAS on an H100; 0 sends everything to cuBLAS. *out is freed with
+ * hx_cuda_blas_free (NULL is a no-op).
+ */
+hx_status hx_cuda_blas_new(int gemv_max_rows, hx_cuda_blas **out, hx_err *err);
+void hx_cuda_blas_free(hx_cuda_blas *b);
+
+/*
+ * y = x W^T (+ beta * y), bf16 inputs, fp32 accumulation:
+ *   d_y: [rows][out] fp32 (y_bf16 0) or bf16 (y_bf16 1)
+ *   d_x: [rows][in] bf16    d_w: [out][in] bf16
+ * beta is 0 or 1 (1 adds into d_y).
+ */
+hx_status hx_cuda_gemm(hx_cuda_blas *b, void *d_y, int y_bf16, const hx_bf16 *d_x,
+                       const hx_bf16 *d_w, int rows, int in, int out, float beta,
+                       hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * The MLP's down projection with SwiGLU in front:
+ *   act = bf16(silu(gate) * up),  y = act W^T (fp32)
+ *   d_y: [rows][out] fp32   d_gate_up: [rows][2 * ff] bf16 (gate then up)
+ *   d_w: [out][ff] bf16     d_act: [rows][ff] bf16 workspace
+ */
+hx_status hx_cuda_gemm_swiglu(hx_cuda_blas *b, float *d_y, const hx_bf16 *d_gate_up,
+                              const hx_bf16 *d_w, hx_bf16 *d_act, int rows, int ff, int out,
+                              hx_cuda_stream *stream, hx_err *err);
+
+/* ---- layer kernels ---------------------------------------------------------------------------- */
+
+/* d_x[r] = float(d_table[d_tokens[r]]);  d_x: [rows][hidden] fp32, d_table: [vocab][hidden] */
+hx_status hx_cuda_embed(float *d_x, const hx_bf16 *d_table, const int *d_tokens, int rows,
+                        int hidden, int vocab, hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * RMSNorm fused with the residual add. For output row r, with s = d_index[r]
+ * (or r when d_index is NULL):
+ *   v = d_x[s] + d_delta[s]        (d_delta may be NULL: v = d_x[s])
+ *   d_x[s] = v                     (only when d_index is NULL)
+ *   d_out[r] = bf16(v / sqrt(mean(v^2) + eps) * d_w)
+ *   d_x, d_delta: [..][dim] fp32   d_w: [dim] fp32   d_out: [rows][dim] bf16
+ */
+hx_status hx_cuda_add_rmsnorm(float *d_x, const float *d_delta, const float *d_w, hx_bf16 *d_out,
+                              const int *d_index, int rows, int dim, float eps,
+                              hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * The paged bf16 KV cache, the layout of runtime/kvcache.h:
+ *   [blocks][layers][2][kv_heads][block_tokens][head_dim] bf16   ([2]: K then V)
+ * A sequence's block table lists its blocks in position order: position p
+ * is at offset p % block_tokens of block table[p / block_tokens]. Block
+ * tables of all sequences are rows of one [slots][max_blocks_per_seq] int
+ * array. Plain value.
+ */
+typedef struct hx_cuda_kv_layout {
+    int layers, kv_heads, head_dim, block_tokens;
+    int max_blocks_per_seq; /* row stride of the block tables */
+} hx_cuda_kv_layout;
+
+/*
+ * RoPE (HF rotate-half; cos/sin tables precomputed) on q and k, and the
+ * KV-cache write, for `rows` tokens:
+ *   d_qkv:   [rows][(heads + 2 kv_heads) * head_dim] fp32 (q, k, v projections)
+ *   d_q:     [rows][heads][head_dim] bf16 (rotated queries)
+ *   d_pos:   [rows] positions;  d_slot: [rows] block * block_tokens + offset of each row's KV
+ *   d_cos, d_sin: [max_pos][head_dim / 2] fp32, cos/sin(pos * theta^(-2i/head_dim))
+ *   d_cache: the paged cache; layer `layer` is written
+ */
+hx_status hx_cuda_rope_kv(hx_bf16 *d_q, hx_bf16 *d_cache, const float *d_qkv, const int *d_pos,
+                          const int *d_slot, const float *d_cos, const float *d_sin, int rows,
+                          int heads, const hx_cuda_kv_layout *kv, int layer,
+                          hx_cuda_stream *stream, hx_err *err);
+
+/* d_out[r][i] = bf16(silu(gate) * up);  d_gate_up: [rows][2 * ff] bf16, d_out: [rows][ff] */
+hx_status hx_cuda_swiglu(hx_bf16 *d_out, const hx_bf16 *d_gate_up, int rows, int ff,
+                         hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * Prefill attention (causal, GQA, FlashAttention-2 style: 64x64 tiles on
+ * tensor cores, online softmax) of the queries of n_seqs sequences over
+ * their paged KV. Sequence s has d_n[s] queries at rows d_row0[s] .. and
+ * positions d_pos0[s] .., block-table row d_slot[s]; query t sees keys
+ * 0 .. d_pos0[s] + t, which must be in the cache. max_n >= every d_n[s].
+ *   d_out, d_q: [rows][heads][head_dim] bf16. head_dim 64 or 128.
+ */
+hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_cache,
+                                    const hx_cuda_kv_layout *kv, int layer,
+                                    const int *d_block_tables, const int *d_slot,
+                                    const int *d_row0, const int *d_pos0, const int *d_n,
+                                    int n_seqs, int max_n, int heads, hx_cuda_stream *stream,
+                                    hx_err *err);
+
+/*
+ * Which prefill attention kernel runs: 0 (default) the WMMA kernel above,
+ * verified against the CPU on an H100 (about 32 TFLOP/s there: its softmax
+ * goes through shared memory); 1 a FlashAttention-2 kernel on mma.sync with
+ * the softmax in registers, written to be several times faster but NOT yet
+ * run on a GPU (test_cuda checks both; flip the default once it passes).
+ * $HX_CUDA_ATTN_MMA=1 selects it too. Later launches only.
+ */
+void hx_cuda_set_prefill_mma(int on);
+
+/*
+ * Decode attention: one query per sequence (row d_row[s], attending keys
+ * 0 .. d_len[s]-1 of block-table row d_slot[s]), split along the sequence
+ * into up to max_parts chunks (grid-fixed, so that a CUDA graph serves any
+ * lengths up to max_parts * 256), then a reduction.
+ *   d_part: workspace of hx_cuda_decode_attention_workspace(n_seqs, heads,
+ *           head_dim, max_parts) bytes.
+ */
+size_t hx_cuda_decode_attention_workspace(int n_seqs, int heads, int head_dim, int max_parts);
+hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_cache,
+                                   const hx_cuda_kv_layout *kv, int layer,
+                                   const int *d_block_tables, const int *d_slot,
+                                   const int *d_row, const int *d_len, int n_seqs,
+                                   int max_parts, int heads, float *d_part,
+                                   hx_cuda_stream *stream, hx_err *err);
+
+/* Keys that one decode-attention chunk covers at most: max_parts = ceil(max_len / this). */
+#define HX_CUDA_DECODE_CHUNK_MAX 256
+
+/* ---- sampling --------------------------------------------------------------------------------- */
+
+/*
+ * The seeded generator's initial state for `seed` (splitmix64, as
+ * hx_llama_sampler_new): store it in a d_rng slot.
+ */
+uint64_t hx_cuda_rng_init(uint64_t seed);
+
+/*
+ * One token per logits row, as hx_llama_sample: temperature 0 (or d_temp
+ * NULL) is argmax with the lowest index on ties; otherwise softmax(logits /
+ * temperature) and a draw u from the row's xorshift64* generator
+ * d_rng[d_rng_slot[r]] (advanced), over the whole vocabulary in index order,
+ * or, when 0 < top_p < 1, over the nucleus (the most likely tokens, ties by
+ * lower index, until their mass exceeds top_p) in that order.
+ *   d_tokens: [rows]   d_logits: [rows][vocab] fp32
+ *   d_temp, d_top_p: [rows] fp32 (may be NULL: greedy)   d_rng_slot: [rows]
+ *   d_rng: [slots] uint64
+ */
+hx_status hx_cuda_sample(int *d_tokens, const float *d_logits, int rows, int vocab,
+                         const float *d_temp, const float *d_top_p, const int *d_rng_slot,
+                         uint64_t *d_rng, hx_cuda_stream *stream, hx_err *err);
+
+/* ---- KV segments ------------------------------------------------------------------------------ */
+
+/*
+ * Positions token_first .. token_first + tokens - 1 of local layers
+ * [layer_first, +num_layers) and KV heads [head_first, +num_heads) of the
+ * sequence with block table d_blocks (one row) between the paged bf16 cache
+ * and a segment payload (runtime/kvcache.h layout):
+ *   d_seg: [num_layers][2][num_heads][tokens][head_dim] fp32
+ * pack widens exactly; unpack rounds to bf16 (nearest even).
+ */
+hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache, const hx_cuda_kv_layout *kv,
+                          const int *d_blocks, int layer_first, int num_layers, int head_first,
+                          int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
+                          hx_err *err);
+hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_kv_layout *kv,
+                            const int *d_blocks, int layer_first, int num_layers, int head_first,
+                            int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
+                            hx_err *err);
+
+/* ---- NCCL (tensor-parallel all-reduce, KV send/recv between groups) ----------------------- */
+
+/*
+ * Bytes of an ncclUniqueId. Rank 0 makes one (hx_cuda_nccl_unique_id) and
+ * hands the bytes to the other ranks over its own authenticated
+ * connection; each rank then joins with hx_cuda_nccl_new. HX_ENOTSUP in a
+ * build without NCCL (hx_cuda_nccl_available() == 0).
+ */
+#define HX_CUDA_NCCL_ID_BYTES 128
+typedef struct hx_cuda_nccl hx_cuda_nccl; /* opaque: one rank's communicator */
+
+int hx_cuda_nccl_available(void);
+hx_status hx_cuda_nccl_unique_id(uint8_t id[HX_CUDA_NCCL_ID_BYTES], hx_err *err);
+/* Collective over all n_ranks: every rank calls it with the same id (blocks until all join). */
+hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], int n_ranks, int rank,
+                           int device, hx_cuda_nccl **out, hx_err *err);
+void hx_cuda_nccl_free(hx_cuda_nccl *c);
+int hx_cuda_nccl_rank(const hx_cuda_nccl *c);
+int hx_cuda_nccl_size(const hx_cuda_nccl *c);
+/* In-place sum over the ranks: d_buf [count] fp32 (is_bf16 0) or bf16 (is_bf16 1). */
+hx_status hx_cuda_nccl_allreduce(hx_cuda_nccl *c, void *d_buf, size_t count, int is_bf16,
+                                 hx_cuda_stream *stream, hx_err *err);
+/* Point to point, bytes of device memory (a KV segment); pair every send with a recv. */
+hx_status hx_cuda_nccl_send(hx_cuda_nccl *c, const void *d_buf, size_t bytes, int peer,
+                            hx_cuda_stream *stream, hx_err *err);
+hx_status hx_cuda_nccl_recv(hx_cuda_nccl *c, void *d_buf, size_t bytes, int peer,
+                            hx_cuda_stream *stream, hx_err *err);
+/* Brackets several sends/recvs so that they progress together (no deadlock). */
+hx_status hx_cuda_nccl_group_start(hx_err *err);
+hx_status hx_cuda_nccl_group_end(hx_err *err);
+
+/* ---- CUDA graphs and device memory (for engines) ---------------------------------------- */
+
+typedef struct hx_cuda_graph hx_cuda_graph; /* opaque: an instantiated CUDA graph */
+
+/* Starts capturing `s` (thread-local mode). */
+hx_status hx_cuda_graph_begin(hx_cuda_stream *s, hx_err *err);
+/* Ends the capture and instantiates it into *out. */
+hx_status hx_cuda_graph_end(hx_cuda_stream *s, hx_cuda_graph **out, hx_err *err);
+/* Ends a capture that failed part-way, dropping what was captured (no error). */
+void hx_cuda_graph_abort(hx_cuda_stream *s);
+hx_status hx_cuda_graph_launch(hx_cuda_graph *g, hx_cuda_stream *s, hx_err *err);
+void hx_cuda_graph_free(hx_cuda_graph *g);
+
+
+
+/* Free and total device memory of the current device. */
+hx_status hx_cuda_mem_info(size_t *free_bytes, size_t *total_bytes, hx_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* HX_CUDA_H */

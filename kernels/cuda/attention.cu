@@ -1,0 +1,743 @@
+// attention.cu - causal grouped-query attention over the paged bf16 KV cache:
+// a FlashAttention-2 style prefill kernel (64x64 tiles, bf16 tensor cores
+// through WMMA, online softmax in fp32) and a split-sequence decode kernel
+// with its reduction.
+#include <stdlib.h>
+
+#include <mma.h>
+
+#include "common.cuh"
+
+using namespace nvcuda;
+
+#define LOG2E 1.4426950408889634f
+
+/* ---- prefill ---- */
+
+#define PF_BQ 64
+#define PF_BK 64
+#define PF_THREADS 128 // 4 warps x 16 query rows
+
+template <int D> struct PfSmem {
+    static constexpr int LDH = D + 8;     // bf16 rows of Q, K, V
+    static constexpr int LDS = PF_BK + 4; // fp32 scores
+    static constexpr int LDP = PF_BK + 8; // bf16 probabilities
+    static constexpr int LDO = D + 4;     // fp32 output accumulator
+    static constexpr size_t q_off = 0;
+    static constexpr size_t k_off = q_off + (size_t)PF_BQ * LDH * 2;
+    static constexpr size_t v_off = k_off + (size_t)PF_BK * LDH * 2;
+    static constexpr size_t s_off = v_off + (size_t)PF_BK * LDH * 2;
+    static constexpr size_t p_off = s_off + (size_t)4 * 16 * LDS * 4;
+    static constexpr size_t o_off = p_off + (size_t)4 * 16 * LDP * 2;
+    static constexpr size_t m_off = o_off + (size_t)4 * 16 * LDO * 4;
+    static constexpr size_t bytes = m_off + (size_t)2 * PF_BQ * 4;
+};
+
+template <int D>
+__global__ void __launch_bounds__(PF_THREADS)
+    prefill_attn_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *q, const __nv_bfloat16 *cache,
+                        hx_cuda_kv_layout kv, int layer, const int *block_tables,
+                        const int *seq_slot, const int *seq_row0, const int *seq_pos0,
+                        const int *seq_n, int heads, float scale_log2)
+{
+    hx_pdl_begin();
+    using S = PfSmem<D>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __nv_bfloat16 *Qs = reinterpret_cast<__nv_bfloat16 *>(smem + S::q_off);
+    __nv_bfloat16 *Ks = reinterpret_cast<__nv_bfloat16 *>(smem + S::k_off);
+    __nv_bfloat16 *Vs = reinterpret_cast<__nv_bfloat16 *>(smem + S::v_off);
+    float *Ss = reinterpret_cast<float *>(smem + S::s_off);
+    __nv_bfloat16 *Ps = reinterpret_cast<__nv_bfloat16 *>(smem + S::p_off);
+    float *Os = reinterpret_cast<float *>(smem + S::o_off);
+    float *row_m = reinterpret_cast<float *>(smem + S::m_off);
+    float *row_l = row_m + PF_BQ;
+
+    const int s = blockIdx.z, h = blockIdx.y;
+    const int n = seq_n[s];
+    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; // longest tiles first
+    const int q_begin = qt * PF_BQ;
+    if (q_begin >= n)
+        return;
+    const int slot = seq_slot[s], row0 = seq_row0[s], pos0 = seq_pos0[s];
+    const int kvh = h / (heads / kv.kv_heads);
+    const int *bt = block_tables + (size_t)slot * kv.max_blocks_per_seq;
+    const int q_rows = min(PF_BQ, n - q_begin);
+    const int n_keys = pos0 + q_begin + q_rows;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const size_t qstride = (size_t)heads * D;
+    constexpr int CH = D / 8; // 16-byte chunks per row
+
+    for (int idx = tid; idx < PF_BQ * CH; idx += PF_THREADS) {
+        const int r = idx / CH, c = idx % CH;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < q_rows)
+            v = *reinterpret_cast<const uint4 *>(q + (size_t)(row0 + q_begin + r) * qstride +
+                                                 (size_t)h * D + c * 8);
+        *reinterpret_cast<uint4 *>(Qs + r * S::LDH + c * 8) = v;
+    }
+    const int wrow0 = warp * 16;
+    float *Sw = Ss + warp * 16 * S::LDS;
+    __nv_bfloat16 *Pw = Ps + warp * 16 * S::LDP;
+    float *Ow = Os + warp * 16 * S::LDO;
+    for (int i = lane; i < 16 * S::LDO; i += 32)
+        Ow[i] = 0.0f;
+    if (lane < 16) {
+        row_m[wrow0 + lane] = -INFINITY;
+        row_l[wrow0 + lane] = 0.0f;
+    }
+    __syncthreads();
+
+    const int n_kt = (n_keys + PF_BK - 1) / PF_BK;
+    const int last_q_of_warp = min(wrow0 + 15, q_rows - 1); // <0 when the warp has no rows
+    for (int kt = 0; kt < n_kt; kt++) {
+        const int k0 = kt * PF_BK;
+        for (int idx = tid; idx < PF_BK * CH; idx += PF_THREADS) {
+            const int r = idx / CH, c = idx % CH;
+            const int j = k0 + r;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (j < n_keys) {
+                const int blk = bt[j / kv.block_tokens];
+                const size_t off = hx_kv_offset(kv, blk, layer, 0, kvh) +
+                                   (size_t)(j % kv.block_tokens) * D + c * 8;
+                const size_t voff = off + (size_t)kv.kv_heads * kv.block_tokens * D;
+                kv4 = *reinterpret_cast<const uint4 *>(cache + off);
+                vv4 = *reinterpret_cast<const uint4 *>(cache + voff);
+            }
+            *reinterpret_cast<uint4 *>(Ks + r * S::LDH + c * 8) = kv4;
+            *reinterpret_cast<uint4 *>(Vs + r * S::LDH + c * 8) = vv4;
+        }
+        __syncthreads();
+        const bool active = wrow0 < q_rows && k0 <= pos0 + q_begin + last_q_of_warp;
+        if (active) {
+            // S = Q K^T for the warp's 16 rows and the tile's 64 keys
+            for (int nt = 0; nt < PF_BK / 16; nt++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+                wmma::fill_fragment(sf, 0.0f);
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> af;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> bf;
+                    wmma::load_matrix_sync(af, Qs + wrow0 * S::LDH + kk * 16, S::LDH);
+                    wmma::load_matrix_sync(bf, Ks + nt * 16 * S::LDH + kk * 16, S::LDH);
+                    wmma::mma_sync(sf, af, bf, sf);
+                }
+                wmma::store_matrix_sync(Sw + nt * 16, sf, S::LDS, wmma::mem_row_major);
+            }
+            __syncwarp();
+            // online softmax: a lane pair per row, 32 columns each
+            const int r = lane >> 1, c0 = (lane & 1) * 32;
+            const bool row_valid = wrow0 + r < q_rows;
+            const int qpos = pos0 + q_begin + wrow0 + r;
+            float mx = -INFINITY;
+            for (int c = 0; c < 32; c++) {
+                const int j = k0 + c0 + c;
+                float v = Sw[r * S::LDS + c0 + c] * scale_log2;
+                if (!row_valid || j > qpos)
+                    v = -INFINITY;
+                Sw[r * S::LDS + c0 + c] = v;
+                mx = fmaxf(mx, v);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            const float m_old = row_m[wrow0 + r];
+            const float m_new = fmaxf(m_old, mx);
+            float alpha = 1.0f, sum = 0.0f;
+            if (m_new != -INFINITY)
+                alpha = exp2f(m_old - m_new); // 0 when m_old is -inf
+            for (int c = 0; c < 32; c++) {
+                const float v = Sw[r * S::LDS + c0 + c];
+                float p = 0.0f;
+                if (m_new != -INFINITY && v != -INFINITY)
+                    p = exp2f(v - m_new);
+                const __nv_bfloat16 pb = __float2bfloat16_rn(p);
+                Pw[r * S::LDP + c0 + c] = pb;
+                sum += __bfloat162float(pb);
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            const float l_old = row_l[wrow0 + r];
+            for (int c = 0; c < D / 2; c++)
+                Ow[r * S::LDO + (lane & 1) * (D / 2) + c] *= alpha;
+            __syncwarp();
+            if ((lane & 1) == 0) {
+                row_m[wrow0 + r] = m_new;
+                row_l[wrow0 + r] = l_old * alpha + sum;
+            }
+            // O += P V
+            for (int nt = 0; nt < D / 16; nt++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
+                wmma::load_matrix_sync(of, Ow + nt * 16, S::LDO, wmma::mem_row_major);
+#pragma unroll
+                for (int kk = 0; kk < PF_BK / 16; kk++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pf;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vf;
+                    wmma::load_matrix_sync(pf, Pw + kk * 16, S::LDP);
+                    wmma::load_matrix_sync(vf, Vs + kk * 16 * S::LDH + nt * 16, S::LDH);
+                    wmma::mma_sync(of, pf, vf, of);
+                }
+                wmma::store_matrix_sync(Ow + nt * 16, of, S::LDO, wmma::mem_row_major);
+            }
+            __syncwarp();
+        }
+        __syncthreads();
+    }
+    // out = O / l
+    {
+        const int r = lane >> 1;
+        if (wrow0 + r < q_rows) {
+            const float l = row_l[wrow0 + r];
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            __nv_bfloat16 *o = out + (size_t)(row0 + q_begin + wrow0 + r) * qstride + (size_t)h * D;
+            for (int c = 0; c < D / 2; c++) {
+                const int col = (lane & 1) * (D / 2) + c;
+                o[col] = __float2bfloat16_rn(Ow[r * S::LDO + col] * inv);
+            }
+        }
+    }
+}
+
+template <int D>
+static hx_status prefill_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
+                                const __nv_bfloat16 *cache, const hx_cuda_kv_layout *kv, int layer,
+                                const int *bt, const int *slot, const int *row0, const int *pos0,
+                                const int *n, int n_seqs, int max_n, int heads, cudaStream_t s,
+                                hx_err *err)
+{
+    static bool configured = false; // per device in practice: all ours are alike
+    const size_t bytes = PfSmem<D>::bytes;
+    if (!configured) {
+        hx_status st = hx_cuda_err(cudaFuncSetAttribute(prefill_attn_kernel<D>,
+                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                        (int)bytes),
+                                   err, "prefill attention shared memory");
+        if (st != HX_OK)
+            return st;
+        configured = true;
+    }
+    dim3 grid((unsigned)((max_n + PF_BQ - 1) / PF_BQ), (unsigned)heads, (unsigned)n_seqs);
+    const float scale_log2 = LOG2E / sqrtf((float)D);
+    hx_launch(prefill_attn_kernel<D>, grid, PF_THREADS, bytes, s, out, q, cache, *kv, layer, bt,
+              slot, row0, pos0, n, heads, scale_log2);
+    return hx_cuda_launched(err, "prefill_attention");
+}
+
+/* ---- prefill, second kernel: mma.sync with register-resident softmax ----
+ *
+ * FlashAttention-2 as its authors wrote it for Ampere/Hopper: each warp keeps
+ * its 16 query rows' scores S, probabilities P and output O in registers as
+ * mma.m16n8k16 fragments (the accumulator layout of S is the A-operand
+ * layout of P, so P never goes through shared memory), and the online
+ * softmax runs on those registers with quad shuffles. Fragment layouts (PTX
+ * ISA, mma.m16n8k16 with .bf16): g = lane / 4, t = lane % 4;
+ *   A (16x16, row): r0 = A[g][2t..2t+1], r1 = A[g+8][2t..], r2 = A[g][2t+8..], r3 = A[g+8][2t+8..]
+ *   B (16x8, col):  r0 = B[2t..2t+1][g], r1 = B[2t+8..2t+9][g]
+ *   C (16x8, f32):  c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
+ * (two bf16 per 32-bit register, the lower index in the low half).
+ * Selected with hx_cuda_set_prefill_mma(1) / $HX_CUDA_ATTN_MMA=1.
+ */
+
+__device__ __forceinline__ void mma_bf16_16816(float *c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                               uint32_t a3, uint32_t b0, uint32_t b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16 *p)
+{
+    return *reinterpret_cast<const uint32_t *>(p);
+}
+
+// Two bf16 from two places, the first in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi)
+{
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+template <int D> struct MmaSmem {
+    static constexpr int LD = D + 8; // bf16 row stride: conflict-free fragment loads
+    static constexpr size_t bytes = (size_t)3 * 64 * LD * 2;
+};
+
+template <int D>
+__global__ void __launch_bounds__(PF_THREADS)
+    prefill_mma_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *q, const __nv_bfloat16 *cache,
+                       hx_cuda_kv_layout kv, int layer, const int *block_tables,
+                       const int *seq_slot, const int *seq_row0, const int *seq_pos0,
+                       const int *seq_n, int heads, float scale_log2)
+{
+    hx_pdl_begin();
+    constexpr int LD = MmaSmem<D>::LD;
+    constexpr int NT = PF_BK / 8; // key n-tiles of S
+    constexpr int DT = D / 8;     // dimension n-tiles of O
+    constexpr int CH = D / 8;     // 16-byte chunks per row
+    extern __shared__ __align__(128) unsigned char smem[];
+    __nv_bfloat16 *Qs = reinterpret_cast<__nv_bfloat16 *>(smem);
+    __nv_bfloat16 *Ks = Qs + PF_BQ * LD;
+    __nv_bfloat16 *Vs = Ks + PF_BK * LD;
+
+    const int s = blockIdx.z, h = blockIdx.y;
+    const int n = seq_n[s];
+    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x;
+    const int q_begin = qt * PF_BQ;
+    if (q_begin >= n)
+        return;
+    const int slot = seq_slot[s], row0 = seq_row0[s], pos0 = seq_pos0[s];
+    const int kvh = h / (heads / kv.kv_heads);
+    const int *bt = block_tables + (size_t)slot * kv.max_blocks_per_seq;
+    const int q_rows = min(PF_BQ, n - q_begin);
+    const int n_keys = pos0 + q_begin + q_rows;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const size_t qstride = (size_t)heads * D;
+
+    for (int idx = tid; idx < PF_BQ * CH; idx += PF_THREADS) {
+        const int r = idx / CH, c = idx % CH;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < q_rows)
+            v = *reinterpret_cast<const uint4 *>(q + (size_t)(row0 + q_begin + r) * qstride +
+                                                 (size_t)h * D + c * 8);
+        *reinterpret_cast<uint4 *>(Qs + r * LD + c * 8) = v;
+    }
+    __syncthreads();
+    const int wrow0 = warp * 16;
+    // the warp's Q as A fragments, for the whole kernel
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const __nv_bfloat16 *q0 = Qs + (wrow0 + g) * LD + kk * 16 + 2 * t;
+        qa[kk][0] = ld_u32(q0);
+        qa[kk][1] = ld_u32(q0 + 8 * LD);
+        qa[kk][2] = ld_u32(q0 + 8);
+        qa[kk][3] = ld_u32(q0 + 8 * LD + 8);
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int j = 0; j < DT; j++)
+        o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m_lo = -INFINITY, m_hi = -INFINITY; // running max of rows g and g + 8
+    float l_lo = 0.0f, l_hi = 0.0f;           // this lane's part of the running sums
+    const bool lo_valid = wrow0 + g < q_rows, hi_valid = wrow0 + g + 8 < q_rows;
+    const int qpos_lo = pos0 + q_begin + wrow0 + g, qpos_hi = qpos_lo + 8;
+    const int last_q_of_warp = min(wrow0 + 15, q_rows - 1);
+
+    const int n_kt = (n_keys + PF_BK - 1) / PF_BK;
+    for (int kt = 0; kt < n_kt; kt++) {
+        const int k0 = kt * PF_BK;
+        __syncthreads(); // the previous tile is no longer read
+        for (int idx = tid; idx < PF_BK * CH; idx += PF_THREADS) {
+            const int r = idx / CH, c = idx % CH;
+            const int j = k0 + r;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (j < n_keys) {
+                const int blk = bt[j / kv.block_tokens];
+                const size_t off = hx_kv_offset(kv, blk, layer, 0, kvh) +
+                                   (size_t)(j % kv.block_tokens) * D + c * 8;
+                kv4 = *reinterpret_cast<const uint4 *>(cache + off);
+                vv4 = *reinterpret_cast<const uint4 *>(cache + off +
+                                                       (size_t)kv.kv_heads * kv.block_tokens * D);
+            }
+            *reinterpret_cast<uint4 *>(Ks + r * LD + c * 8) = kv4;
+            *reinterpret_cast<uint4 *>(Vs + r * LD + c * 8) = vv4;
+        }
+        __syncthreads();
+        if (wrow0 >= q_rows || k0 > pos0 + q_begin + last_q_of_warp)
+            continue; // no row of this warp sees a key of this tile
+        // S = Q K^T
+        float sc[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+            const __nv_bfloat16 *k_row = Ks + (j * 8 + g) * LD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                mma_bf16_16816(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3],
+                               ld_u32(k_row + kk * 16), ld_u32(k_row + kk * 16 + 8));
+        }
+        // scale, mask, row maxima (over the quad)
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int key = k0 + j * 8 + 2 * t + e;
+                float vlo = sc[j][e] * scale_log2, vhi = sc[j][2 + e] * scale_log2;
+                if (!lo_valid || key > qpos_lo)
+                    vlo = -INFINITY;
+                if (!hi_valid || key > qpos_hi)
+                    vhi = -INFINITY;
+                sc[j][e] = vlo;
+                sc[j][2 + e] = vhi;
+                mx_lo = fmaxf(mx_lo, vlo);
+                mx_hi = fmaxf(mx_hi, vhi);
+            }
+        }
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        const float a_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - mn_lo);
+        const float a_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - mn_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        // P (bf16, as the A operand of P V) and this lane's share of the row sums
+        uint32_t pa[NT][2];
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            __nv_bfloat16 p[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float m = e < 2 ? mn_lo : mn_hi;
+                const float v = sc[j][e];
+                p[e] = __float2bfloat16_rn(m == -INFINITY || v == -INFINITY ? 0.0f : exp2f(v - m));
+            }
+            sum_lo += __bfloat162float(p[0]) + __bfloat162float(p[1]);
+            sum_hi += __bfloat162float(p[2]) + __bfloat162float(p[3]);
+            pa[j][0] = pack_bf16(p[0], p[1]); // row g
+            pa[j][1] = pack_bf16(p[2], p[3]); // row g + 8
+        }
+        l_lo = l_lo * a_lo + sum_lo;
+        l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+        for (int j = 0; j < DT; j++) {
+            o[j][0] *= a_lo;
+            o[j][1] *= a_lo;
+            o[j][2] *= a_hi;
+            o[j][3] *= a_hi;
+        }
+        // O += P V: keys 16kk.. are S tiles 2kk and 2kk + 1
+#pragma unroll
+        for (int kk = 0; kk < PF_BK / 16; kk++) {
+            const __nv_bfloat16 *v0 = Vs + (kk * 16 + 2 * t) * LD + g;
+#pragma unroll
+            for (int j = 0; j < DT; j++) {
+                const __nv_bfloat16 *vp = v0 + j * 8;
+                const uint32_t b0 = pack_bf16(vp[0], vp[LD]);
+                const uint32_t b1 = pack_bf16(vp[8 * LD], vp[9 * LD]);
+                mma_bf16_16816(o[j], pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0],
+                               pa[2 * kk + 1][1], b0, b1);
+            }
+        }
+    }
+    // the rows' sums over the quad, then out = O / l
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    __nv_bfloat16 *o_lo = out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D;
+    __nv_bfloat16 *o_hi = o_lo + 8 * qstride;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        if (lo_valid)
+            *reinterpret_cast<uint32_t *>(o_lo + j * 8 + 2 * t) =
+                hx_pack2(o[j][0] * inv_lo, o[j][1] * inv_lo);
+        if (hi_valid)
+            *reinterpret_cast<uint32_t *>(o_hi + j * 8 + 2 * t) =
+                hx_pack2(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
+}
+
+static int prefill_mma_wanted = -1; // -1: $HX_CUDA_ATTN_MMA decides (default off)
+
+extern "C" void hx_cuda_set_prefill_mma(int on)
+{
+    prefill_mma_wanted = on != 0;
+}
+
+static int prefill_mma_on(void)
+{
+    if (prefill_mma_wanted >= 0)
+        return prefill_mma_wanted;
+    const char *env = getenv("HX_CUDA_ATTN_MMA");
+    return env && env[0] == '1';
+}
+
+template <int D>
+static hx_status prefill_mma_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
+                                    const __nv_bfloat16 *cache, const hx_cuda_kv_layout *kv,
+                                    int layer, const int *bt, const int *slot, const int *row0,
+                                    const int *pos0, const int *n, int n_seqs, int max_n, int heads,
+                                    cudaStream_t s, hx_err *err)
+{
+    static bool configured = false;
+    const size_t bytes = MmaSmem<D>::bytes;
+    if (!configured) {
+        hx_status st = hx_cuda_err(cudaFuncSetAttribute(prefill_mma_kernel<D>,
+                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                        (int)bytes),
+                                   err, "prefill attention (mma) shared memory");
+        if (st != HX_OK)
+            return st;
+        configured = true;
+    }
+    dim3 grid((unsigned)((max_n + PF_BQ - 1) / PF_BQ), (unsigned)heads, (unsigned)n_seqs);
+    const float scale_log2 = LOG2E / sqrtf((float)D);
+    hx_launch(prefill_mma_kernel<D>, grid, PF_THREADS, bytes, s, out, q, cache, *kv, layer, bt,
+              slot, row0, pos0, n, heads, scale_log2);
+    return hx_cuda_launched(err, "prefill_attention_mma");
+}
+
+static hx_status attn_check(const hx_cuda_kv_layout *kv, int layer, int heads, hx_err *err)
+{
+    if (kv->head_dim != 64 && kv->head_dim != 128)
+        return hx_err_set(err, HX_ENOTSUP, "cuda attention: head_dim %d (64 or 128 supported)",
+                          kv->head_dim);
+    if (kv->kv_heads < 1 || heads % kv->kv_heads || heads / kv->kv_heads > 8)
+        return hx_err_set(err, HX_ENOTSUP,
+                          "cuda attention: %d heads over %d KV heads (at most 8 per KV head)",
+                          heads, kv->kv_heads);
+    if (layer < 0 || layer >= kv->layers)
+        return hx_err_set(err, HX_EINVAL, "cuda attention: layer %d of %d", layer, kv->layers);
+    return HX_OK;
+}
+
+extern "C" hx_status
+hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_cache,
+                          const hx_cuda_kv_layout *kv, int layer, const int *d_block_tables,
+                          const int *d_slot, const int *d_row0, const int *d_pos0, const int *d_n,
+                          int n_seqs, int max_n, int heads, hx_cuda_stream *stream, hx_err *err)
+{
+    hx_status st = attn_check(kv, layer, heads, err);
+    if (st != HX_OK)
+        return st;
+    if (n_seqs < 1 || max_n < 1 || n_seqs > 65535)
+        return hx_err_set(err, HX_EINVAL, "cuda prefill attention: %d sequences, max_n %d", n_seqs,
+                          max_n);
+    __nv_bfloat16 *out = reinterpret_cast<__nv_bfloat16 *>(d_out);
+    const __nv_bfloat16 *q = reinterpret_cast<const __nv_bfloat16 *>(d_q);
+    const __nv_bfloat16 *c = reinterpret_cast<const __nv_bfloat16 *>(d_cache);
+    if (prefill_mma_on()) {
+        if (kv->head_dim == 64)
+            return prefill_mma_launch<64>(out, q, c, kv, layer, d_block_tables, d_slot, d_row0,
+                                          d_pos0, d_n, n_seqs, max_n, heads, HX_STREAM(stream),
+                                          err);
+        return prefill_mma_launch<128>(out, q, c, kv, layer, d_block_tables, d_slot, d_row0, d_pos0,
+                                       d_n, n_seqs, max_n, heads, HX_STREAM(stream), err);
+    }
+    if (kv->head_dim == 64)
+        return prefill_launch<64>(out, q, c, kv, layer, d_block_tables, d_slot, d_row0, d_pos0, d_n,
+                                  n_seqs, max_n, heads, HX_STREAM(stream), err);
+    return prefill_launch<128>(out, q, c, kv, layer, d_block_tables, d_slot, d_row0, d_pos0, d_n,
+                               n_seqs, max_n, heads, HX_STREAM(stream), err);
+}
+
+/* ---- decode ---- */
+
+#define DC_THREADS 128
+#define DC_MAX_G 8
+#define DC_CHUNK HX_CUDA_DECODE_CHUNK_MAX
+
+// Keys per chunk for a sequence of len keys over at most parts chunks: a
+// multiple of 32, at least min_chunk (32 or 256), at most DC_CHUNK (len <=
+// parts * DC_CHUNK). Many sequences give parallelism enough: their blocks
+// then take long chunks (fewer partials); a few take short ones.
+__device__ __forceinline__ int decode_chunk(int len, int parts, int min_chunk)
+{
+    int c = (len + parts - 1) / parts;
+    c = (c + 31) & ~31;
+    return c < min_chunk ? min_chunk : (c > DC_CHUNK ? DC_CHUNK : c);
+}
+
+// partials: o [n_seqs][heads][parts][D], then ml [n_seqs][heads][parts][2]
+template <int D>
+__global__ void __launch_bounds__(DC_THREADS)
+    decode_attn_kernel(float *o_part, float *ml_part, const __nv_bfloat16 *q,
+                       const __nv_bfloat16 *cache, hx_cuda_kv_layout kv, int layer,
+                       const int *block_tables, const int *seq_slot, const int *seq_row,
+                       const int *seq_len, int heads, float scale_log2, int min_chunk)
+{
+    hx_pdl_begin();
+    __shared__ float qs[DC_MAX_G][D];
+    __shared__ float sc[DC_MAX_G][DC_CHUNK];
+    __shared__ float red[DC_MAX_G * D * (DC_THREADS / (D / 2))];
+    const int parts = gridDim.x, p = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+    const int len = seq_len[s];
+    const int chunk = decode_chunk(len, parts, min_chunk);
+    const int start = p * chunk;
+    if (start >= len)
+        return;
+    const int nk = min(chunk, len - start);
+    const int G = heads / kv.kv_heads;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int row = seq_row[s];
+    const int *bt = block_tables + (size_t)seq_slot[s] * kv.max_blocks_per_seq;
+
+    for (int i = tid; i < G * D; i += DC_THREADS)
+        qs[i / D][i % D] =
+            __bfloat162float(q[(size_t)row * heads * D + (size_t)(g * G + i / D) * D + i % D]) *
+            scale_log2;
+    __syncthreads();
+
+    // scores: a thread per key
+    for (int jj = tid; jj < nk; jj += DC_THREADS) {
+        const int j = start + jj;
+        const int blk = bt[j / kv.block_tokens];
+        const uint4 *kr = reinterpret_cast<const uint4 *>(
+            cache + hx_kv_offset(kv, blk, layer, 0, g) + (size_t)(j % kv.block_tokens) * D);
+        float acc[DC_MAX_G];
+#pragma unroll
+        for (int gq = 0; gq < DC_MAX_G; gq++)
+            acc[gq] = 0.0f;
+#pragma unroll 4
+        for (int c = 0; c < D / 8; c++) {
+            float kf[8];
+            hx_unpack8(kr[c], kf);
+#pragma unroll
+            for (int gq = 0; gq < DC_MAX_G; gq++) {
+                if (gq < G) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++)
+                        acc[gq] = fmaf(kf[e], qs[gq][c * 8 + e], acc[gq]);
+                }
+            }
+        }
+#pragma unroll
+        for (int gq = 0; gq < DC_MAX_G; gq++)
+            if (gq < G)
+                sc[gq][jj] = acc[gq];
+    }
+    __syncthreads();
+
+    // per query head: max and exp
+    const size_t pidx0 = ((size_t)s * heads + (size_t)g * G) * parts + p;
+    for (int gq = warp; gq < G; gq += DC_THREADS / 32) {
+        float mx = -INFINITY;
+        for (int jj = lane; jj < nk; jj += 32)
+            mx = fmaxf(mx, sc[gq][jj]);
+        mx = hx_warp_max(mx);
+        float sum = 0.0f;
+        for (int jj = lane; jj < nk; jj += 32) {
+            const float e = exp2f(sc[gq][jj] - mx);
+            sc[gq][jj] = e;
+            sum += e;
+        }
+        sum = hx_warp_sum(sum);
+        if (lane == 0) {
+            const size_t pi = pidx0 + (size_t)gq * parts;
+            ml_part[pi * 2] = mx;
+            ml_part[pi * 2 + 1] = sum;
+        }
+    }
+    __syncthreads();
+
+    // P V: a thread per (dimension pair, key group)
+    constexpr int DP = D / 2, NG = DC_THREADS / DP;
+    const int c2 = tid % DP, kg = tid / DP;
+    float acc0[DC_MAX_G], acc1[DC_MAX_G];
+#pragma unroll
+    for (int gq = 0; gq < DC_MAX_G; gq++)
+        acc0[gq] = acc1[gq] = 0.0f;
+    for (int jj = kg; jj < nk; jj += NG) {
+        const int j = start + jj;
+        const int blk = bt[j / kv.block_tokens];
+        const __nv_bfloat162 *vr = reinterpret_cast<const __nv_bfloat162 *>(
+            cache + hx_kv_offset(kv, blk, layer, 1, g) + (size_t)(j % kv.block_tokens) * D);
+        const float2 v = __bfloat1622float2(vr[c2]);
+#pragma unroll
+        for (int gq = 0; gq < DC_MAX_G; gq++) {
+            if (gq < G) {
+                const float pr = sc[gq][jj];
+                acc0[gq] = fmaf(pr, v.x, acc0[gq]);
+                acc1[gq] = fmaf(pr, v.y, acc1[gq]);
+            }
+        }
+    }
+#pragma unroll
+    for (int gq = 0; gq < DC_MAX_G; gq++) {
+        if (gq < G) {
+            red[(kg * DC_MAX_G + gq) * D + 2 * c2] = acc0[gq];
+            red[(kg * DC_MAX_G + gq) * D + 2 * c2 + 1] = acc1[gq];
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += DC_THREADS) {
+        const int gq = i / D, d = i % D;
+        float v = 0.0f;
+        for (int k = 0; k < NG; k++)
+            v += red[(k * DC_MAX_G + gq) * D + d];
+        o_part[(pidx0 + (size_t)gq * parts) * D + d] = v;
+    }
+}
+
+template <int D>
+__global__ void decode_reduce_kernel(__nv_bfloat16 *out, const float *o_part, const float *ml_part,
+                                     const int *seq_row, const int *seq_len, int heads, int parts,
+                                     int min_chunk)
+{
+    hx_pdl_begin();
+    const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
+    const int len = seq_len[s];
+    const int chunk = decode_chunk(len, parts, min_chunk);
+    const int np = (len + chunk - 1) / chunk;
+    const size_t base = ((size_t)s * heads + h) * parts;
+    float M = -INFINITY;
+    for (int p = 0; p < np; p++)
+        M = fmaxf(M, ml_part[(base + p) * 2]);
+    float L = 0.0f, acc = 0.0f;
+    for (int p = 0; p < np; p++) {
+        const float w = exp2f(ml_part[(base + p) * 2] - M);
+        L += w * ml_part[(base + p) * 2 + 1];
+        acc += w * o_part[(base + p) * D + d];
+    }
+    out[(size_t)seq_row[s] * heads * D + (size_t)h * D + d] =
+        __float2bfloat16_rn(L > 0.0f ? acc / L : 0.0f);
+}
+
+extern "C" size_t hx_cuda_decode_attention_workspace(int n_seqs, int heads, int head_dim,
+                                                     int max_parts)
+{
+    return (size_t)n_seqs * heads * max_parts * (head_dim + 2) * sizeof(float);
+}
+
+template <int D>
+static hx_status decode_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
+                               const __nv_bfloat16 *cache, const hx_cuda_kv_layout *kv, int layer,
+                               const int *bt, const int *slot, const int *row, const int *len,
+                               int n_seqs, int parts, int heads, float *part, cudaStream_t s,
+                               hx_err *err)
+{
+    float *o_part = part;
+    float *ml_part = part + (size_t)n_seqs * heads * parts * D;
+    const float scale_log2 = LOG2E / sqrtf((float)D);
+    // 256 (sequence, KV head) pairs or more fill an H100's 132 SMs: long chunks then
+    const int min_chunk = n_seqs * kv->kv_heads >= 256 ? DC_CHUNK : 32;
+    dim3 grid((unsigned)parts, (unsigned)kv->kv_heads, (unsigned)n_seqs);
+    hx_launch(decode_attn_kernel<D>, grid, DC_THREADS, 0, s, o_part, ml_part, q, cache, *kv, layer,
+              bt, slot, row, len, heads, scale_log2, min_chunk);
+    hx_status st = hx_cuda_launched(err, "decode_attention");
+    if (st != HX_OK)
+        return st;
+    dim3 rgrid((unsigned)heads, (unsigned)n_seqs);
+    hx_launch(decode_reduce_kernel<D>, rgrid, D, 0, s, out, o_part, ml_part, row, len, heads, parts,
+              min_chunk);
+    return hx_cuda_launched(err, "decode_attention_reduce");
+}
+
+extern "C" hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q,
+                                              const hx_bf16 *d_cache, const hx_cuda_kv_layout *kv,
+                                              int layer, const int *d_block_tables,
+                                              const int *d_slot, const int *d_row, const int *d_len,
+                                              int n_seqs, int max_parts, int heads, float *d_part,
+                                              hx_cuda_stream *stream, hx_err *err)
+{
+    hx_status st = attn_check(kv, layer, heads, err);
+    if (st != HX_OK)
+        return st;
+    if (n_seqs < 1 || n_seqs > 65535 || max_parts < 1 || max_parts > 65535)
+        return hx_err_set(err, HX_EINVAL, "cuda decode attention: %d sequences, %d parts", n_seqs,
+                          max_parts);
+    __nv_bfloat16 *out = reinterpret_cast<__nv_bfloat16 *>(d_out);
+    const __nv_bfloat16 *q = reinterpret_cast<const __nv_bfloat16 *>(d_q);
+    const __nv_bfloat16 *c = reinterpret_cast<const __nv_bfloat16 *>(d_cache);
+    if (kv->head_dim == 64)
+        return decode_launch<64>(out, q, c, kv, layer, d_block_tables, d_slot, d_row, d_len, n_seqs,
+                                 max_parts, heads, d_part, HX_STREAM(stream), err);
+    return decode_launch<128>(out, q, c, kv, layer, d_block_tables, d_slot, d_row, d_len, n_seqs,
+                              max_parts, heads, d_part, HX_STREAM(stream), err);
+}

@@ -1,0 +1,159 @@
+// common.cuh - what the .cu files of the CUDA backend share: error checks,
+// bf16 packing helpers, block reductions. Internal to kernels/cuda.
+#ifndef HX_CUDA_COMMON_CUH
+#define HX_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels/cuda.h"
+
+#define HX_STREAM(s) (reinterpret_cast<cudaStream_t>(s))
+
+// ---- programmatic dependent launch (Hopper) ----
+// Kernels are launched with hx_launch, which when PDL is on (hx_cuda_set_pdl,
+// $HX_CUDA_PDL; devices of compute capability 9.0+) lets a kernel start
+// while the previous one on the stream finishes. Every kernel so
+// launched calls hx_pdl_begin() (or hx_pdl_wait()) before it reads anything
+// an earlier kernel wrote: griddepcontrol.wait returns once the previous
+// grid has completed and its writes are visible.
+__device__ __forceinline__ void hx_pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void hx_pdl_trigger()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void hx_pdl_begin()
+{
+    hx_pdl_wait();
+    hx_pdl_trigger();
+}
+
+int hx_cuda_pdl_on(void); // device.cu
+
+template <typename... KArgs, typename... Args>
+static inline cudaError_t hx_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, Args... args)
+{
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = hx_cuda_pdl_on() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
+static inline hx_status hx_cuda_err(cudaError_t e, hx_err *err, const char *what)
+{
+    if (e == cudaSuccess)
+        return HX_OK;
+    (void)cudaGetLastError(); // clear a sticky-less error
+    hx_status code = e == cudaErrorMemoryAllocation ? HX_ENOMEM : HX_EIO;
+    return hx_err_set(err, code, "cuda: %s: %s", what, cudaGetErrorString(e));
+}
+
+// After a kernel launch: reports a launch failure naming the kernel.
+static inline hx_status hx_cuda_launched(hx_err *err, const char *what)
+{
+    return hx_cuda_err(cudaGetLastError(), err, what);
+}
+
+// bf16 <-> fp32 on raw bits: exact widening.
+__device__ __forceinline__ float hx_bf16_lo(uint32_t u)
+{
+    return __uint_as_float(u << 16);
+}
+__device__ __forceinline__ float hx_bf16_hi(uint32_t u)
+{
+    return __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ void hx_unpack8(uint4 v, float *f)
+{
+    f[0] = hx_bf16_lo(v.x);
+    f[1] = hx_bf16_hi(v.x);
+    f[2] = hx_bf16_lo(v.y);
+    f[3] = hx_bf16_hi(v.y);
+    f[4] = hx_bf16_lo(v.z);
+    f[5] = hx_bf16_hi(v.z);
+    f[6] = hx_bf16_lo(v.w);
+    f[7] = hx_bf16_hi(v.w);
+}
+__device__ __forceinline__ float hx_bf2f(__nv_bfloat16 h)
+{
+    return __bfloat162float(h);
+}
+__device__ __forceinline__ __nv_bfloat16 hx_f2bf(float f)
+{
+    return __float2bfloat16_rn(f);
+}
+__device__ __forceinline__ uint32_t hx_pack2(float a, float b)
+{
+    __nv_bfloat16 x = __float2bfloat16_rn(a), y = __float2bfloat16_rn(b);
+    return (uint32_t)__bfloat16_as_ushort(x) | ((uint32_t)__bfloat16_as_ushort(y) << 16);
+}
+
+__device__ __forceinline__ float hx_warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float hx_warp_max(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum / max for blockDim.x a multiple of 32 (<= 1024). `red` is
+// __shared__ float[32]; every thread gets the result. Contains barriers:
+// every thread of the block must call it.
+__device__ __forceinline__ float hx_block_sum(float v, float *red)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n_warps = (blockDim.x + 31) >> 5;
+    v = hx_warp_sum(v);
+    __syncthreads();
+    if (lane == 0)
+        red[warp] = v;
+    __syncthreads();
+    float t = lane < n_warps ? red[lane] : 0.0f;
+    return hx_warp_sum(t);
+}
+__device__ __forceinline__ float hx_block_max(float v, float *red)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n_warps = (blockDim.x + 31) >> 5;
+    v = hx_warp_max(v);
+    __syncthreads();
+    if (lane == 0)
+        red[warp] = v;
+    __syncthreads();
+    float t = lane < n_warps ? red[lane] : -INFINITY;
+    return hx_warp_max(t);
+}
+
+// Element offset of (block, layer, kv, head, position-in-block 0) in the paged cache.
+__device__ __forceinline__ size_t hx_kv_offset(const hx_cuda_kv_layout &kv, int block, int layer,
+                                               int which, int head)
+{
+    return ((((size_t)block * kv.layers + layer) * 2 + which) * kv.kv_heads + head) *
+           (size_t)kv.block_tokens * kv.head_dim;
+}
+
+#endif // HX_CUDA_COMMON_CUH

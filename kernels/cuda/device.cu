@@ -1,0 +1,234 @@
+// device.cu - devices, memory, streams and CUDA graphs behind C functions.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+
+extern "C" int hx_cuda_available(void)
+{
+    return hx_cuda_device_count() > 0;
+}
+
+static int pdl_state = -1;  // -1: not decided yet; 0 off; 1 on
+static int pdl_wanted = -1; // -1: $HX_CUDA_PDL decides (default off)
+
+extern "C" void hx_cuda_set_pdl(int on)
+{
+    pdl_wanted = on != 0;
+    pdl_state = -1;
+}
+
+int hx_cuda_pdl_on(void)
+{
+    if (pdl_state < 0) {
+        int dev = 0, major = 0;
+        const char *env = getenv("HX_CUDA_PDL");
+        int on = pdl_wanted >= 0 ? pdl_wanted : (env && env[0] == '1');
+        if (on && (cudaGetDevice(&dev) != cudaSuccess ||
+                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
+                       cudaSuccess ||
+                   major < 9))
+            on = 0;
+        (void)cudaGetLastError();
+        pdl_state = on;
+    }
+    return pdl_state;
+}
+
+extern "C" hx_status hx_cuda_set_device(int device, hx_err *err)
+{
+    return hx_cuda_err(cudaSetDevice(device), err, "cudaSetDevice");
+}
+
+static int contains(const char *s, const char *needle)
+{
+    return strstr(s, needle) != NULL;
+}
+
+extern "C" hx_status hx_cuda_device_info(int device, char *name, size_t size,
+                                         double *peak_bytes_per_s, double *peak_bf16_flops,
+                                         hx_err *err)
+{
+    cudaDeviceProp p;
+    hx_status st = hx_cuda_err(cudaGetDeviceProperties(&p, device), err, "cudaGetDeviceProperties");
+    if (st != HX_OK)
+        return st;
+    if (name && size)
+        snprintf(name, size, "%s", p.name);
+    // Datasheet peaks by part (dense BF16 tensor FLOP/s, HBM bytes/s).
+    double bw = 0, fl = 0;
+    const char *n = p.name;
+    if (contains(n, "H200")) {
+        bw = 4.8e12;
+        fl = 989e12;
+    } else if (contains(n, "H100") || contains(n, "H800")) {
+        if (contains(n, "PCIe")) {
+            bw = 2.0e12;
+            fl = 756e12;
+        } else if (contains(n, "NVL")) {
+            bw = 3.9e12;
+            fl = 835e12;
+        } else { // SXM5 ("NVIDIA H100 80GB HBM3")
+            bw = 3.35e12;
+            fl = 989e12;
+        }
+    } else if (contains(n, "A100")) {
+        bw = contains(n, "40GB") ? 1.555e12 : (contains(n, "PCIe") ? 1.935e12 : 2.039e12);
+        fl = 312e12;
+    } else if (contains(n, "L40S")) {
+        bw = 0.864e12;
+        fl = 362e12;
+    } else if (contains(n, "A6000")) {
+        bw = 0.768e12;
+        fl = contains(n, "Ada") ? 182e12 : 155e12;
+    } else if (contains(n, "L4")) {
+        bw = 0.3e12;
+        fl = 121e12;
+    }
+    if (peak_bytes_per_s)
+        *peak_bytes_per_s = bw;
+    if (peak_bf16_flops)
+        *peak_bf16_flops = fl;
+    return HX_OK;
+}
+
+extern "C" hx_status hx_cuda_malloc(void **ptr, size_t bytes, hx_err *err)
+{
+    *ptr = NULL;
+    if (bytes == 0)
+        bytes = 16;
+    cudaError_t e = cudaMalloc(ptr, bytes);
+    if (e != cudaSuccess) {
+        *ptr = NULL;
+        (void)cudaGetLastError();
+        return hx_err_set(err, e == cudaErrorMemoryAllocation ? HX_ENOMEM : HX_EIO,
+                          "cuda: cannot allocate %zu bytes of device memory: %s", bytes,
+                          cudaGetErrorString(e));
+    }
+    return HX_OK;
+}
+
+extern "C" void hx_cuda_free(void *ptr)
+{
+    if (ptr)
+        (void)cudaFree(ptr);
+}
+
+extern "C" hx_status hx_cuda_host_alloc(void **ptr, size_t bytes, hx_err *err)
+{
+    *ptr = NULL;
+    if (bytes == 0)
+        bytes = 16;
+    cudaError_t e = cudaMallocHost(ptr, bytes);
+    if (e != cudaSuccess) {
+        *ptr = NULL;
+        (void)cudaGetLastError();
+        return hx_err_set(err, HX_ENOMEM, "cuda: cannot allocate %zu bytes of pinned memory: %s",
+                          bytes, cudaGetErrorString(e));
+    }
+    return HX_OK;
+}
+
+extern "C" void hx_cuda_host_free(void *ptr)
+{
+    if (ptr)
+        (void)cudaFreeHost(ptr);
+}
+
+extern "C" hx_status hx_cuda_memcpy(void *dst, const void *src, size_t bytes, hx_err *err)
+{
+    if (bytes == 0)
+        return HX_OK;
+    return hx_cuda_err(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), err, "cudaMemcpy");
+}
+
+extern "C" hx_status hx_cuda_memset(void *d_dst, int value, size_t bytes, hx_err *err)
+{
+    if (bytes == 0)
+        return HX_OK;
+    return hx_cuda_err(cudaMemset(d_dst, value, bytes), err, "cudaMemset");
+}
+
+extern "C" hx_status hx_cuda_memcpy_async(void *dst, const void *src, size_t bytes,
+                                          hx_cuda_stream *stream, hx_err *err)
+{
+    if (bytes == 0)
+        return HX_OK;
+    return hx_cuda_err(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, HX_STREAM(stream)), err,
+                       "cudaMemcpyAsync");
+}
+
+extern "C" hx_status hx_cuda_sync(hx_err *err)
+{
+    return hx_cuda_err(cudaDeviceSynchronize(), err, "cudaDeviceSynchronize");
+}
+
+extern "C" hx_status hx_cuda_stream_new(hx_cuda_stream **out, hx_err *err)
+{
+    cudaStream_t s = NULL;
+    hx_status st =
+        hx_cuda_err(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), err, "cudaStreamCreate");
+    *out = st == HX_OK ? reinterpret_cast<hx_cuda_stream *>(s) : NULL;
+    return st;
+}
+
+extern "C" void hx_cuda_stream_free(hx_cuda_stream *s)
+{
+    if (s)
+        (void)cudaStreamDestroy(HX_STREAM(s));
+}
+
+extern "C" hx_status hx_cuda_stream_sync(hx_cuda_stream *s, hx_err *err)
+{
+    return hx_cuda_err(cudaStreamSynchronize(HX_STREAM(s)), err, "cudaStreamSynchronize");
+}
+
+/* ---- graphs ---- */
+
+extern "C" hx_status hx_cuda_graph_begin(hx_cuda_stream *s, hx_err *err)
+{
+    return hx_cuda_err(cudaStreamBeginCapture(HX_STREAM(s), cudaStreamCaptureModeThreadLocal), err,
+                       "cudaStreamBeginCapture");
+}
+
+extern "C" hx_status hx_cuda_graph_end(hx_cuda_stream *s, hx_cuda_graph **out, hx_err *err)
+{
+    *out = NULL;
+    cudaGraph_t g = NULL;
+    hx_status st = hx_cuda_err(cudaStreamEndCapture(HX_STREAM(s), &g), err, "cudaStreamEndCapture");
+    if (st != HX_OK)
+        return st;
+    cudaGraphExec_t x = NULL;
+    st = hx_cuda_err(cudaGraphInstantiate(&x, g, 0), err, "cudaGraphInstantiate");
+    (void)cudaGraphDestroy(g);
+    if (st != HX_OK)
+        return st;
+    *out = reinterpret_cast<hx_cuda_graph *>(x);
+    return HX_OK;
+}
+
+extern "C" void hx_cuda_graph_abort(hx_cuda_stream *s)
+{
+    cudaGraph_t g = NULL;
+    if (cudaStreamEndCapture(HX_STREAM(s), &g) == cudaSuccess && g)
+        (void)cudaGraphDestroy(g);
+    (void)cudaGetLastError();
+}
+
+extern "C" hx_status hx_cuda_graph_launch(hx_cuda_graph *g, hx_cuda_stream *s, hx_err *err)
+{
+    return hx_cuda_err(cudaGraphLaunch(reinterpret_cast<cudaGraphExec_t>(g), HX_STREAM(s)), err,
+                       "cudaGraphLaunch");
+}
+
+extern "C" void hx_cuda_graph_free(hx_cuda_graph *g)
+{
+    if (g)
+        (void)cudaGraphExecDestroy(reinterpret_cast<cudaGraphExec_t>(g));
+}
+
+extern "C" hx_status hx_cuda_mem_info(size_t *free_bytes, size_t *total_bytes, hx_err *err)
+{
+    return hx_cuda_err(cudaMemGetInfo(free_bytes, total_bytes), err, "cudaMemGetInfo");
+}

@@ -1,0 +1,387 @@
+// ops.cu - the element-wise and per-row kernels of a Llama layer: embedding
+// lookup, RMSNorm fused with the residual add, RoPE fused with the KV-cache
+// write, SwiGLU; dtype conversion and random fills; KV segment pack/unpack.
+#include "common.cuh"
+
+static inline unsigned grid_for(int64_t n, int threads)
+{
+    int64_t b = (n + threads - 1) / threads;
+    if (b > 1048576)
+        b = 1048576; // kernels below loop (grid-stride) beyond this
+    return (unsigned)(b < 1 ? 1 : b);
+}
+
+/* ---- conversion and fills ---- */
+
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const void *src, int dtype, int64_t n)
+{
+    hx_pdl_begin();
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float v;
+        if (dtype == HX_CUDA_DTYPE_F32)
+            v = static_cast<const float *>(src)[i];
+        else if (dtype == HX_CUDA_DTYPE_F16)
+            v = __half2float(static_cast<const __half *>(src)[i]);
+        else {
+            dst[i] = static_cast<const __nv_bfloat16 *>(src)[i];
+            continue;
+        }
+        dst[i] = __float2bfloat16_rn(v);
+    }
+}
+
+extern "C" hx_status hx_cuda_to_bf16(hx_bf16 *d_dst, const void *d_src, int src_dtype, int64_t n,
+                                     hx_cuda_stream *stream, hx_err *err)
+{
+    if (n < 0 || (src_dtype != HX_CUDA_DTYPE_F32 && src_dtype != HX_CUDA_DTYPE_BF16 &&
+                  src_dtype != HX_CUDA_DTYPE_F16))
+        return hx_err_set(err, HX_EINVAL, "cuda to_bf16: bad dtype %d or count %lld", src_dtype,
+                          (long long)n);
+    if (n == 0)
+        return HX_OK;
+    hx_launch(to_bf16_kernel, grid_for(n, 256), 256, 0, HX_STREAM(stream),
+              reinterpret_cast<__nv_bfloat16 *>(d_dst), d_src, src_dtype, n);
+    return hx_cuda_launched(err, "to_bf16");
+}
+
+__global__ void bf16_to_f32_kernel(float *dst, const __nv_bfloat16 *src, int64_t n)
+{
+    hx_pdl_begin();
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = __bfloat162float(src[i]);
+}
+
+extern "C" hx_status hx_cuda_bf16_to_f32(float *d_dst, const hx_bf16 *d_src, int64_t n,
+                                         hx_cuda_stream *stream, hx_err *err)
+{
+    if (n <= 0)
+        return HX_OK;
+    hx_launch(bf16_to_f32_kernel, grid_for(n, 256), 256, 0, HX_STREAM(stream), d_dst,
+              reinterpret_cast<const __nv_bfloat16 *>(d_src), n);
+    return hx_cuda_launched(err, "bf16_to_f32");
+}
+
+__device__ __forceinline__ float uniform01(uint64_t seed, uint64_t i)
+{
+    uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+template <typename T>
+__global__ void fill_uniform_kernel(T *dst, int64_t n, uint64_t seed, float lo, float hi)
+{
+    hx_pdl_begin();
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float v = lo + (hi - lo) * uniform01(seed, (uint64_t)i);
+        if constexpr (sizeof(T) == 2)
+            dst[i] = __float2bfloat16_rn(v);
+        else
+            dst[i] = v;
+    }
+}
+
+extern "C" hx_status hx_cuda_fill_uniform_bf16(hx_bf16 *d_dst, int64_t n, uint64_t seed, float lo,
+                                               float hi, hx_cuda_stream *stream, hx_err *err)
+{
+    if (n <= 0)
+        return HX_OK;
+    hx_launch(fill_uniform_kernel<__nv_bfloat16>, grid_for(n, 256), 256, 0, HX_STREAM(stream),
+              reinterpret_cast<__nv_bfloat16 *>(d_dst), n, seed, lo, hi);
+    return hx_cuda_launched(err, "fill_uniform_bf16");
+}
+
+extern "C" hx_status hx_cuda_fill_uniform_f32(float *d_dst, int64_t n, uint64_t seed, float lo,
+                                              float hi, hx_cuda_stream *stream, hx_err *err)
+{
+    if (n <= 0)
+        return HX_OK;
+    hx_launch(fill_uniform_kernel<float>, grid_for(n, 256), 256, 0, HX_STREAM(stream), d_dst, n,
+              seed, lo, hi);
+    return hx_cuda_launched(err, "fill_uniform_f32");
+}
+
+/* ---- embedding ---- */
+
+__global__ void embed_kernel(float *x, const __nv_bfloat16 *table, const int *tokens, int hidden,
+                             int vocab)
+{
+    hx_pdl_begin();
+    const int r = blockIdx.x;
+    int t = tokens[r];
+    t = t < 0 ? 0 : (t >= vocab ? vocab - 1 : t); // the host validates; never read outside
+    const __nv_bfloat16 *src = table + (size_t)t * hidden;
+    float *dst = x + (size_t)r * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        dst[i] = __bfloat162float(src[i]);
+}
+
+extern "C" hx_status hx_cuda_embed(float *d_x, const hx_bf16 *d_table, const int *d_tokens,
+                                   int rows, int hidden, int vocab, hx_cuda_stream *stream,
+                                   hx_err *err)
+{
+    if (rows < 1 || hidden < 1 || vocab < 1)
+        return hx_err_set(err, HX_EINVAL, "cuda embed: bad sizes");
+    hx_launch(embed_kernel, rows, 256, 0, HX_STREAM(stream), d_x,
+              reinterpret_cast<const __nv_bfloat16 *>(d_table), d_tokens, hidden, vocab);
+    return hx_cuda_launched(err, "embed");
+}
+
+/* ---- RMSNorm with the residual add ---- */
+
+#define NORM_THREADS 256
+
+__global__ void __launch_bounds__(NORM_THREADS)
+    add_rmsnorm_kernel(float *x, const float *delta, const float *w, __nv_bfloat16 *out,
+                       const int *index, int dim, float eps)
+{
+    hx_pdl_begin();
+    __shared__ float red[32];
+    const int r = blockIdx.x;
+    const int s = index ? index[r] : r;
+    float *xr = x + (size_t)s * dim;
+    const float *dr = delta ? delta + (size_t)s * dim : NULL;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = xr[i];
+        if (dr) {
+            v += dr[i];
+            if (!index)
+                xr[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = hx_block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+    __nv_bfloat16 *o = out + (size_t)r * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = xr[i];
+        if (dr && index)
+            v += dr[i];
+        o[i] = __float2bfloat16_rn(v * scale * w[i]);
+    }
+}
+
+extern "C" hx_status hx_cuda_add_rmsnorm(float *d_x, const float *d_delta, const float *d_w,
+                                         hx_bf16 *d_out, const int *d_index, int rows, int dim,
+                                         float eps, hx_cuda_stream *stream, hx_err *err)
+{
+    if (rows < 1 || dim < 1)
+        return hx_err_set(err, HX_EINVAL, "cuda add_rmsnorm: bad sizes");
+    hx_launch(add_rmsnorm_kernel, rows, NORM_THREADS, 0, HX_STREAM(stream), d_x, d_delta, d_w,
+              reinterpret_cast<__nv_bfloat16 *>(d_out), d_index, dim, eps);
+    return hx_cuda_launched(err, "add_rmsnorm");
+}
+
+/* ---- RoPE + KV write ---- */
+
+__global__ void rope_kv_kernel(__nv_bfloat16 *q_out, __nv_bfloat16 *cache, const float *qkv,
+                               const int *pos, const int *slot, const float *cos_t,
+                               const float *sin_t, int heads, hx_cuda_kv_layout kv, int layer)
+{
+    hx_pdl_begin();
+    const int r = blockIdx.x;
+    const int D = kv.head_dim, half = D / 2;
+    const int p = pos[r];
+    const int sl = slot[r];
+    const int block = sl / kv.block_tokens, off = sl % kv.block_tokens;
+    const float *src = qkv + (size_t)r * (heads + 2 * kv.kv_heads) * D;
+    const float *c = cos_t + (size_t)p * half;
+    const float *sn = sin_t + (size_t)p * half;
+    // queries
+    __nv_bfloat16 *qo = q_out + (size_t)r * heads * D;
+    for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+        const int h = idx / half, i = idx % half;
+        const float a = src[h * D + i], b = src[h * D + i + half];
+        qo[h * D + i] = __float2bfloat16_rn(a * c[i] - b * sn[i]);
+        qo[h * D + i + half] = __float2bfloat16_rn(b * c[i] + a * sn[i]);
+    }
+    // keys (rotated) and values into the cache
+    const float *ks = src + (size_t)heads * D;
+    const float *vs = ks + (size_t)kv.kv_heads * D;
+    for (int idx = threadIdx.x; idx < kv.kv_heads * half; idx += blockDim.x) {
+        const int h = idx / half, i = idx % half;
+        const float a = ks[h * D + i], b = ks[h * D + i + half];
+        __nv_bfloat16 *kd = cache + hx_kv_offset(kv, block, layer, 0, h) + (size_t)off * D;
+        kd[i] = __float2bfloat16_rn(a * c[i] - b * sn[i]);
+        kd[i + half] = __float2bfloat16_rn(b * c[i] + a * sn[i]);
+    }
+    for (int idx = threadIdx.x; idx < kv.kv_heads * D; idx += blockDim.x) {
+        const int h = idx / D, i = idx % D;
+        __nv_bfloat16 *vd = cache + hx_kv_offset(kv, block, layer, 1, h) + (size_t)off * D;
+        vd[i] = __float2bfloat16_rn(vs[h * D + i]);
+    }
+}
+
+extern "C" hx_status hx_cuda_rope_kv(hx_bf16 *d_q, hx_bf16 *d_cache, const float *d_qkv,
+                                     const int *d_pos, const int *d_slot, const float *d_cos,
+                                     const float *d_sin, int rows, int heads,
+                                     const hx_cuda_kv_layout *kv, int layer, hx_cuda_stream *stream,
+                                     hx_err *err)
+{
+    if (rows < 1 || heads < 1 || kv->head_dim < 2 || kv->head_dim % 2 || layer < 0 ||
+        layer >= kv->layers)
+        return hx_err_set(err, HX_EINVAL, "cuda rope_kv: bad sizes");
+    hx_launch(rope_kv_kernel, rows, 128, 0, HX_STREAM(stream),
+              reinterpret_cast<__nv_bfloat16 *>(d_q), reinterpret_cast<__nv_bfloat16 *>(d_cache),
+              d_qkv, d_pos, d_slot, d_cos, d_sin, heads, *kv, layer);
+    return hx_cuda_launched(err, "rope_kv");
+}
+
+/* ---- SwiGLU ---- */
+
+__global__ void swiglu_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *gu, int ff)
+{
+    hx_pdl_begin();
+    const int r = blockIdx.y;
+    const __nv_bfloat16 *g = gu + (size_t)r * 2 * ff;
+    const __nv_bfloat16 *u = g + ff;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < ff; i += gridDim.x * blockDim.x) {
+        const float gv = __bfloat162float(g[i]);
+        out[(size_t)r * ff + i] =
+            __float2bfloat16_rn(gv / (1.0f + __expf(-gv)) * __bfloat162float(u[i]));
+    }
+}
+
+// The same arithmetic 8 elements at a time (16-byte loads and stores), for ff % 8 == 0.
+__global__ void swiglu8_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *gu, int ff)
+{
+    hx_pdl_begin();
+    const int r = blockIdx.y;
+    const uint4 *g = reinterpret_cast<const uint4 *>(gu + (size_t)r * 2 * ff);
+    const uint4 *u = reinterpret_cast<const uint4 *>(gu + (size_t)r * 2 * ff + ff);
+    uint4 *o = reinterpret_cast<uint4 *>(out + (size_t)r * ff);
+    const int n8 = ff / 8;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+        float gf[8], uf[8], a[8];
+        hx_unpack8(g[i], gf);
+        hx_unpack8(u[i], uf);
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            a[e] = gf[e] / (1.0f + __expf(-gf[e])) * uf[e];
+        uint4 v;
+        v.x = hx_pack2(a[0], a[1]);
+        v.y = hx_pack2(a[2], a[3]);
+        v.z = hx_pack2(a[4], a[5]);
+        v.w = hx_pack2(a[6], a[7]);
+        o[i] = v;
+    }
+}
+
+extern "C" hx_status hx_cuda_swiglu(hx_bf16 *d_out, const hx_bf16 *d_gate_up, int rows, int ff,
+                                    hx_cuda_stream *stream, hx_err *err)
+{
+    if (rows < 1 || ff < 1 || rows > 65535)
+        return hx_err_set(err, HX_EINVAL, "cuda swiglu: bad sizes");
+    __nv_bfloat16 *out = reinterpret_cast<__nv_bfloat16 *>(d_out);
+    const __nv_bfloat16 *gu = reinterpret_cast<const __nv_bfloat16 *>(d_gate_up);
+    if (ff % 8 == 0) {
+        const int n8 = ff / 8;
+        dim3 grid((unsigned)((n8 + 255) / 256 < 64 ? (n8 + 255) / 256 : 64), (unsigned)rows);
+        hx_launch(swiglu8_kernel, grid, 256, 0, HX_STREAM(stream), out, gu, ff);
+    } else {
+        dim3 grid((unsigned)((ff + 255) / 256 < 64 ? (ff + 255) / 256 : 64), (unsigned)rows);
+        hx_launch(swiglu_kernel, grid, 256, 0, HX_STREAM(stream), out, gu, ff);
+    }
+    return hx_cuda_launched(err, "swiglu");
+}
+
+/* ---- KV segments ---- */
+
+// One thread per 8 consecutive elements of a (layer, kv, head, token) row of the payload.
+template <bool PACK>
+__global__ void kv_seg_kernel(float *seg, __nv_bfloat16 *cache, hx_cuda_kv_layout kv,
+                              const int *blocks, int layer_first, int num_layers, int head_first,
+                              int num_heads, int token_first, int tokens)
+{
+    hx_pdl_begin();
+    const int D = kv.head_dim, C = D / 8;
+    const int64_t total = (int64_t)num_layers * 2 * num_heads * tokens * C;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t q = i;
+        const int c = (int)(q % C);
+        q /= C;
+        const int t = (int)(q % tokens);
+        q /= tokens;
+        const int h = (int)(q % num_heads);
+        q /= num_heads;
+        const int which = (int)(q % 2);
+        const int l = (int)(q / 2);
+        const int p = token_first + t;
+        const int block = blocks[p / kv.block_tokens];
+        __nv_bfloat16 *cp = cache +
+                            hx_kv_offset(kv, block, layer_first + l, which, head_first + h) +
+                            (size_t)(p % kv.block_tokens) * D + c * 8;
+        float4 *sp = reinterpret_cast<float4 *>(seg + i * 8);
+        if (PACK) {
+            float f[8];
+            hx_unpack8(*reinterpret_cast<const uint4 *>(cp), f);
+            sp[0] = make_float4(f[0], f[1], f[2], f[3]);
+            sp[1] = make_float4(f[4], f[5], f[6], f[7]);
+        } else {
+            const float4 a = sp[0], b = sp[1];
+            uint4 v;
+            v.x = hx_pack2(a.x, a.y);
+            v.y = hx_pack2(a.z, a.w);
+            v.z = hx_pack2(b.x, b.y);
+            v.w = hx_pack2(b.z, b.w);
+            *reinterpret_cast<uint4 *>(cp) = v;
+        }
+    }
+}
+
+static hx_status kv_seg_check(const hx_cuda_kv_layout *kv, int layer_first, int num_layers,
+                              int head_first, int num_heads, int token_first, int tokens,
+                              hx_err *err)
+{
+    if (kv->head_dim % 8 || num_layers < 1 || num_heads < 1 || tokens < 1 || layer_first < 0 ||
+        head_first < 0 || token_first < 0 || layer_first + num_layers > kv->layers ||
+        head_first + num_heads > kv->kv_heads ||
+        (token_first + tokens + kv->block_tokens - 1) / kv->block_tokens > kv->max_blocks_per_seq)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda kv segment: layers [%d, +%d), heads [%d, +%d), tokens [%d, +%d) "
+                          "outside the cache (%d layers, %d heads, head_dim %d)",
+                          layer_first, num_layers, head_first, num_heads, token_first, tokens,
+                          kv->layers, kv->kv_heads, kv->head_dim);
+    return HX_OK;
+}
+
+extern "C" hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache,
+                                     const hx_cuda_kv_layout *kv, const int *d_blocks,
+                                     int layer_first, int num_layers, int head_first, int num_heads,
+                                     int token_first, int tokens, hx_cuda_stream *stream,
+                                     hx_err *err)
+{
+    hx_status st =
+        kv_seg_check(kv, layer_first, num_layers, head_first, num_heads, token_first, tokens, err);
+    if (st != HX_OK)
+        return st;
+    const int64_t n = (int64_t)num_layers * 2 * num_heads * tokens * (kv->head_dim / 8);
+    hx_launch(kv_seg_kernel<true>, grid_for(n, 256), 256, 0, HX_STREAM(stream), d_seg,
+              reinterpret_cast<__nv_bfloat16 *>(const_cast<hx_bf16 *>(d_cache)), *kv, d_blocks,
+              layer_first, num_layers, head_first, num_heads, token_first, tokens);
+    return hx_cuda_launched(err, "kv_pack");
+}
+
+extern "C" hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg,
+                                       const hx_cuda_kv_layout *kv, const int *d_blocks,
+                                       int layer_first, int num_layers, int head_first,
+                                       int num_heads, int token_first, int tokens,
+                                       hx_cuda_stream *stream, hx_err *err)
+{
+    hx_status st =
+        kv_seg_check(kv, layer_first, num_layers, head_first, num_heads, token_first, tokens, err);
+    if (st != HX_OK)
+        return st;
+    const int64_t n = (int64_t)num_layers * 2 * num_heads * tokens * (kv->head_dim / 8);
+    hx_launch(kv_seg_kernel<false>, grid_for(n, 256), 256, 0, HX_STREAM(stream),
+              const_cast<float *>(d_seg), reinterpret_cast<__nv_bfloat16 *>(d_cache), *kv, d_blocks,
+              layer_first, num_layers, head_first, num_heads, token_first, tokens);
+    return hx_cuda_launched(err, "kv_unpack");
+}

@@ -1,0 +1,1456 @@
+/*
+ * test_cuda.c - the CUDA backend against the CPU: every kernel of
+ * kernels/cuda.h against a CPU reference (kernels/cpu or plain loops) with
+ * tolerances suited to bf16 (inputs are bf16 values, so the references see
+ * exactly what the GPU sees; what differs is fp32 summation order and the
+ * bf16 rounding of outputs and intermediates), the sampler against
+ * hx_llama_sample, the whole engine against runtime/llama.h's
+ * hx_llama_generate on a tiny bf16 model (the same greedy tokens), and KV
+ * segments in and out of the engine against the CPU's.
+ *
+ * Without a CUDA device (cudaGetDeviceCount reports none) every GPU test
+ * skips, saying so; the few that need no device (defaults, refusal without
+ * a device) run everywhere.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernels/cpu/cpu.h"
+#include "kernels/cuda.h"
+#include "runtime/cuda_engine.h"
+#include "runtime/kvcache.h"
+#include "runtime/llama.h"
+#include "runtime/llama_weights.h"
+#include "runtime/safetensors.h"
+#include "runtime/tiny.h"
+
+static int has_gpu;
+static char tmp_dir[256];
+static char tiny_dir[512];
+
+#define NEED_GPU()                                                                             \
+    do {                                                                                       \
+        if (!has_gpu) {                                                                        \
+            printf("test_cuda: %s: skipped: no CUDA device (cudaGetDeviceCount found none)\n", \
+                   __func__);                                                                  \
+            skip();                                                                            \
+        }                                                                                      \
+    } while (0)
+
+#define CHECK(call)                                                                            \
+    do {                                                                                       \
+        hx_err err_ = {0};                                                                     \
+        hx_status st_ = (call);                                                                \
+        if (st_ != HX_OK)                                                                      \
+            fail_msg("%s: %s", #call, err_.msg);                                               \
+    } while (0)
+/* for calls whose last argument is an hx_err *: E */
+#define E (&err_)
+
+/* ---- helpers ---------------------------------------------------------------------------- */
+
+static uint64_t rng_state = 0x1234567887654321ull;
+
+static float frand(float lo, float hi) /* uniform in [lo, hi) */
+{
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    uint64_t r = rng_state * 0x2545f4914f6cdd1dull;
+    return lo + (hi - lo) * (float)(r >> 40) * (1.0f / 16777216.0f);
+}
+
+static float bf(float x) /* round to bf16 and back */
+{
+    return hx_safetensors_bf16_to_f32(hx_safetensors_f32_to_bf16(x));
+}
+
+/* n random bf16 values: *host as floats (exact), returns a device copy. */
+static hx_bf16 *rand_bf16(size_t n, float lo, float hi, float **host)
+{
+    float *h = malloc(n * sizeof *h);
+    hx_bf16 *b = malloc(n * sizeof *b);
+    assert_non_null(h);
+    assert_non_null(b);
+    for (size_t i = 0; i < n; i++) {
+        b[i] = hx_safetensors_f32_to_bf16(frand(lo, hi));
+        h[i] = hx_safetensors_bf16_to_f32(b[i]);
+    }
+    void *d = NULL;
+    CHECK(hx_cuda_malloc(&d, n * sizeof *b, E));
+    CHECK(hx_cuda_memcpy(d, b, n * sizeof *b, E));
+    free(b);
+    if (host)
+        *host = h;
+    else
+        free(h);
+    return d;
+}
+
+static void *to_dev(const void *h, size_t bytes)
+{
+    void *d = NULL;
+    CHECK(hx_cuda_malloc(&d, bytes, E));
+    CHECK(hx_cuda_memcpy(d, h, bytes, E));
+    return d;
+}
+
+static float *from_dev_f32(const void *d, size_t n)
+{
+    float *h = malloc(n * sizeof *h);
+    assert_non_null(h);
+    CHECK(hx_cuda_sync(E));
+    CHECK(hx_cuda_memcpy(h, d, n * sizeof *h, E));
+    return h;
+}
+
+static float *from_dev_bf16(const void *d, size_t n)
+{
+    hx_bf16 *b = malloc(n * sizeof *b);
+    float *h = malloc(n * sizeof *h);
+    assert_non_null(b);
+    assert_non_null(h);
+    CHECK(hx_cuda_sync(E));
+    CHECK(hx_cuda_memcpy(b, d, n * sizeof *b, E));
+    for (size_t i = 0; i < n; i++)
+        h[i] = hx_safetensors_bf16_to_f32(b[i]);
+    free(b);
+    return h;
+}
+
+/* Max over i of |got - want| / (abs_tol + rel_tol * |want|); <= 1 passes. */
+static double worst(const float *got, const double *want, size_t n, double abs_tol,
+                    double rel_tol, size_t *at)
+{
+    double w = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - want[i]) / (abs_tol + rel_tol * fabs(want[i]));
+        if (!(d <= w)) { /* NaN counts as the worst */
+            w = isnan(d) ? INFINITY : d;
+            if (at)
+                *at = i;
+        }
+    }
+    return w;
+}
+
+static void expect_close(const char *what, const float *got, const double *want, size_t n,
+                         double abs_tol, double rel_tol)
+{
+    size_t at = 0;
+    double w = worst(got, want, n, abs_tol, rel_tol, &at);
+    if (w > 1.0)
+        fail_msg("%s: element %zu: got %.6g, want %.6g (abs %.3g + rel %.3g)", what, at,
+                 (double)got[at], want[at], abs_tol, rel_tol);
+}
+
+/* ---- setup ------------------------------------------------------------------------------ */
+
+static int group_setup(void **state)
+{
+    (void)state;
+    has_gpu = hx_cuda_available();
+    if (!has_gpu)
+        printf("test_cuda: no CUDA device (cudaGetDeviceCount reports %d): GPU tests skip\n",
+               hx_cuda_device_count());
+    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/hx_test_cuda_XXXXXX");
+    if (!mkdtemp(tmp_dir))
+        return -1;
+    snprintf(tiny_dir, sizeof tiny_dir, "%s/tiny", tmp_dir);
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+/* ---- tests that need no device ---------------------------------------------------------- */
+
+static void test_no_device_paths(void **state)
+{
+    (void)state;
+    hx_cuda_options o;
+    hx_cuda_options_init(&o);
+    assert_int_equal(o.max_seqs, 16);
+    assert_int_equal(o.block_tokens, 16);
+    assert_int_equal(o.graphs, 1);
+    assert_true(hx_cuda_build_version() >= 12000);
+    assert_int_equal(hx_cuda_available(), hx_cuda_device_count() > 0);
+    /* the generator's seeding is runtime/llama.c's splitmix64 */
+    assert_true(hx_cuda_rng_init(0) != 0);
+    assert_true(hx_cuda_rng_init(1) != hx_cuda_rng_init(2));
+    if (!has_gpu) {
+        hx_model cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.arch = HX_MODEL_ARCH_LLAMA;
+        cfg.num_layers = 1;
+        cfg.hidden_size = 128;
+        cfg.num_heads = 2;
+        cfg.num_kv_heads = 1;
+        cfg.head_dim = 64;
+        cfg.intermediate_size = 256;
+        cfg.vocab_size = 300;
+        cfg.max_position_tokens = 128;
+        cfg.word_embed_dim = 128;
+        cfg.gated_mlp = 1;
+        cfg.rope_theta = 10000;
+        cfg.norm_eps = 1e-5;
+        hx_cuda_engine *e = NULL;
+        hx_err err = {0};
+        assert_int_equal(hx_cuda_engine_new_random(&cfg, 1, NULL, &e, &err), HX_ENOTSUP);
+        assert_null(e);
+        printf("test_cuda: without a device the engine says: %s\n", err.msg);
+    }
+    hx_cuda_engine_free(NULL);
+}
+
+/* The checksum of a segment computed in pieces (hx_cuda_engine_pack_kv) is the whole one's. */
+static void test_crc_combine(void **state)
+{
+    (void)state;
+    const size_t n = (size_t)9 << 20;
+    unsigned char *buf = malloc(n);
+    assert_non_null(buf);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = (unsigned char)(frand(0, 256));
+    const uint32_t whole = hx_kv_crc32c(0, buf, n);
+    const size_t cuts[6] = {0, 1, 56, 4096, (size_t)4 << 20, n - 3};
+    for (int c = 0; c < 6; c++) {
+        const size_t a = cuts[c];
+        uint32_t ca = hx_kv_crc32c(0, buf, a), cb = hx_kv_crc32c(0, buf + a, n - a);
+        assert_int_equal(hx_cuda_crc32c_combine(ca, cb, n - a), whole);
+    }
+    /* many pieces chained onto a prefix, as the engine does (header, then payload pieces) */
+    uint32_t crc = hx_kv_crc32c(0, buf, 56);
+    const size_t piece = 1000003;
+    for (size_t at = 56; at < n; at += piece) {
+        const size_t len = n - at < piece ? n - at : piece;
+        crc = hx_cuda_crc32c_combine(crc, hx_kv_crc32c(0, buf + at, len), len);
+    }
+    assert_int_equal(crc, whole);
+    assert_int_equal(hx_cuda_crc32c_combine(whole, 0, 0), whole); /* an empty B */
+    free(buf);
+}
+
+/* ---- GEMM -------------------------------------------------------------------------------- */
+
+static void gemm_case(hx_cuda_blas *blas, int rows, int in, int out, int y_bf16, int beta)
+{
+    float *hx = NULL, *hw = NULL;
+    hx_bf16 *dx = rand_bf16((size_t)rows * in, -1, 1, &hx);
+    hx_bf16 *dw = rand_bf16((size_t)out * in, -1, 1, &hw);
+    const size_t ny = (size_t)rows * out;
+    double *want = calloc(ny, sizeof *want);
+    float *y0 = malloc(ny * sizeof *y0);
+    assert_non_null(want);
+    assert_non_null(y0);
+    for (size_t i = 0; i < ny; i++)
+        y0[i] = beta ? (y_bf16 ? bf(frand(-1, 1)) : frand(-1, 1)) : 0.0f;
+    void *dy = NULL;
+    if (y_bf16) {
+        hx_bf16 *b = malloc(ny * sizeof *b);
+        for (size_t i = 0; i < ny; i++)
+            b[i] = hx_safetensors_f32_to_bf16(y0[i]);
+        dy = to_dev(b, ny * 2);
+        free(b);
+    } else {
+        dy = to_dev(y0, ny * 4);
+    }
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < out; o++) {
+            double s = beta ? y0[(size_t)r * out + o] : 0.0;
+            for (int k = 0; k < in; k++)
+                s += (double)hx[(size_t)r * in + k] * hw[(size_t)o * in + k];
+            want[(size_t)r * out + o] = s;
+        }
+    CHECK(hx_cuda_gemm(blas, dy, y_bf16, dx, dw, rows, in, out, beta ? 1.0f : 0.0f, NULL, E));
+    float *got = y_bf16 ? from_dev_bf16(dy, ny) : from_dev_f32(dy, ny);
+    char what[128];
+    snprintf(what, sizeof what, "gemm rows %d in %d out %d %s%s", rows, in, out,
+             y_bf16 ? "bf16" : "fp32", beta ? " +y" : "");
+    /* |x|, |w| < 1: sums of `in` products; fp32 accumulation, bf16 output rounding */
+    expect_close(what, got, want, ny, 1e-4 * sqrt((double)in), y_bf16 ? 8e-3 : 1e-4);
+    free(got);
+    free(want);
+    free(y0);
+    free(hx);
+    free(hw);
+    hx_cuda_free(dx);
+    hx_cuda_free(dw);
+    hx_cuda_free(dy);
+}
+
+static void test_gemm(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    for (int gemv = 0; gemv <= 1; gemv++) {
+        hx_cuda_blas *blas = NULL;
+        CHECK(hx_cuda_blas_new(gemv ? 8 : 0, &blas, E));
+        const int rows[] = {1, 3, 8, 33};
+        for (int i = 0; i < 4; i++) {
+            gemm_case(blas, rows[i], 264, 200, 0, 0); /* 264: a partial last GEMV sweep */
+            gemm_case(blas, rows[i], 512, 96, 1, 0);
+            gemm_case(blas, rows[i], 128, 64, 0, 1);
+        }
+        gemm_case(blas, 2, 2048, 4096, 0, 0);
+        hx_cuda_blas_free(blas);
+    }
+}
+
+static void test_gemm_swiglu(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int ff = 320, out = 72;
+    hx_cuda_blas *blas = NULL;
+    CHECK(hx_cuda_blas_new(8, &blas, E));
+    const int rows_list[] = {2, 8, 20};
+    for (int c = 0; c < 3; c++) {
+        const int rows = rows_list[c];
+        float *hgu = NULL, *hw = NULL;
+        hx_bf16 *dgu = rand_bf16((size_t)rows * 2 * ff, -3, 3, &hgu);
+        hx_bf16 *dw = rand_bf16((size_t)out * ff, -1, 1, &hw);
+        void *dy = NULL, *dact = NULL;
+        CHECK(hx_cuda_malloc(&dy, (size_t)rows * out * 4, E));
+        CHECK(hx_cuda_malloc(&dact, (size_t)rows * ff * 2, E));
+        double *want = calloc((size_t)rows * out, sizeof *want);
+        float *act = malloc((size_t)ff * sizeof *act);
+        for (int r = 0; r < rows; r++) {
+            const float *g = hgu + (size_t)r * 2 * ff, *u = g + ff;
+            hx_cpu_swiglu(act, g, u, ff);
+            for (int i = 0; i < ff; i++)
+                act[i] = bf(act[i]);
+            for (int o = 0; o < out; o++) {
+                double s = 0;
+                for (int k = 0; k < ff; k++)
+                    s += (double)act[k] * hw[(size_t)o * ff + k];
+                want[(size_t)r * out + o] = s;
+            }
+        }
+        CHECK(hx_cuda_gemm_swiglu(blas, dy, dgu, dw, dact, rows, ff, out, NULL, E));
+        float *got = from_dev_f32(dy, (size_t)rows * out);
+        /* an activation may round to the other bf16 neighbour (expf vs __expf): 2^-8 of ~1 */
+        expect_close("gemm_swiglu", got, want, (size_t)rows * out, 0.05, 1e-3);
+        free(got);
+        free(want);
+        free(act);
+        free(hgu);
+        free(hw);
+        hx_cuda_free(dgu);
+        hx_cuda_free(dw);
+        hx_cuda_free(dy);
+        hx_cuda_free(dact);
+    }
+    hx_cuda_blas_free(blas);
+}
+
+/* ---- per-row kernels --------------------------------------------------------------------- */
+
+static void test_embed_rmsnorm_swiglu(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int vocab = 50, dim = 300, rows = 5;
+    float *htab = NULL;
+    hx_bf16 *dtab = rand_bf16((size_t)vocab * dim, -1, 1, &htab);
+    int tokens[5] = {3, 0, 49, 3, 17};
+    int *dtok = to_dev(tokens, sizeof tokens);
+    void *dx = NULL;
+    CHECK(hx_cuda_malloc(&dx, (size_t)rows * dim * 4, E));
+    CHECK(hx_cuda_embed(dx, dtab, dtok, rows, dim, vocab, NULL, E));
+    float *x = from_dev_f32(dx, (size_t)rows * dim);
+    for (int r = 0; r < rows; r++)
+        assert_memory_equal(x + (size_t)r * dim, htab + (size_t)tokens[r] * dim, dim * 4);
+
+    /* x += delta; out = rmsnorm(x) * w */
+    float *delta = malloc((size_t)rows * dim * 4), *w = malloc((size_t)dim * 4);
+    for (int i = 0; i < rows * dim; i++)
+        delta[i] = frand(-2, 2);
+    for (int i = 0; i < dim; i++)
+        w[i] = frand(0.5f, 1.5f);
+    float *ddelta = to_dev(delta, (size_t)rows * dim * 4), *dw = to_dev(w, (size_t)dim * 4);
+    void *dout = NULL;
+    CHECK(hx_cuda_malloc(&dout, (size_t)rows * dim * 2, E));
+    CHECK(hx_cuda_add_rmsnorm(dx, ddelta, dw, dout, NULL, rows, dim, 1e-5f, NULL, E));
+    float *x2 = from_dev_f32(dx, (size_t)rows * dim);
+    float *out = from_dev_bf16(dout, (size_t)rows * dim);
+    double *want = malloc((size_t)rows * dim * sizeof *want);
+    float *ref = malloc((size_t)dim * 4);
+    for (int r = 0; r < rows; r++) {
+        for (int i = 0; i < dim; i++) {
+            float v = x[(size_t)r * dim + i] + delta[(size_t)r * dim + i];
+            assert_true(x2[(size_t)r * dim + i] == v); /* the residual add, exactly */
+        }
+        hx_cpu_rmsnorm(ref, x2 + (size_t)r * dim, w, dim, 1e-5f);
+        for (int i = 0; i < dim; i++)
+            want[(size_t)r * dim + i] = ref[i];
+    }
+    expect_close("add_rmsnorm", out, want, (size_t)rows * dim, 1e-4, 8e-3);
+    free(out);
+
+    /* indexed rows: out[r] = norm(x[idx[r]] + delta[idx[r]]), x untouched */
+    int idx[2] = {4, 1};
+    int *didx = to_dev(idx, sizeof idx);
+    CHECK(hx_cuda_add_rmsnorm(dx, ddelta, dw, dout, didx, 2, dim, 1e-5f, NULL, E));
+    out = from_dev_bf16(dout, (size_t)2 * dim);
+    float *x3 = from_dev_f32(dx, (size_t)rows * dim);
+    assert_memory_equal(x3, x2, (size_t)rows * dim * 4);
+    float *tmp = malloc((size_t)dim * 4);
+    for (int r = 0; r < 2; r++) {
+        for (int i = 0; i < dim; i++)
+            tmp[i] = x2[(size_t)idx[r] * dim + i] + delta[(size_t)idx[r] * dim + i];
+        hx_cpu_rmsnorm(ref, tmp, w, dim, 1e-5f);
+        for (int i = 0; i < dim; i++)
+            want[(size_t)r * dim + i] = ref[i];
+    }
+    expect_close("add_rmsnorm indexed", out, want, (size_t)2 * dim, 1e-4, 8e-3);
+
+    /* swiglu: element-wise (333) and 8 at a time (336) */
+    for (int ff = 333; ff <= 336; ff += 3) {
+        float *hgu = NULL;
+        hx_bf16 *dgu = rand_bf16((size_t)rows * 2 * ff, -4, 4, &hgu);
+        void *dsw = NULL;
+        CHECK(hx_cuda_malloc(&dsw, (size_t)rows * ff * 2, E));
+        CHECK(hx_cuda_swiglu(dsw, dgu, rows, ff, NULL, E));
+        float *sw = from_dev_bf16(dsw, (size_t)rows * ff);
+        double *swant = malloc((size_t)rows * ff * sizeof *swant);
+        float *act = malloc((size_t)ff * 4);
+        for (int r = 0; r < rows; r++) {
+            hx_cpu_swiglu(act, hgu + (size_t)r * 2 * ff, hgu + (size_t)r * 2 * ff + ff, ff);
+            for (int i = 0; i < ff; i++)
+                swant[(size_t)r * ff + i] = act[i];
+        }
+        expect_close(ff % 8 ? "swiglu" : "swiglu x8", sw, swant, (size_t)rows * ff, 1e-5, 8e-3);
+        free(act);
+        free(swant);
+        free(sw);
+        free(hgu);
+        hx_cuda_free(dgu);
+        hx_cuda_free(dsw);
+    }
+    free(tmp);
+    free(x3);
+    hx_cuda_free(didx);
+    free(ref);
+    free(want);
+    free(out);
+    free(x2);
+    free(delta);
+    free(w);
+    hx_cuda_free(ddelta);
+    hx_cuda_free(dw);
+    hx_cuda_free(dout);
+    free(x);
+    free(htab);
+    hx_cuda_free(dtab);
+    hx_cuda_free(dtok);
+    hx_cuda_free(dx);
+}
+
+/* A paged cache for tests: blocks handed out in a shuffled order. */
+typedef struct test_cache {
+    hx_cuda_kv_layout kv;
+    int n_blocks;
+    hx_bf16 *d; /* device cache */
+    int n_seqs;
+    int *bt;   /* [n_seqs][max_blocks_per_seq] host */
+    int *d_bt; /* device */
+} test_cache;
+
+static void cache_init(test_cache *c, int layers, int kv_heads, int head_dim, int bt, int n_seqs,
+                       int max_tokens)
+{
+    memset(c, 0, sizeof *c);
+    const int mb = (max_tokens + bt - 1) / bt;
+    c->kv = (hx_cuda_kv_layout){layers, kv_heads, head_dim, bt, mb};
+    c->n_seqs = n_seqs;
+    c->n_blocks = n_seqs * mb;
+    const size_t elems = (size_t)c->n_blocks * layers * 2 * kv_heads * bt * head_dim;
+    CHECK(hx_cuda_malloc((void **)&c->d, elems * 2, E));
+    CHECK(hx_cuda_memset(c->d, 0, elems * 2, E));
+    int *perm = malloc((size_t)c->n_blocks * sizeof *perm);
+    for (int i = 0; i < c->n_blocks; i++)
+        perm[i] = i;
+    for (int i = c->n_blocks - 1; i > 0; i--) {
+        int j = (int)(frand(0, 1) * (float)(i + 1));
+        j = j > i ? i : j;
+        int t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    c->bt = perm; /* row s: perm[s * mb ...] */
+    c->d_bt = to_dev(perm, (size_t)c->n_blocks * sizeof(int));
+}
+
+static void cache_free(test_cache *c)
+{
+    hx_cuda_free(c->d);
+    hx_cuda_free(c->d_bt);
+    free(c->bt);
+}
+
+/*
+ * Random bf16 K and V for positions 0..n-1 of every layer and head of seq s,
+ * written through hx_cuda_kv_unpack; returns the values as
+ * [layers][2][kv_heads][n][head_dim] floats (exact bf16 values).
+ */
+static float *cache_fill(test_cache *c, int s, int n)
+{
+    const hx_cuda_kv_layout *kv = &c->kv;
+    const size_t total = (size_t)kv->layers * 2 * kv->kv_heads * n * kv->head_dim;
+    float *h = malloc(total * sizeof *h);
+    for (size_t i = 0; i < total; i++)
+        h[i] = bf(frand(-1, 1));
+    float *d = to_dev(h, total * 4);
+    CHECK(hx_cuda_kv_unpack(c->d, d, kv, c->d_bt + (size_t)s * kv->max_blocks_per_seq, 0,
+                            kv->layers, 0, kv->kv_heads, 0, n, NULL, E));
+    CHECK(hx_cuda_sync(E));
+    hx_cuda_free(d);
+    return h;
+}
+
+static void test_kv_pack_unpack(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    test_cache c;
+    cache_init(&c, 3, 4, 64, 16, 2, 100);
+    float *vals = cache_fill(&c, 1, 77);
+    const hx_cuda_kv_layout *kv = &c.kv;
+    /* a sub-range: layers 1-2, heads 1-2, positions 5..74 */
+    const int l0 = 1, nl = 2, h0 = 1, nh = 2, t0 = 5, nt = 70, D = 64;
+    void *dseg = NULL;
+    CHECK(hx_cuda_malloc(&dseg, (size_t)nl * 2 * nh * nt * D * 4, E));
+    CHECK(hx_cuda_kv_pack(dseg, c.d, kv, c.d_bt + kv->max_blocks_per_seq, l0, nl, h0, nh, t0, nt,
+                          NULL, E));
+    float *seg = from_dev_f32(dseg, (size_t)nl * 2 * nh * nt * D);
+    for (int l = 0; l < nl; l++)
+        for (int w = 0; w < 2; w++)
+            for (int h = 0; h < nh; h++)
+                for (int t = 0; t < nt; t++)
+                    for (int d = 0; d < D; d++) {
+                        float got = seg[((((size_t)l * 2 + w) * nh + h) * nt + t) * D + d];
+                        float want = vals[((((size_t)(l0 + l) * 2 + w) * 4 + h0 + h) * 77 + t0 +
+                                           t) * D + d];
+                        if (got != want)
+                            fail_msg("kv_pack: layer %d kv %d head %d pos %d dim %d: %g != %g",
+                                     l0 + l, w, h0 + h, t0 + t, d, (double)got, (double)want);
+                    }
+    /* unpack rounds to bf16, ties to even: bf16 steps by 2^-7 just above 1 */
+    const float x = 1.0f + 1.0f / 256.0f; /* halfway between 1 and 1 + 2^-7: to 1 */
+    const float y = 1.0f + 3.0f / 256.0f; /* halfway between 1 + 2^-7 and 1 + 2^-6: to 1 + 2^-6 */
+    assert_true(bf(x) == 1.0f);
+    assert_true(bf(y) == 1.0f + 1.0f / 64.0f);
+    seg[0] = x;
+    seg[1] = y;
+    float *dnew = to_dev(seg, (size_t)2 * D * 4); /* [1][2][1][1][D] */
+    CHECK(hx_cuda_kv_unpack(c.d, dnew, kv, c.d_bt, 0, 1, 0, 1, 0, 1, NULL, E));
+    CHECK(hx_cuda_kv_pack(dseg, c.d, kv, c.d_bt, 0, 1, 0, 1, 0, 1, NULL, E));
+    float *back = from_dev_f32(dseg, 2);
+    assert_true(back[0] == 1.0f);
+    assert_true(back[1] == 1.0f + 1.0f / 64.0f);
+    free(back);
+    hx_cuda_free(dnew);
+    free(seg);
+    hx_cuda_free(dseg);
+    free(vals);
+    cache_free(&c);
+}
+
+static void test_rope_kv(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int H = 4, K = 2, D = 64, rows = 6, max_pos = 512, half = D / 2;
+    test_cache c;
+    cache_init(&c, 2, K, D, 16, 1, max_pos);
+    const int layer = 1;
+    const int qkv_n = (H + 2 * K) * D;
+    float *qkv = malloc((size_t)rows * qkv_n * 4);
+    for (int i = 0; i < rows * qkv_n; i++)
+        qkv[i] = frand(-2, 2);
+    int pos[6] = {0, 1, 17, 100, 255, 511};
+    int slot[6];
+    for (int r = 0; r < rows; r++)
+        slot[r] = c.bt[pos[r] / 16] * 16 + pos[r] % 16;
+    float *cs = malloc((size_t)max_pos * half * 4), *sn = malloc((size_t)max_pos * half * 4);
+    for (int p = 0; p < max_pos; p++)
+        hx_cpu_rope_angles(cs + (size_t)p * half, sn + (size_t)p * half, D, p, 10000.0);
+    float *dqkv = to_dev(qkv, (size_t)rows * qkv_n * 4);
+    int *dpos = to_dev(pos, sizeof pos), *dslot = to_dev(slot, sizeof slot);
+    float *dcs = to_dev(cs, (size_t)max_pos * half * 4), *dsn = to_dev(sn, (size_t)max_pos * half * 4);
+    void *dq = NULL;
+    CHECK(hx_cuda_malloc(&dq, (size_t)rows * H * D * 2, E));
+    CHECK(hx_cuda_rope_kv(dq, c.d, dqkv, dpos, dslot, dcs, dsn, rows, H, &c.kv, layer, NULL, E));
+    float *q = from_dev_bf16(dq, (size_t)rows * H * D);
+    /* the cache, read back through kv_pack: [1][2][K][max_pos][D] of the layer */
+    void *dseg = NULL;
+    CHECK(hx_cuda_malloc(&dseg, (size_t)2 * K * max_pos * D * 4, E));
+    CHECK(hx_cuda_kv_pack(dseg, c.d, &c.kv, c.d_bt, layer, 1, 0, K, 0, max_pos, NULL, E));
+    float *seg = from_dev_f32(dseg, (size_t)2 * K * max_pos * D);
+    double *want = malloc((size_t)H * D * sizeof *want);
+    float *row = malloc((size_t)qkv_n * 4);
+    for (int r = 0; r < rows; r++) {
+        memcpy(row, qkv + (size_t)r * qkv_n, (size_t)qkv_n * 4);
+        hx_cpu_rope(row, H, D, cs + (size_t)pos[r] * half, sn + (size_t)pos[r] * half);
+        hx_cpu_rope(row + H * D, K, D, cs + (size_t)pos[r] * half, sn + (size_t)pos[r] * half);
+        for (int i = 0; i < H * D; i++)
+            want[i] = row[i];
+        expect_close("rope q", q + (size_t)r * H * D, want, (size_t)H * D, 1e-5, 8e-3);
+        float got_k[2 * 64], got_v[2 * 64];
+        double want_k[2 * 64], want_v[2 * 64];
+        for (int h = 0; h < K; h++)
+            for (int d = 0; d < D; d++) {
+                got_k[h * D + d] = seg[(((size_t)0 * K + h) * max_pos + pos[r]) * D + d];
+                got_v[h * D + d] = seg[(((size_t)1 * K + h) * max_pos + pos[r]) * D + d];
+                want_k[h * D + d] = row[H * D + h * D + d];
+                want_v[h * D + d] = row[(H + K) * D + h * D + d];
+            }
+        expect_close("rope k in cache", got_k, want_k, (size_t)K * D, 1e-5, 8e-3);
+        expect_close("v in cache", got_v, want_v, (size_t)K * D, 1e-5, 8e-3);
+    }
+    free(row);
+    free(want);
+    free(seg);
+    hx_cuda_free(dseg);
+    free(q);
+    hx_cuda_free(dq);
+    hx_cuda_free(dqkv);
+    hx_cuda_free(dpos);
+    hx_cuda_free(dslot);
+    hx_cuda_free(dcs);
+    hx_cuda_free(dsn);
+    free(cs);
+    free(sn);
+    free(qkv);
+    cache_free(&c);
+}
+
+/* ---- attention --------------------------------------------------------------------------- */
+
+/*
+ * CPU reference for query rows of one sequence: hx_cpu_attention over a
+ * contiguous copy of layer `layer`'s K/V (vals from cache_fill, n_keys positions).
+ */
+static void attn_ref(const float *vals, int layers, int K, int D, int n_keys, int layer,
+                     const float *q, int n_q, int pos0, int H, double *want)
+{
+    (void)layers;
+    float *kc = malloc((size_t)K * n_keys * D * 4), *vc = malloc((size_t)K * n_keys * D * 4);
+    for (int h = 0; h < K; h++)
+        for (int t = 0; t < n_keys; t++)
+            for (int d = 0; d < D; d++) {
+                kc[((size_t)h * n_keys + t) * D + d] =
+                    vals[((((size_t)layer * 2 + 0) * K + h) * n_keys + t) * D + d];
+                vc[((size_t)h * n_keys + t) * D + d] =
+                    vals[((((size_t)layer * 2 + 1) * K + h) * n_keys + t) * D + d];
+            }
+    float *out = malloc((size_t)n_q * H * D * 4), *scratch = malloc((size_t)n_keys * 4);
+    hx_cpu_attention(NULL, out, q, kc, vc, n_q, pos0, H, K, D, n_keys, scratch);
+    for (size_t i = 0; i < (size_t)n_q * H * D; i++)
+        want[i] = out[i];
+    free(kc);
+    free(vc);
+    free(out);
+    free(scratch);
+}
+
+static void prefill_case(int D)
+{
+    const int H = 8, K = 2, L = 2, layer = 1, bt = 16, max_tokens = 200;
+    /* seq 0: 100 queries from position 0; seq 1: 70 queries after 37 cached positions */
+    const int n_q[2] = {100, 70}, pos0[2] = {0, 37};
+    test_cache c;
+    cache_init(&c, L, K, D, bt, 2, max_tokens);
+    float *vals[2];
+    for (int s = 0; s < 2; s++)
+        vals[s] = cache_fill(&c, s, pos0[s] + n_q[s]);
+    const int rows = n_q[0] + n_q[1];
+    float *hq = NULL;
+    hx_bf16 *dq = rand_bf16((size_t)rows * H * D, -1, 1, &hq);
+    void *dout = NULL;
+    CHECK(hx_cuda_malloc(&dout, (size_t)rows * H * D * 2, E));
+    int slot[2] = {0, 1}, row0[2] = {0, n_q[0]};
+    int *dslot = to_dev(slot, sizeof slot), *drow0 = to_dev(row0, sizeof row0);
+    int *dpos0 = to_dev(pos0, sizeof pos0), *dn = to_dev(n_q, sizeof n_q);
+    CHECK(hx_cuda_prefill_attention(dout, dq, c.d, &c.kv, layer, c.d_bt, dslot, drow0, dpos0, dn,
+                                    2, 100, H, NULL, E));
+    float *got = from_dev_bf16(dout, (size_t)rows * H * D);
+    for (int s = 0; s < 2; s++) {
+        double *want = malloc((size_t)n_q[s] * H * D * sizeof *want);
+        attn_ref(vals[s], L, K, D, pos0[s] + n_q[s], layer, hq + (size_t)row0[s] * H * D, n_q[s],
+                 pos0[s], H, want);
+        char what[64];
+        snprintf(what, sizeof what, "prefill attention D=%d seq %d", D, s);
+        /* bf16 probabilities and output: about 2^-8 relative of values < 1 */
+        expect_close(what, got + (size_t)row0[s] * H * D, want, (size_t)n_q[s] * H * D, 1e-2,
+                     1e-2);
+        free(want);
+    }
+    free(got);
+    free(hq);
+    free(vals[0]);
+    free(vals[1]);
+    hx_cuda_free(dq);
+    hx_cuda_free(dout);
+    hx_cuda_free(dslot);
+    hx_cuda_free(drow0);
+    hx_cuda_free(dpos0);
+    hx_cuda_free(dn);
+    cache_free(&c);
+}
+
+static void test_prefill_attention(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_cuda_set_prefill_mma(0); /* the WMMA kernel */
+    prefill_case(64);
+    prefill_case(128);
+}
+
+/* The mma.sync kernel (hx_cuda_set_prefill_mma(1)); the engine below runs it too. */
+static void test_prefill_attention_mma(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_cuda_set_prefill_mma(1);
+    prefill_case(64);
+    prefill_case(128);
+    hx_cuda_set_prefill_mma(0);
+}
+
+/*
+ * Decode attention of n sequences of lens[] keys (one query each, rows in
+ * reverse order) over `parts` chunks at most; 256 (sequence, KV head) pairs
+ * or more switch the kernel to 256-key chunks.
+ */
+static void decode_case(int D, int H, int K, int n, const int *lens, int parts)
+{
+    const int L = 1, bt = 16;
+    int max_len = 1;
+    for (int s = 0; s < n; s++)
+        max_len = lens[s] > max_len ? lens[s] : max_len;
+    test_cache c;
+    cache_init(&c, L, K, D, bt, n, max_len);
+    float **vals = malloc((size_t)n * sizeof *vals);
+    for (int s = 0; s < n; s++)
+        vals[s] = cache_fill(&c, s, lens[s]);
+    float *hq = NULL;
+    hx_bf16 *dq = rand_bf16((size_t)n * H * D, -1, 1, &hq);
+    void *dout = NULL, *dpart = NULL;
+    CHECK(hx_cuda_malloc(&dout, (size_t)n * H * D * 2, E));
+    CHECK(hx_cuda_malloc(&dpart, hx_cuda_decode_attention_workspace(n, H, D, parts), E));
+    int *slot = malloc((size_t)n * sizeof *slot), *row = malloc((size_t)n * sizeof *row);
+    for (int s = 0; s < n; s++) {
+        slot[s] = s;
+        row[s] = n - 1 - s;
+    }
+    int *dslot = to_dev(slot, (size_t)n * 4), *drow = to_dev(row, (size_t)n * 4);
+    int *dlen = to_dev(lens, (size_t)n * 4);
+    CHECK(hx_cuda_decode_attention(dout, dq, c.d, &c.kv, 0, c.d_bt, dslot, drow, dlen, n, parts,
+                                   H, dpart, NULL, E));
+    float *got = from_dev_bf16(dout, (size_t)n * H * D);
+    double *want = malloc((size_t)H * D * sizeof *want);
+    for (int s = 0; s < n; s++) {
+        attn_ref(vals[s], L, K, D, lens[s], 0, hq + (size_t)row[s] * H * D, 1, lens[s] - 1, H,
+                 want);
+        char what[96];
+        snprintf(what, sizeof what, "decode attention D=%d, %d sequences, len %d", D, n, lens[s]);
+        expect_close(what, got + (size_t)row[s] * H * D, want, (size_t)H * D, 5e-3, 1e-2);
+    }
+    free(want);
+    free(got);
+    free(hq);
+    for (int s = 0; s < n; s++)
+        free(vals[s]);
+    free(vals);
+    free(slot);
+    free(row);
+    hx_cuda_free(dq);
+    hx_cuda_free(dout);
+    hx_cuda_free(dpart);
+    hx_cuda_free(dslot);
+    hx_cuda_free(drow);
+    hx_cuda_free(dlen);
+    cache_free(&c);
+}
+
+static void test_decode_attention(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int lens[3] = {1, 300, 1000}; /* 1000 keys over 8 parts: 128-key chunks */
+    decode_case(64, 8, 2, 3, lens, 8);
+    decode_case(128, 8, 2, 3, lens, 8);
+    /* 32 sequences x 8 KV heads: 256-key chunks, a partial last one */
+    int many[32];
+    for (int s = 0; s < 32; s++)
+        many[s] = 1 + (s * 97) % 1024;
+    decode_case(64, 32, 8, 32, many, 4);
+}
+
+/* ---- sampling ---------------------------------------------------------------------------- */
+
+static void test_sample_greedy(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int V = 32000, rows = 4;
+    float *lg = malloc((size_t)rows * V * 4);
+    for (int i = 0; i < rows * V; i++)
+        lg[i] = frand(-5, 5);
+    lg[0 * V + 900] = 9.0f; /* row 0: a tie at 900 and 31000: 900 wins */
+    lg[0 * V + 31000] = 9.0f;
+    for (int i = 0; i < V; i++) /* row 1: all equal: 0 */
+        lg[1 * V + i] = 0.25f;
+    lg[2 * V + V - 1] = 100.0f; /* row 2: the last */
+    int *want = malloc(rows * sizeof *want);
+    for (int r = 0; r < rows; r++)
+        want[r] = hx_llama_argmax(lg + (size_t)r * V, V);
+    assert_int_equal(want[0], 900);
+    float *dl = to_dev(lg, (size_t)rows * V * 4);
+    void *dt = NULL;
+    CHECK(hx_cuda_malloc(&dt, rows * sizeof(int), E));
+    CHECK(hx_cuda_sample(dt, dl, rows, V, NULL, NULL, NULL, NULL, NULL, E));
+    int got[4];
+    CHECK(hx_cuda_sync(E));
+    CHECK(hx_cuda_memcpy(got, dt, sizeof got, E));
+    for (int r = 0; r < rows; r++)
+        assert_int_equal(got[r], want[r]);
+    free(want);
+    free(lg);
+    hx_cuda_free(dl);
+    hx_cuda_free(dt);
+}
+
+/* GPU draws vs hx_llama_sample with the same seed, one row at a time. */
+static void sample_case(float temperature, float top_p, int V, int draws, int min_agree)
+{
+    hx_llama_sampler *cpu = NULL;
+    CHECK(hx_llama_sampler_new(V, temperature, top_p, 42, &cpu, E));
+    uint64_t rng = hx_cuda_rng_init(42);
+    uint64_t *drng = to_dev(&rng, sizeof rng);
+    int zero = 0;
+    int *dslot = to_dev(&zero, sizeof zero);
+    float *dtemp = to_dev(&temperature, 4), *dtop = to_dev(&top_p, 4);
+    float *lg = malloc((size_t)V * 4);
+    void *dl = NULL, *dt = NULL;
+    CHECK(hx_cuda_malloc(&dl, (size_t)V * 4, E));
+    CHECK(hx_cuda_malloc(&dt, sizeof(int), E));
+    int agree = 0;
+    for (int k = 0; k < draws; k++) {
+        for (int i = 0; i < V; i++)
+            lg[i] = frand(-3, 3);
+        if (k % 5 == 0) /* some ties in probability */
+            lg[7] = lg[8] = lg[9] = 2.5f;
+        CHECK(hx_cuda_memcpy(dl, lg, (size_t)V * 4, E));
+        CHECK(hx_cuda_sample(dt, dl, 1, V, dtemp, dtop, dslot, drng, NULL, E));
+        int g = -1;
+        CHECK(hx_cuda_sync(E));
+        CHECK(hx_cuda_memcpy(&g, dt, sizeof g, E));
+        int w = hx_llama_sample(cpu, lg);
+        assert_true(g >= 0 && g < V);
+        agree += g == w;
+    }
+    printf("test_cuda: sampling T=%.2f top_p=%.2f vocab %d: %d/%d draws as the CPU's\n",
+           (double)temperature, (double)top_p, V, agree, draws);
+    if (agree < min_agree)
+        fail_msg("sampling T=%g top_p=%g: %d of %d draws agree with the CPU (want >= %d)",
+                 (double)temperature, (double)top_p, agree, draws, min_agree);
+    /* the generators stayed in step: both drew `draws` numbers */
+    uint64_t after = 0;
+    CHECK(hx_cuda_memcpy(&after, drng, sizeof after, E));
+    assert_true(after != rng);
+    hx_llama_sampler_free(cpu);
+    free(lg);
+    hx_cuda_free(dl);
+    hx_cuda_free(dt);
+    hx_cuda_free(drng);
+    hx_cuda_free(dslot);
+    hx_cuda_free(dtemp);
+    hx_cuda_free(dtop);
+}
+
+static void test_sample_seeded(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    /* the same logits and seed give the same token except where a draw falls within
+       rounding of a cumulative-probability boundary (summation order differs) */
+    sample_case(0.8f, 1.0f, 512, 200, 196);
+    sample_case(1.0f, 0.9f, 512, 200, 196);
+    sample_case(0.7f, 0.5f, 4000, 100, 98);
+    sample_case(1.3f, 0.05f, 512, 50, 49);
+}
+
+/* ---- NCCL -------------------------------------------------------------------------------- */
+
+static void test_nccl_one_rank(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    if (!hx_cuda_nccl_available()) {
+        printf("test_cuda: %s: skipped: this build has no NCCL\n", __func__);
+        skip();
+    }
+    /* one GPU cannot host two ranks of one communicator; a 1-rank one still runs
+       the calls: all-reduce is the identity, send/recv to itself copies */
+    uint8_t id[HX_CUDA_NCCL_ID_BYTES];
+    CHECK(hx_cuda_nccl_unique_id(id, E));
+    hx_cuda_nccl *c = NULL;
+    CHECK(hx_cuda_nccl_new(id, 1, 0, 0, &c, E));
+    assert_int_equal(hx_cuda_nccl_rank(c), 0);
+    assert_int_equal(hx_cuda_nccl_size(c), 1);
+    float h[256];
+    for (int i = 0; i < 256; i++)
+        h[i] = (float)i;
+    float *d = to_dev(h, sizeof h);
+    void *d2 = NULL;
+    CHECK(hx_cuda_malloc(&d2, sizeof h, E));
+    CHECK(hx_cuda_nccl_allreduce(c, d, 256, 0, NULL, E));
+    CHECK(hx_cuda_nccl_group_start(E));
+    CHECK(hx_cuda_nccl_send(c, d, sizeof h, 0, NULL, E));
+    CHECK(hx_cuda_nccl_recv(c, d2, sizeof h, 0, NULL, E));
+    CHECK(hx_cuda_nccl_group_end(E));
+    float *back = from_dev_f32(d2, 256);
+    assert_memory_equal(back, h, sizeof h);
+    free(back);
+    hx_cuda_free(d);
+    hx_cuda_free(d2);
+    hx_cuda_nccl_free(c);
+}
+
+/* ---- the engine against the CPU ---------------------------------------------------------- */
+
+#define GEN_STEPS 32
+
+static void make_tiny_model(void)
+{
+    char cfg[700];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tiny_dir);
+    if (access(cfg, F_OK) == 0)
+        return;
+    hx_tiny_config c;
+    hx_tiny_config_init(&c);
+    c.num_layers = 2;
+    c.hidden_size = 256;
+    c.num_heads = 4;
+    c.num_kv_heads = 2; /* head_dim 64, two query heads per KV head */
+    c.intermediate_size = 512;
+    c.vocab_size = 512;
+    c.dtype = HX_MODEL_DTYPE_BF16; /* the GPU's weights are then exactly the CPU's */
+    c.seed = 7;
+    hx_err err = {0};
+    if (hx_tiny_write(tiny_dir, &c, &err) != HX_OK)
+        fail_msg("make-tiny: %s", err.msg);
+}
+
+static void prompt_for(uint64_t seed, int n, int vocab, int *out)
+{
+    uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
+    for (int i = 0; i < n; i++) {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        out[i] = (int)((s * 0x2545f4914f6cdd1dull >> 33) % (uint64_t)vocab);
+    }
+}
+
+/*
+ * Greedy generation on the CPU: tokens (GEN_STEPS), and the smallest gap
+ * between the two largest logits along the way (how far from a tie).
+ */
+static double cpu_greedy(const hx_llama *m, const int *prompt, int n, int *tokens, float *logits0)
+{
+    const int V = hx_llama_config(m)->vocab_size;
+    hx_llama_state *s = NULL;
+    CHECK(hx_llama_state_new(m, n + GEN_STEPS, 64, &s, E));
+    const float *lg = NULL;
+    CHECK(hx_llama_prefill(m, s, prompt, n, 0, &lg, E));
+    if (logits0)
+        memcpy(logits0, lg, (size_t)V * 4);
+    double gap = INFINITY;
+    for (int i = 0; i < GEN_STEPS; i++) {
+        int best = hx_llama_argmax(lg, V);
+        float second = -INFINITY;
+        for (int v = 0; v < V; v++)
+            if (v != best && lg[v] > second)
+                second = lg[v];
+        if (lg[best] - second < gap)
+            gap = lg[best] - second;
+        tokens[i] = best;
+        if (i + 1 < GEN_STEPS)
+            CHECK(hx_llama_forward(m, s, best, n + i, &lg, E));
+    }
+    hx_llama_state_free(s);
+    return gap;
+}
+
+static hx_llama *cpu_model(void)
+{
+    make_tiny_model();
+    hx_llama_options o;
+    hx_llama_options_init(&o);
+    o.threads = 1;
+    hx_llama *m = NULL;
+    CHECK(hx_llama_load(tiny_dir, &o, &m, E));
+    return m;
+}
+
+/*
+ * Picks, among candidate prompts, the n_want whose greedy paths on the CPU
+ * stay furthest from a tie (bf16 activations move logits by about 1e-2).
+ */
+#define N_REQ 4
+static const int prompt_len[N_REQ] = {5, 23, 40, 71};
+
+typedef struct gen_case {
+    int prompt[80];
+    int n;
+    int tokens[GEN_STEPS];
+    double gap;
+} gen_case;
+
+static gen_case picked[N_REQ];
+static int n_picked;
+
+static void pick_cases(const hx_llama *m, gen_case *cases)
+{
+    const int V = hx_llama_config(m)->vocab_size;
+    if (n_picked) { /* once per run: the search takes seconds */
+        memcpy(cases, picked, sizeof picked);
+        return;
+    }
+    for (int i = 0; i < N_REQ; i++) {
+        /* 200 candidates give gaps of 0.05 or more (random prompts: about 0.02) */
+        gen_case best = {.gap = -1};
+        for (uint64_t seed = 1; seed <= 200; seed++) {
+            gen_case c;
+            c.n = prompt_len[i];
+            prompt_for(seed * 31 + (uint64_t)i, c.n, V, c.prompt);
+            c.gap = cpu_greedy(m, c.prompt, c.n, c.tokens, NULL);
+            if (c.gap > best.gap)
+                best = c;
+        }
+        cases[i] = best;
+        printf("test_cuda: request %d: %d prompt tokens, smallest top-2 logit gap on the CPU "
+               "%.4f\n",
+               i, best.n, best.gap);
+    }
+    memcpy(picked, cases, sizeof picked);
+    n_picked = 1;
+}
+
+static hx_cuda_engine *gpu_engine(int max_step_tokens, int graphs, int gemv_rows, int logits)
+{
+    hx_cuda_options o;
+    hx_cuda_options_init(&o);
+    o.max_seqs = 8;
+    o.max_step_tokens = max_step_tokens;
+    o.max_seq_tokens = 256;
+    o.graphs = graphs;
+    o.gemv_max_rows = gemv_rows;
+    o.logits = logits;
+    hx_cuda_engine *e = NULL;
+    CHECK(hx_cuda_engine_new(tiny_dir, &o, &e, E));
+    return e;
+}
+
+static hx_batch_request greedy_req(uint64_t id, const int *prompt, int n, int max_new)
+{
+    hx_batch_request r;
+    memset(&r, 0, sizeof r);
+    r.id = id;
+    r.prompt = prompt;
+    r.n_prompt = n;
+    r.max_new_tokens = max_new;
+    r.eos_id = -1;
+    r.temperature = 0.0f;
+    r.top_p = 1.0f;
+    return r;
+}
+
+/* Runs steps until the engine is empty, collecting tokens per request id (0..N_REQ-1). */
+static void run_to_end(hx_cuda_engine *e, int got[][GEN_STEPS], int *n_got, int first_index)
+{
+    for (int guard = 0; hx_cuda_engine_seq_count(e) > 0; guard++) {
+        assert_true(guard < 10000);
+        const hx_batch_event *ev = NULL;
+        int n = 0;
+        CHECK(hx_cuda_engine_step(e, &ev, &n, E));
+        for (int i = 0; i < n; i++) {
+            const int id = (int)ev[i].id;
+            assert_true(id >= 0 && id < N_REQ);
+            assert_int_equal(ev[i].index, n_got[id] + first_index);
+            got[id][n_got[id]++] = ev[i].token;
+        }
+    }
+}
+
+static void engine_vs_cpu(const gen_case *cases, int max_step_tokens, int graphs, int gemv_rows)
+{
+    hx_cuda_engine *e = gpu_engine(max_step_tokens, graphs, gemv_rows, 0);
+    int got[N_REQ][GEN_STEPS], n_got[N_REQ] = {0};
+    for (int i = 0; i < N_REQ; i++) {
+        hx_batch_request r = greedy_req((uint64_t)i, cases[i].prompt, cases[i].n, GEN_STEPS);
+        CHECK(hx_cuda_engine_add(e, &r, E));
+    }
+    run_to_end(e, got, n_got, 0);
+    int64_t steps = 0, graph_steps = 0;
+    hx_cuda_engine_stats(e, &steps, &graph_steps);
+    printf("test_cuda: engine (step rows %d, graphs %d, gemv rows %d): %lld steps, %lld from "
+           "graphs\n",
+           max_step_tokens, graphs, gemv_rows, (long long)steps, (long long)graph_steps);
+    if (graphs)
+        assert_true(graph_steps > 0);
+    for (int i = 0; i < N_REQ; i++) {
+        assert_int_equal(n_got[i], GEN_STEPS);
+        for (int t = 0; t < GEN_STEPS; t++)
+            if (got[i][t] != cases[i].tokens[t])
+                fail_msg("request %d (step rows %d, graphs %d, gemv %d): token %d is %d on the "
+                         "GPU, %d on the CPU",
+                         i, max_step_tokens, graphs, gemv_rows, t, got[i][t],
+                         cases[i].tokens[t]);
+    }
+    assert_int_equal(hx_cuda_engine_seq_count(e), 0);
+    assert_int_equal(hx_cuda_engine_free_blocks(e), 128); /* 8 slots x 256 / 16 */
+    hx_cuda_engine_free(e);
+}
+
+static void test_engine_greedy_vs_cpu(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_llama *m = cpu_model();
+    gen_case cases[N_REQ];
+    pick_cases(m, cases);
+    /* each request alone equals hx_llama_generate too */
+    hx_llama_sampler *greedy = NULL;
+    CHECK(hx_llama_sampler_new(hx_llama_config(m)->vocab_size, 0.0f, 1.0f, 0, &greedy, E));
+    for (int i = 0; i < N_REQ; i++) {
+        hx_llama_state *s = NULL;
+        CHECK(hx_llama_state_new(m, cases[i].n + GEN_STEPS, 64, &s, E));
+        int out[GEN_STEPS], n_out = 0;
+        CHECK(hx_llama_generate(m, s, greedy, cases[i].prompt, cases[i].n, GEN_STEPS, -1, out,
+                                &n_out, E));
+        assert_int_equal(n_out, GEN_STEPS);
+        assert_memory_equal(out, cases[i].tokens, sizeof out);
+        hx_llama_state_free(s);
+    }
+    hx_llama_sampler_free(greedy);
+
+    /* logits of the first token vs the CPU's */
+    {
+        float *cpu_logits = malloc(512 * 4);
+        int toks[GEN_STEPS];
+        cpu_greedy(m, cases[1].prompt, cases[1].n, toks, cpu_logits);
+        hx_cuda_engine *e = gpu_engine(64, 1, 8, 1);
+        hx_batch_request r = greedy_req(1, cases[1].prompt, cases[1].n, 2);
+        CHECK(hx_cuda_engine_add(e, &r, E));
+        const hx_batch_event *ev = NULL;
+        int n = 0;
+        CHECK(hx_cuda_engine_step(e, &ev, &n, E));
+        assert_int_equal(n, 1);
+        assert_non_null(ev[0].logits);
+        double maxd = 0, maxv = 0;
+        for (int v = 0; v < 512; v++) {
+            maxd = fmax(maxd, fabs((double)ev[0].logits[v] - cpu_logits[v]));
+            maxv = fmax(maxv, fabs((double)cpu_logits[v]));
+        }
+        printf("test_cuda: first-token logits: max |GPU - CPU| %.4f (max |logit| %.3f)\n", maxd,
+               maxv);
+        assert_true(maxd < 0.05 * fmax(1.0, maxv));
+        hx_cuda_engine_free(e);
+        free(cpu_logits);
+    }
+
+    engine_vs_cpu(cases, 256, 1, 8); /* whole prompts in one step, graphs, GEMV */
+    engine_vs_cpu(cases, 16, 1, 8);  /* chunked prefill mixed with decode rows */
+    engine_vs_cpu(cases, 64, 0, 0);  /* no graphs, cuBLAS everywhere */
+    hx_llama_free(m);
+}
+
+/* The engine with the mma.sync prefill attention kernel: the same tokens. */
+static void test_engine_prefill_mma(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_llama *m = cpu_model();
+    gen_case cases[N_REQ];
+    pick_cases(m, cases);
+    hx_cuda_set_prefill_mma(1);
+    engine_vs_cpu(cases, 256, 1, 8);
+    engine_vs_cpu(cases, 16, 1, 8);
+    hx_cuda_set_prefill_mma(0);
+    hx_llama_free(m);
+}
+
+/* Segments of the CPU's prefill: one per layer, all heads (also tests several segments). */
+static void cpu_segments(const hx_llama *m, const int *prompt, int n, int *first,
+                         void ***bufs, hx_kv_segment **segs, int *n_segs)
+{
+    const hx_model *c = hx_llama_config(m);
+    hx_llama_state *s = NULL;
+    CHECK(hx_llama_state_new(m, n + GEN_STEPS, 64, &s, E));
+    const float *lg = NULL;
+    CHECK(hx_llama_prefill(m, s, prompt, n, 0, &lg, E));
+    *first = hx_llama_argmax(lg, c->vocab_size);
+    const float *k = NULL, *v = NULL;
+    hx_llama_state_kv(s, &k, &v);
+    hx_kv_contiguous src = {k, v, 0, c->num_layers, 0, c->num_kv_heads,
+                            hx_llama_state_max_tokens(s), c->head_dim};
+    *n_segs = c->num_layers;
+    *bufs = calloc((size_t)c->num_layers, sizeof **bufs);
+    *segs = calloc((size_t)c->num_layers, sizeof **segs);
+    for (int l = 0; l < c->num_layers; l++) {
+        size_t bytes = hx_kv_segment_bytes(1, c->num_kv_heads, n, c->head_dim);
+        (*bufs)[l] = malloc(bytes);
+        size_t wrote = 0;
+        CHECK(hx_kv_pack_contiguous(&src, n, l, 1, 0, c->num_kv_heads, (*bufs)[l], bytes, &wrote,
+                                    E));
+        CHECK(hx_kv_segment_parse((*bufs)[l], wrote, &(*segs)[l], E));
+    }
+    hx_llama_state_free(s);
+}
+
+static void test_engine_kv_segments(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_llama *m = cpu_model();
+    const hx_model *c = hx_llama_config(m);
+    const int L = c->num_layers, K = c->num_kv_heads, D = c->head_dim;
+    gen_case cases[N_REQ];
+    pick_cases(m, cases);
+    const gen_case *g = &cases[2];
+
+    /* 1. import: CPU prefill's KV -> GPU engine -> decode: the CPU's tokens 1.. */
+    int first = -1, n_segs = 0;
+    void **bufs = NULL;
+    hx_kv_segment *segs = NULL;
+    cpu_segments(m, g->prompt, g->n, &first, &bufs, &segs, &n_segs);
+    assert_int_equal(first, g->tokens[0]);
+    hx_cuda_engine *e = gpu_engine(64, 1, 8, 0);
+    hx_batch_request r = greedy_req(2, g->prompt, g->n, GEN_STEPS);
+    CHECK(hx_cuda_engine_add_prefilled(e, &r, first, segs, n_segs, E));
+    assert_int_equal(hx_cuda_engine_seq_tokens(e, 2), g->n);
+
+    /* 2. export right away: the CPU's values rounded to bf16, exactly */
+    const size_t bytes = hx_kv_segment_bytes(L, K, g->n, D);
+    void *out = NULL;
+    CHECK(hx_cuda_host_alloc(&out, bytes, E));
+    size_t wrote = 0;
+    CHECK(hx_cuda_engine_pack_kv(e, 2, 0, L, 0, K, out, bytes, &wrote, E));
+    assert_int_equal(wrote, bytes);
+    hx_kv_segment back;
+    CHECK(hx_kv_segment_parse(out, wrote, &back, E)); /* header and checksum valid */
+    assert_int_equal(back.tokens, g->n);
+    assert_int_equal(back.num_layers, L);
+    for (int l = 0; l < L; l++) {
+        const size_t per_layer = (size_t)2 * K * g->n * D;
+        for (size_t i = 0; i < per_layer; i++) {
+            const float want = bf(segs[l].payload[i]);
+            const float got = back.payload[(size_t)l * per_layer + i];
+            if (got != want)
+                fail_msg("round trip: layer %d element %zu: %g != bf16(%g)", l, i, (double)got,
+                         (double)segs[l].payload[i]);
+        }
+    }
+    /* a sub-range segment: layer 1, head 1 */
+    const size_t sub_bytes = hx_kv_segment_bytes(1, 1, g->n, D);
+    assert_int_equal(hx_cuda_engine_pack_kv(e, 2, 1, 1, 1, 1, out, sub_bytes - 4, NULL, NULL),
+                     HX_ERANGE);
+    CHECK(hx_cuda_engine_pack_kv(e, 2, 1, 1, 1, 1, out, bytes, &wrote, E));
+    CHECK(hx_kv_segment_parse(out, wrote, &back, E));
+    assert_int_equal(back.layer_first, 1);
+    assert_int_equal(back.head_first, 1);
+    for (int w = 0; w < 2; w++)
+        for (int t = 0; t < g->n; t++)
+            for (int d = 0; d < D; d++) {
+                const float want =
+                    bf(segs[1].payload[(((size_t)w * K + 1) * g->n + t) * D + d]);
+                assert_true(back.payload[((size_t)w * g->n + t) * D + d] == want);
+            }
+
+    /* decode from the imported KV */
+    int got[N_REQ][GEN_STEPS], n_got[N_REQ] = {0};
+    run_to_end(e, got, n_got, 1);
+    assert_int_equal(n_got[2], GEN_STEPS - 1);
+    for (int t = 1; t < GEN_STEPS; t++)
+        if (got[2][t - 1] != g->tokens[t])
+            fail_msg("after import: token %d is %d on the GPU, %d on the CPU", t, got[2][t - 1],
+                     g->tokens[t]);
+
+    /* 3. export of a GPU prefill (hold_kv) vs the CPU's KV, within bf16 tolerance */
+    hx_batch_request h = greedy_req(3, g->prompt, g->n, 1);
+    h.hold_kv = 1;
+    CHECK(hx_cuda_engine_add(e, &h, E));
+    const hx_batch_event *ev = NULL;
+    int n = 0;
+    CHECK(hx_cuda_engine_step(e, &ev, &n, E));
+    assert_int_equal(n, 1);
+    assert_int_equal(ev[0].finished, 1);
+    assert_int_equal(ev[0].token, g->tokens[0]);
+    assert_int_equal(hx_cuda_engine_seq_count(e), 1); /* held */
+    CHECK(hx_cuda_engine_step(e, &ev, &n, E));
+    assert_int_equal(n, 0);
+    CHECK(hx_cuda_engine_pack_kv(e, 3, 0, L, 0, K, out, bytes, &wrote, E));
+    CHECK(hx_kv_segment_parse(out, wrote, &back, E));
+    double maxd = 0;
+    for (int l = 0; l < L; l++) {
+        const size_t per_layer = (size_t)2 * K * g->n * D;
+        double *want = malloc(per_layer * sizeof *want);
+        for (size_t i = 0; i < per_layer; i++)
+            want[i] = segs[l].payload[i];
+        size_t at = 0;
+        /* K and V are projections of bf16-rounded activations: a few % of order-1 values */
+        double w = worst(back.payload + (size_t)l * per_layer, want, per_layer, 0.05, 0.03, &at);
+        maxd = fmax(maxd, w);
+        if (w > 1.0)
+            fail_msg("GPU prefill KV, layer %d element %zu: %g vs CPU %g", l, at,
+                     (double)back.payload[(size_t)l * per_layer + at], want[at]);
+        free(want);
+    }
+    printf("test_cuda: GPU prefill KV vs CPU: worst error %.2f of the tolerance\n", maxd);
+    CHECK(hx_cuda_engine_remove(e, 3, E));
+    assert_int_equal(hx_cuda_engine_seq_count(e), 0);
+    assert_int_equal(hx_cuda_engine_remove(e, 3, NULL), HX_ENOENT);
+
+    /* bad segments: nothing added */
+    hx_kv_segment bad = segs[0];
+    bad.tokens = g->n - 1;
+    assert_int_equal(hx_cuda_engine_add_prefilled(e, &r, first, &bad, 1, NULL), HX_EINVAL);
+    assert_int_equal(hx_cuda_engine_add_prefilled(e, &r, first, segs, 1, NULL),
+                     L > 1 ? HX_EINVAL : HX_OK); /* layer 1 uncovered */
+    assert_int_equal(hx_cuda_engine_seq_count(e), 0);
+
+    hx_cuda_host_free(out);
+    for (int i = 0; i < n_segs; i++)
+        free(bufs[i]);
+    free(bufs);
+    free(segs);
+    hx_cuda_engine_free(e);
+    hx_llama_free(m);
+}
+
+static void test_engine_sampling_and_admission(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    make_tiny_model();
+    hx_cuda_engine *e = gpu_engine(32, 1, 8, 0);
+    int prompt[10];
+    prompt_for(99, 10, 512, prompt);
+    hx_batch_request r = greedy_req(1, prompt, 10, 20);
+    /* bad requests */
+    hx_batch_request bad = r;
+    bad.n_prompt = 0;
+    assert_int_equal(hx_cuda_engine_add(e, &bad, NULL), HX_EINVAL);
+    bad = r;
+    int oov[1] = {512};
+    bad.prompt = oov;
+    bad.n_prompt = 1;
+    assert_int_equal(hx_cuda_engine_add(e, &bad, NULL), HX_EINVAL);
+    bad = r;
+    bad.max_new_tokens = 300;
+    assert_int_equal(hx_cuda_engine_add(e, &bad, NULL), HX_ERANGE);
+    bad = r;
+    bad.temperature = -1;
+    assert_int_equal(hx_cuda_engine_add(e, &bad, NULL), HX_EINVAL);
+    CHECK(hx_cuda_engine_add(e, &r, E));
+    assert_int_equal(hx_cuda_engine_add(e, &r, NULL), HX_EINVAL); /* duplicate id */
+    /* slots: 8 */
+    for (uint64_t id = 2; id <= 8; id++) {
+        hx_batch_request x = greedy_req(id, prompt, 10, 20);
+        x.temperature = 0.9f;
+        x.top_p = 0.95f;
+        x.seed = id;
+        CHECK(hx_cuda_engine_add(e, &x, E));
+    }
+    hx_batch_request ninth = greedy_req(9, prompt, 10, 20);
+    assert_false(hx_cuda_engine_can_admit(e, 10, 20));
+    assert_int_equal(hx_cuda_engine_add(e, &ninth, NULL), HX_ENOMEM);
+    /* run them all, checking the events' order, indices and ends */
+    int seen[9] = {0};
+    for (int guard = 0; hx_cuda_engine_seq_count(e) > 0; guard++) {
+        assert_true(guard < 1000);
+        const hx_batch_event *ev = NULL;
+        int n = 0;
+        CHECK(hx_cuda_engine_step(e, &ev, &n, E));
+        for (int i = 0; i < n; i++) {
+            assert_true(ev[i].id >= 1 && ev[i].id <= 8);
+            assert_int_equal(ev[i].index, seen[ev[i].id]);
+            seen[ev[i].id]++;
+            assert_true(ev[i].token >= 0 && ev[i].token < 512);
+            assert_int_equal(ev[i].finished, seen[ev[i].id] == 20);
+        }
+    }
+    for (int id = 1; id <= 8; id++)
+        assert_int_equal(seen[id], 20);
+    assert_int_equal(hx_cuda_engine_free_blocks(e), 128);
+    /* seeded sampling is reproducible: the same request twice gives the same tokens */
+    int run[2][20];
+    for (int k = 0; k < 2; k++) {
+        hx_batch_request x = greedy_req(100, prompt, 10, 20);
+        x.temperature = 1.0f;
+        x.top_p = 0.9f;
+        x.seed = 1234;
+        CHECK(hx_cuda_engine_add(e, &x, E));
+        int nk = 0;
+        while (hx_cuda_engine_seq_count(e) > 0) {
+            const hx_batch_event *ev = NULL;
+            int n = 0;
+            CHECK(hx_cuda_engine_step(e, &ev, &n, E));
+            for (int i = 0; i < n; i++)
+                run[k][nk++] = ev[i].token;
+        }
+        assert_int_equal(nk, 20);
+    }
+    assert_memory_equal(run[0], run[1], sizeof run[0]);
+    hx_cuda_engine_free(e);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_no_device_paths),
+        cmocka_unit_test(test_crc_combine),
+        cmocka_unit_test(test_gemm),
+        cmocka_unit_test(test_gemm_swiglu),
+        cmocka_unit_test(test_embed_rmsnorm_swiglu),
+        cmocka_unit_test(test_kv_pack_unpack),
+        cmocka_unit_test(test_rope_kv),
+        cmocka_unit_test(test_prefill_attention),
+        cmocka_unit_test(test_prefill_attention_mma),
+        cmocka_unit_test(test_decode_attention),
+        cmocka_unit_test(test_sample_greedy),
+        cmocka_unit_test(test_sample_seeded),
+        cmocka_unit_test(test_nccl_one_rank),
+        cmocka_unit_test(test_engine_greedy_vs_cpu),
+        cmocka_unit_test(test_engine_prefill_mma),
+        cmocka_unit_test(test_engine_kv_segments),
+        cmocka_unit_test(test_engine_sampling_and_admission),
+    };
+    /* HX_CUDA_TEST_FILTER=pattern runs only the matching tests (bench/gpu-check.sh reruns a
+       failing one under compute-sanitizer that way) */
+    const char *filter = getenv("HX_CUDA_TEST_FILTER");
+    if (filter && filter[0])
+        cmocka_set_test_filter(filter);
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
