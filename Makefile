@@ -41,6 +41,9 @@ demo: deps build
 	@echo
 	@echo '$$ hexflow simulate --plan build/plan.json'
 	@$(HEXFLOW) simulate --plan $(BUILD)/plan.json
+	@echo
+	@echo '# and for real, on this machine: a tiny random-weight model on two CPU devices'
+	@scripts/demo-serve.sh $(HEXFLOW) $(BUILD)
 
 bench: deps
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null

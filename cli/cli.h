@@ -20,6 +20,12 @@ int hx_cmd_model(int argc, char **argv);
 int hx_cmd_plan(int argc, char **argv);
 int hx_cmd_simulate(int argc, char **argv);
 int hx_cmd_whatif(int argc, char **argv);
+int hx_cmd_worker(int argc, char **argv);
+int hx_cmd_router(int argc, char **argv);
+int hx_cmd_launch(int argc, char **argv);
+int hx_cmd_stop(int argc, char **argv);
+int hx_cmd_status(int argc, char **argv);
+int hx_cmd_logs(int argc, char **argv);
 
 /* Prints "hexflow: MESSAGE" to stderr. */
 void hx_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

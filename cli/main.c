@@ -29,6 +29,12 @@ static const cmd commands[] = {
     {"plan", hx_cmd_plan, "plan prefill/decode replicas, layouts and routes for a cluster"},
     {"simulate", hx_cmd_simulate, "simulate a plan's deployment under traffic"},
     {"whatif", hx_cmd_whatif, "compare goodput and cost with hardware added or removed"},
+    {"launch", hx_cmd_launch, "start a plan's workers and router, wait until healthy"},
+    {"status", hx_cmd_status, "show the processes of a launched plan"},
+    {"stop", hx_cmd_stop, "stop everything a launch started"},
+    {"logs", hx_cmd_logs, "show the logs of a launched plan's processes"},
+    {"worker", hx_cmd_worker, "run one device's worker of a plan (launch starts these)"},
+    {"router", hx_cmd_router, "run a plan's OpenAI-compatible router (launch starts it)"},
 };
 
 void hx_cli_error(const char *fmt, ...)

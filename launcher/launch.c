@@ -1,0 +1,1063 @@
+/* launch.c - deploying a plan; see launch.h. */
+#define _XOPEN_SOURCE 700 /* realpath */
+#include "launcher/launch.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/file.h"
+#include "common/json.h"
+#include "launcher/host.h"
+#include "planner/plan.h"
+#include "runtime/deploy.h"
+#include "runtime/proto.h"
+
+/* Paths and commands are built in fixed buffers of PATH_MAX / MAX_CMD bytes;
+ * what would not fit is refused where it matters (start_command). */
+#pragma GCC diagnostic ignored "-Wformat-truncation"
+
+#define CMD_TIMEOUT_S 60.0
+#define MAX_CMD 8192
+
+void hx_launch_options_init(hx_launch_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->health_timeout_s = 180.0;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static double now_s(void)
+{
+    return hx_proto_now_ns() / 1e9;
+}
+
+/* ---- names and places ------------------------------------------------------------ */
+
+static void state_dir_of(const char *given, char *out, size_t cap)
+{
+    const char *env = getenv("HEXFLOW_STATE_DIR");
+    const char *home = getenv("HOME");
+    if (given)
+        snprintf(out, cap, "%s", given);
+    else if (env && *env)
+        snprintf(out, cap, "%s", env);
+    else
+        snprintf(out, cap, "%s/.local/state/hexflow", home && *home ? home : "/tmp");
+}
+
+/* mkdir -p */
+static int mkdirs(const char *path)
+{
+    char buf[PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+                return -1;
+            *p = '/';
+        }
+    return mkdir(buf, 0700) != 0 && errno != EEXIST ? -1 : 0;
+}
+
+/* ID: the plan file's name without .json, and a hash of its absolute path. */
+static void deployment_id(const char *abs_plan, char *out, size_t cap)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (const char *p = abs_plan; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    const char *base = strrchr(abs_plan, '/');
+    base = base ? base + 1 : abs_plan;
+    char name[128];
+    snprintf(name, sizeof name, "%s", base);
+    char *dot = strrchr(name, '.');
+    if (dot && dot != name)
+        *dot = '\0';
+    for (char *p = name; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              *p == '-' || *p == '_'))
+            *p = '_';
+    snprintf(out, cap, "%s-%08llx", name, (unsigned long long)(h & 0xffffffffULL));
+}
+
+/* Single-quotes s for /bin/sh. */
+static void shq(char *out, size_t cap, const char *s)
+{
+    size_t n = 0;
+    if (cap < 3)
+        return;
+    out[n++] = '\'';
+    for (; *s && n + 5 < cap; s++) {
+        if (*s == '\'') {
+            memcpy(out + n, "'\\''", 4);
+            n += 4;
+        } else {
+            out[n++] = *s;
+        }
+    }
+    out[n++] = '\'';
+    out[n] = '\0';
+}
+
+static int is_local(const hx_plan_host *h)
+{
+    return !h->address || strcmp(h->address, "local") == 0;
+}
+
+/* ---- the launch ------------------------------------------------------------------- */
+
+typedef struct proc {
+    int host;
+    int worker;          /* deploy index; -1 for the router */
+    char name[96];       /* log name */
+    long pid;            /* 0 until started */
+    char log[PATH_MAX];
+} proc;
+
+typedef struct host_job {
+    struct launch *L;
+    int h;
+    hx_host *session;
+    char workdir[PATH_MAX];
+    char bin[PATH_MAX];
+    char plan[PATH_MAX];
+    char model[PATH_MAX];
+    hx_status st;
+    hx_err err;
+    pthread_t thread;
+} host_job;
+
+typedef struct launch {
+    const hx_launch_options *o;
+    hx_plan *plan;
+    hx_deploy dep;
+    char abs_plan[PATH_MAX], abs_model[PATH_MAX], self_bin[PATH_MAX];
+    char id[200], state_dir[PATH_MAX], state_path[PATH_MAX], secret_path[PATH_MAX];
+    hx_proto_secret secret;
+    proc *procs;
+    int nprocs;
+    host_job *jobs; /* [nhosts] */
+    pthread_mutex_t mu;
+} launch;
+
+static void progress(launch *L, const char *host, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void progress(launch *L, const char *host, const char *fmt, ...)
+{
+    if (!L->o->progress)
+        return;
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    pthread_mutex_lock(&L->mu);
+    fprintf(L->o->progress, "[%s] %s\n", host, line);
+    fflush(L->o->progress);
+    pthread_mutex_unlock(&L->mu);
+}
+
+static void workdir_of(const launch *L, int h, char *out, size_t cap)
+{
+    const hx_plan_host *ph = &L->plan->hosts[h];
+    if (ph->workdir && *ph->workdir)
+        snprintf(out, cap, "%s", ph->workdir);
+    else if (is_local(ph))
+        snprintf(out, cap, "%s/%s/%s", L->state_dir, L->id, ph->name);
+    else
+        snprintf(out, cap, ".hexflow/%s/%s", L->id, ph->name);
+}
+
+/* The shell command that starts process p on its host and prints its pid. */
+static int start_command(const launch *L, const host_job *J, const proc *p, char *cmd,
+                         size_t cap)
+{
+    char wd[PATH_MAX + 8], bin[PATH_MAX + 8], plan[PATH_MAX + 8], model[PATH_MAX + 8];
+    shq(wd, sizeof wd, J->workdir);
+    shq(bin, sizeof bin, J->bin);
+    shq(plan, sizeof plan, J->plan);
+    shq(model, sizeof model, J->model);
+    char args[4 * PATH_MAX];
+    if (p->worker >= 0) {
+        char dev[256];
+        shq(dev, sizeof dev, L->dep.workers[p->worker].device);
+        snprintf(args, sizeof args, "worker --plan %s --model %s --device %s %s", plan, model,
+                 dev, L->o->worker_args ? L->o->worker_args : "");
+    } else {
+        snprintf(args, sizeof args, "router --plan %s --model %s", plan, model);
+    }
+    int n = snprintf(cmd, cap,
+                     "cd %s && umask 077 && mkdir -p run logs && cat > run/%s.secret && "
+                     "{ setsid %s %s --secret-file run/%s.secret > logs/%s.log 2>&1 "
+                     "< /dev/null & echo $! > run/%s.pid; echo $!; }",
+                     wd, p->name, bin, args, p->name, p->name, p->name);
+    return n > 0 && (size_t)n < cap;
+}
+
+/* Collects the model directory's files (regular files, one level). */
+static int model_files(const char *dir, char ***out)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return -1;
+    int n = 0, cap = 16;
+    char **v = malloc((size_t)cap * sizeof *v);
+    struct dirent *e;
+    while (v && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[PATH_MAX];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (!hx_file_is_regular(path))
+            continue;
+        if (n == cap) {
+            char **g = realloc(v, (size_t)(cap *= 2) * sizeof *v);
+            if (!g)
+                break;
+            v = g;
+        }
+        v[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    *out = v;
+    return v ? n : -1;
+}
+
+static void *host_main(void *arg)
+{
+    host_job *J = arg;
+    launch *L = J->L;
+    const hx_plan_host *ph = &L->plan->hosts[J->h];
+    hx_err *err = &J->err;
+    workdir_of(L, J->h, J->workdir, sizeof J->workdir);
+    if (is_local(ph)) {
+        snprintf(J->bin, sizeof J->bin, "%s", L->self_bin);
+        snprintf(J->plan, sizeof J->plan, "%s", L->abs_plan);
+        snprintf(J->model, sizeof J->model, "%s", L->abs_model);
+    } else {
+        snprintf(J->bin, sizeof J->bin, "./hexflow");
+        snprintf(J->plan, sizeof J->plan, "plan.json");
+        snprintf(J->model, sizeof J->model, "model");
+    }
+    if (L->o->dry_run) {
+        if (!is_local(ph))
+            printf("[%s] ssh %s%s%s -p %d: push %s, %s and %s/* into %s\n", ph->name,
+                   ph->ssh_user ? ph->ssh_user : "", ph->ssh_user ? "@" : "", ph->address,
+                   ph->ssh_port ? ph->ssh_port : 22, L->self_bin, L->abs_plan, L->abs_model,
+                   J->workdir);
+        for (int i = 0; i < L->nprocs; i++)
+            if (L->procs[i].host == J->h) {
+                char cmd[MAX_CMD];
+                start_command(L, J, &L->procs[i], cmd, sizeof cmd);
+                printf("[%s] %s   (stdin: the deployment secret)\n", ph->name, cmd);
+            }
+        return NULL;
+    }
+    double t0 = now_s();
+    if (is_local(ph)) {
+        J->st = hx_host_open_local(ph->name, &J->session, err);
+    } else {
+        hx_host_ssh_options so = {ph->name, ph->address, ph->ssh_port, ph->ssh_user,
+                                  ph->ssh_identity, ph->ssh_known_hosts,
+                                  L->o->accept_new_host_keys, 10.0};
+        progress(L, ph->name, "connecting to %s", ph->address);
+        J->st = hx_host_open_ssh(&so, &J->session, err);
+    }
+    if (J->st != HX_OK)
+        return NULL;
+    char wd[PATH_MAX + 8], cmd[MAX_CMD];
+    shq(wd, sizeof wd, J->workdir);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/run %s/logs", wd, wd);
+    if ((J->st = hx_host_run_checked(J->session, cmd, NULL, 0, NULL, CMD_TIMEOUT_S, err)) != HX_OK)
+        return NULL;
+    if (!is_local(ph)) {
+        char dst[PATH_MAX * 2];
+        int skipped = 0, pushed = 0, kept = 0;
+        snprintf(dst, sizeof dst, "%s/hexflow", J->workdir);
+        if ((J->st = hx_host_push(J->session, L->self_bin, dst, 0755, &skipped, err)) != HX_OK)
+            return NULL;
+        skipped ? kept++ : pushed++;
+        snprintf(dst, sizeof dst, "%s/plan.json", J->workdir);
+        if ((J->st = hx_host_push(J->session, L->abs_plan, dst, 0644, &skipped, err)) != HX_OK)
+            return NULL;
+        skipped ? kept++ : pushed++;
+        char **files = NULL;
+        int n = model_files(L->abs_model, &files);
+        for (int i = 0; i < n && J->st == HX_OK; i++) {
+            char src[PATH_MAX * 2];
+            snprintf(src, sizeof src, "%s/%s", L->abs_model, files[i]);
+            snprintf(dst, sizeof dst, "%s/model/%s", J->workdir, files[i]);
+            J->st = hx_host_push(J->session, src, dst, 0644, &skipped, err);
+            if (J->st == HX_OK)
+                skipped ? kept++ : pushed++;
+        }
+        for (int i = 0; i < n; i++)
+            free(files[i]);
+        free(files);
+        if (J->st != HX_OK)
+            return NULL;
+        progress(L, ph->name, "files: %d pushed, %d already there", pushed, kept);
+        /* the workdir paths given to processes are relative to it */
+    }
+    for (int i = 0; i < L->nprocs; i++) {
+        proc *p = &L->procs[i];
+        if (p->host != J->h)
+            continue;
+        if (!start_command(L, J, p, cmd, sizeof cmd)) {
+            J->st = hx_err_set(err, HX_EINVAL, "host '%s': the command for %s is too long "
+                               "(paths over %d bytes)", ph->name, p->name, MAX_CMD);
+            return NULL;
+        }
+        char *out = NULL;
+        J->st = hx_host_run_checked(J->session, cmd, L->secret.bytes, L->secret.len, &out,
+                                    CMD_TIMEOUT_S, err);
+        if (J->st != HX_OK)
+            return NULL;
+        long pid = strtol(out ? out : "", NULL, 10);
+        free(out);
+        if (pid <= 0) {
+            J->st = hx_err_set(err, HX_EIO, "host '%s': could not start %s (no pid)", ph->name,
+                               p->name);
+            return NULL;
+        }
+        pthread_mutex_lock(&L->mu);
+        p->pid = pid;
+        snprintf(p->log, sizeof p->log, "%s/logs/%s.log", J->workdir, p->name);
+        pthread_mutex_unlock(&L->mu);
+    }
+    int count = 0;
+    for (int i = 0; i < L->nprocs; i++)
+        count += L->procs[i].host == J->h;
+    progress(L, ph->name, "started %d process%s in %.1f s", count, count == 1 ? "" : "es",
+             now_s() - t0);
+    return NULL;
+}
+
+/* ---- the state file ------------------------------------------------------------------- */
+
+static hx_status write_state(launch *L, const char *url, hx_err *err)
+{
+    json_t *root = json_object();
+    json_t *hosts = json_array(), *procs = json_array();
+    json_object_set_new(root, "schema", json_string("hexflow.state/1"));
+    json_object_set_new(root, "plan", json_string(L->abs_plan));
+    json_object_set_new(root, "model", json_string(L->abs_model));
+    json_object_set_new(root, "router_url", json_string(url));
+    json_object_set_new(root, "started_unix_s", json_integer((json_int_t)time(NULL)));
+    json_object_set_new(root, "secret_file", json_string(L->secret_path));
+    for (int h = 0; h < L->plan->nhosts; h++) {
+        const hx_plan_host *ph = &L->plan->hosts[h];
+        json_array_append_new(hosts, json_pack("{s:s, s:s, s:s, s:b}", "name", ph->name,
+                                               "address", ph->address ? ph->address : "local",
+                                               "workdir", L->jobs[h].workdir, "local",
+                                               is_local(ph)));
+    }
+    for (int i = 0; i < L->nprocs; i++) {
+        const proc *p = &L->procs[i];
+        if (p->pid <= 0)
+            continue;
+        json_t *o = json_pack("{s:s, s:s, s:I, s:s}", "host", L->plan->hosts[p->host].name,
+                              "kind", p->worker >= 0 ? "worker" : "router", "pid",
+                              (json_int_t)p->pid, "log", p->log);
+        if (p->worker >= 0) {
+            const hx_deploy_worker *w = &L->dep.workers[p->worker];
+            json_object_set_new(o, "device", json_string(w->device));
+            json_object_set_new(o, "group", json_string(L->plan->groups[w->group].id));
+            json_object_set_new(o, "role",
+                                json_string(hx_role_name(L->plan->groups[w->group].role)));
+            json_object_set_new(o, "stage", json_integer(w->stage));
+            json_object_set_new(o, "rank", json_integer(w->rank));
+            json_object_set_new(o, "port", json_integer(w->port));
+        } else {
+            json_object_set_new(o, "port", json_integer(L->dep.router_port));
+        }
+        json_array_append_new(procs, o);
+    }
+    json_object_set_new(root, "hosts", hosts);
+    json_object_set_new(root, "processes", procs);
+    hx_status st = hx_json_write_file(L->state_path, root, err);
+    json_decref(root);
+    return st;
+}
+
+/* ---- stopping ----------------------------------------------------------------------------- */
+
+/* Stops pids[0..n) on host s: TERM, wait up to grace_s, KILL. *alive: how many were running. */
+static hx_status stop_pids(hx_host *s, const long *pids, int n, double grace_s, int *alive,
+                           hx_err *err)
+{
+    char list[MAX_CMD] = "";
+    size_t k = 0;
+    for (int i = 0; i < n && k + 24 < sizeof list; i++)
+        k += (size_t)snprintf(list + k, sizeof list - k, " %ld", pids[i]);
+    if (!k) {
+        *alive = 0;
+        return HX_OK;
+    }
+    char cmd[MAX_CMD * 2 + 512];
+    int waits = (int)(grace_s * 10);
+    snprintf(cmd, sizeof cmd,
+             "n=0; for p in%s; do kill -0 $p 2>/dev/null && n=$((n+1)) && kill -TERM $p "
+             "2>/dev/null; done; echo $n; i=0; while [ $i -lt %d ]; do left=0; for p in%s; do "
+             "kill -0 $p 2>/dev/null && left=1; done; [ $left = 0 ] && exit 0; sleep 0.1; "
+             "i=$((i+1)); done; for p in%s; do kill -KILL $p 2>/dev/null; done; exit 0",
+             list, waits, list, list);
+    char *out = NULL;
+    hx_status st = hx_host_run_checked(s, cmd, NULL, 0, &out, grace_s + 30, err);
+    *alive = out ? atoi(out) : 0;
+    free(out);
+    return st;
+}
+
+static void rollback(launch *L)
+{
+    for (int h = 0; h < L->plan->nhosts; h++) {
+        host_job *J = &L->jobs[h];
+        if (!J->session)
+            continue;
+        long pids[1024];
+        int n = 0;
+        for (int i = 0; i < L->nprocs && n < 1024; i++)
+            if (L->procs[i].host == h && L->procs[i].pid > 0)
+                pids[n++] = L->procs[i].pid;
+        int alive = 0;
+        hx_err e = {0};
+        if (stop_pids(J->session, pids, n, 5.0, &alive, &e) != HX_OK)
+            progress(L, L->plan->hosts[h].name, "could not stop its processes: %s", e.msg);
+        else if (n)
+            progress(L, L->plan->hosts[h].name, "stopped %d process%s", n, n == 1 ? "" : "es");
+    }
+    unlink(L->state_path);
+    unlink(L->secret_path);
+}
+
+/* ---- health ------------------------------------------------------------------------------- */
+
+/* GET /health: the HTTP status, or 0 when nobody answers. */
+static int http_health(const char *host, int port, char *body, size_t cap)
+{
+    char ps[16];
+    snprintf(ps, sizeof ps, "%d", port);
+    struct addrinfo hints = {0}, *ai = NULL;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, ps, &hints, &ai) != 0 || !ai)
+        return 0;
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
+    int code = 0;
+    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+        char req[256];
+        int n = snprintf(req, sizeof req, "GET /health HTTP/1.1\r\nHost: %s:%d\r\n"
+                         "Connection: close\r\n\r\n", host, port);
+        if (send(fd, req, (size_t)n, MSG_NOSIGNAL) == n) {
+            char buf[4096];
+            size_t got = 0;
+            struct pollfd p = {fd, POLLIN, 0};
+            while (got + 1 < sizeof buf && poll(&p, 1, 2000) > 0) {
+                ssize_t r = recv(fd, buf + got, sizeof buf - 1 - got, 0);
+                if (r <= 0)
+                    break;
+                got += (size_t)r;
+            }
+            buf[got] = '\0';
+            if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1)
+                code = 0;
+            const char *b = strstr(buf, "\r\n\r\n");
+            snprintf(body, cap, "%s", b ? b + 4 : "");
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+    freeaddrinfo(ai);
+    return code;
+}
+
+/* The last lines of a process's log, for an error message. */
+static void log_tail(hx_host *s, const char *log, char *out, size_t cap)
+{
+    char q[PATH_MAX + 8], cmd[PATH_MAX + 64];
+    shq(q, sizeof q, log);
+    snprintf(cmd, sizeof cmd, "tail -n 3 %s 2>/dev/null", q);
+    char *text = NULL;
+    hx_err e = {0};
+    out[0] = '\0';
+    if (hx_host_run(s, cmd, NULL, 0, &text, NULL, NULL, 10, &e) == HX_OK && text) {
+        size_t n = strlen(text);
+        while (n && (text[n - 1] == '\n' || text[n - 1] == '\r'))
+            text[--n] = '\0';
+        for (char *p = text; *p; p++)
+            if (*p == '\n')
+                *p = '|';
+        snprintf(out, cap, "%s", text);
+    }
+    free(text);
+}
+
+/* Which of host h's processes died: index into procs, or -1. */
+static int dead_process(launch *L, int h)
+{
+    char list[MAX_CMD] = "";
+    size_t k = 0;
+    for (int i = 0; i < L->nprocs && k + 24 < sizeof list; i++)
+        if (L->procs[i].host == h && L->procs[i].pid > 0)
+            k += (size_t)snprintf(list + k, sizeof list - k, " %ld", L->procs[i].pid);
+    if (!k)
+        return -1;
+    char cmd[MAX_CMD + 128];
+    snprintf(cmd, sizeof cmd, "for p in%s; do kill -0 $p 2>/dev/null || echo $p; done", list);
+    char *out = NULL;
+    hx_err e = {0};
+    if (hx_host_run(L->jobs[h].session, cmd, NULL, 0, &out, NULL, NULL, 20, &e) != HX_OK)
+        return -1;
+    long dead = out ? strtol(out, NULL, 10) : 0;
+    free(out);
+    for (int i = 0; dead > 0 && i < L->nprocs; i++)
+        if (L->procs[i].host == h && L->procs[i].pid == dead)
+            return i;
+    return -1;
+}
+
+static hx_status wait_healthy(launch *L, const char *url_host, hx_err *err)
+{
+    double t0 = now_s(), next_check = t0 + 0.5;
+    char body[4096] = "";
+    for (;;) {
+        int code = http_health(url_host, L->dep.router_port, body, sizeof body);
+        if (code == 200)
+            return HX_OK;
+        if (now_s() >= next_check) {
+            for (int h = 0; h < L->plan->nhosts; h++) {
+                int i = dead_process(L, h);
+                if (i >= 0) {
+                    char tail[1024];
+                    log_tail(L->jobs[h].session, L->procs[i].log, tail, sizeof tail);
+                    return hx_err_set(err, HX_EIO, "host '%s': %s exited during start-up: %s",
+                                      L->plan->hosts[h].name, L->procs[i].name,
+                                      tail[0] ? tail : "(no log)");
+                }
+            }
+            next_check = now_s() + 1.0;
+        }
+        if (now_s() - t0 > L->o->health_timeout_s) {
+            body[strcspn(body, "\r\n")] = '\0';
+            return hx_err_set(err, HX_ETIMEDOUT,
+                              "the deployment did not become healthy in %.0f s (router: %s)",
+                              L->o->health_timeout_s,
+                              code ? body : "not answering on its port");
+        }
+        sleep_ms(200);
+    }
+}
+
+static hx_status load_plan(const char *path, hx_plan **out, hx_err *err)
+{
+    hx_diags d;
+    hx_diags_init(&d);
+    hx_status st = hx_plan_load(path, out, &d);
+    if (st != HX_OK) {
+        char line[1024] = "cannot load the plan";
+        if (d.count)
+            hx_diags_format(&d, 0, line, sizeof line);
+        hx_err_set(err, st, "%s", line);
+    }
+    hx_diags_release(&d);
+    return st;
+}
+
+static hx_status paths_of(const char *plan_path, const char *state_dir, char *abs_plan,
+                          char *sdir, char *id, size_t id_cap, char *state_path, hx_err *err)
+{
+    if (!realpath(plan_path, abs_plan))
+        return hx_err_set(err, HX_ENOENT, "cannot open plan '%s': %s", plan_path,
+                          strerror(errno));
+    state_dir_of(state_dir, sdir, PATH_MAX);
+    deployment_id(abs_plan, id, id_cap);
+    snprintf(state_path, PATH_MAX, "%s/%s.json", sdir, id);
+    return HX_OK;
+}
+
+hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_err *err)
+{
+    launch L_;
+    launch *L = &L_;
+    memset(L, 0, sizeof *L);
+    L->o = o;
+    pthread_mutex_init(&L->mu, NULL);
+    hx_status st;
+    if ((st = paths_of(o->plan_path, o->state_dir, L->abs_plan, L->state_dir, L->id,
+                       sizeof L->id, L->state_path, err)) != HX_OK)
+        goto out;
+    snprintf(L->secret_path, sizeof L->secret_path, "%s/%s.secret", L->state_dir, L->id);
+    if (!realpath(o->model_dir, L->abs_model) || !hx_file_is_dir(L->abs_model)) {
+        st = hx_err_set(err, HX_ENOENT, "cannot open model directory '%s': %s", o->model_dir,
+                        errno ? strerror(errno) : "not a directory");
+        goto out;
+    }
+    if (o->binary ? !realpath(o->binary, L->self_bin)
+                  : readlink("/proc/self/exe", L->self_bin, sizeof L->self_bin - 1) < 0) {
+        st = hx_err_set(err, HX_ENOENT, "cannot find the hexflow binary '%s'",
+                        o->binary ? o->binary : "/proc/self/exe");
+        goto out;
+    }
+    if ((st = load_plan(L->abs_plan, &L->plan, err)) != HX_OK)
+        goto out;
+    if ((st = hx_deploy_init(&L->dep, L->plan, err)) != HX_OK)
+        goto out;
+    if (!o->dry_run && hx_file_is_regular(L->state_path)) {
+        st = hx_err_set(err, HX_EEXIST,
+                        "plan '%s' is running already (state file %s); 'hexflow stop --plan %s' "
+                        "first",
+                        o->plan_path, L->state_path, o->plan_path);
+        goto out;
+    }
+    /* the processes: workers in plan order, the router last */
+    L->nprocs = L->dep.nworkers + 1;
+    L->procs = calloc((size_t)L->nprocs, sizeof *L->procs);
+    L->jobs = calloc((size_t)L->plan->nhosts, sizeof *L->jobs);
+    if (!L->procs || !L->jobs) {
+        st = hx_err_set(err, HX_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < L->dep.nworkers; i++) {
+        const hx_deploy_worker *w = &L->dep.workers[i];
+        L->procs[i].host = w->host;
+        L->procs[i].worker = i;
+        snprintf(L->procs[i].name, sizeof L->procs[i].name, "worker-%s-s%d-r%d",
+                 L->plan->groups[w->group].id, w->stage, w->rank);
+    }
+    proc *rp = &L->procs[L->dep.nworkers];
+    rp->host = hx_plan_find_host(L->plan, L->plan->router_host ? L->plan->router_host : "");
+    if (rp->host < 0)
+        rp->host = 0;
+    rp->worker = -1;
+    snprintf(rp->name, sizeof rp->name, "router");
+    const char *url_host = L->dep.router_address;
+    snprintf(url, cap, "http://%s:%d", url_host, L->dep.router_port);
+
+    if (!o->dry_run) {
+        if (mkdirs(L->state_dir) != 0) {
+            st = hx_err_set(err, HX_EIO, "cannot create state directory '%s': %s", L->state_dir,
+                            strerror(errno));
+            goto out;
+        }
+        if ((st = hx_proto_secret_generate(&L->secret, err)) != HX_OK ||
+            (st = hx_proto_secret_write_file(L->secret_path, &L->secret, err)) != HX_OK)
+            goto out;
+    }
+    for (int h = 0; h < L->plan->nhosts; h++) {
+        L->jobs[h].L = L;
+        L->jobs[h].h = h;
+        if (pthread_create(&L->jobs[h].thread, NULL, host_main, &L->jobs[h]) != 0) {
+            L->jobs[h].st = hx_err_set(&L->jobs[h].err, HX_ENOMEM, "cannot start a thread");
+            L->jobs[h].thread = 0;
+        }
+    }
+    for (int h = 0; h < L->plan->nhosts; h++)
+        if (L->jobs[h].thread)
+            pthread_join(L->jobs[h].thread, NULL);
+    if (o->dry_run) {
+        st = HX_OK;
+        goto out;
+    }
+    for (int h = 0; h < L->plan->nhosts; h++)
+        if (L->jobs[h].st != HX_OK) {
+            /* whatever went wrong on a host is a failure at run time */
+            st = L->jobs[h].st == HX_ETIMEDOUT ? HX_ETIMEDOUT : HX_EIO;
+            *err = L->jobs[h].err;
+            err->code = st;
+            if (!strstr(err->msg, L->plan->hosts[h].name)) {
+                char m[sizeof err->msg];
+                snprintf(m, sizeof m, "host '%s': %s", L->plan->hosts[h].name, err->msg);
+                snprintf(err->msg, sizeof err->msg, "%s", m);
+            }
+            rollback(L);
+            goto out;
+        }
+    if ((st = write_state(L, url, err)) != HX_OK) {
+        rollback(L);
+        goto out;
+    }
+    progress(L, "launch", "waiting for every group to connect to the router at %s", url);
+    double t0 = now_s();
+    if ((st = wait_healthy(L, url_host, err)) != HX_OK) {
+        rollback(L);
+        goto out;
+    }
+    progress(L, "launch", "healthy after %.1f s", now_s() - t0);
+
+out:
+    if (L->jobs)
+        for (int h = 0; h < (L->plan ? L->plan->nhosts : 0); h++)
+            hx_host_close(L->jobs[h].session);
+    free(L->jobs);
+    free(L->procs);
+    hx_deploy_release(&L->dep);
+    hx_plan_free(L->plan);
+    hx_proto_secret_release(&L->secret);
+    pthread_mutex_destroy(&L->mu);
+    return st;
+}
+
+/* ---- stop, status, logs ----------------------------------------------------------------- */
+
+typedef struct state {
+    json_t *root;
+    char path[PATH_MAX];
+    char abs_plan[PATH_MAX];
+} state;
+
+static hx_status state_load(const char *plan_path, const char *state_dir, state *s,
+                            hx_err *err)
+{
+    char sdir[PATH_MAX], id[200];
+    memset(s, 0, sizeof *s);
+    hx_status st = paths_of(plan_path, state_dir, s->abs_plan, sdir, id, sizeof id, s->path, err);
+    if (st != HX_OK)
+        return st;
+    if (!hx_file_is_regular(s->path))
+        return hx_err_set(err, HX_ENOENT, "plan '%s' is not launched (no state file %s)",
+                          plan_path, s->path);
+    return hx_json_load_file(s->path, "state file", &s->root, err);
+}
+
+/* Opens the host named `name` as the state file recorded it (plan for SSH settings). */
+static hx_status open_state_host(const state *s, const hx_plan *plan, json_t *hj, hx_host **out,
+                                 hx_err *err)
+{
+    const char *name = json_string_value(json_object_get(hj, "name"));
+    int local = json_is_true(json_object_get(hj, "local"));
+    if (!name)
+        return hx_err_set(err, HX_EPARSE, "state file %s: a host without a name", s->path);
+    if (local)
+        return hx_host_open_local(name, out, err);
+    int h = plan ? hx_plan_find_host(plan, name) : -1;
+    const hx_plan_host *ph = h >= 0 ? &plan->hosts[h] : NULL;
+    hx_host_ssh_options so = {name, json_string_value(json_object_get(hj, "address")),
+                              ph ? ph->ssh_port : 22, ph ? ph->ssh_user : NULL,
+                              ph ? ph->ssh_identity : NULL, ph ? ph->ssh_known_hosts : NULL, 0,
+                              10.0};
+    return hx_host_open_ssh(&so, out, err);
+}
+
+hx_status hx_launch_stop(const char *plan_path, const char *state_dir, double grace_s,
+                         FILE *progress_fp, int *stopped, hx_err *err)
+{
+    state s;
+    *stopped = 0;
+    hx_status st = state_load(plan_path, state_dir, &s, err);
+    if (st == HX_ENOENT && s.path[0] && !hx_file_is_regular(s.path))
+        return HX_OK; /* nothing running */
+    if (st != HX_OK)
+        return st;
+    hx_plan *plan = NULL;
+    hx_err perr = {0};
+    load_plan(s.abs_plan, &plan, &perr); /* SSH settings; the state file suffices otherwise */
+    json_t *hosts = json_object_get(s.root, "hosts"), *procs = json_object_get(s.root, "processes");
+    size_t i;
+    json_t *hj;
+    hx_status first = HX_OK;
+    json_array_foreach(hosts, i, hj) {
+        const char *name = json_string_value(json_object_get(hj, "name"));
+        long pids[1024];
+        int n = 0;
+        size_t k;
+        json_t *pj;
+        json_array_foreach(procs, k, pj) {
+            const char *ph = json_string_value(json_object_get(pj, "host"));
+            if (ph && name && strcmp(ph, name) == 0 && n < 1024)
+                pids[n++] = (long)json_integer_value(json_object_get(pj, "pid"));
+        }
+        if (!n)
+            continue;
+        hx_host *h = NULL;
+        hx_err e = {0};
+        int alive = 0;
+        st = open_state_host(&s, plan, hj, &h, &e);
+        if (st == HX_OK)
+            st = stop_pids(h, pids, n, grace_s, &alive, &e);
+        hx_host_close(h);
+        if (st != HX_OK) {
+            if (first == HX_OK) {
+                first = st;
+                hx_err_set(err, st, "host '%s': %s", name, e.msg);
+            }
+            continue;
+        }
+        *stopped += alive;
+        if (progress_fp && alive == n)
+            fprintf(progress_fp, "[%s] stopped %d process%s\n", name, n, n == 1 ? "" : "es");
+        else if (progress_fp)
+            fprintf(progress_fp, "[%s] stopped %d of %d processes (the others had exited)\n",
+                    name, alive, n);
+    }
+    if (first == HX_OK) {
+        const char *secret = json_string_value(json_object_get(s.root, "secret_file"));
+        if (secret)
+            unlink(secret);
+        unlink(s.path);
+    }
+    hx_plan_free(plan);
+    json_decref(s.root);
+    return first;
+}
+
+/* Requests a worker has served, by asking it; -1 when it does not answer. */
+static long long worker_served(const char *address, int port, const hx_proto_secret *secret)
+{
+    hx_proto_conn *c = NULL;
+    hx_err e = {0};
+    long long n = -1;
+    if (hx_proto_connect(address, port, secret, "launcher", hx_proto_deadline_in(3.0), &c, &e) !=
+        HX_OK)
+        return -1;
+    hx_proto_frame f;
+    hx_proto_health h;
+    if (hx_proto_send_health(c, 1, hx_proto_deadline_in(3.0), &e) == HX_OK &&
+        hx_proto_recv(c, &f, hx_proto_deadline_in(3.0), &e) == HX_OK &&
+        hx_proto_decode_health_ok(&f, &h, &e) == HX_OK)
+        n = (long long)h.requests_done;
+    hx_proto_close(c);
+    return n;
+}
+
+hx_status hx_launch_status(const char *plan_path, const char *state_dir, int json, FILE *out,
+                           hx_err *err)
+{
+    state s;
+    hx_status st = state_load(plan_path, state_dir, &s, err);
+    if (st != HX_OK)
+        return st;
+    hx_plan *plan = NULL;
+    hx_err perr = {0};
+    load_plan(s.abs_plan, &plan, &perr);
+    hx_proto_secret secret;
+    const char *sf = json_string_value(json_object_get(s.root, "secret_file"));
+    int have_secret = sf && hx_proto_secret_load_file(sf, &secret, &perr) == HX_OK;
+    json_t *hosts = json_object_get(s.root, "hosts"), *procs = json_object_get(s.root, "processes");
+    json_t *rows = json_array();
+    size_t i;
+    json_t *hj;
+    json_array_foreach(hosts, i, hj) {
+        const char *name = json_string_value(json_object_get(hj, "name"));
+        const char *addr = json_string_value(json_object_get(hj, "address"));
+        hx_host *h = NULL;
+        hx_err e = {0};
+        hx_status hs = open_state_host(&s, plan, hj, &h, &e);
+        size_t k;
+        json_t *pj;
+        json_array_foreach(procs, k, pj) {
+            const char *ph = json_string_value(json_object_get(pj, "host"));
+            if (!ph || !name || strcmp(ph, name) != 0)
+                continue;
+            long pid = (long)json_integer_value(json_object_get(pj, "pid"));
+            int up = 0;
+            if (hs == HX_OK) {
+                char cmd[64];
+                int code = -1;
+                snprintf(cmd, sizeof cmd, "kill -0 %ld 2>/dev/null", pid);
+                if (hx_host_run(h, cmd, NULL, 0, NULL, NULL, &code, 10, &e) == HX_OK)
+                    up = code == 0;
+            }
+            json_t *row = json_deep_copy(pj);
+            json_object_set_new(row, "up", json_boolean(up));
+            if (hs != HX_OK)
+                json_object_set_new(row, "error", json_string(e.msg));
+            const char *kind = json_string_value(json_object_get(pj, "kind"));
+            if (up && have_secret && kind && strcmp(kind, "worker") == 0) {
+                const char *a = addr && strcmp(addr, "local") != 0 ? addr : "127.0.0.1";
+                long long served =
+                    worker_served(a, (int)json_integer_value(json_object_get(pj, "port")), &secret);
+                if (served >= 0)
+                    json_object_set_new(row, "requests_served", json_integer(served));
+            }
+            json_array_append_new(rows, row);
+        }
+        hx_host_close(h);
+    }
+    if (json) {
+        json_t *doc = json_pack("{s:s, s:O, s:O}", "plan", s.abs_plan, "router_url",
+                                json_object_get(s.root, "router_url"), "processes", rows);
+        char *text = json_dumps(doc, JSON_INDENT(2));
+        fprintf(out, "%s\n", text ? text : "{}");
+        free(text);
+        json_decref(doc);
+    } else {
+        fprintf(out, "router: %s\n", json_string_value(json_object_get(s.root, "router_url")));
+        fprintf(out, "%-16s %-7s %-16s %-10s %-8s %-5s %8s %s\n", "HOST", "KIND", "DEVICE",
+                "GROUP", "ROLE", "STATE", "SERVED", "PID");
+        json_t *row;
+        json_array_foreach(rows, i, row) {
+            json_t *sv = json_object_get(row, "requests_served");
+            char served[32] = "-";
+            if (sv)
+                snprintf(served, sizeof served, "%lld", (long long)json_integer_value(sv));
+            const char *dev = json_string_value(json_object_get(row, "device"));
+            const char *grp = json_string_value(json_object_get(row, "group"));
+            const char *role = json_string_value(json_object_get(row, "role"));
+            fprintf(out, "%-16s %-7s %-16s %-10s %-8s %-5s %8s %lld\n",
+                    json_string_value(json_object_get(row, "host")),
+                    json_string_value(json_object_get(row, "kind")), dev ? dev : "-",
+                    grp ? grp : "-", role ? role : "-",
+                    json_is_true(json_object_get(row, "up")) ? "up" : "down", served,
+                    (long long)json_integer_value(json_object_get(row, "pid")));
+        }
+    }
+    json_decref(rows);
+    if (have_secret)
+        hx_proto_secret_release(&secret);
+    hx_plan_free(plan);
+    json_decref(s.root);
+    return HX_OK;
+}
+
+/* One log being followed. */
+typedef struct follow_log {
+    int host;        /* index into the open sessions */
+    char path[PATH_MAX];
+    char label[160]; /* "host/process" */
+    long long size;  /* bytes printed so far */
+} follow_log;
+
+/* Prints what was appended to f since the last call; returns 0 when the host failed. */
+static int follow_once(hx_host *h, follow_log *f, FILE *out, const char **last)
+{
+    char q[PATH_MAX + 8], cmd[2 * PATH_MAX + 256];
+    shq(q, sizeof q, f->path);
+    snprintf(cmd, sizeof cmd,
+             "s=$(wc -c < %s 2>/dev/null || echo 0); echo $s; "
+             "if [ $s -gt %lld ]; then tail -c +%lld %s | head -c $((s-%lld)); fi",
+             q, f->size, f->size + 1, q, f->size);
+    char *text = NULL;
+    hx_err e = {0};
+    if (hx_host_run(h, cmd, NULL, 0, &text, NULL, NULL, 30, &e) != HX_OK)
+        return 0;
+    char *nl = text ? strchr(text, '\n') : NULL;
+    if (nl) {
+        long long size = atoll(text);
+        if (size < f->size) /* truncated or replaced: start again */
+            f->size = 0;
+        else if (size > f->size && nl[1]) {
+            if (*last != f->label)
+                fprintf(out, "==> %s <==\n", f->label);
+            *last = f->label;
+            fputs(nl + 1, out);
+            fflush(out);
+            f->size = size;
+        }
+    }
+    free(text);
+    return 1;
+}
+
+hx_status hx_launch_logs(const char *plan_path, const char *state_dir, const char *host,
+                         int lines, int follow, FILE *out, hx_err *err)
+{
+    state s;
+    hx_status st = state_load(plan_path, state_dir, &s, err);
+    if (st != HX_OK)
+        return st;
+    hx_plan *plan = NULL;
+    hx_err perr = {0};
+    load_plan(s.abs_plan, &plan, &perr);
+    json_t *hosts = json_object_get(s.root, "hosts"), *procs = json_object_get(s.root, "processes");
+    size_t nh = json_array_size(hosts), np = json_array_size(procs);
+    hx_host **sessions = calloc(nh ? nh : 1, sizeof *sessions);
+    follow_log *logs = calloc(np ? np : 1, sizeof *logs);
+    int nlogs = 0, found = 0;
+    if (!sessions || !logs) {
+        st = hx_err_set(err, HX_ENOMEM, "out of memory");
+        goto out;
+    }
+    size_t i;
+    json_t *hj;
+    json_array_foreach(hosts, i, hj) {
+        const char *name = json_string_value(json_object_get(hj, "name"));
+        if (host && (!name || strcmp(host, name) != 0))
+            continue;
+        found = 1;
+        char files[MAX_CMD] = "";
+        size_t k, n = 0;
+        json_t *pj;
+        json_array_foreach(procs, k, pj) {
+            const char *ph = json_string_value(json_object_get(pj, "host"));
+            const char *log = json_string_value(json_object_get(pj, "log"));
+            if (!ph || !log || strcmp(ph, name) != 0 || n + PATH_MAX + 8 >= sizeof files)
+                continue;
+            char q[PATH_MAX + 8];
+            shq(q, sizeof q, log);
+            n += (size_t)snprintf(files + n, sizeof files - n, " %s", q);
+            follow_log *f = &logs[nlogs++];
+            f->host = (int)i;
+            snprintf(f->path, sizeof f->path, "%s", log);
+            const char *base = strrchr(log, '/');
+            snprintf(f->label, sizeof f->label, "%s/%s", name, base ? base + 1 : log);
+        }
+        if (!n)
+            continue;
+        hx_err e = {0};
+        if ((st = open_state_host(&s, plan, hj, &sessions[i], &e)) != HX_OK) {
+            hx_err_set(err, st, "host '%s': %s", name, e.msg);
+            goto out;
+        }
+        char cmd[MAX_CMD + 64];
+        snprintf(cmd, sizeof cmd, "tail -n %d%s", lines > 0 ? lines : 50, files);
+        char *text = NULL;
+        st = hx_host_run(sessions[i], cmd, NULL, 0, &text, NULL, NULL, 30, &e);
+        if (st == HX_OK)
+            fprintf(out, "==== host %s ====\n%s", name, text ? text : "");
+        else
+            hx_err_set(err, st, "host '%s': %s", name, e.msg);
+        free(text);
+        if (st != HX_OK)
+            goto out;
+        /* following starts from the end of what exists now */
+        for (int l = 0; l < nlogs; l++)
+            if (logs[l].host == (int)i) {
+                char q[PATH_MAX + 8], c2[PATH_MAX + 64];
+                shq(q, sizeof q, logs[l].path);
+                snprintf(c2, sizeof c2, "wc -c < %s 2>/dev/null || echo 0", q);
+                char *sz = NULL;
+                if (hx_host_run(sessions[i], c2, NULL, 0, &sz, NULL, NULL, 30, &e) == HX_OK && sz)
+                    logs[l].size = atoll(sz);
+                free(sz);
+            }
+    }
+    if (host && !found) {
+        st = hx_err_set(err, HX_EINVAL, "no host '%s' in the launched plan", host);
+        goto out;
+    }
+    fflush(out);
+    const char *last = NULL;
+    while (follow) { /* until interrupted (Ctrl-C) or a host goes away */
+        sleep_ms(500);
+        for (int l = 0; l < nlogs; l++)
+            if (sessions[logs[l].host] && !follow_once(sessions[logs[l].host], &logs[l], out, &last)) {
+                st = hx_err_set(err, HX_ECONN, "lost the connection to host of %s", logs[l].label);
+                goto out;
+            }
+    }
+out:
+    for (size_t h = 0; sessions && h < nh; h++)
+        hx_host_close(sessions[h]);
+    free(sessions);
+    free(logs);
+    hx_plan_free(plan);
+    json_decref(s.root);
+    return st;
+}

@@ -1,0 +1,1322 @@
+/* worker.c - one worker process of a deployment; see worker.h. */
+#include "runtime/worker.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "runtime/batch.h"
+#include "runtime/deploy.h"
+#include "runtime/kvcache.h"
+#include "runtime/llama.h"
+#include "runtime/llama_weights.h"
+#include "planner/plan.h"
+
+#define SOFTWARE_VERSION "0.1.0"
+#define SEND_TIMEOUT_S 30.0
+#define KV_WAIT_S 30.0       /* a decode rank waits this long for a request's segments */
+#define KV_EXPIRE_S 120.0    /* segments nobody asked for are dropped after this */
+#define MAX_AUX_CONNS 256
+
+/* A KV segment received for a request, waiting for its ADD_PREFILLED. */
+typedef struct kv_in {
+    struct kv_in *next;
+    uint64_t id;
+    int64_t t_ns;
+    hx_kv_segment seg; /* payload points to data */
+    float *data;       /* owned */
+} kv_in;
+
+/* A decision the router asked of the leader, not yet applied. */
+typedef struct op_item {
+    struct op_item *next;
+    uint64_t id;
+    hx_proto_group_op op;
+    int32_t *tokens; /* owned copy of op.token_ids */
+    int64_t t_ns;
+} op_item;
+
+/* What every rank remembers of a request in its engine. */
+typedef struct req_info {
+    uint64_t id;
+    int dst_group;
+    int max_tokens;
+    int eos;
+    int generated;
+    int64_t t0_ns;
+} req_info;
+
+typedef struct worker {
+    hx_worker_options opt;
+    volatile sig_atomic_t *stop;
+    hx_plan *plan;
+    hx_deploy dep;
+    const hx_deploy_worker *me;
+    const hx_plan_group *grp;
+    int gfirst, gsize, li; /* group's first worker, size, my local index */
+    int last_stage;
+    int is_leader;
+    int max_seq_tokens; /* positions one request may use in the engine */
+    hx_llama *model;
+    const hx_model *cfg;
+    hx_batch *eng;
+    int eos_default;
+
+    hx_proto_listener *lis;
+    pthread_t accept_thread;
+    int accept_started;
+    volatile int quitting;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    hx_proto_conn **peers; /* [gsize] by local index; NULL for me */
+    int n_peers;
+    hx_proto_conn *aux[MAX_AUX_CONNS]; /* connections owned by connection threads */
+    int n_aux_threads;
+
+    /* leader */
+    pthread_mutex_t router_send;
+    hx_proto_conn *router;
+    op_item *q_head, *q_tail;
+    op_item *wait_head; /* admitted later: no room yet, or KV not here yet */
+
+    /* decode ranks */
+    kv_in *kv;
+
+    /* prefill ranks: connections to decode workers, by worker index */
+    hx_proto_conn **kv_out;
+    unsigned char *pack;
+    size_t pack_cap;
+
+    req_info *reqs;
+    int n_reqs, cap_reqs;
+
+    float *red;
+    size_t red_cap;
+
+    /* counters (mu) */
+    int64_t t_start_ns;
+    uint64_t done, failed, tokens, kv_sent, kv_received;
+} worker;
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int64_t deadline_peer(const worker *w)
+{
+    return hx_proto_deadline_in(w->opt.peer_timeout_s);
+}
+
+void hx_worker_options_init(hx_worker_options *opt)
+{
+    memset(opt, 0, sizeof *opt);
+    opt->max_seqs = 32;
+    opt->block_tokens = 16;
+    opt->peer_timeout_s = 60.0;
+}
+
+/* ---- request bookkeeping (engine thread only) ----------------------------------- */
+
+static req_info *req_find(worker *w, uint64_t id)
+{
+    for (int i = 0; i < w->n_reqs; i++)
+        if (w->reqs[i].id == id)
+            return &w->reqs[i];
+    return NULL;
+}
+
+static hx_status req_add(worker *w, const req_info *r, hx_err *err)
+{
+    if (w->n_reqs == w->cap_reqs) {
+        int cap = w->cap_reqs ? 2 * w->cap_reqs : 64;
+        req_info *g = realloc(w->reqs, (size_t)cap * sizeof *g);
+        if (!g)
+            return hx_err_set(err, HX_ENOMEM, "out of memory");
+        w->reqs = g;
+        w->cap_reqs = cap;
+    }
+    w->reqs[w->n_reqs++] = *r;
+    return HX_OK;
+}
+
+static void req_drop(worker *w, uint64_t id)
+{
+    for (int i = 0; i < w->n_reqs; i++)
+        if (w->reqs[i].id == id) {
+            w->reqs[i] = w->reqs[--w->n_reqs];
+            return;
+        }
+}
+
+/* ---- the router link (leader) ------------------------------------------------- */
+
+/* Sends to the router if it is there; a failure is logged and drops the link. */
+static void router_send_tokens(worker *w, uint64_t id, int token, int index)
+{
+    pthread_mutex_lock(&w->router_send);
+    if (w->router) {
+        hx_err err = {0};
+        int32_t t = token;
+        hx_proto_tokens m = {(uint64_t)index, 1, &t};
+        if (hx_proto_send_tokens(w->router, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S), &err) !=
+            HX_OK)
+            HX_WARN("worker %s: to the router: %s", w->me->device, err.msg);
+    }
+    pthread_mutex_unlock(&w->router_send);
+}
+
+static void router_send_first(worker *w, uint64_t id, int token, int n_prompt, int64_t ns)
+{
+    pthread_mutex_lock(&w->router_send);
+    if (w->router) {
+        hx_err err = {0};
+        hx_proto_first_token m = {token, (uint32_t)n_prompt, (uint64_t)ns};
+        if (hx_proto_send_first_token(w->router, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S),
+                                      &err) != HX_OK)
+            HX_WARN("worker %s: to the router: %s", w->me->device, err.msg);
+    }
+    pthread_mutex_unlock(&w->router_send);
+}
+
+static void router_send_done(worker *w, uint64_t id, hx_proto_finish finish, int generated,
+                             int64_t elapsed_ns)
+{
+    pthread_mutex_lock(&w->router_send);
+    if (w->router) {
+        hx_err err = {0};
+        hx_proto_done m = {finish, (uint32_t)generated, (uint64_t)elapsed_ns};
+        if (hx_proto_send_done(w->router, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S), &err) !=
+            HX_OK)
+            HX_WARN("worker %s: to the router: %s", w->me->device, err.msg);
+    }
+    pthread_mutex_unlock(&w->router_send);
+}
+
+static void router_send_error(worker *w, uint64_t id, hx_status code, const char *msg)
+{
+    pthread_mutex_lock(&w->router_send);
+    if (w->router) {
+        hx_err err = {0};
+        hx_proto_send_error(w->router, id, code, msg, hx_proto_deadline_in(5.0), &err);
+    }
+    pthread_mutex_unlock(&w->router_send);
+    pthread_mutex_lock(&w->mu);
+    w->failed++;
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* ---- group communication (engine thread) --------------------------------------- */
+
+static hx_proto_conn *peer_at(worker *w, int stage, int rank)
+{
+    int i = hx_deploy_worker_at(&w->dep, w->me->group, stage, rank);
+    return i < 0 ? NULL : w->peers[i - w->gfirst];
+}
+
+static hx_status comm_allreduce(void *ctx, float *x, size_t n, hx_err *err)
+{
+    worker *w = ctx;
+    const int tp = w->me->tp, s = w->me->stage;
+    if (tp == 1)
+        return HX_OK;
+    if (w->me->rank != 0) {
+        hx_proto_conn *hub = peer_at(w, s, 0);
+        hx_status st = hx_proto_send_floats(hub, x, n, deadline_peer(w), err);
+        if (st == HX_OK)
+            st = hx_proto_recv_floats(hub, x, n, deadline_peer(w), err);
+        return st;
+    }
+    if (w->red_cap < n) {
+        float *g = realloc(w->red, n * sizeof *g);
+        if (!g)
+            return hx_err_set(err, HX_ENOMEM, "out of memory");
+        w->red = g;
+        w->red_cap = n;
+    }
+    for (int r = 1; r < tp; r++) { /* in rank order: every rank gets these bits */
+        hx_status st = hx_proto_recv_floats(peer_at(w, s, r), w->red, n, deadline_peer(w), err);
+        if (st != HX_OK)
+            return st;
+        for (size_t i = 0; i < n; i++)
+            x[i] += w->red[i];
+    }
+    for (int r = 1; r < tp; r++) {
+        hx_status st = hx_proto_send_floats(peer_at(w, s, r), x, n, deadline_peer(w), err);
+        if (st != HX_OK)
+            return st;
+    }
+    return HX_OK;
+}
+
+static hx_status comm_recv_rows(void *ctx, float *x, int rows, int hidden, hx_err *err)
+{
+    worker *w = ctx;
+    return hx_proto_recv_floats(peer_at(w, w->me->stage - 1, 0), x, (size_t)rows * hidden,
+                                deadline_peer(w), err);
+}
+
+static hx_status comm_send_rows(void *ctx, const float *x, int rows, int hidden, hx_err *err)
+{
+    worker *w = ctx;
+    if (w->me->rank != 0)
+        return HX_OK; /* every rank of a stage holds the same rows: rank 0 sends them */
+    const int next = w->me->stage + 1;
+    for (int r = 0; r < w->grp->stages[next].ndevices; r++) {
+        hx_status st = hx_proto_send_floats(peer_at(w, next, r), x, (size_t)rows * hidden,
+                                            deadline_peer(w), err);
+        if (st != HX_OK)
+            return st;
+    }
+    return HX_OK;
+}
+
+static hx_status comm_tokens(void *ctx, int *tokens, int n, int is_source, hx_err *err)
+{
+    worker *w = ctx;
+    if (!is_source)
+        return hx_proto_recv_step_tokens(peer_at(w, w->last_stage, 0), tokens, n,
+                                         deadline_peer(w), err);
+    if (w->me->rank != 0)
+        return HX_OK;
+    for (int s = 0; s < w->last_stage; s++)
+        for (int r = 0; r < w->grp->stages[s].ndevices; r++) {
+            hx_status st =
+                hx_proto_send_step_tokens(peer_at(w, s, r), tokens, n, deadline_peer(w), err);
+            if (st != HX_OK)
+                return st;
+        }
+    return HX_OK;
+}
+
+/* ---- KV segments in (decode ranks) ----------------------------------------------- */
+
+static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m)
+{
+    kv_in *k = calloc(1, sizeof *k);
+    float *data = malloc(m->data_bytes ? m->data_bytes : 1);
+    if (!k || !data) {
+        free(k);
+        free(data);
+        HX_ERROR("worker %s: out of memory for a KV segment", w->me->device);
+        return;
+    }
+    memcpy(data, m->data, m->data_bytes);
+    k->id = id;
+    k->t_ns = hx_proto_now_ns();
+    k->data = data;
+    k->seg = (hx_kv_segment){HX_KV_SEGMENT_VERSION, HX_KV_DTYPE_F32, (int)m->first_layer,
+                             (int)m->num_layers, (int)m->first_kv_head, (int)m->num_kv_heads,
+                             (int)m->first_token, (int)m->num_tokens, (int)m->head_dim,
+                             m->data_bytes, 0, data};
+    pthread_mutex_lock(&w->mu);
+    /* drop what nobody asked for in time */
+    for (kv_in **pp = &w->kv; *pp;) {
+        if ((k->t_ns - (*pp)->t_ns) / 1e9 > KV_EXPIRE_S) {
+            kv_in *dead = *pp;
+            *pp = dead->next;
+            free(dead->data);
+            free(dead);
+        } else {
+            pp = &(*pp)->next;
+        }
+    }
+    k->next = w->kv;
+    w->kv = k;
+    w->kv_received += m->data_bytes;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int kv_count(worker *w, uint64_t id)
+{
+    int n = 0;
+    for (kv_in *k = w->kv; k; k = k->next)
+        n += k->id == id;
+    return n;
+}
+
+static void kv_forget(worker *w, uint64_t id)
+{
+    pthread_mutex_lock(&w->mu);
+    for (kv_in **pp = &w->kv; *pp;) {
+        if ((*pp)->id == id) {
+            kv_in *dead = *pp;
+            *pp = dead->next;
+            free(dead->data);
+            free(dead);
+        } else {
+            pp = &(*pp)->next;
+        }
+    }
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* Segments this rank receives for a request from prefill group src. */
+static hx_status kv_expected(worker *w, int src, int *n_out, hx_err *err)
+{
+    hx_kv_stage a[64], b[64];
+    int na = hx_deploy_kv_layout(&w->dep, src, a, 64);
+    int nb = hx_deploy_kv_layout(&w->dep, w->me->group, b, 64);
+    if (na > 64 || nb > 64)
+        return hx_err_set(err, HX_ERANGE, "more than 64 pipeline stages");
+    int n = 0;
+    hx_status st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb,
+                                       NULL, 0, &n, err);
+    if (st != HX_OK && st != HX_ERANGE)
+        return st;
+    hx_kv_piece *p = malloc((size_t)(n ? n : 1) * sizeof *p);
+    if (!p)
+        return hx_err_set(err, HX_ENOMEM, "out of memory");
+    st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb, p, n, &n,
+                             err);
+    int mine = 0;
+    for (int i = 0; st == HX_OK && i < n; i++)
+        mine += p[i].dst_stage == w->me->stage && p[i].dst_rank == w->me->rank;
+    free(p);
+    *n_out = mine;
+    return st;
+}
+
+/* ---- KV segments out (prefill ranks) --------------------------------------------- */
+
+static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
+{
+    if (w->kv_out[wi]) {
+        *out = w->kv_out[wi];
+        return HX_OK;
+    }
+    const hx_deploy_worker *d = &w->dep.workers[wi];
+    hx_proto_conn *c = NULL;
+    hx_status st = hx_proto_connect(d->address, d->port, w->opt.secret, "kv",
+                                    hx_proto_deadline_in(10.0), &c, err);
+    if (st != HX_OK)
+        return st;
+    hx_proto_hello h = {HX_PROTO_ROLE_PREFILL, (uint16_t)w->me->stage, (uint32_t)w->me->rank,
+                        "", SOFTWARE_VERSION};
+    snprintf(h.group_id, sizeof h.group_id, "%s", w->grp->id);
+    st = hx_proto_send_hello(c, &h, hx_proto_deadline_in(10.0), err);
+    if (st != HX_OK) {
+        hx_proto_close(c);
+        return st;
+    }
+    w->kv_out[wi] = c;
+    *out = c;
+    return HX_OK;
+}
+
+/* Packs and sends this rank's pieces of request id's KV to decode group dst. */
+static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
+{
+    hx_kv_stage a[64], b[64];
+    int na = hx_deploy_kv_layout(&w->dep, w->me->group, a, 64);
+    int nb = hx_deploy_kv_layout(&w->dep, dst, b, 64);
+    int n = 0;
+    hx_status st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb,
+                                       NULL, 0, &n, err);
+    if (st != HX_OK && st != HX_ERANGE)
+        return st;
+    hx_kv_piece *p = malloc((size_t)(n ? n : 1) * sizeof *p);
+    if (!p)
+        return hx_err_set(err, HX_ENOMEM, "out of memory");
+    st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb, p, n, &n,
+                             err);
+    const hx_kvcache *kv = hx_batch_kvcache(w->eng);
+    int seq = hx_batch_seq_kv(w->eng, id);
+    int tokens = hx_kvcache_seq_tokens(kv, seq);
+    for (int i = 0; st == HX_OK && i < n; i++) {
+        if (p[i].src_stage != w->me->stage || p[i].src_rank != w->me->rank)
+            continue;
+        size_t bytes = hx_kv_segment_bytes(p[i].num_layers, p[i].num_heads, tokens,
+                                           w->cfg->head_dim);
+        if (bytes > w->pack_cap) {
+            free(w->pack);
+            w->pack = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+            w->pack_cap = w->pack ? bytes : 0;
+            if (!w->pack) {
+                st = hx_err_set(err, HX_ENOMEM, "out of memory for a KV segment");
+                break;
+            }
+        }
+        st = hx_kvcache_pack(kv, seq, p[i].layer_first, p[i].num_layers, p[i].head_first,
+                             p[i].num_heads, w->pack, w->pack_cap, NULL, err);
+        int wi = hx_deploy_worker_at(&w->dep, dst, p[i].dst_stage, p[i].dst_rank);
+        hx_proto_conn *c = NULL;
+        if (st == HX_OK)
+            st = kv_conn(w, wi, &c, err);
+        if (st != HX_OK)
+            break;
+        hx_proto_kv_segment m = {(uint16_t)w->me->stage, (uint16_t)w->me->rank,
+                                 (uint16_t)p[i].dst_stage, (uint16_t)p[i].dst_rank,
+                                 0, 1,
+                                 (uint32_t)p[i].layer_first, (uint32_t)p[i].num_layers,
+                                 (uint32_t)p[i].head_first, (uint32_t)p[i].num_heads,
+                                 0, (uint32_t)tokens, (uint32_t)w->cfg->head_dim,
+                                 HX_PROTO_DTYPE_F32, bytes - HX_KV_SEGMENT_HEADER_BYTES,
+                                 w->pack + HX_KV_SEGMENT_HEADER_BYTES};
+        st = hx_proto_send_kv_segment(c, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S), err);
+        if (st != HX_OK) {
+            hx_proto_close(c);
+            w->kv_out[wi] = NULL;
+            break;
+        }
+        pthread_mutex_lock(&w->mu);
+        w->kv_sent += m.data_bytes;
+        pthread_mutex_unlock(&w->mu);
+    }
+    free(p);
+    return st;
+}
+
+/* ---- applying decisions (every rank, in the leader's order) ---------------------- */
+
+static hx_status apply_op(worker *w, uint64_t id, const hx_proto_group_op *op, hx_err *err)
+{
+    switch (op->op) {
+    case HX_PROTO_OP_ADD: {
+        hx_batch_request r = {id, (const int *)op->token_ids, (int)op->num_tokens,
+                              (int)op->max_tokens, op->eos_id, op->temperature, op->top_p,
+                              op->seed, op->hold_kv ? 1 : 0};
+        hx_status st = hx_batch_add(w->eng, &r, err);
+        if (st != HX_OK)
+            return st;
+        req_info ri = {id, op->dst_group, (int)op->max_tokens, op->eos_id, 0,
+                       hx_proto_now_ns()};
+        return req_add(w, &ri, err);
+    }
+    case HX_PROTO_OP_ADD_PREFILLED: {
+        int want = 0;
+        hx_status st = kv_expected(w, op->src_group, &want, err);
+        if (st != HX_OK)
+            return st;
+        int64_t deadline = hx_proto_deadline_in(KV_WAIT_S);
+        pthread_mutex_lock(&w->mu);
+        while (kv_count(w, id) < want && hx_proto_now_ns() < deadline && !*w->stop) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 100 * 1000 * 1000;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+        }
+        int have = kv_count(w, id);
+        hx_kv_segment *segs = malloc((size_t)(have ? have : 1) * sizeof *segs);
+        int k = 0;
+        for (kv_in *e = w->kv; segs && e; e = e->next)
+            if (e->id == id)
+                segs[k++] = e->seg;
+        pthread_mutex_unlock(&w->mu);
+        if (!segs)
+            return hx_err_set(err, HX_ENOMEM, "out of memory");
+        if (have < want) {
+            free(segs);
+            return hx_err_set(err, HX_ETIMEDOUT,
+                              "request %llu: %d of %d KV segments arrived from group '%s' in "
+                              "%.0f s",
+                              (unsigned long long)id, have, want,
+                              w->plan->groups[op->src_group].id, KV_WAIT_S);
+        }
+        hx_batch_request r = {id, NULL, (int)op->n_prompt, (int)op->max_tokens, op->eos_id,
+                              op->temperature, op->top_p, op->seed, 0};
+        st = hx_batch_add_prefilled(w->eng, &r, op->first_token, segs, k, err);
+        free(segs);
+        kv_forget(w, id);
+        if (st != HX_OK)
+            return st;
+        req_info ri = {id, -1, (int)op->max_tokens, op->eos_id, 1, hx_proto_now_ns()};
+        return req_add(w, &ri, err);
+    }
+    case HX_PROTO_OP_REMOVE:
+        req_drop(w, id);
+        kv_forget(w, id);
+        if (hx_batch_seq_kv(w->eng, id) >= 0)
+            return hx_batch_remove(w->eng, id, err);
+        return HX_OK;
+    default:
+        return hx_err_set(err, HX_EINVAL, "unexpected group operation %d", (int)op->op);
+    }
+}
+
+/* Sends op to every other rank of the group (leader). */
+static hx_status broadcast(worker *w, uint64_t id, const hx_proto_group_op *op, hx_err *err)
+{
+    for (int j = 0; j < w->gsize; j++) {
+        if (j == w->li)
+            continue;
+        hx_status st = hx_proto_send_group_op(w->peers[j], id, op, deadline_peer(w), err);
+        if (st != HX_OK)
+            return st;
+    }
+    return HX_OK;
+}
+
+/* One engine step on this rank, then what its events mean for this rank. */
+static hx_status do_step(worker *w, hx_err *err)
+{
+    const hx_batch_event *ev;
+    int n_ev = 0;
+    hx_status st = hx_batch_step(w->eng, &ev, &n_ev, err);
+    if (st != HX_OK)
+        return st;
+    for (int i = 0; i < n_ev; i++) {
+        req_info *r = req_find(w, ev[i].id);
+        if (!r)
+            continue;
+        r->generated++;
+        if (w->grp->role == HX_ROLE_PREFILL) {
+            /* first token: KV on to the decode group, the token to the router */
+            int cont = r->max_tokens > 1 && ev[i].token != r->eos && r->dst_group >= 0;
+            int64_t ns = hx_proto_now_ns() - r->t0_ns;
+            int n_prompt = hx_kvcache_seq_tokens(hx_batch_kvcache(w->eng),
+                                                 hx_batch_seq_kv(w->eng, ev[i].id));
+            hx_err kerr = {0};
+            hx_status kst = cont ? kv_send(w, ev[i].id, r->dst_group, &kerr) : HX_OK;
+            uint64_t id = ev[i].id;
+            if (w->is_leader) {
+                if (kst == HX_OK)
+                    router_send_first(w, id, ev[i].token, n_prompt, ns);
+                else
+                    router_send_error(w, id, kst, kerr.msg);
+            } else if (kst != HX_OK) {
+                HX_ERROR("worker %s: %s", w->me->device, kerr.msg);
+            }
+            req_drop(w, id);
+            if ((st = hx_batch_remove(w->eng, id, err)) != HX_OK)
+                return st;
+            pthread_mutex_lock(&w->mu);
+            w->done++;
+            pthread_mutex_unlock(&w->mu);
+            continue;
+        }
+        if (w->is_leader) {
+            int stop_tok = ev[i].token == r->eos;
+            if (!stop_tok)
+                router_send_tokens(w, ev[i].id, ev[i].token, ev[i].index);
+            if (ev[i].finished)
+                router_send_done(w, ev[i].id,
+                                 stop_tok ? HX_PROTO_FINISH_STOP : HX_PROTO_FINISH_LENGTH,
+                                 r->generated, hx_proto_now_ns() - r->t0_ns);
+            pthread_mutex_lock(&w->mu);
+            w->tokens++;
+            w->done += ev[i].finished != 0;
+            pthread_mutex_unlock(&w->mu);
+        }
+        if (ev[i].finished)
+            req_drop(w, ev[i].id);
+    }
+    return HX_OK;
+}
+
+/* ---- the leader's loop ----------------------------------------------------------- */
+
+static void op_free(op_item *o)
+{
+    if (o) {
+        free(o->tokens);
+        free(o);
+    }
+}
+
+/* Whether a waiting op can be applied now: 1 yes, 0 not yet, -1 never (err set). */
+static int op_ready(worker *w, op_item *o, hx_err *err)
+{
+    const hx_proto_group_op *op = &o->op;
+    int n_prompt = op->op == HX_PROTO_OP_ADD ? (int)op->num_tokens : (int)op->n_prompt;
+    if (op->op == HX_PROTO_OP_ADD_PREFILLED) {
+        int want = 0;
+        if (kv_expected(w, op->src_group, &want, err) != HX_OK)
+            return -1;
+        pthread_mutex_lock(&w->mu);
+        int have = kv_count(w, o->id);
+        pthread_mutex_unlock(&w->mu);
+        if (have < want) {
+            if ((hx_proto_now_ns() - o->t_ns) / 1e9 > KV_WAIT_S) {
+                hx_err_set(err, HX_ETIMEDOUT,
+                           "request %llu: %d of %d KV segments arrived in %.0f s",
+                           (unsigned long long)o->id, have, want, KV_WAIT_S);
+                return -1;
+            }
+            return 0;
+        }
+    }
+    const hx_kvcache *kv = hx_batch_kvcache(w->eng);
+    int need = hx_kvcache_blocks_for(kv, (int64_t)n_prompt + op->max_tokens - 1);
+    if (n_prompt + (int64_t)op->max_tokens - 1 > w->max_seq_tokens ||
+        need > hx_kvcache_max_blocks(kv)) {
+        hx_err_set(err, HX_ERANGE,
+                   "request %llu needs %lld positions of KV cache; group '%s' holds at most %d "
+                   "per request and %d in all",
+                   (unsigned long long)o->id, (long long)n_prompt + op->max_tokens - 1,
+                   w->grp->id, w->max_seq_tokens,
+                   hx_kvcache_max_blocks(kv) * hx_kvcache_block_tokens(kv));
+        return -1;
+    }
+    return hx_batch_can_admit(w->eng, n_prompt, (int)op->max_tokens) ? 1 : 0;
+}
+
+static hx_status leader_loop(worker *w, hx_err *err)
+{
+    op_item *wait_tail = NULL;
+    while (!*w->stop) {
+        /* take what the router sent */
+        pthread_mutex_lock(&w->mu);
+        if (!w->q_head && !w->wait_head && hx_batch_seq_count(w->eng) == 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 200 * 1000 * 1000;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+        }
+        op_item *got = w->q_head;
+        w->q_head = w->q_tail = NULL;
+        pthread_mutex_unlock(&w->mu);
+
+        while (got) {
+            op_item *o = got;
+            got = got->next;
+            o->next = NULL;
+            if (o->op.op == HX_PROTO_OP_REMOVE) {
+                /* cancel: a waiting one just goes; a running one leaves every rank */
+                for (op_item **pp = &w->wait_head; *pp; pp = &(*pp)->next)
+                    if ((*pp)->id == o->id) {
+                        op_item *dead = *pp;
+                        *pp = dead->next;
+                        op_free(dead);
+                        break;
+                    }
+                wait_tail = NULL;
+                for (op_item *t = w->wait_head; t; t = t->next)
+                    wait_tail = t;
+                if (req_find(w, o->id)) {
+                    hx_status st = broadcast(w, o->id, &o->op, err);
+                    if (st == HX_OK)
+                        st = apply_op(w, o->id, &o->op, err);
+                    if (st != HX_OK) {
+                        op_free(o);
+                        return st;
+                    }
+                }
+                kv_forget(w, o->id);
+                op_free(o);
+                continue;
+            }
+            if (wait_tail)
+                wait_tail->next = o;
+            else
+                w->wait_head = o;
+            wait_tail = o;
+        }
+
+        /* admit, oldest first, while there is room */
+        while (w->wait_head) {
+            op_item *o = w->wait_head;
+            hx_err e = {0};
+            int ready = op_ready(w, o, &e);
+            if (ready == 0)
+                break;
+            w->wait_head = o->next;
+            if (!w->wait_head)
+                wait_tail = NULL;
+            if (ready < 0) {
+                router_send_error(w, o->id, e.code ? e.code : HX_EINVAL, e.msg);
+                kv_forget(w, o->id);
+                op_free(o);
+                continue;
+            }
+            hx_status st = broadcast(w, o->id, &o->op, err);
+            if (st != HX_OK) {
+                op_free(o);
+                return st;
+            }
+            st = apply_op(w, o->id, &o->op, &e);
+            if (st != HX_OK) {
+                /* the other ranks got the same op and failed the same way */
+                router_send_error(w, o->id, st, e.msg);
+                if (st == HX_ETIMEDOUT || st == HX_ENOMEM) {
+                    op_free(o);
+                    *err = e;
+                    return st;
+                }
+            }
+            op_free(o);
+        }
+
+        if (hx_batch_seq_count(w->eng) > 0) {
+            hx_proto_group_op step = {.op = HX_PROTO_OP_STEP, .dst_group = -1, .src_group = -1};
+            hx_status st = broadcast(w, 0, &step, err);
+            if (st == HX_OK)
+                st = do_step(w, err);
+            if (st != HX_OK)
+                return st;
+        }
+    }
+    /* tell the ranks to go */
+    hx_proto_group_op stop = {.op = HX_PROTO_OP_STOP, .dst_group = -1, .src_group = -1};
+    hx_err ignore = {0};
+    broadcast(w, 0, &stop, &ignore);
+    return HX_OK;
+}
+
+/* ---- the other ranks' loop -------------------------------------------------------- */
+
+static hx_status rank_loop(worker *w, hx_err *err)
+{
+    hx_proto_conn *leader = w->peers[0];
+    while (!*w->stop) {
+        if (hx_proto_buffered(leader) == 0) {
+            struct pollfd p = {hx_proto_fd(leader), POLLIN, 0};
+            int r = poll(&p, 1, 200);
+            if (r == 0 || (r < 0 && errno == EINTR))
+                continue;
+        }
+        hx_proto_frame f;
+        hx_status st = hx_proto_recv(leader, &f, deadline_peer(w), err);
+        if (st != HX_OK)
+            return st;
+        hx_proto_group_op op;
+        if ((st = hx_proto_decode_group_op(&f, &op, err)) != HX_OK)
+            return st;
+        uint64_t id = f.req_id;
+        if (op.op == HX_PROTO_OP_STOP)
+            return HX_OK;
+        if (op.op == HX_PROTO_OP_STEP) {
+            if ((st = do_step(w, err)) != HX_OK)
+                return st;
+            continue;
+        }
+        /* the prompt lives in the connection's buffer until the next recv: add copies it */
+        hx_err e = {0};
+        st = apply_op(w, id, &op, &e);
+        if (st == HX_ETIMEDOUT || st == HX_ENOMEM) {
+            *err = e;
+            return st;
+        }
+        if (st != HX_OK) /* the leader failed it the same way */
+            HX_WARN("worker %s: %s", w->me->device, e.msg);
+    }
+    return HX_OK;
+}
+
+/* ---- connections ------------------------------------------------------------------ */
+
+static void hello_of(const worker *w, hx_proto_hello *h)
+{
+    memset(h, 0, sizeof *h);
+    h->role = w->grp->role == HX_ROLE_PREFILL  ? HX_PROTO_ROLE_PREFILL
+              : w->grp->role == HX_ROLE_DECODE ? HX_PROTO_ROLE_DECODE
+                                               : HX_PROTO_ROLE_BOTH;
+    h->stage = (uint16_t)w->me->stage;
+    h->rank = (uint32_t)w->me->rank;
+    snprintf(h->group_id, sizeof h->group_id, "%s", w->grp->id);
+    snprintf(h->version, sizeof h->version, "%s", SOFTWARE_VERSION);
+}
+
+static void fill_health(worker *w, hx_proto_health *h)
+{
+    memset(h, 0, sizeof *h);
+    pthread_mutex_lock(&w->mu);
+    h->uptime_ns = (uint64_t)(hx_proto_now_ns() - w->t_start_ns);
+    h->requests_done = w->done;
+    h->requests_failed = w->failed;
+    h->tokens_generated = w->tokens;
+    h->kv_bytes_sent = w->kv_sent;
+    h->kv_bytes_received = w->kv_received;
+    int q = 0;
+    for (op_item *o = w->q_head; o; o = o->next)
+        q++;
+    h->requests_queued = (uint64_t)q;
+    pthread_mutex_unlock(&w->mu);
+    /* read without the engine's lock: a gauge, racy by a step at most */
+    if (w->eng) {
+        const hx_kvcache *kv = hx_batch_kvcache(w->eng);
+        h->kv_blocks_total = (uint64_t)hx_kvcache_max_blocks(kv);
+        h->requests_active = (uint64_t)w->n_reqs;
+    }
+}
+
+static int aux_add(worker *w, hx_proto_conn *c)
+{
+    for (int i = 0; i < MAX_AUX_CONNS; i++)
+        if (!w->aux[i]) {
+            w->aux[i] = c;
+            return i;
+        }
+    return -1;
+}
+
+typedef struct conn_arg {
+    worker *w;
+    hx_proto_conn *c;
+} conn_arg;
+
+static void enqueue(worker *w, uint64_t id, const hx_proto_group_op *op)
+{
+    op_item *o = calloc(1, sizeof *o);
+    int32_t *t = op->num_tokens ? malloc(op->num_tokens * sizeof *t) : NULL;
+    if (!o || (op->num_tokens && !t)) {
+        free(o);
+        free(t);
+        router_send_error(w, id, HX_ENOMEM, "out of memory");
+        return;
+    }
+    if (t)
+        memcpy(t, op->token_ids, op->num_tokens * sizeof *t);
+    o->id = id;
+    o->op = *op;
+    o->op.token_ids = t;
+    o->tokens = t;
+    o->t_ns = hx_proto_now_ns();
+    if (o->op.op == HX_PROTO_OP_ADD)
+        o->op.hold_kv = w->grp->role == HX_ROLE_PREFILL;
+    pthread_mutex_lock(&w->mu);
+    if (w->q_tail)
+        w->q_tail->next = o;
+    else
+        w->q_head = o;
+    w->q_tail = o;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* The router's connection (leader): requests in, health answered. */
+static void serve_router(worker *w, hx_proto_conn *c)
+{
+    pthread_mutex_lock(&w->router_send);
+    if (w->router) {
+        pthread_mutex_unlock(&w->router_send);
+        HX_WARN("worker %s: a second router connection; refused",
+                    w->me->device);
+        return;
+    }
+    w->router = c;
+    pthread_mutex_unlock(&w->router_send);
+    HX_INFO("worker %s: router connected", w->me->device);
+    while (!w->quitting) {
+        hx_proto_frame f;
+        hx_err err = {0};
+        hx_status st = hx_proto_recv(c, &f, hx_proto_deadline_in(1.0), &err);
+        if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0)
+            continue;
+        if (st != HX_OK)
+            break;
+        if (f.type == HX_PROTO_GROUP_OP) {
+            hx_proto_group_op op;
+            if (hx_proto_decode_group_op(&f, &op, &err) != HX_OK) {
+                router_send_error(w, f.req_id, HX_EPARSE, err.msg);
+                continue;
+            }
+            if (op.op == HX_PROTO_OP_ADD || op.op == HX_PROTO_OP_ADD_PREFILLED ||
+                op.op == HX_PROTO_OP_REMOVE)
+                enqueue(w, f.req_id, &op);
+        } else if (f.type == HX_PROTO_HEALTH) {
+            hx_proto_health h;
+            fill_health(w, &h);
+            pthread_mutex_lock(&w->router_send);
+            hx_proto_send_health_ok(c, f.req_id, &h, hx_proto_deadline_in(5.0), &err);
+            pthread_mutex_unlock(&w->router_send);
+        }
+    }
+    pthread_mutex_lock(&w->router_send);
+    w->router = NULL;
+    pthread_mutex_unlock(&w->router_send);
+    HX_WARN("worker %s: the router went away; cancelling its requests",
+                w->me->device);
+    /* cancel everything the router had here */
+    pthread_mutex_lock(&w->mu);
+    for (op_item *o = w->q_head; o; o = o->next)
+        o->op.op = HX_PROTO_OP_REMOVE;
+    pthread_mutex_unlock(&w->mu);
+}
+
+static void *conn_main(void *arg)
+{
+    conn_arg a = *(conn_arg *)arg;
+    free(arg);
+    worker *w = a.w;
+    hx_proto_conn *c = a.c;
+    int keep = 0; /* 1: the connection became a group peer's (the engine owns it) */
+    hx_proto_frame f;
+    hx_err err = {0};
+    hx_proto_hello h;
+    if (hx_proto_recv(c, &f, hx_proto_deadline_in(10.0), &err) != HX_OK)
+        goto out;
+    if (f.type == HX_PROTO_HEALTH) { /* a probe (launcher, status) */
+        hx_proto_health hh;
+        fill_health(w, &hh);
+        hx_proto_send_health_ok(c, f.req_id, &hh, hx_proto_deadline_in(5.0), &err);
+        goto out;
+    }
+    if (hx_proto_decode_hello(&f, &h, &err) != HX_OK)
+        goto out;
+    if (strcmp(h.group_id, w->grp->id) == 0 && h.role != HX_PROTO_ROLE_ROUTER) {
+        int j = hx_deploy_worker_at(&w->dep, w->me->group, h.stage, (int)h.rank);
+        hx_proto_hello mine;
+        hello_of(w, &mine);
+        if (j < 0 || j - w->gfirst <= w->li ||
+            hx_proto_send_hello(c, &mine, hx_proto_deadline_in(10.0), &err) != HX_OK)
+            goto out;
+        pthread_mutex_lock(&w->mu);
+        if (!w->peers[j - w->gfirst]) {
+            w->peers[j - w->gfirst] = c;
+            w->n_peers++;
+            keep = 1;
+        }
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+        goto out;
+    }
+    if (h.role == HX_PROTO_ROLE_ROUTER) {
+        if (!w->is_leader)
+            goto out;
+        /* answer once the group is connected */
+        pthread_mutex_lock(&w->mu);
+        while (w->n_peers < w->gsize - 1 && !w->quitting)
+            pthread_cond_wait(&w->cv, &w->mu);
+        pthread_mutex_unlock(&w->mu);
+        hx_proto_hello mine;
+        hello_of(w, &mine);
+        if (hx_proto_send_hello(c, &mine, hx_proto_deadline_in(10.0), &err) != HX_OK)
+            goto out;
+        serve_router(w, c);
+        goto out;
+    }
+    /* a prefill rank of another group: KV segments */
+    while (!w->quitting) {
+        hx_status st = hx_proto_recv(c, &f, hx_proto_deadline_in(1.0), &err);
+        if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0)
+            continue;
+        if (st != HX_OK)
+            break;
+        if (f.type != HX_PROTO_KV_SEGMENT)
+            continue;
+        hx_proto_kv_segment m;
+        if (hx_proto_decode_kv_segment(&f, &m, &err) != HX_OK ||
+            m.dtype != HX_PROTO_DTYPE_F32) {
+            HX_WARN("worker %s: bad KV segment: %s", w->me->device, err.msg);
+            continue;
+        }
+        kv_store(w, f.req_id, &m);
+    }
+out:
+    pthread_mutex_lock(&w->mu);
+    if (!keep) {
+        for (int i = 0; i < MAX_AUX_CONNS; i++)
+            if (w->aux[i] == c)
+                w->aux[i] = NULL;
+        hx_proto_close(c);
+    } else {
+        for (int i = 0; i < MAX_AUX_CONNS; i++)
+            if (w->aux[i] == c)
+                w->aux[i] = NULL;
+    }
+    w->n_aux_threads--;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+static void *accept_main(void *arg)
+{
+    worker *w = arg;
+    while (!w->quitting) {
+        hx_proto_conn *c = NULL;
+        hx_err err = {0};
+        hx_status st = hx_proto_accept(w->lis, w->opt.secret, hx_proto_deadline_in(0.3), &c, &err);
+        if (st == HX_ETIMEDOUT)
+            continue;
+        if (st != HX_OK) {
+            HX_WARN("worker %s: %s", w->me->device, err.msg);
+            continue;
+        }
+        conn_arg *a = malloc(sizeof *a);
+        pthread_t t;
+        pthread_mutex_lock(&w->mu);
+        int slot = aux_add(w, c);
+        if (!a || slot < 0) {
+            pthread_mutex_unlock(&w->mu);
+            free(a);
+            hx_proto_close(c);
+            continue;
+        }
+        a->w = w;
+        a->c = c;
+        w->n_aux_threads++;
+        if (pthread_create(&t, NULL, conn_main, a) != 0) {
+            w->aux[slot] = NULL;
+            w->n_aux_threads--;
+            pthread_mutex_unlock(&w->mu);
+            free(a);
+            hx_proto_close(c);
+            continue;
+        }
+        pthread_detach(t);
+        pthread_mutex_unlock(&w->mu);
+    }
+    return NULL;
+}
+
+/* Connects to the group peers before me (they accept the ones after them). */
+static hx_status connect_peers(worker *w, hx_err *err)
+{
+    int64_t deadline = deadline_peer(w);
+    for (int j = 0; j < w->li; j++) {
+        const hx_deploy_worker *d = &w->dep.workers[w->gfirst + j];
+        hx_proto_conn *c = NULL;
+        hx_status st;
+        for (;;) {
+            st = hx_proto_connect(d->address, d->port, w->opt.secret, "worker",
+                                  hx_proto_deadline_in(5.0), &c, err);
+            if (st != HX_ECONN || hx_proto_now_ns() > deadline || *w->stop)
+                break;
+            sleep_ms(100);
+        }
+        if (st != HX_OK)
+            return st;
+        hx_proto_hello h;
+        hello_of(w, &h);
+        hx_proto_frame f;
+        hx_proto_hello back;
+        st = hx_proto_send_hello(c, &h, deadline, err);
+        if (st == HX_OK)
+            st = hx_proto_recv(c, &f, deadline, err);
+        if (st == HX_OK)
+            st = hx_proto_decode_hello(&f, &back, err);
+        if (st == HX_OK && (strcmp(back.group_id, w->grp->id) != 0 || back.stage != d->stage ||
+                            (int)back.rank != d->rank))
+            st = hx_err_set(err, HX_EINVAL,
+                            "worker at %s:%d is '%s' stage %u rank %u, expected '%s' stage %d "
+                            "rank %d (a stale process of another deployment?)",
+                            d->address, d->port, back.group_id, back.stage, back.rank,
+                            w->grp->id, d->stage, d->rank);
+        if (st != HX_OK) {
+            hx_proto_close(c);
+            return st;
+        }
+        pthread_mutex_lock(&w->mu);
+        w->peers[j] = c;
+        w->n_peers++;
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+    /* and wait for the ones after me */
+    pthread_mutex_lock(&w->mu);
+    while (w->n_peers < w->gsize - 1 && hx_proto_now_ns() < deadline && !*w->stop) {
+        pthread_mutex_unlock(&w->mu);
+        sleep_ms(50);
+        pthread_mutex_lock(&w->mu);
+    }
+    int ok = w->n_peers == w->gsize - 1;
+    pthread_mutex_unlock(&w->mu);
+    if (!ok)
+        return hx_err_set(err, *w->stop ? HX_ECONN : HX_ETIMEDOUT,
+                          "worker %s: group '%s': %d of %d peers connected in %.0f s",
+                          w->me->device, w->grp->id, w->n_peers, w->gsize - 1,
+                          w->opt.peer_timeout_s);
+    return HX_OK;
+}
+
+/* Threads for this worker's model: the host's cores shared by its workers. */
+static int pick_threads(const worker *w)
+{
+    if (w->opt.threads > 0)
+        return w->opt.threads;
+    int on_host = 0;
+    for (int i = 0; i < w->dep.nworkers; i++)
+        on_host += w->dep.workers[i].host == w->me->host;
+    int t = hx_cpu_default_threads() / (on_host ? on_host : 1);
+    return t < 1 ? 1 : t;
+}
+
+hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *stop, hx_err *err)
+{
+    worker W;
+    worker *w = &W;
+    memset(w, 0, sizeof *w);
+    w->opt = *opt;
+    w->stop = stop;
+    w->t_start_ns = hx_proto_now_ns();
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    pthread_mutex_init(&w->router_send, NULL);
+    hx_status st;
+    hx_diags diags;
+    hx_diags_init(&diags);
+    if ((st = hx_plan_load(opt->plan_path, &w->plan, &diags)) != HX_OK) {
+        char line[512] = "cannot load the plan";
+        if (diags.count)
+            hx_diags_format(&diags, 0, line, sizeof line);
+        hx_err_set(err, st, "%s", line);
+        hx_diags_release(&diags);
+        goto out;
+    }
+    hx_diags_release(&diags);
+    if ((st = hx_deploy_init(&w->dep, w->plan, err)) != HX_OK)
+        goto out;
+    int self = hx_deploy_find_device(&w->dep, opt->device);
+    if (self < 0) {
+        st = hx_err_set(err, HX_EINVAL, "device '%s' is in no group of plan '%s'", opt->device,
+                        opt->plan_path);
+        goto out;
+    }
+    w->me = &w->dep.workers[self];
+    w->grp = &w->plan->groups[w->me->group];
+    w->gfirst = w->dep.group_first[w->me->group];
+    w->gsize = hx_deploy_group_size(&w->dep, w->me->group);
+    w->li = self - w->gfirst;
+    w->last_stage = w->grp->nstages - 1;
+    w->is_leader = w->li == 0;
+    w->peers = calloc((size_t)w->gsize, sizeof *w->peers);
+    w->kv_out = calloc((size_t)w->dep.nworkers, sizeof *w->kv_out);
+    if (!w->peers || !w->kv_out) {
+        st = hx_err_set(err, HX_ENOMEM, "out of memory");
+        goto out;
+    }
+
+    /* listen first, so peers that start sooner find us while the model loads */
+    const char *bind = opt->bind_address ? opt->bind_address : w->me->address;
+    if ((st = hx_proto_listen(bind, w->me->port, &w->lis, err)) != HX_OK)
+        goto out;
+
+    hx_llama_options lo;
+    hx_llama_options_init(&lo);
+    const hx_plan_stage *ps = &w->grp->stages[w->me->stage];
+    lo.first_layer = ps->first_layer;
+    lo.num_layers = ps->num_layers;
+    lo.tp_rank = w->me->rank;
+    lo.tp_size = w->me->tp;
+    lo.threads = pick_threads(w);
+    if ((st = hx_llama_load(opt->model_dir, &lo, &w->model, err)) != HX_OK)
+        goto out;
+    w->cfg = hx_llama_config(w->model);
+    if (w->plan->model_num_layers > 0 && w->plan->model_num_layers != w->cfg->num_layers) {
+        st = hx_err_set(err, HX_EINVAL, "plan '%s' is for a model of %d layers; '%s' has %d",
+                        opt->plan_path, w->plan->model_num_layers, opt->model_dir,
+                        w->cfg->num_layers);
+        goto out;
+    }
+    hx_batch_options bo;
+    hx_batch_options_init(&bo);
+    bo.max_seqs = opt->max_seqs > 0 ? opt->max_seqs : 32;
+    bo.max_step_tokens = bo.max_seqs > 64 ? bo.max_seqs : 64;
+    bo.block_tokens = opt->block_tokens > 0 ? opt->block_tokens : 16;
+    bo.max_seq_tokens = w->cfg->max_position_tokens < 4096 ? w->cfg->max_position_tokens : 4096;
+    {
+        /* KV blocks: the plan's KV budget for this device, else 2 GiB, and never more than
+         * max_seqs sequences of max_seq_tokens need */
+        hx_llama_slice sl;
+        hx_llama_slice_of(w->model, &sl);
+        double block_bytes = 2.0 * ps->num_layers * sl.kv_heads * w->cfg->head_dim *
+                             bo.block_tokens * sizeof(float);
+        double budget = 2.0 * (1 << 30);
+        for (int i = 0; i < w->grp->nmemory; i++)
+            if (strcmp(w->grp->memory[i].device, w->me->device) == 0 &&
+                w->grp->memory[i].kv_bytes > 0)
+                budget = w->grp->memory[i].kv_bytes;
+        double need = (double)bo.max_seqs *
+                      ((bo.max_seq_tokens + bo.block_tokens - 1) / bo.block_tokens);
+        double blocks = budget / block_bytes;
+        bo.max_blocks = (int)(blocks < need ? blocks : need);
+        if (bo.max_blocks < 1) {
+            st = hx_err_set(err, HX_EINVAL, "device %s: a KV budget of %.0f bytes holds no "
+                            "block of %.0f bytes", w->me->device, budget, block_bytes);
+            goto out;
+        }
+    }
+    hx_batch_comm comm = {w, comm_allreduce, comm_recv_rows, comm_send_rows, comm_tokens};
+    int whole = hx_llama_has_embedding(w->model) && hx_llama_has_head(w->model) && w->me->tp == 1;
+    if ((st = hx_batch_new(w->model, &bo, whole ? NULL : &comm, &w->eng, err)) != HX_OK)
+        goto out;
+    w->max_seq_tokens = bo.max_seq_tokens;
+
+    if (pthread_create(&w->accept_thread, NULL, accept_main, w) != 0) {
+        st = hx_err_set(err, HX_ENOMEM, "cannot start a thread");
+        goto out;
+    }
+    w->accept_started = 1;
+    if ((st = connect_peers(w, err)) != HX_OK)
+        goto out;
+    HX_INFO("worker %s: group '%s' (%s) stage %d rank %d of %d: layers %d-%d, "
+                "listening on %s:%d, ready",
+                w->me->device, w->grp->id, hx_role_name(w->grp->role), w->me->stage,
+                w->me->rank, w->me->tp, ps->first_layer, ps->first_layer + ps->num_layers - 1,
+                bind, w->me->port);
+    st = w->is_leader ? leader_loop(w, err) : rank_loop(w, err);
+    if (st != HX_OK && w->is_leader) {
+        /* fail what this group held, so the router answers those clients */
+        for (int i = 0; i < w->n_reqs; i++)
+            router_send_error(w, w->reqs[i].id, st, err->msg);
+        for (op_item *o = w->wait_head; o; o = o->next)
+            router_send_error(w, o->id, st, err->msg);
+    }
+
+out:
+    w->quitting = 1;
+    if (w->accept_started)
+        pthread_join(w->accept_thread, NULL);
+    /* unblock and wait for connection threads */
+    pthread_mutex_lock(&w->mu);
+    for (int i = 0; i < MAX_AUX_CONNS; i++)
+        if (w->aux[i])
+            shutdown(hx_proto_fd(w->aux[i]), SHUT_RDWR);
+    pthread_cond_broadcast(&w->cv);
+    while (w->n_aux_threads > 0) {
+        pthread_mutex_unlock(&w->mu);
+        sleep_ms(10);
+        pthread_mutex_lock(&w->mu);
+        for (int i = 0; i < MAX_AUX_CONNS; i++)
+            if (w->aux[i])
+                shutdown(hx_proto_fd(w->aux[i]), SHUT_RDWR);
+        pthread_cond_broadcast(&w->cv);
+    }
+    pthread_mutex_unlock(&w->mu);
+    if (w->peers)
+        for (int j = 0; j < w->gsize; j++)
+            hx_proto_close(w->peers[j]);
+    if (w->kv_out)
+        for (int j = 0; j < w->dep.nworkers; j++)
+            hx_proto_close(w->kv_out[j]);
+    free(w->peers);
+    free(w->kv_out);
+    for (op_item *o = w->q_head; o;) {
+        op_item *n = o->next;
+        op_free(o);
+        o = n;
+    }
+    for (op_item *o = w->wait_head; o;) {
+        op_item *n = o->next;
+        op_free(o);
+        o = n;
+    }
+    for (kv_in *k = w->kv; k;) {
+        kv_in *n = k->next;
+        free(k->data);
+        free(k);
+        k = n;
+    }
+    hx_batch_free(w->eng);
+    hx_llama_free(w->model);
+    hx_proto_listener_free(w->lis);
+    hx_deploy_release(&w->dep);
+    hx_plan_free(w->plan);
+    free(w->reqs);
+    free(w->red);
+    free(w->pack);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    pthread_mutex_destroy(&w->router_send);
+    return st;
+}

@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""End-to-end serving on this machine: `hexflow launch` of hand-written local
+plans (CPU devices), completions through the router compared with
+`hexflow generate`, concurrency, bad requests, and a decode worker killed in
+the middle of requests.
+
+usage: test_serve.py HEXFLOW   (run by CTest; needs nothing but python3)
+"""
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HX = os.path.abspath(sys.argv[1])
+TMP = tempfile.mkdtemp(prefix="hx-serve-")
+ENV = dict(os.environ, HEXFLOW_STATE_DIR=os.path.join(TMP, "state"), HEXFLOW_LOG="warn")
+MODEL = os.path.join(TMP, "model")
+PORT = 20000 + (os.getpid() * 7) % 30000
+PROMPTS = ["The quick brown fox", "hello world", "a", "Once upon a time, in a land far away"]
+MAX_TOKENS = 24
+passed = failed = 0
+
+
+def check(cond, what):
+    global passed, failed
+    if cond:
+        passed += 1
+        print("ok   " + what, flush=True)
+    else:
+        failed += 1
+        print("FAIL " + what, flush=True)
+    return cond
+
+
+def hx(*args, timeout=300):
+    return subprocess.run([HX, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def reference(prompt, max_tokens=MAX_TOKENS):
+    r = hx("generate", "--model", MODEL, "--prompt", prompt, "--max-tokens", str(max_tokens),
+           "--temperature", "0", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["tokens"]
+
+
+def write_plan(name, port, groups, routes):
+    plan = {"schema": "hexflow.plan/1",
+            "hosts": [{"name": "local", "address": "local"}],
+            "router": {"host": "local", "port": port},
+            "groups": groups, "routes": routes}
+    path = os.path.join(TMP, name + ".json")
+    with open(path, "w") as f:
+        json.dump(plan, f)
+    return path
+
+
+def stage(first, n, devices):
+    return {"first_layer": first, "num_layers": n, "devices": ["local:%d" % d for d in devices]}
+
+
+def launch(plan):
+    r = hx("launch", "--plan", plan, "--model", MODEL, "--worker-args", "--threads 1",
+           "--timeout", "120")
+    if r.returncode != 0:
+        print(r.stderr)
+        return None
+    url = r.stdout.strip().splitlines()[-1]
+    assert url.startswith("http://"), url
+    host, port = url[len("http://"):].rsplit(":", 1)
+    return host, int(port)
+
+
+def state_of(plan):
+    sdir = ENV["HEXFLOW_STATE_DIR"]
+    for name in os.listdir(sdir):
+        if name.endswith(".json"):
+            with open(os.path.join(sdir, name)) as f:
+                st = json.load(f)
+            if st["plan"] == os.path.realpath(plan):
+                return st
+    return None
+
+
+def request(addr, method, path, body=None, timeout=60):
+    c = http.client.HTTPConnection(addr[0], addr[1], timeout=timeout)
+    c.request(method, path, body=json.dumps(body) if isinstance(body, dict) else body,
+              headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    data = r.read().decode("utf-8", "replace")
+    c.close()
+    return r.status, data
+
+
+def complete(addr, prompt, max_tokens=MAX_TOKENS):
+    status, data = request(addr, "POST", "/v1/completions",
+                           {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    if status != 200:
+        return status, data
+    return status, json.loads(data)["choices"][0]["token_ids"]
+
+
+def stream(addr, prompt, max_tokens, on_first=None, timeout=120):
+    """Streams a completion; returns (token ids, error message or None)."""
+    c = http.client.HTTPConnection(addr[0], addr[1], timeout=timeout)
+    c.request("POST", "/v1/completions",
+              body=json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                               "stream": True}),
+              headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        return [], "HTTP %d: %s" % (r.status, r.read()[:300])
+    ids, error, first = [], None, True
+    for raw in r:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data: "):
+            continue
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            break
+        chunk = json.loads(payload)
+        if "error" in chunk:
+            error = chunk["error"].get("message", "error")
+            continue
+        ids += chunk["choices"][0].get("token_ids", [])
+        if first and on_first:
+            on_first()
+        first = False
+    c.close()
+    return ids, error
+
+
+def stop(plan):
+    r = hx("stop", "--plan", plan)
+    return r.returncode == 0
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie of an exited child still answers kill -0: look at its state
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def sanitizer_reports():
+    """Lines of AddressSanitizer / UBSan / LeakSanitizer reports in any process log."""
+    found = []
+    for root, _, files in os.walk(ENV["HEXFLOW_STATE_DIR"]):
+        for name in files:
+            if name.endswith(".log"):
+                with open(os.path.join(root, name), errors="replace") as f:
+                    for line in f:
+                        if "Sanitizer" in line or "runtime error:" in line:
+                            found.append(name + ": " + line.strip())
+    return found
+
+
+def layouts():
+    return {
+        "1P+1D": ([{"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+                   {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1])]}],
+                  [{"prefill": "p0", "decode": "d0", "rps": 1}]),
+        "prefill TP2 -> decode TP1": (
+            [{"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0, 1])]},
+             {"id": "d0", "role": "decode", "stages": [stage(0, 4, [2])]}],
+            [{"prefill": "p0", "decode": "d0", "rps": 1}]),
+        "prefill PP2 -> decode PP1": (
+            [{"id": "p0", "role": "prefill", "stages": [stage(0, 1, [0]), stage(1, 3, [1])]},
+             {"id": "d0", "role": "decode", "stages": [stage(0, 4, [2])]}],
+            [{"prefill": "p0", "decode": "d0", "rps": 1}]),
+        "decode TP2": (
+            [{"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+             {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
+            [{"prefill": "p0", "decode": "d0", "rps": 1}]),
+        "colocated (both)": ([{"id": "b0", "role": "both", "stages": [stage(0, 4, [0])]}], []),
+    }
+
+
+def main():
+    r = hx("model", "make-tiny", "--out", MODEL, "--layers", "4", "--hidden", "64", "--heads",
+           "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    expected = {p: reference(p) for p in PROMPTS}
+
+    port = PORT
+    for i, (name, (groups, routes)) in enumerate(layouts().items()):
+        plan = write_plan("plan%d" % i, port, groups, routes)
+        port += 20
+        addr = launch(plan)
+        if not check(addr is not None, "%s: launch" % name):
+            continue
+        try:
+            for p in PROMPTS:
+                status, got = complete(addr, p)
+                check(status == 200 and got == expected[p],
+                      "%s: greedy '%s' equals generate (%s)" % (name, p,
+                                                                  got if got != expected[p] else "ok"))
+        finally:
+            check(stop(plan), "%s: stop" % name)
+
+    # one deployment for concurrency, bad requests and a killed decode worker
+    plan = write_plan("fault", port, [
+        {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+        {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1])]},
+        {"id": "d1", "role": "decode", "stages": [stage(0, 4, [2])]}],
+        [{"prefill": "p0", "decode": "d0", "rps": 1}, {"prefill": "p0", "decode": "d1", "rps": 1}])
+    addr = launch(plan)
+    if not check(addr is not None, "fault plan: launch"):
+        return
+    st = state_of(plan)
+    pids = [p["pid"] for p in st["processes"]]
+    try:
+        # 64 concurrent streams
+        results = [None] * 64
+
+        def one(i):
+            results[i] = stream(addr, PROMPTS[i % len(PROMPTS)], MAX_TOKENS)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+        t0 = time.time()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        ok = sum(1 for i, r in enumerate(results)
+                 if r and r[1] is None and r[0] == expected[PROMPTS[i % len(PROMPTS)]])
+        check(ok == 64, "64 concurrent streaming requests complete with the right tokens "
+                        "(%d/64 in %.1f s)" % (ok, time.time() - t0))
+
+        # malformed requests
+        status, body = request(addr, "POST", "/v1/completions", "{not json")
+        check(400 <= status < 500 and "error" in json.loads(body), "malformed JSON -> %d" % status)
+        status, body = request(addr, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 0})
+        check(status == 400 and "max_tokens" in body, "max_tokens 0 -> %d naming the field" % status)
+        status, body = request(addr, "POST", "/v1/completions", {"max_tokens": 3})
+        check(status == 400 and "prompt" in body, "missing prompt -> %d" % status)
+        status, body = request(addr, "POST", "/v1/completions", {"prompt": [99999]})
+        check(status == 400, "token id outside the vocabulary -> %d" % status)
+        status, body = request(addr, "POST", "/v1/completions", {"prompt": [65] * 2100})
+        check(status == 400 and "positions" in body, "a prompt longer than the context -> %d" % status)
+        status, body = request(addr, "GET", "/v1/models")
+        check(status == 200 and json.loads(body)["data"], "/v1/models lists the model")
+        status, body = request(addr, "GET", "/metrics")
+        check(status == 200 and "hexflow_ttft_seconds_bucket" in body and
+              "hexflow_tpot_seconds_bucket" in body and "hexflow_kv_bytes_moved_total" in body,
+              "/metrics has TTFT/TPOT histograms and KV bytes")
+
+        # kill d0's worker while requests decode on it
+        d0 = [p["pid"] for p in st["processes"] if p.get("group") == "d0"][0]
+        results = [None] * 8
+        started = threading.Semaphore(0)
+
+        def long(i):
+            results[i] = stream(addr, PROMPTS[i % len(PROMPTS)], 2000, on_first=started.release)
+        threads = [threading.Thread(target=long, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for _ in range(8):
+            started.acquire(timeout=60)
+        os.kill(d0, signal.SIGKILL)
+        t0 = time.time()
+        for t in threads:
+            t.join(120)
+        hung = sum(1 for t in threads if t.is_alive())
+        errors = [r[1] for r in results if r and r[1]]
+        check(hung == 0, "no request hangs after the decode worker is killed (%.1f s)" %
+              (time.time() - t0))
+        check(len(errors) >= 1 and all("d0" in e for e in errors),
+              "requests on the killed group fail with an error naming it (%d failed: %s)" %
+              (len(errors), errors[:1]))
+        check(any(r and r[1] is None and len(r[0]) > MAX_TOKENS for r in results),
+              "requests on the other decode group run to completion")
+        status, got = complete(addr, PROMPTS[0])
+        check(status == 200 and got == expected[PROMPTS[0]],
+              "the router keeps serving through the other decode group")
+        status, body = request(addr, "GET", "/health")
+        check(status == 503 and "d0" in body, "/health reports the lost group (%d)" % status)
+    finally:
+        check(stop(plan), "fault plan: stop")
+    time.sleep(0.5)
+    left = [p for p in pids if alive(p)]
+    check(not left, "no process left after stop (%s)" % left)
+    r = hx("stop", "--plan", plan)
+    check(r.returncode == 0, "stop is idempotent")
+    reports = sanitizer_reports()
+    check(not reports, "no sanitizer report in any worker or router log %s" % reports[:3])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        sdir = ENV["HEXFLOW_STATE_DIR"]
+        if os.path.isdir(sdir):  # never leave processes behind, even after a failure
+            for name in os.listdir(sdir):
+                if name.endswith(".json"):
+                    try:
+                        with open(os.path.join(sdir, name)) as f:
+                            for p in json.load(f).get("processes", []):
+                                try:
+                                    os.kill(p["pid"], signal.SIGKILL)
+                                except OSError:
+                                    pass
+                    except (OSError, ValueError):
+                        pass
+        shutil.rmtree(TMP, ignore_errors=True)
+    print("serve: %d passed, %d failed" % (passed, failed))
+    sys.exit(1 if failed else 0)
