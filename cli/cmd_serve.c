@@ -53,7 +53,7 @@ static void worker_usage(FILE *fp)
     fprintf(fp,
             "usage: hexflow worker --plan FILE --model DIR --device HOST:N --secret-file FILE\n"
             "                      [--threads N] [--max-seqs N] [--block-tokens N]\n"
-            "                      [--bind ADDRESS]\n"
+            "                      [--bind ADDRESS] [--backend auto|cpu|cuda]\n"
             "\n"
             "Runs the worker of one device of a plan: its stage's layers and its\n"
             "tensor-parallel slice of the model, listening on the router's port + 1 +\n"
@@ -68,6 +68,9 @@ static void worker_usage(FILE *fp)
             "  --max-seqs N        requests in the engine at once (default 32)\n"
             "  --block-tokens N    KV cache block size in positions (default 16)\n"
             "  --bind ADDRESS      listen here instead of the host's plan address\n"
+            "  --backend NAME      cpu (fp32, any stage and TP slice), cuda (bf16, a whole\n"
+            "                      model at TP 1 on CUDA device N of HOST:N), or auto:\n"
+            "                      cuda where it can run, else cpu (default)\n"
             "  -h, --help          show this help\n");
 }
 
@@ -78,6 +81,7 @@ int hx_cmd_worker(int argc, char **argv)
         {"device", required_argument, NULL, 'd'},  {"secret-file", required_argument, NULL, 's'},
         {"threads", required_argument, NULL, 't'}, {"max-seqs", required_argument, NULL, 'q'},
         {"block-tokens", required_argument, NULL, 'b'}, {"bind", required_argument, NULL, 'B'},
+        {"backend", required_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0}};
     hx_worker_options o;
     hx_worker_options_init(&o);
@@ -93,6 +97,12 @@ int hx_cmd_worker(int argc, char **argv)
         case 'd': o.device = optarg; break;
         case 's': secret_path = optarg; break;
         case 'B': o.bind_address = optarg; break;
+        case 'k': {
+            hx_err e = {0};
+            if (hx_backend_parse(optarg, &o.backend, &e) != HX_OK)
+                return hx_cli_usage_error("worker", "--backend: %s", e.msg);
+            break;
+        }
         case 't':
             if (!hx_cli_number("worker", "--threads", optarg, 1, 1024, &v))
                 return 2;

@@ -14,6 +14,7 @@ if(HX_HAVE_CUDA)
   target_link_libraries(hx_kernels_cuda PUBLIC hx_common CUDA::cudart_static CUDA::cublas)
   target_sources(hx_runtime PRIVATE ${CMAKE_SOURCE_DIR}/runtime/cuda_engine.c)
   target_link_libraries(hx_runtime PUBLIC hx_kernels_cuda)
+  target_compile_definitions(hx_runtime PRIVATE HX_HAVE_CUDA=1)
   set_target_properties(hx_kernels_cuda PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)
   target_compile_options(hx_kernels_cuda PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter>)

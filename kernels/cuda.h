@@ -43,6 +43,9 @@ typedef struct hx_cuda_blas hx_cuda_blas;     /* opaque: cuBLAS handle + workspa
 
 /* ---- devices and memory --------------------------------------------------------------------- */
 
+/* CUDA devices this process can use (0 without a driver or a device). */
+int hx_cuda_device_count(void);
+
 /* 1 when a CUDA device can be used (hx_cuda_device_count() > 0), else 0. */
 int hx_cuda_available(void);
 

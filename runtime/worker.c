@@ -12,11 +12,10 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "runtime/backend.h"
 #include "runtime/batch.h"
 #include "runtime/deploy.h"
 #include "runtime/kvcache.h"
-#include "runtime/llama.h"
-#include "runtime/llama_weights.h"
 #include "planner/plan.h"
 
 #define SOFTWARE_VERSION "0.1.0"
@@ -64,9 +63,8 @@ typedef struct worker {
     int last_stage;
     int is_leader;
     int max_seq_tokens; /* positions one request may use in the engine */
-    hx_llama *model;
+    hx_backend *eng;
     const hx_model *cfg;
-    hx_batch *eng;
     int eos_default;
 
     hx_proto_listener *lis;
@@ -430,9 +428,7 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
         return hx_err_set(err, HX_ENOMEM, "out of memory");
     st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb, p, n, &n,
                              err);
-    const hx_kvcache *kv = hx_batch_kvcache(w->eng);
-    int seq = hx_batch_seq_kv(w->eng, id);
-    int tokens = hx_kvcache_seq_tokens(kv, seq);
+    int tokens = hx_backend_seq_tokens(w->eng, id);
     for (int i = 0; st == HX_OK && i < n; i++) {
         if (p[i].src_stage != w->me->stage || p[i].src_rank != w->me->rank)
             continue;
@@ -447,8 +443,8 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
                 break;
             }
         }
-        st = hx_kvcache_pack(kv, seq, p[i].layer_first, p[i].num_layers, p[i].head_first,
-                             p[i].num_heads, w->pack, w->pack_cap, NULL, err);
+        st = hx_backend_pack_kv(w->eng, id, p[i].layer_first, p[i].num_layers, p[i].head_first,
+                                p[i].num_heads, w->pack, w->pack_cap, NULL, err);
         int wi = hx_deploy_worker_at(&w->dep, dst, p[i].dst_stage, p[i].dst_rank);
         hx_proto_conn *c = NULL;
         if (st == HX_OK)
@@ -486,7 +482,7 @@ static hx_status apply_op(worker *w, uint64_t id, const hx_proto_group_op *op, h
         hx_batch_request r = {id, (const int *)op->token_ids, (int)op->num_tokens,
                               (int)op->max_tokens, op->eos_id, op->temperature, op->top_p,
                               op->seed, op->hold_kv ? 1 : 0};
-        hx_status st = hx_batch_add(w->eng, &r, err);
+        hx_status st = hx_backend_add(w->eng, &r, err);
         if (st != HX_OK)
             return st;
         req_info ri = {id, op->dst_group, (int)op->max_tokens, op->eos_id, 0,
@@ -529,7 +525,7 @@ static hx_status apply_op(worker *w, uint64_t id, const hx_proto_group_op *op, h
         }
         hx_batch_request r = {id, NULL, (int)op->n_prompt, (int)op->max_tokens, op->eos_id,
                               op->temperature, op->top_p, op->seed, 0};
-        st = hx_batch_add_prefilled(w->eng, &r, op->first_token, segs, k, err);
+        st = hx_backend_add_prefilled(w->eng, &r, op->first_token, segs, k, err);
         free(segs);
         kv_forget(w, id);
         if (st != HX_OK)
@@ -540,8 +536,8 @@ static hx_status apply_op(worker *w, uint64_t id, const hx_proto_group_op *op, h
     case HX_PROTO_OP_REMOVE:
         req_drop(w, id);
         kv_forget(w, id);
-        if (hx_batch_seq_kv(w->eng, id) >= 0)
-            return hx_batch_remove(w->eng, id, err);
+        if (hx_backend_seq_tokens(w->eng, id) >= 0)
+            return hx_backend_remove(w->eng, id, err);
         return HX_OK;
     default:
         return hx_err_set(err, HX_EINVAL, "unexpected group operation %d", (int)op->op);
@@ -566,7 +562,7 @@ static hx_status do_step(worker *w, hx_err *err)
 {
     const hx_batch_event *ev;
     int n_ev = 0;
-    hx_status st = hx_batch_step(w->eng, &ev, &n_ev, err);
+    hx_status st = hx_backend_step(w->eng, &ev, &n_ev, err);
     if (st != HX_OK)
         return st;
     for (int i = 0; i < n_ev; i++) {
@@ -578,8 +574,7 @@ static hx_status do_step(worker *w, hx_err *err)
             /* first token: KV on to the decode group, the token to the router */
             int cont = r->max_tokens > 1 && ev[i].token != r->eos && r->dst_group >= 0;
             int64_t ns = hx_proto_now_ns() - r->t0_ns;
-            int n_prompt = hx_kvcache_seq_tokens(hx_batch_kvcache(w->eng),
-                                                 hx_batch_seq_kv(w->eng, ev[i].id));
+            int n_prompt = hx_backend_seq_tokens(w->eng, ev[i].id);
             hx_err kerr = {0};
             hx_status kst = cont ? kv_send(w, ev[i].id, r->dst_group, &kerr) : HX_OK;
             uint64_t id = ev[i].id;
@@ -592,7 +587,7 @@ static hx_status do_step(worker *w, hx_err *err)
                 HX_ERROR("worker %s: %s", w->me->device, kerr.msg);
             }
             req_drop(w, id);
-            if ((st = hx_batch_remove(w->eng, id, err)) != HX_OK)
+            if ((st = hx_backend_remove(w->eng, id, err)) != HX_OK)
                 return st;
             pthread_mutex_lock(&w->mu);
             w->done++;
@@ -650,19 +645,16 @@ static int op_ready(worker *w, op_item *o, hx_err *err)
             return 0;
         }
     }
-    const hx_kvcache *kv = hx_batch_kvcache(w->eng);
-    int need = hx_kvcache_blocks_for(kv, (int64_t)n_prompt + op->max_tokens - 1);
-    if (n_prompt + (int64_t)op->max_tokens - 1 > w->max_seq_tokens ||
-        need > hx_kvcache_max_blocks(kv)) {
+    int64_t need = (int64_t)n_prompt + op->max_tokens - 1;
+    if (need > w->max_seq_tokens || need > hx_backend_max_tokens(w->eng)) {
         hx_err_set(err, HX_ERANGE,
                    "request %llu needs %lld positions of KV cache; group '%s' holds at most %d "
                    "per request and %d in all",
                    (unsigned long long)o->id, (long long)n_prompt + op->max_tokens - 1,
-                   w->grp->id, w->max_seq_tokens,
-                   hx_kvcache_max_blocks(kv) * hx_kvcache_block_tokens(kv));
+                   w->grp->id, w->max_seq_tokens, hx_backend_max_tokens(w->eng));
         return -1;
     }
-    return hx_batch_can_admit(w->eng, n_prompt, (int)op->max_tokens) ? 1 : 0;
+    return hx_backend_can_admit(w->eng, n_prompt, (int)op->max_tokens) ? 1 : 0;
 }
 
 static hx_status leader_loop(worker *w, hx_err *err)
@@ -671,7 +663,7 @@ static hx_status leader_loop(worker *w, hx_err *err)
     while (!*w->stop) {
         /* take what the router sent */
         pthread_mutex_lock(&w->mu);
-        if (!w->q_head && !w->wait_head && hx_batch_seq_count(w->eng) == 0) {
+        if (!w->q_head && !w->wait_head && hx_backend_seq_count(w->eng) == 0) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_nsec += 200 * 1000 * 1000;
@@ -755,7 +747,7 @@ static hx_status leader_loop(worker *w, hx_err *err)
             op_free(o);
         }
 
-        if (hx_batch_seq_count(w->eng) > 0) {
+        if (hx_backend_seq_count(w->eng) > 0) {
             hx_proto_group_op step = {.op = HX_PROTO_OP_STEP, .dst_group = -1, .src_group = -1};
             hx_status st = broadcast(w, 0, &step, err);
             if (st == HX_OK)
@@ -842,8 +834,8 @@ static void fill_health(worker *w, hx_proto_health *h)
     pthread_mutex_unlock(&w->mu);
     /* read without the engine's lock: a gauge, racy by a step at most */
     if (w->eng) {
-        const hx_kvcache *kv = hx_batch_kvcache(w->eng);
-        h->kv_blocks_total = (uint64_t)hx_kvcache_max_blocks(kv);
+        int bt = w->opt.block_tokens > 0 ? w->opt.block_tokens : 16;
+        h->kv_blocks_total = (uint64_t)(hx_backend_max_tokens(w->eng) / bt);
         h->requests_active = (uint64_t)w->n_reqs;
     }
 }
@@ -1191,56 +1183,34 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     if ((st = hx_proto_listen(bind, w->me->port, &w->lis, err)) != HX_OK)
         goto out;
 
-    hx_llama_options lo;
-    hx_llama_options_init(&lo);
     const hx_plan_stage *ps = &w->grp->stages[w->me->stage];
-    lo.first_layer = ps->first_layer;
-    lo.num_layers = ps->num_layers;
-    lo.tp_rank = w->me->rank;
-    lo.tp_size = w->me->tp;
-    lo.threads = pick_threads(w);
-    if ((st = hx_llama_load(opt->model_dir, &lo, &w->model, err)) != HX_OK)
+    hx_backend_options bo = {opt->backend,
+                             opt->model_dir,
+                             ps->first_layer,
+                             ps->num_layers,
+                             w->me->rank,
+                             w->me->tp,
+                             w->me->device_index,
+                             pick_threads(w),
+                             opt->max_seqs > 0 ? opt->max_seqs : 32,
+                             opt->block_tokens > 0 ? opt->block_tokens : 16,
+                             0,
+                             0};
+    for (int i = 0; i < w->grp->nmemory; i++) /* the plan's KV budget for this device */
+        if (strcmp(w->grp->memory[i].device, w->me->device) == 0 &&
+            w->grp->memory[i].kv_bytes > 0)
+            bo.kv_budget_bytes = w->grp->memory[i].kv_bytes;
+    hx_batch_comm comm = {w, comm_allreduce, comm_recv_rows, comm_send_rows, comm_tokens};
+    if ((st = hx_backend_open(&bo, &comm, &w->eng, err)) != HX_OK)
         goto out;
-    w->cfg = hx_llama_config(w->model);
+    w->cfg = hx_backend_config(w->eng);
+    w->max_seq_tokens = hx_backend_max_seq_tokens(w->eng);
     if (w->plan->model_num_layers > 0 && w->plan->model_num_layers != w->cfg->num_layers) {
         st = hx_err_set(err, HX_EINVAL, "plan '%s' is for a model of %d layers; '%s' has %d",
                         opt->plan_path, w->plan->model_num_layers, opt->model_dir,
                         w->cfg->num_layers);
         goto out;
     }
-    hx_batch_options bo;
-    hx_batch_options_init(&bo);
-    bo.max_seqs = opt->max_seqs > 0 ? opt->max_seqs : 32;
-    bo.max_step_tokens = bo.max_seqs > 64 ? bo.max_seqs : 64;
-    bo.block_tokens = opt->block_tokens > 0 ? opt->block_tokens : 16;
-    bo.max_seq_tokens = w->cfg->max_position_tokens < 4096 ? w->cfg->max_position_tokens : 4096;
-    {
-        /* KV blocks: the plan's KV budget for this device, else 2 GiB, and never more than
-         * max_seqs sequences of max_seq_tokens need */
-        hx_llama_slice sl;
-        hx_llama_slice_of(w->model, &sl);
-        double block_bytes = 2.0 * ps->num_layers * sl.kv_heads * w->cfg->head_dim *
-                             bo.block_tokens * sizeof(float);
-        double budget = 2.0 * (1 << 30);
-        for (int i = 0; i < w->grp->nmemory; i++)
-            if (strcmp(w->grp->memory[i].device, w->me->device) == 0 &&
-                w->grp->memory[i].kv_bytes > 0)
-                budget = w->grp->memory[i].kv_bytes;
-        double need = (double)bo.max_seqs *
-                      ((bo.max_seq_tokens + bo.block_tokens - 1) / bo.block_tokens);
-        double blocks = budget / block_bytes;
-        bo.max_blocks = (int)(blocks < need ? blocks : need);
-        if (bo.max_blocks < 1) {
-            st = hx_err_set(err, HX_EINVAL, "device %s: a KV budget of %.0f bytes holds no "
-                            "block of %.0f bytes", w->me->device, budget, block_bytes);
-            goto out;
-        }
-    }
-    hx_batch_comm comm = {w, comm_allreduce, comm_recv_rows, comm_send_rows, comm_tokens};
-    int whole = hx_llama_has_embedding(w->model) && hx_llama_has_head(w->model) && w->me->tp == 1;
-    if ((st = hx_batch_new(w->model, &bo, whole ? NULL : &comm, &w->eng, err)) != HX_OK)
-        goto out;
-    w->max_seq_tokens = bo.max_seq_tokens;
 
     if (pthread_create(&w->accept_thread, NULL, accept_main, w) != 0) {
         st = hx_err_set(err, HX_ENOMEM, "cannot start a thread");
@@ -1249,11 +1219,11 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     w->accept_started = 1;
     if ((st = connect_peers(w, err)) != HX_OK)
         goto out;
-    HX_INFO("worker %s: group '%s' (%s) stage %d rank %d of %d: layers %d-%d, "
+    HX_INFO("worker %s: group '%s' (%s) stage %d rank %d of %d: layers %d-%d on %s, "
                 "listening on %s:%d, ready",
                 w->me->device, w->grp->id, hx_role_name(w->grp->role), w->me->stage,
                 w->me->rank, w->me->tp, ps->first_layer, ps->first_layer + ps->num_layers - 1,
-                bind, w->me->port);
+                hx_backend_name(hx_backend_kind_of(w->eng)), bind, w->me->port);
     st = w->is_leader ? leader_loop(w, err) : rank_loop(w, err);
     if (st != HX_OK && w->is_leader) {
         /* fail what this group held, so the router answers those clients */
@@ -1307,8 +1277,7 @@ out:
         free(k);
         k = n;
     }
-    hx_batch_free(w->eng);
-    hx_llama_free(w->model);
+    hx_backend_close(w->eng);
     hx_proto_listener_free(w->lis);
     hx_deploy_release(&w->dep);
     hx_plan_free(w->plan);

@@ -38,6 +38,7 @@
 #include <signal.h>
 
 #include "common/status.h"
+#include "runtime/backend.h"
 #include "runtime/proto.h"
 
 typedef struct hx_worker_options {
@@ -50,6 +51,8 @@ typedef struct hx_worker_options {
     int block_tokens;             /* default 16 */
     double peer_timeout_s;        /* group connections at start and per step; default 60 */
     const char *bind_address;     /* NULL: the host's address in the plan */
+    hx_backend_kind backend;      /* default auto: cuda for a whole model at TP 1 when a GPU
+                                     is there (device host:N runs on CUDA device N), else cpu */
 } hx_worker_options;
 
 void hx_worker_options_init(hx_worker_options *opt);

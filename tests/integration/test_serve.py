@@ -211,6 +211,29 @@ def main():
         finally:
             check(stop(plan), "%s: stop" % name)
 
+    # GPU prefill -> GPU decode, two processes on one GPU (skipped without one)
+    version = hx("--version").stdout
+    gpu = shutil.which("nvidia-smi") and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    if "cuda" in version and gpu:
+        groups, routes = layouts()["1P+1D"]
+        plan = write_plan("gpu", port, groups, routes)
+        port += 20
+        r = hx("launch", "--plan", plan, "--model", MODEL, "--worker-args", "--backend cuda",
+               "--timeout", "120")
+        if check(r.returncode == 0, "GPU: launch with --backend cuda (%s)" % r.stderr[-300:]):
+            host, p = r.stdout.strip().splitlines()[-1][len("http://"):].rsplit(":", 1)
+            try:
+                for prompt in PROMPTS:
+                    status, got = complete((host, int(p)), prompt)
+                    check(status == 200 and got == expected[prompt],
+                          "GPU: prefill -> decode '%s' equals generate" % prompt)
+            finally:
+                check(stop(plan), "GPU: stop")
+    else:
+        print("skip GPU prefill -> GPU decode: %s" %
+              ("no CUDA backend in this build" if "cuda" not in version else "no GPU here"))
+
     # one deployment for concurrency, bad requests and a killed decode worker
     plan = write_plan("fault", port, [
         {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},

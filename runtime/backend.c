@@ -1,0 +1,303 @@
+/* backend.c - the cpu and cuda engines behind one table; see backend.h. */
+#include "runtime/backend.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "runtime/llama.h"
+#include "runtime/llama_weights.h"
+#ifdef HX_HAVE_CUDA
+#include "kernels/cuda.h"
+#include "runtime/cuda_engine.h"
+#endif
+
+struct hx_backend {
+    hx_backend_kind kind;
+    hx_model cfg;        /* the whole model */
+    int kv_heads;        /* held here */
+    int max_seq_tokens;
+    int max_tokens;
+    /* cpu */
+    hx_llama *model;
+    hx_batch *eng;
+    /* cuda */
+    void *cuda;          /* hx_cuda_engine */
+};
+
+hx_status hx_backend_parse(const char *s, hx_backend_kind *out, hx_err *err)
+{
+    if (strcmp(s, "auto") == 0)
+        *out = HX_BACKEND_AUTO;
+    else if (strcmp(s, "cpu") == 0)
+        *out = HX_BACKEND_CPU;
+    else if (strcmp(s, "cuda") == 0)
+        *out = HX_BACKEND_CUDA;
+    else
+        return hx_err_set(err, HX_EINVAL, "unknown backend '%s' (auto, cpu or cuda)", s);
+    return HX_OK;
+}
+
+const char *hx_backend_name(hx_backend_kind k)
+{
+    return k == HX_BACKEND_CPU ? "cpu" : k == HX_BACKEND_CUDA ? "cuda" : "auto";
+}
+
+static int cuda_usable(void)
+{
+#ifdef HX_HAVE_CUDA
+    return hx_cuda_available();
+#else
+    return 0;
+#endif
+}
+
+/* KV blocks for a budget: what it holds, at most what max_seqs full sequences need. */
+static int blocks_for(const hx_backend_options *o, double bytes_per_token, int block_tokens,
+                      int max_seqs, int max_seq_tokens)
+{
+    double budget = o->kv_budget_bytes > 0 ? o->kv_budget_bytes : 2.0 * (1 << 30);
+    double fit = budget / (bytes_per_token * block_tokens);
+    double need = (double)max_seqs * ((max_seq_tokens + block_tokens - 1) / block_tokens);
+    return (int)(fit < need ? fit : need);
+}
+
+static hx_status open_cpu(const hx_backend_options *o, const hx_batch_comm *comm, hx_backend *b,
+                          hx_err *err)
+{
+    hx_llama_options lo;
+    hx_llama_options_init(&lo);
+    lo.first_layer = o->first_layer;
+    lo.num_layers = o->num_layers;
+    lo.tp_rank = o->tp_rank;
+    lo.tp_size = o->tp_size;
+    lo.threads = o->threads;
+    hx_status st = hx_llama_load(o->model_dir, &lo, &b->model, err);
+    if (st != HX_OK)
+        return st;
+    b->cfg = *hx_llama_config(b->model);
+    hx_llama_slice sl;
+    hx_llama_slice_of(b->model, &sl);
+    b->kv_heads = sl.kv_heads;
+    hx_batch_options bo;
+    hx_batch_options_init(&bo);
+    bo.max_seqs = o->max_seqs > 0 ? o->max_seqs : 32;
+    bo.max_step_tokens = bo.max_seqs > 64 ? bo.max_seqs : 64;
+    bo.block_tokens = o->block_tokens > 0 ? o->block_tokens : 16;
+    bo.max_seq_tokens = o->max_seq_tokens;
+    double per_token = 2.0 * hx_llama_num_layers(b->model) * sl.kv_heads * b->cfg.head_dim *
+                       sizeof(float);
+    bo.max_blocks = blocks_for(o, per_token, bo.block_tokens, bo.max_seqs, bo.max_seq_tokens);
+    if (bo.max_blocks < 1)
+        return hx_err_set(err, HX_EINVAL, "a KV budget of %.0f bytes holds no block of %d "
+                          "positions (%.0f bytes each)", o->kv_budget_bytes, bo.block_tokens,
+                          per_token * bo.block_tokens);
+    int whole = hx_llama_has_embedding(b->model) && hx_llama_has_head(b->model) &&
+                hx_llama_tp_size(b->model) == 1;
+    if ((st = hx_batch_new(b->model, &bo, whole ? NULL : comm, &b->eng, err)) != HX_OK)
+        return st;
+    b->max_seq_tokens = bo.max_seq_tokens;
+    b->max_tokens = hx_kvcache_max_blocks(hx_batch_kvcache(b->eng)) * bo.block_tokens;
+    return HX_OK;
+}
+
+static hx_status open_cuda(const hx_backend_options *o, hx_backend *b, hx_err *err)
+{
+#ifdef HX_HAVE_CUDA
+    hx_status st = hx_model_load(o->model_dir, &b->cfg, err);
+    if (st != HX_OK)
+        return st;
+    int whole = o->first_layer == 0 &&
+                (o->num_layers == 0 || o->num_layers == b->cfg.num_layers) && o->tp_size <= 1;
+    if (!whole)
+        return hx_err_set(err, HX_ENOTSUP,
+                          "the cuda backend runs a whole model on one GPU; this worker's stage "
+                          "holds layers %d-%d of %d at TP %d (use --backend cpu, or a plan "
+                          "with whole-model groups at TP 1)",
+                          o->first_layer,
+                          o->first_layer + (o->num_layers ? o->num_layers : b->cfg.num_layers) - 1,
+                          b->cfg.num_layers, o->tp_size);
+    int n = hx_cuda_device_count();
+    hx_cuda_options co;
+    hx_cuda_options_init(&co);
+    co.device = n > 0 ? o->device % n : 0;
+    if (n > 0 && o->device >= n)
+        HX_WARN("device %d runs on CUDA device %d: this host has %d", o->device, co.device, n);
+    co.max_seqs = o->max_seqs > 0 ? o->max_seqs : 32;
+    if (co.max_step_tokens < co.max_seqs)
+        co.max_step_tokens = co.max_seqs;
+    co.block_tokens = o->block_tokens > 0 ? o->block_tokens : 16;
+    co.max_seq_tokens = o->max_seq_tokens;
+    double per_token = 2.0 * b->cfg.num_layers * b->cfg.num_kv_heads * b->cfg.head_dim * 2;
+    co.max_blocks = blocks_for(o, per_token, co.block_tokens, co.max_seqs, co.max_seq_tokens);
+    hx_cuda_engine *e = NULL;
+    if ((st = hx_cuda_engine_new(o->model_dir, &co, &e, err)) != HX_OK)
+        return st;
+    b->cuda = e;
+    b->kv_heads = b->cfg.num_kv_heads;
+    b->max_seq_tokens = co.max_seq_tokens;
+    b->max_tokens = co.max_blocks * co.block_tokens;
+    return HX_OK;
+#else
+    (void)o;
+    (void)b;
+    return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (backends: cpu)");
+#endif
+}
+
+hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm,
+                          hx_backend **out, hx_err *err)
+{
+    hx_backend *b = calloc(1, sizeof *b);
+    if (!b)
+        return hx_err_set(err, HX_ENOMEM, "out of memory");
+    b->kind = o->kind;
+    if (b->kind == HX_BACKEND_AUTO) {
+        int whole = o->first_layer == 0 && o->num_layers == 0 && o->tp_size <= 1;
+        b->kind = cuda_usable() && whole ? HX_BACKEND_CUDA : HX_BACKEND_CPU;
+    }
+    if (b->kind == HX_BACKEND_CUDA && !cuda_usable()) {
+        free(b);
+#ifdef HX_HAVE_CUDA
+        return hx_err_set(err, HX_ENOTSUP, "backend cuda: no CUDA device can be used here");
+#else
+        return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (backends: cpu)");
+#endif
+    }
+    hx_backend_options oo = *o;
+    if (oo.max_seq_tokens <= 0)
+        oo.max_seq_tokens = 0; /* the engine's default: min(context, 4096) */
+    hx_status st;
+    if (b->kind == HX_BACKEND_CPU) {
+        if (oo.max_seq_tokens == 0) {
+            hx_model m;
+            if ((st = hx_model_load(o->model_dir, &m, err)) != HX_OK) {
+                free(b);
+                return st;
+            }
+            oo.max_seq_tokens = m.max_position_tokens < 4096 ? m.max_position_tokens : 4096;
+        }
+        st = open_cpu(&oo, comm, b, err);
+    } else {
+        if (oo.max_seq_tokens == 0) {
+            hx_model m;
+            if ((st = hx_model_load(o->model_dir, &m, err)) != HX_OK) {
+                free(b);
+                return st;
+            }
+            oo.max_seq_tokens = m.max_position_tokens < 4096 ? m.max_position_tokens : 4096;
+        }
+        st = open_cuda(&oo, b, err);
+    }
+    if (st != HX_OK) {
+        hx_backend_close(b);
+        return st;
+    }
+    *out = b;
+    return HX_OK;
+}
+
+void hx_backend_close(hx_backend *b)
+{
+    if (!b)
+        return;
+    hx_batch_free(b->eng);
+    hx_llama_free(b->model);
+#ifdef HX_HAVE_CUDA
+    hx_cuda_engine_free(b->cuda);
+#endif
+    free(b);
+}
+
+hx_backend_kind hx_backend_kind_of(const hx_backend *b)
+{
+    return b->kind;
+}
+
+const hx_model *hx_backend_config(const hx_backend *b)
+{
+    return &b->cfg;
+}
+
+int hx_backend_kv_heads(const hx_backend *b)
+{
+    return b->kv_heads;
+}
+
+int hx_backend_max_seq_tokens(const hx_backend *b)
+{
+    return b->max_seq_tokens;
+}
+
+int hx_backend_max_tokens(const hx_backend *b)
+{
+    return b->max_tokens;
+}
+
+#ifdef HX_HAVE_CUDA
+#define CUDA_OR(b, cuda_call, cpu_call) ((b)->cuda ? (cuda_call) : (cpu_call))
+#else
+#define CUDA_OR(b, cuda_call, cpu_call) (cpu_call)
+#endif
+
+int hx_backend_seq_count(const hx_backend *b)
+{
+    return CUDA_OR(b, hx_cuda_engine_seq_count(b->cuda), hx_batch_seq_count(b->eng));
+}
+
+int hx_backend_can_admit(const hx_backend *b, int n_prompt, int max_new_tokens)
+{
+    return CUDA_OR(b, hx_cuda_engine_can_admit(b->cuda, n_prompt, max_new_tokens),
+                   hx_batch_can_admit(b->eng, n_prompt, max_new_tokens));
+}
+
+int hx_backend_seq_tokens(const hx_backend *b, uint64_t id)
+{
+#ifdef HX_HAVE_CUDA
+    if (b->cuda)
+        return hx_cuda_engine_seq_tokens(b->cuda, id);
+#endif
+    int seq = hx_batch_seq_kv(b->eng, id);
+    return seq < 0 ? -1 : hx_kvcache_seq_tokens(hx_batch_kvcache(b->eng), seq);
+}
+
+hx_status hx_backend_add(hx_backend *b, const hx_batch_request *req, hx_err *err)
+{
+    return CUDA_OR(b, hx_cuda_engine_add(b->cuda, req, err), hx_batch_add(b->eng, req, err));
+}
+
+hx_status hx_backend_add_prefilled(hx_backend *b, const hx_batch_request *req, int first_token,
+                                   const hx_kv_segment *segs, int n_segs, hx_err *err)
+{
+    return CUDA_OR(b, hx_cuda_engine_add_prefilled(b->cuda, req, first_token, segs, n_segs, err),
+                   hx_batch_add_prefilled(b->eng, req, first_token, segs, n_segs, err));
+}
+
+hx_status hx_backend_remove(hx_backend *b, uint64_t id, hx_err *err)
+{
+    return CUDA_OR(b, hx_cuda_engine_remove(b->cuda, id, err), hx_batch_remove(b->eng, id, err));
+}
+
+hx_status hx_backend_step(hx_backend *b, const hx_batch_event **events, int *n_events,
+                          hx_err *err)
+{
+    return CUDA_OR(b, hx_cuda_engine_step(b->cuda, events, n_events, err),
+                   hx_batch_step(b->eng, events, n_events, err));
+}
+
+hx_status hx_backend_pack_kv(hx_backend *b, uint64_t id, int layer_first, int num_layers,
+                             int head_first, int num_heads, void *out, size_t out_size,
+                             size_t *out_bytes, hx_err *err)
+{
+#ifdef HX_HAVE_CUDA
+    if (b->cuda)
+        return hx_cuda_engine_pack_kv(b->cuda, id, layer_first, num_layers, head_first,
+                                      num_heads, out, out_size, out_bytes, err);
+#endif
+    int seq = hx_batch_seq_kv(b->eng, id);
+    if (seq < 0)
+        return hx_err_set(err, HX_ENOENT, "no request %llu in the engine",
+                          (unsigned long long)id);
+    return hx_kvcache_pack(hx_batch_kvcache(b->eng), seq, layer_first, num_layers, head_first,
+                           num_heads, out, out_size, out_bytes, err);
+}

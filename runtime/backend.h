@@ -1,0 +1,90 @@
+/*
+ * backend.h - the engines a worker can run, behind one function table:
+ *
+ *   cpu   runtime/batch.h over runtime/llama.h (fp32, every core): any stage
+ *         and TP slice, driven in lockstep with the group's other ranks
+ *         through an hx_batch_comm.
+ *   cuda  runtime/cuda_engine.h (bf16 on one GPU): a whole model at TP 1 in
+ *         a single stage; built when the CUDA toolkit was found.
+ *
+ * Both take the same requests, emit the same events, hold requests' KV the
+ * same way (hold_kv) and export it in the same segments (hx_kvcache_pack's
+ * format), so a prefill group of one backend can feed a decode group of
+ * the other.
+ *
+ * Threads: one thread at a time per engine (the worker's engine thread).
+ */
+#ifndef HX_BACKEND_H
+#define HX_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "planner/model.h"
+#include "runtime/batch.h"
+#include "runtime/kvcache.h"
+
+typedef enum hx_backend_kind {
+    HX_BACKEND_AUTO = 0, /* cuda when built and a GPU is there, else cpu */
+    HX_BACKEND_CPU = 1,
+    HX_BACKEND_CUDA = 2
+} hx_backend_kind;
+
+/* "auto", "cpu", "cuda"; HX_EINVAL naming the choices otherwise. */
+hx_status hx_backend_parse(const char *s, hx_backend_kind *out, hx_err *err);
+const char *hx_backend_name(hx_backend_kind k);
+
+/* What to load and how big. Plain value; strings borrowed for the call. */
+typedef struct hx_backend_options {
+    hx_backend_kind kind;
+    const char *model_dir;
+    int first_layer, num_layers; /* the stage (num_layers 0: to the last layer) */
+    int tp_rank, tp_size;        /* the TP slice */
+    int device;                  /* cuda: device ordinal (taken modulo the device count) */
+    int threads;                 /* cpu: threads of the model's pool (0: all) */
+    int max_seqs, block_tokens, max_seq_tokens;
+    double kv_budget_bytes;      /* KV cache memory; the blocks it holds, at most what
+                                    max_seqs x max_seq_tokens need */
+} hx_backend_options;
+
+typedef struct hx_backend hx_backend; /* opaque */
+
+/*
+ * Loads the model and makes the engine. comm (copied; may be NULL for a
+ * whole model at TP 1) is what a cpu engine of a stage or slice needs;
+ * cuda refuses anything but a whole model at TP 1 (HX_ENOTSUP, saying
+ * so), and HX_ENOTSUP too when this build has no CUDA or no GPU is there.
+ */
+hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm,
+                          hx_backend **out, hx_err *err);
+void hx_backend_close(hx_backend *b); /* NULL is a no-op */
+
+hx_backend_kind hx_backend_kind_of(const hx_backend *b); /* cpu or cuda */
+const hx_model *hx_backend_config(const hx_backend *b);  /* the whole model's; borrowed */
+int hx_backend_kv_heads(const hx_backend *b);  /* KV heads this engine holds */
+int hx_backend_max_seq_tokens(const hx_backend *b);
+int hx_backend_max_tokens(const hx_backend *b); /* KV positions in all */
+int hx_backend_seq_count(const hx_backend *b);
+int hx_backend_can_admit(const hx_backend *b, int n_prompt, int max_new_tokens);
+/* Positions of request id's KV; -1 when unknown. */
+int hx_backend_seq_tokens(const hx_backend *b, uint64_t id);
+
+/* As hx_batch_add, hx_batch_add_prefilled, hx_batch_remove, hx_batch_step. */
+hx_status hx_backend_add(hx_backend *b, const hx_batch_request *req, hx_err *err);
+hx_status hx_backend_add_prefilled(hx_backend *b, const hx_batch_request *req, int first_token,
+                                   const hx_kv_segment *segs, int n_segs, hx_err *err);
+hx_status hx_backend_remove(hx_backend *b, uint64_t id, hx_err *err);
+hx_status hx_backend_step(hx_backend *b, const hx_batch_event **events, int *n_events,
+                          hx_err *err);
+
+/*
+ * Packs request id's KV of model-wide layers [layer_first, +num_layers) and
+ * KV heads [head_first, +num_heads) as an hx_kvcache_pack segment into
+ * out[0..out_size) (caller-owned, 4-byte aligned).
+ */
+hx_status hx_backend_pack_kv(hx_backend *b, uint64_t id, int layer_first, int num_layers,
+                             int head_first, int num_heads, void *out, size_t out_size,
+                             size_t *out_bytes, hx_err *err);
+
+#endif /* HX_BACKEND_H */
