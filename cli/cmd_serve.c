@@ -48,6 +48,40 @@ static int load_secret(const char *path, hx_proto_secret *s)
     return 1;
 }
 
+typedef hx_status (*serve_fn)(void *opt, const hx_proto_secret *secret, hx_err *err);
+
+static hx_status run_worker(void *opt, const hx_proto_secret *secret, hx_err *err)
+{
+    hx_worker_options *o = opt;
+    o->secret = secret;
+    return hx_worker_run(o, &g_stop, err);
+}
+
+static hx_status run_router(void *opt, const hx_proto_secret *secret, hx_err *err)
+{
+    hx_router_options *o = opt;
+    o->secret = secret;
+    return hx_router_run(o, &g_stop, err);
+}
+
+/* Loads the secret, logs at info level (unless HEXFLOW_LOG says otherwise), runs fn until
+ * SIGTERM/SIGINT; the exit status. */
+static int serve(const char *secret_path, serve_fn fn, void *opt)
+{
+    hx_proto_secret secret;
+    if (!load_secret(secret_path, &secret))
+        return 2;
+    if (hx_log_get_level() < HX_LOG_INFO && !getenv("HEXFLOW_LOG"))
+        hx_log_set_level(HX_LOG_INFO);
+    install_signals();
+    hx_err err = {0};
+    hx_status st = fn(opt, &secret, &err);
+    hx_proto_secret_release(&secret);
+    if (st != HX_OK)
+        return hx_cli_fail(&err) == 2 ? 2 : 1;
+    return 0;
+}
+
 static void worker_usage(FILE *fp)
 {
     fprintf(fp,
@@ -128,19 +162,7 @@ int hx_cmd_worker(int argc, char **argv)
     if (!o.plan_path || !o.model_dir || !o.device || !secret_path)
         return hx_cli_usage_error("worker", "--plan, --model, --device and --secret-file are "
                                             "required");
-    hx_proto_secret secret;
-    if (!load_secret(secret_path, &secret))
-        return 2;
-    o.secret = &secret;
-    if (hx_log_get_level() < HX_LOG_INFO && !getenv("HEXFLOW_LOG"))
-        hx_log_set_level(HX_LOG_INFO);
-    install_signals();
-    hx_err err = {0};
-    hx_status st = hx_worker_run(&o, &g_stop, &err);
-    hx_proto_secret_release(&secret);
-    if (st != HX_OK)
-        return hx_cli_fail(&err) == 2 ? 2 : 1;
-    return 0;
+    return serve(secret_path, run_worker, &o);
 }
 
 static void router_usage(FILE *fp)
@@ -225,17 +247,5 @@ int hx_cmd_router(int argc, char **argv)
         token[strcspn(token, "\r\n")] = '\0';
         o.bearer_token = token;
     }
-    hx_proto_secret secret;
-    if (!load_secret(secret_path, &secret))
-        return 2;
-    o.secret = &secret;
-    if (hx_log_get_level() < HX_LOG_INFO && !getenv("HEXFLOW_LOG"))
-        hx_log_set_level(HX_LOG_INFO);
-    install_signals();
-    hx_err err = {0};
-    hx_status st = hx_router_run(&o, &g_stop, &err);
-    hx_proto_secret_release(&secret);
-    if (st != HX_OK)
-        return hx_cli_fail(&err) == 2 ? 2 : 1;
-    return 0;
+    return serve(secret_path, run_router, &o);
 }

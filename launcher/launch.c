@@ -565,21 +565,6 @@ static hx_status wait_healthy(launch *L, const char *url_host, hx_err *err)
     }
 }
 
-static hx_status load_plan(const char *path, hx_plan **out, hx_err *err)
-{
-    hx_diags d;
-    hx_diags_init(&d);
-    hx_status st = hx_plan_load(path, out, &d);
-    if (st != HX_OK) {
-        char line[1024] = "cannot load the plan";
-        if (d.count)
-            hx_diags_format(&d, 0, line, sizeof line);
-        hx_err_set(err, st, "%s", line);
-    }
-    hx_diags_release(&d);
-    return st;
-}
-
 static hx_status paths_of(const char *plan_path, const char *state_dir, char *abs_plan,
                           char *sdir, char *id, size_t id_cap, char *state_path, hx_err *err)
 {
@@ -615,7 +600,7 @@ hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_
                         o->binary ? o->binary : "/proc/self/exe");
         goto out;
     }
-    if ((st = load_plan(L->abs_plan, &L->plan, err)) != HX_OK)
+    if ((st = hx_plan_load_err(L->abs_plan, &L->plan, err)) != HX_OK)
         goto out;
     if ((st = hx_deploy_init(&L->dep, L->plan, err)) != HX_OK)
         goto out;
@@ -767,7 +752,7 @@ hx_status hx_launch_stop(const char *plan_path, const char *state_dir, double gr
         return st;
     hx_plan *plan = NULL;
     hx_err perr = {0};
-    load_plan(s.abs_plan, &plan, &perr); /* SSH settings; the state file suffices otherwise */
+    hx_plan_load_err(s.abs_plan, &plan, &perr); /* SSH settings; the state file suffices otherwise */
     json_t *hosts = json_object_get(s.root, "hosts"), *procs = json_object_get(s.root, "processes");
     size_t i;
     json_t *hj;
@@ -845,7 +830,7 @@ hx_status hx_launch_status(const char *plan_path, const char *state_dir, int jso
         return st;
     hx_plan *plan = NULL;
     hx_err perr = {0};
-    load_plan(s.abs_plan, &plan, &perr);
+    hx_plan_load_err(s.abs_plan, &plan, &perr);
     hx_proto_secret secret;
     const char *sf = json_string_value(json_object_get(s.root, "secret_file"));
     int have_secret = sf && hx_proto_secret_load_file(sf, &secret, &perr) == HX_OK;
@@ -974,7 +959,7 @@ hx_status hx_launch_logs(const char *plan_path, const char *state_dir, const cha
         return st;
     hx_plan *plan = NULL;
     hx_err perr = {0};
-    load_plan(s.abs_plan, &plan, &perr);
+    hx_plan_load_err(s.abs_plan, &plan, &perr);
     json_t *hosts = json_object_get(s.root, "hosts"), *procs = json_object_get(s.root, "processes");
     size_t nh = json_array_size(hosts), np = json_array_size(procs);
     hx_host **sessions = calloc(nh ? nh : 1, sizeof *sessions);

@@ -2030,3 +2030,18 @@ out:
     hx_diags_release(&local);
     return st;
 }
+
+hx_status hx_plan_load_err(const char *path, hx_plan **out, hx_err *err)
+{
+    hx_diags d;
+    hx_diags_init(&d);
+    hx_status st = hx_plan_load(path, out, &d);
+    if (st != HX_OK) {
+        char line[sizeof err->msg] = "cannot load the plan";
+        if (d.count)
+            hx_diags_format(&d, 0, line, sizeof line);
+        hx_err_set(err, st, "%s", line);
+    }
+    hx_diags_release(&d);
+    return st;
+}

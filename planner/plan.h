@@ -178,6 +178,8 @@ hx_status hx_plan_write(const hx_plan *p, const char *path, hx_err *err);
  * cleanly. `diags` may be NULL (problems are then only counted away).
  */
 hx_status hx_plan_load(const char *path, hx_plan **out, hx_diags *diags);
+/* hx_plan_load for processes that report one line: err gets the first problem. */
+hx_status hx_plan_load_err(const char *path, hx_plan **out, hx_err *err);
 hx_status hx_plan_from_json(const json_t *root, const char *name, hx_plan **out,
                             hx_diags *diags);
 

@@ -58,6 +58,7 @@
 #include <jansson.h>
 #include <microhttpd.h>
 
+#include "common/buf.h"
 #include "common/log.h"
 #include "runtime/metrics.h"
 #include "runtime/proto.h"
@@ -103,84 +104,8 @@ struct hx_http {
         *m_cancelled;
 };
 
-/* ---- a growable byte buffer ----------------------------------------------- */
-
-typedef struct buf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} buf;
-
-static void buf_reserve(buf *b, size_t more)
-{
-    if (b->oom || b->len + more + 1 <= b->cap)
-        return;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + more + 1)
-        cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) {
-        b->oom = 1;
-        return;
-    }
-    b->p = p;
-    b->cap = cap;
-}
-
-static void buf_put(buf *b, const void *p, size_t n)
-{
-    buf_reserve(b, n);
-    if (b->oom)
-        return;
-    if (n)
-        memcpy(b->p + b->len, p, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void buf_puts(buf *b, const char *s) { buf_put(b, s, strlen(s)); }
-
-static void buf_printf(buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void buf_printf(buf *b, const char *fmt, ...)
-{
-    char tmp[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if ((size_t)n < sizeof tmp) {
-        buf_put(b, tmp, (size_t)n);
-        return;
-    }
-    buf_reserve(b, (size_t)n);
-    if (b->oom)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
-}
-
-/* Drops the first n bytes. */
-static void buf_consume(buf *b, size_t n)
-{
-    if (n >= b->len) {
-        b->len = 0;
-    } else {
-        memmove(b->p, b->p + n, b->len - n);
-        b->len -= n;
-    }
-    if (b->p)
-        b->p[b->len] = '\0';
-}
-
-static void buf_free(buf *b)
-{
-    free(b->p);
-    memset(b, 0, sizeof *b);
-}
+/* bodies and streams are built in hx_buf (common/buf.h) */
+typedef hx_buf buf;
 
 /* ---- UTF-8 ---------------------------------------------------------------- */
 
@@ -244,18 +169,18 @@ static size_t utf8_clean(buf *out, const char *p, size_t n, int final)
             i += (size_t)k;
             continue;
         }
-        buf_put(out, p + run, i - run);
+        hx_buf_put(out, p + run, i - run);
         if (k == 0) { /* incomplete at the end */
             if (!final)
                 return i;
-            buf_put(out, FFFD, 3);
+            hx_buf_put(out, FFFD, 3);
             return n;
         }
-        buf_put(out, FFFD, 3);
+        hx_buf_put(out, FFFD, 3);
         i += (size_t)-k;
         run = i;
     }
-    buf_put(out, p + run, i - run);
+    hx_buf_put(out, p + run, i - run);
     return n;
 }
 
@@ -263,14 +188,14 @@ static size_t utf8_clean(buf *out, const char *p, size_t n, int final)
 static void buf_json_str(buf *b, const char *p, size_t n)
 {
     static const char HEX[] = "0123456789abcdef";
-    buf_reserve(b, n + 2);
-    buf_put(b, "\"", 1);
+    hx_buf_reserve(b, n + 2);
+    hx_buf_put(b, "\"", 1);
     size_t run = 0;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)p[i];
         if (c >= 0x20 && c != '"' && c != '\\')
             continue;
-        buf_put(b, p + run, i - run);
+        hx_buf_put(b, p + run, i - run);
         run = i + 1;
         char e[6] = {'\\', 0, 0, 0, 0, 0};
         size_t el = 2;
@@ -290,10 +215,10 @@ static void buf_json_str(buf *b, const char *p, size_t n)
             e[5] = HEX[c & 15];
             el = 6;
         }
-        buf_put(b, e, el);
+        hx_buf_put(b, e, el);
     }
-    buf_put(b, p + run, n - run);
-    buf_put(b, "\"", 1);
+    hx_buf_put(b, p + run, n - run);
+    hx_buf_put(b, "\"", 1);
 }
 
 /* A JSON string of arbitrary bytes (invalid UTF-8 replaced). */
@@ -304,7 +229,7 @@ static void buf_json_bytes(buf *b, const char *p, size_t n)
     buf_json_str(b, clean.p ? clean.p : "", clean.len);
     if (clean.oom)
         b->oom = 1;
-    buf_free(&clean);
+    hx_buf_release(&clean);
 }
 
 /* ---- small helpers -------------------------------------------------------- */
@@ -504,7 +429,7 @@ static json_t *error_json(const char *msg, const char *type, const char *param, 
     utf8_clean(&clean, msg, strlen(msg), 1);
     json_t *root = json_pack("{s:{s:s?,s:s,s:s?,s:s?}}", "error", "message",
                              clean.p ? clean.p : "", "type", type, "param", param, "code", code);
-    buf_free(&clean);
+    hx_buf_release(&clean);
     return root;
 }
 
@@ -912,11 +837,11 @@ static void gen_free(gen *g)
     for (int i = 0; i < g->n_stops; i++)
         free(g->stops[i]);
     free(g->ids);
-    buf_free(&g->raw);
-    buf_free(&g->text);
-    buf_free(&g->emit);
-    buf_free(&g->out);
-    buf_free(&g->head);
+    hx_buf_release(&g->raw);
+    hx_buf_release(&g->text);
+    hx_buf_release(&g->emit);
+    hx_buf_release(&g->out);
+    hx_buf_release(&g->head);
     free(g);
 }
 
@@ -939,11 +864,11 @@ static gen *gen_new(hx_http *s, params *p, hx_gen_handle *h, struct MHD_Connecti
     snprintf(g->id, sizeof g->id, "cmpl-%016" PRIx64 "%08" PRIx32, splitmix64(s->id_key ^ n),
              (uint32_t)splitmix64(s->id_key + n));
     g->created = (long long)time(NULL);
-    buf_printf(&g->head, "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%lld,\"model\":",
+    hx_buf_printf(&g->head, "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%lld,\"model\":",
                g->id, g->created);
     buf_json_bytes(&g->head, s->model_name, strlen(s->model_name));
     if (g->head.oom) { /* (h stays the caller's) */
-        buf_free(&g->head);
+        hx_buf_release(&g->head);
         free(g);
         return NULL;
     }
@@ -1001,7 +926,7 @@ static void gen_feed(gen *g, const int32_t *t, int n)
         }
         if (bl > 0)
             g->strip_left = 0;
-        buf_put(&g->raw, bytes, bl);
+        hx_buf_put(&g->raw, bytes, bl);
     }
 }
 
@@ -1015,7 +940,7 @@ static int gen_text(gen *g, int final)
     if (g->stopped)
         return 1;
     size_t took = utf8_clean(&g->text, g->raw.p ? g->raw.p : "", g->raw.len, final);
-    buf_consume(&g->raw, took);
+    hx_buf_consume(&g->raw, took);
     int stopped = 0;
     size_t cut = g->text.len;
     for (int i = 0; i < g->n_stops; i++) {
@@ -1041,13 +966,13 @@ static int gen_text(gen *g, int final)
                 }
     }
     size_t n = stopped ? cut : g->text.len - hold;
-    buf_put(&g->emit, g->text.p ? g->text.p : "", n);
+    hx_buf_put(&g->emit, g->text.p ? g->text.p : "", n);
     if (stopped) {
         g->stopped = 1;
         g->text.len = 0;
         g->raw.len = 0;
     } else
-        buf_consume(&g->text, n);
+        hx_buf_consume(&g->text, n);
     if (g->text.p)
         g->text.p[g->text.len] = '\0';
     return stopped;
@@ -1149,34 +1074,34 @@ static enum pull gen_step(gen *g, char *msg, size_t msg_cap)
 
 /* ---- JSON written by hand (stream chunks and the completion) --------------- */
 
-static void put_head(gen *g, buf *b) { buf_put(b, g->head.p, g->head.len); }
+static void put_head(gen *g, buf *b) { hx_buf_put(b, g->head.p, g->head.len); }
 
 static void put_choice(gen *g, buf *b, const char *finish)
 {
-    buf_puts(b, ",\"choices\":[{\"index\":0,\"text\":");
+    hx_buf_puts(b, ",\"choices\":[{\"index\":0,\"text\":");
     buf_json_str(b, g->emit.p ? g->emit.p : "", g->emit.len);
-    buf_puts(b, ",\"logprobs\":null,\"finish_reason\":");
+    hx_buf_puts(b, ",\"logprobs\":null,\"finish_reason\":");
     if (finish)
-        buf_printf(b, "\"%s\"", finish);
+        hx_buf_printf(b, "\"%s\"", finish);
     else
-        buf_puts(b, "null");
-    buf_puts(b, ",\"token_ids\":[");
+        hx_buf_puts(b, "null");
+    hx_buf_puts(b, ",\"token_ids\":[");
     for (size_t i = 0; i < g->n_ids; i++)
-        buf_printf(b, i ? ",%" PRId32 : "%" PRId32, g->ids[i]);
-    buf_puts(b, "]}]");
+        hx_buf_printf(b, i ? ",%" PRId32 : "%" PRId32, g->ids[i]);
+    hx_buf_puts(b, "]}]");
 }
 
 static void put_usage(gen *g, buf *b)
 {
-    buf_printf(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%lld}",
+    hx_buf_printf(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%lld}",
                g->n_prompt, g->n_gen, (long long)g->n_prompt + g->n_gen);
 }
 
 static void put_error(buf *b, const char *msg, const char *type)
 {
-    buf_puts(b, "{\"error\":{\"message\":");
+    hx_buf_puts(b, "{\"error\":{\"message\":");
     buf_json_bytes(b, msg, strlen(msg));
-    buf_printf(b, ",\"type\":\"%s\",\"param\":null,\"code\":null}}", type);
+    hx_buf_printf(b, ",\"type\":\"%s\",\"param\":null,\"code\":null}}", type);
 }
 
 /* ---- streaming ------------------------------------------------------------ */
@@ -1186,24 +1111,24 @@ static void sse_chunk(gen *g, const char *finish)
 {
     if (!finish && g->emit.len == 0)
         return; /* ids whose text is held back ride with the next chunk */
-    buf_puts(&g->out, "data: ");
+    hx_buf_puts(&g->out, "data: ");
     put_head(g, &g->out);
     put_choice(g, &g->out, finish);
-    buf_puts(&g->out, "}\n\n");
-    buf_consume(&g->emit, g->emit.len);
+    hx_buf_puts(&g->out, "}\n\n");
+    hx_buf_consume(&g->emit, g->emit.len);
     g->n_ids = 0;
 }
 
 static void sse_end(gen *g)
 {
     if (g->include_usage) {
-        buf_puts(&g->out, "data: ");
+        hx_buf_puts(&g->out, "data: ");
         put_head(g, &g->out);
-        buf_puts(&g->out, ",\"choices\":[],");
+        hx_buf_puts(&g->out, ",\"choices\":[],");
         put_usage(g, &g->out);
-        buf_puts(&g->out, "}\n\n");
+        hx_buf_puts(&g->out, "}\n\n");
     }
-    buf_puts(&g->out, "data: [DONE]\n\n");
+    hx_buf_puts(&g->out, "data: [DONE]\n\n");
     g->phase = PH_END;
 }
 
@@ -1231,11 +1156,11 @@ static void stream_step(gen *g)
         gen_release(g);
         gen_text(g, 1);
         sse_chunk(g, NULL);
-        buf_puts(&g->out, "data: ");
+        hx_buf_puts(&g->out, "data: ");
         put_error(&g->out, msg,
                   r == P_SHUTDOWN ? "unavailable" : "server_error");
-        buf_puts(&g->out, "\n\n");
-        buf_puts(&g->out, "data: [DONE]\n\n");
+        hx_buf_puts(&g->out, "\n\n");
+        hx_buf_puts(&g->out, "data: [DONE]\n\n");
         g->phase = PH_END;
         return;
     }
@@ -1282,11 +1207,11 @@ static enum MHD_Result reply_completion(req *r, struct MHD_Connection *c, gen *g
     buf b = {0};
     put_head(g, &b);
     put_choice(g, &b, g->finish_reason);
-    buf_puts(&b, ",");
+    hx_buf_puts(&b, ",");
     put_usage(g, &b);
-    buf_puts(&b, "}\n");
+    hx_buf_puts(&b, "}\n");
     if (b.oom || g->ids_oom || g->emit.oom || g->raw.oom || g->text.oom) {
-        buf_free(&b);
+        hx_buf_release(&b);
         return reply_error(r, c, 500, NULL, "out of memory");
     }
     size_t len = b.len;
@@ -1408,7 +1333,7 @@ static enum MHD_Result handle_health(req *r, struct MHD_Connection *c)
     utf8_clean(&clean, reason, strlen(reason), 1);
     json_t *root = json_pack("{s:s,s:s}", "status", "unavailable", "reason",
                              clean.p && clean.len ? clean.p : "not healthy");
-    buf_free(&clean);
+    hx_buf_release(&clean);
     return reply_json(r, c, 503, root);
 }
 
@@ -1418,17 +1343,17 @@ static enum MHD_Result handle_metrics(req *r, struct MHD_Connection *c)
     buf b = {0};
     char *bt = s->be.metrics ? s->be.metrics(s->be.ctx) : NULL;
     if (bt && *bt) {
-        buf_puts(&b, bt);
+        hx_buf_puts(&b, bt);
         if (b.len && b.p[b.len - 1] != '\n')
-            buf_puts(&b, "\n");
+            hx_buf_puts(&b, "\n");
     }
     free(bt);
     char *ft = hx_metrics_render(s->metrics);
     if (ft)
-        buf_puts(&b, ft);
+        hx_buf_puts(&b, ft);
     free(ft);
     if (b.oom || !ft) {
-        buf_free(&b);
+        hx_buf_release(&b);
         return reply_error(r, c, 500, NULL, "out of memory");
     }
     size_t len = b.len;
@@ -1545,10 +1470,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_data_size = 0;
         if (r->too_big || r->body.len + n > BODY_MAX_BYTES) {
             r->too_big = 1; /* read and dropped; answered at the end */
-            buf_free(&r->body);
+            hx_buf_release(&r->body);
             return MHD_YES;
         }
-        buf_put(&r->body, upload_data, n);
+        hx_buf_put(&r->body, upload_data, n);
         return r->body.oom ? MHD_NO : MHD_YES;
     }
     if (r->too_big)
@@ -1570,7 +1495,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
         count_request(s, r->route, r->code);
     if (r->route == R_COMPLETIONS && r->code)
         hx_metrics_histogram_observe(s->m_duration, seconds_since(r->start_ns));
-    buf_free(&r->body);
+    hx_buf_release(&r->body);
     free(r);
     *con_cls = NULL;
 }
@@ -1663,7 +1588,7 @@ hx_status hx_http_start(const hx_http_options *opt, const hx_tokenizer *tok,
     utf8_clean(&chk, opt->model_name, strlen(opt->model_name), 1);
     int bad_name = chk.oom || chk.len != strlen(opt->model_name) ||
                    memcmp(chk.p, opt->model_name, chk.len) != 0;
-    buf_free(&chk);
+    hx_buf_release(&chk);
     if (bad_name)
         return hx_err_set(err, HX_EINVAL, "http: model_name is not valid UTF-8");
     if (opt->port < 0 || opt->port > 65535)

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/buf.h"
 #include "common/log.h"
 
 const double hx_metrics_default_buckets[HX_METRICS_DEFAULT_BUCKETS_N] = {
@@ -79,56 +80,20 @@ static void atomic_add_double(_Atomic uint64_t *p, double v)
                                                     memory_order_relaxed));
 }
 
-/* ---- a growable string ---------------------------------------------------- */
+/* text is built in hx_buf (common/buf.h) */
+typedef hx_buf sbuf;
 
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sbuf;
-
-static void sb_reserve(sbuf *b, size_t more)
-{
-    if (b->oom || b->len + more + 1 <= b->cap)
-        return;
-    size_t cap = b->cap ? b->cap : 1024;
-    while (cap < b->len + more + 1)
-        cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) {
-        b->oom = 1;
-        return;
-    }
-    b->p = p;
-    b->cap = cap;
-}
-
-static void sb_putn(sbuf *b, const char *s, size_t n)
-{
-    sb_reserve(b, n);
-    if (b->oom)
-        return;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void sb_puts(sbuf *b, const char *s) { sb_putn(b, s, strlen(s)); }
-
-static void sb_putc(sbuf *b, char c) { sb_putn(b, &c, 1); }
-
-/* Escapes \ and newline (HELP text), and " too when quote is set (label values). */
 static void sb_escaped(sbuf *b, const char *s, int quote)
 {
     for (; *s; s++) {
         if (*s == '\\')
-            sb_puts(b, "\\\\");
+            hx_buf_puts(b, "\\\\");
         else if (*s == '\n')
-            sb_puts(b, "\\n");
+            hx_buf_puts(b, "\\n");
         else if (quote && *s == '"')
-            sb_puts(b, "\\\"");
+            hx_buf_puts(b, "\\\"");
         else
-            sb_putc(b, *s);
+            hx_buf_putc(b, *s);
     }
 }
 
@@ -558,41 +523,41 @@ static void render_labels(sbuf *b, const family *f, const hx_metric *s, const ch
 {
     if (f->n_labels == 0 && !le)
         return;
-    sb_putc(b, '{');
+    hx_buf_putc(b, '{');
     for (int i = 0; i < f->n_labels; i++) {
         if (i)
-            sb_putc(b, ',');
-        sb_puts(b, f->labels[i]);
-        sb_puts(b, "=\"");
+            hx_buf_putc(b, ',');
+        hx_buf_puts(b, f->labels[i]);
+        hx_buf_puts(b, "=\"");
         sb_escaped(b, s->values[i], 1);
-        sb_putc(b, '"');
+        hx_buf_putc(b, '"');
     }
     if (le) {
         if (f->n_labels)
-            sb_putc(b, ',');
-        sb_puts(b, "le=\"");
-        sb_puts(b, le);
-        sb_putc(b, '"');
+            hx_buf_putc(b, ',');
+        hx_buf_puts(b, "le=\"");
+        hx_buf_puts(b, le);
+        hx_buf_putc(b, '"');
     }
-    sb_putc(b, '}');
+    hx_buf_putc(b, '}');
 }
 
 static void render_sample(sbuf *b, const family *f, const hx_metric *s, const char *suffix,
                           const char *le, double v)
 {
     char num[32];
-    sb_puts(b, f->name);
-    sb_puts(b, suffix);
+    hx_buf_puts(b, f->name);
+    hx_buf_puts(b, suffix);
     render_labels(b, f, s, le);
-    sb_putc(b, ' ');
-    sb_puts(b, hx_metrics_format_value(v, num));
-    sb_putc(b, '\n');
+    hx_buf_putc(b, ' ');
+    hx_buf_puts(b, hx_metrics_format_value(v, num));
+    hx_buf_putc(b, '\n');
 }
 
 char *hx_metrics_render(const hx_metrics *m)
 {
     sbuf b = {0};
-    sb_reserve(&b, 0);
+    hx_buf_reserve(&b, 0);
     if (b.oom)
         return NULL;
     b.p[0] = '\0';
@@ -602,15 +567,15 @@ char *hx_metrics_render(const hx_metrics *m)
     pthread_mutex_lock(&mm->mu);
     for (size_t i = 0; i < m->n_fams; i++) {
         const family *f = m->fams[i];
-        sb_puts(&b, "# HELP ");
-        sb_puts(&b, f->name);
-        sb_putc(&b, ' ');
+        hx_buf_puts(&b, "# HELP ");
+        hx_buf_puts(&b, f->name);
+        hx_buf_putc(&b, ' ');
         sb_escaped(&b, f->help, 0);
-        sb_puts(&b, "\n# TYPE ");
-        sb_puts(&b, f->name);
-        sb_putc(&b, ' ');
-        sb_puts(&b, type_name(f->type));
-        sb_putc(&b, '\n');
+        hx_buf_puts(&b, "\n# TYPE ");
+        hx_buf_puts(&b, f->name);
+        hx_buf_putc(&b, ' ');
+        hx_buf_puts(&b, type_name(f->type));
+        hx_buf_putc(&b, '\n');
         for (hx_metric *s = f->first; s; s = s->next) {
             double v = u2d(atomic_load_explicit(&s->value, memory_order_relaxed));
             if (f->type != HX_METRIC_HISTOGRAM) {

@@ -763,17 +763,8 @@ hx_status hx_router_run(const hx_router_options *opt, volatile sig_atomic_t *sto
     pthread_mutex_init(&r->mu, NULL);
     hx_http *http = NULL;
     hx_status st;
-    hx_diags diags;
-    hx_diags_init(&diags);
-    if ((st = hx_plan_load(opt->plan_path, &r->plan, &diags)) != HX_OK) {
-        char line[512] = "cannot load the plan";
-        if (diags.count)
-            hx_diags_format(&diags, 0, line, sizeof line);
-        hx_err_set(err, st, "%s", line);
-        hx_diags_release(&diags);
+    if ((st = hx_plan_load_err(opt->plan_path, &r->plan, err)) != HX_OK)
         goto out;
-    }
-    hx_diags_release(&diags);
     if ((st = hx_deploy_init(&r->dep, r->plan, err)) != HX_OK)
         goto out;
     if ((st = hx_model_load(opt->model_dir, &r->cfg, err)) != HX_OK)

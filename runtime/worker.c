@@ -359,12 +359,13 @@ static void kv_forget(worker *w, uint64_t id)
     pthread_mutex_unlock(&w->mu);
 }
 
-/* Segments this rank receives for a request from prefill group src. */
-static hx_status kv_expected(worker *w, int src, int *n_out, hx_err *err)
+/* The pieces moving a request's KV from group src's layout to group dst's (*out malloc'ed). */
+static hx_status kv_pieces(worker *w, int src, int dst, hx_kv_piece **out, int *n_out,
+                           hx_err *err)
 {
     hx_kv_stage a[64], b[64];
     int na = hx_deploy_kv_layout(&w->dep, src, a, 64);
-    int nb = hx_deploy_kv_layout(&w->dep, w->me->group, b, 64);
+    int nb = hx_deploy_kv_layout(&w->dep, dst, b, 64);
     if (na > 64 || nb > 64)
         return hx_err_set(err, HX_ERANGE, "more than 64 pipeline stages");
     int n = 0;
@@ -377,12 +378,29 @@ static hx_status kv_expected(worker *w, int src, int *n_out, hx_err *err)
         return hx_err_set(err, HX_ENOMEM, "out of memory");
     st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb, p, n, &n,
                              err);
+    if (st != HX_OK) {
+        free(p);
+        return st;
+    }
+    *out = p;
+    *n_out = n;
+    return HX_OK;
+}
+
+/* Segments this rank receives for a request from prefill group src. */
+static hx_status kv_expected(worker *w, int src, int *n_out, hx_err *err)
+{
+    hx_kv_piece *p = NULL;
+    int n = 0;
+    hx_status st = kv_pieces(w, src, w->me->group, &p, &n, err);
+    if (st != HX_OK)
+        return st;
     int mine = 0;
-    for (int i = 0; st == HX_OK && i < n; i++)
+    for (int i = 0; i < n; i++)
         mine += p[i].dst_stage == w->me->stage && p[i].dst_rank == w->me->rank;
     free(p);
     *n_out = mine;
-    return st;
+    return HX_OK;
 }
 
 /* ---- KV segments out (prefill ranks) --------------------------------------------- */
@@ -415,19 +433,11 @@ static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
 /* Packs and sends this rank's pieces of request id's KV to decode group dst. */
 static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
 {
-    hx_kv_stage a[64], b[64];
-    int na = hx_deploy_kv_layout(&w->dep, w->me->group, a, 64);
-    int nb = hx_deploy_kv_layout(&w->dep, dst, b, 64);
+    hx_kv_piece *p = NULL;
     int n = 0;
-    hx_status st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb,
-                                       NULL, 0, &n, err);
-    if (st != HX_OK && st != HX_ERANGE)
+    hx_status st = kv_pieces(w, w->me->group, dst, &p, &n, err);
+    if (st != HX_OK)
         return st;
-    hx_kv_piece *p = malloc((size_t)(n ? n : 1) * sizeof *p);
-    if (!p)
-        return hx_err_set(err, HX_ENOMEM, "out of memory");
-    st = hx_kv_plan_segments(w->cfg->num_layers, w->cfg->num_kv_heads, a, na, b, nb, p, n, &n,
-                             err);
     int tokens = hx_backend_seq_tokens(w->eng, id);
     for (int i = 0; st == HX_OK && i < n; i++) {
         if (p[i].src_stage != w->me->stage || p[i].src_rank != w->me->rank)
@@ -1145,17 +1155,8 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     pthread_cond_init(&w->cv, NULL);
     pthread_mutex_init(&w->router_send, NULL);
     hx_status st;
-    hx_diags diags;
-    hx_diags_init(&diags);
-    if ((st = hx_plan_load(opt->plan_path, &w->plan, &diags)) != HX_OK) {
-        char line[512] = "cannot load the plan";
-        if (diags.count)
-            hx_diags_format(&diags, 0, line, sizeof line);
-        hx_err_set(err, st, "%s", line);
-        hx_diags_release(&diags);
+    if ((st = hx_plan_load_err(opt->plan_path, &w->plan, err)) != HX_OK)
         goto out;
-    }
-    hx_diags_release(&diags);
     if ((st = hx_deploy_init(&w->dep, w->plan, err)) != HX_OK)
         goto out;
     int self = hx_deploy_find_device(&w->dep, opt->device);
