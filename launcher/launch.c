@@ -233,7 +233,8 @@ static int model_files(const char *dir, char ***out)
                 break;
             v = g;
         }
-        v[n++] = strdup(e->d_name);
+        if ((v[n] = strdup(e->d_name)) != NULL)
+            n++;
     }
     closedir(d);
     *out = v;
@@ -413,11 +414,14 @@ static hx_status stop_pids(hx_host *s, const long *pids, int n, double grace_s, 
     }
     char cmd[MAX_CMD * 2 + 512];
     int waits = (int)(grace_s * 10);
+    /* a pid is signalled only while it is still a hexflow process (after a reboot the
+     * number may belong to anything) */
     snprintf(cmd, sizeof cmd,
-             "n=0; for p in%s; do kill -0 $p 2>/dev/null && n=$((n+1)) && kill -TERM $p "
-             "2>/dev/null; done; echo $n; i=0; while [ $i -lt %d ]; do left=0; for p in%s; do "
-             "kill -0 $p 2>/dev/null && left=1; done; [ $left = 0 ] && exit 0; sleep 0.1; "
-             "i=$((i+1)); done; for p in%s; do kill -KILL $p 2>/dev/null; done; exit 0",
+             "ours() { tr '\\0' ' ' < /proc/$1/cmdline 2>/dev/null | grep -q hexflow; }; "
+             "n=0; for p in%s; do ours $p && n=$((n+1)) && kill -TERM $p 2>/dev/null; done; "
+             "echo $n; i=0; while [ $i -lt %d ]; do left=0; for p in%s; do "
+             "ours $p && left=1; done; [ $left = 0 ] && exit 0; sleep 0.1; "
+             "i=$((i+1)); done; for p in%s; do ours $p && kill -KILL $p 2>/dev/null; done; exit 0",
              list, waits, list, list);
     char *out = NULL;
     hx_status st = hx_host_run_checked(s, cmd, NULL, 0, &out, grace_s + 30, err);
@@ -459,9 +463,20 @@ static int http_health(const char *host, int port, char *body, size_t cap)
     hints.ai_socktype = SOCK_STREAM;
     if (getaddrinfo(host, ps, &hints, &ai) != 0 || !ai)
         return 0;
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
-    int code = 0;
-    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int code = 0, connected = 0;
+    if (fd >= 0) { /* connect within a second: a host that drops packets must not stall us */
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+            connected = 1;
+        } else if (errno == EINPROGRESS) {
+            struct pollfd pw = {fd, POLLOUT, 0};
+            int soerr = 0;
+            socklen_t len = sizeof soerr;
+            connected = poll(&pw, 1, 1000) == 1 &&
+                        getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 && soerr == 0;
+        }
+    }
+    if (connected) {
         char req[256];
         int n = snprintf(req, sizeof req, "GET /health HTTP/1.1\r\nHost: %s:%d\r\n"
                          "Connection: close\r\n\r\n", host, port);
@@ -589,9 +604,13 @@ hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_
                        sizeof L->id, L->state_path, err)) != HX_OK)
         goto out;
     snprintf(L->secret_path, sizeof L->secret_path, "%s/%s.secret", L->state_dir, L->id);
-    if (!realpath(o->model_dir, L->abs_model) || !hx_file_is_dir(L->abs_model)) {
+    if (!realpath(o->model_dir, L->abs_model)) {
         st = hx_err_set(err, HX_ENOENT, "cannot open model directory '%s': %s", o->model_dir,
-                        errno ? strerror(errno) : "not a directory");
+                        strerror(errno));
+        goto out;
+    }
+    if (!hx_file_is_dir(L->abs_model)) {
+        st = hx_err_set(err, HX_ENOENT, "model '%s' is not a directory", o->model_dir);
         goto out;
     }
     if (o->binary ? !realpath(o->binary, L->self_bin)

@@ -2463,7 +2463,7 @@ hx_status hx_proto_send_group_op(hx_proto_conn *c, uint64_t req_id, const hx_pro
     uint32_t bad = 0;
     if (!c || !m || (m->num_tokens > 0 && !m->token_ids))
         return hx_err_set(err, HX_EINVAL, "hx_proto_send_group_op: NULL argument");
-    if (m->op < HX_PROTO_OP_ADD || m->op > HX_PROTO_OP_STOP ||
+    if (m->op < HX_PROTO_OP_ADD || m->op > HX_PROTO_OP_LAST ||
         (m->num_tokens > 0 && !tokens_ok(m->token_ids, m->num_tokens, &bad)))
         return hx_err_set(err, HX_EINVAL, "GROUP_OP to %s: op %d, %u tokens (none negative)",
                           c->who, (int)m->op, m->num_tokens);
@@ -2504,7 +2504,7 @@ hx_status hx_proto_decode_group_op(const hx_proto_frame *f, hx_proto_group_op *o
         return bad_payload(f, err, "%zu bytes, but %u tokens need %llu", f->len, n,
                            (unsigned long long)want);
     uint32_t op = get_u32(p);
-    if (op < HX_PROTO_OP_ADD || op > HX_PROTO_OP_STOP)
+    if (op < HX_PROTO_OP_ADD || op > HX_PROTO_OP_LAST)
         return bad_payload(f, err, "unknown operation %u", op);
     out->op = (hx_proto_op)op;
     out->max_tokens = get_u32(p + 4);

@@ -537,14 +537,20 @@ hx_status hx_proto_decode_shutdown(const hx_proto_frame *f, hx_proto_shutdown *o
  *   REMOVE         drop a request (cancelled, or its KV sent on).
  *   STEP           run one engine step.
  *   STOP           leave the loop and exit.
+ *   CHECK_KV       before ADD_PREFILLED: every rank answers whether the
+ *                  request's KV segments from src_group reached it (waiting
+ *                  up to 10 s), so the leader admits it everywhere or nowhere.
  */
 typedef enum hx_proto_op {
     HX_PROTO_OP_ADD = 1,
     HX_PROTO_OP_ADD_PREFILLED = 2,
     HX_PROTO_OP_REMOVE = 3,
     HX_PROTO_OP_STEP = 4,
-    HX_PROTO_OP_STOP = 5
+    HX_PROTO_OP_STOP = 5,
+    HX_PROTO_OP_CHECK_KV = 6 /* does each rank hold request's KV from src_group? each answers
+                                STEP_TOKENS {1} or {0} on its connection to the leader */
 } hx_proto_op;
+#define HX_PROTO_OP_LAST HX_PROTO_OP_CHECK_KV
 
 #define HX_PROTO_GROUP_OP_FIXED_BYTES 48
 

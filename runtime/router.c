@@ -2,6 +2,7 @@
 #include "runtime/router.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,7 @@
 #define HELLO_TIMEOUT_S 300.0 /* a leader answers once its whole group is up */
 #define MSG_MAX 1400
 #define HASH_BUCKETS 1024
+#define LEADER_SILENCE_S 10.0 /* no frame from a leader (HEALTH_OK every 2 s): it is gone */
 
 /* One request, shared by its HTTP thread and the link threads (under r->mu). */
 struct hx_gen_handle {
@@ -60,7 +62,7 @@ typedef struct link {
 typedef struct router {
     hx_router_options opt;
     volatile sig_atomic_t *stop;
-    volatile int quitting;
+    atomic_int quitting;
     hx_plan *plan;
     hx_deploy dep;
     hx_model cfg;
@@ -133,8 +135,11 @@ static void req_finish(router *r, struct hx_gen_handle *q, int failed, const cha
         L->outstanding--;
     if (q->phase == 0 && q->decode >= 0 && r->links[q->decode].pending > 0)
         r->links[q->decode].pending--;
-    if (q->phase == 0 && q->generated == 0)
+    if (q->phase == 0 && q->generated == 0) {
         L->queued_prompt -= q->n_prompt;
+        if (L->queued_prompt < 0)
+            L->queued_prompt = 0;
+    }
     if (failed) {
         q->failed = 1;
         size_t n = strlen(msg);
@@ -173,9 +178,11 @@ static void on_first_token(router *r, int g, uint64_t id, const hx_proto_first_t
     pthread_mutex_lock(&r->mu);
     struct hx_gen_handle *q = req_find(r, id);
     link *P = &r->links[g];
-    P->queued_prompt -= m->num_prompt_tokens;
-    if (P->queued_prompt < 0)
-        P->queued_prompt = 0;
+    if (q && !q->done && !q->failed && q->phase == 0 && q->generated == 0) {
+        P->queued_prompt -= q->n_prompt;
+        if (P->queued_prompt < 0)
+            P->queued_prompt = 0;
+    }
     if (m->prefill_ns > 0) {
         double rate = m->num_prompt_tokens / (m->prefill_ns / 1e9);
         P->prefill_tok_s = P->n_measured ? 0.8 * P->prefill_tok_s + 0.2 * rate : rate;
@@ -216,11 +223,15 @@ static void on_first_token(router *r, int g, uint64_t id, const hx_proto_first_t
     int d = q->decode;
     pthread_mutex_unlock(&r->mu);
     hx_err err = {0};
-    if (link_send_op(r, d, id, &op, &err) != HX_OK) {
-        pthread_mutex_lock(&r->mu);
-        if ((q = req_find(r, id)) != NULL)
-            req_finish(r, q, 1, err.msg);
-        pthread_mutex_unlock(&r->mu);
+    hx_status st = link_send_op(r, d, id, &op, &err);
+    pthread_mutex_lock(&r->mu);
+    q = req_find(r, id);
+    if (st != HX_OK && q)
+        req_finish(r, q, 1, err.msg);
+    pthread_mutex_unlock(&r->mu);
+    if (st == HX_OK && !q) { /* released meanwhile: its REMOVE may have gone first */
+        hx_proto_group_op rm = {.op = HX_PROTO_OP_REMOVE, .src_group = -1, .dst_group = -1};
+        link_send_op(r, d, id, &rm, &err);
     }
 }
 
@@ -334,10 +345,12 @@ static hx_status link_connect(router *r, int g, hx_proto_conn **out, hx_err *err
     hx_proto_frame f;
     hx_proto_hello back;
     st = hx_proto_send_hello(c, &h, hx_proto_deadline_in(5.0), err);
-    /* the leader answers when its group is connected: wait, but notice a stop */
+    /* the leader answers when its group is connected: wait (bounded), but notice a stop */
+    int64_t hello_deadline = hx_proto_deadline_in(HELLO_TIMEOUT_S);
     while (st == HX_OK) {
         st = hx_proto_recv(c, &f, hx_proto_deadline_in(0.5), err);
-        if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0 && !r->quitting)
+        if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0 && !r->quitting &&
+            hx_proto_now_ns() < hello_deadline)
             st = HX_OK;
         else
             break;
@@ -382,7 +395,7 @@ static void *link_main(void *arg)
         pthread_mutex_unlock(&r->mu);
         hx_metrics_gauge_set(L->m_up, 1);
         HX_INFO("router: group '%s' connected", gid);
-        int64_t next_health = hx_proto_now_ns();
+        int64_t next_health = hx_proto_now_ns(), last_rx = hx_proto_now_ns();
         uint64_t health_id = 0;
         for (;;) {
             if (r->quitting) {
@@ -390,20 +403,29 @@ static void *link_main(void *arg)
                 break;
             }
             if (hx_proto_now_ns() >= next_health) {
-                pthread_mutex_lock(&L->send);
-                hx_status hs = hx_proto_send_health(c, ++health_id, hx_proto_deadline_in(5.0),
-                                                    &err);
-                pthread_mutex_unlock(&L->send);
-                if (hs != HX_OK)
-                    break;
+                /* never wait behind a request's send: this thread must keep reading */
+                if (pthread_mutex_trylock(&L->send) == 0) {
+                    hx_status hs = hx_proto_send_health(c, ++health_id,
+                                                        hx_proto_deadline_in(5.0), &err);
+                    pthread_mutex_unlock(&L->send);
+                    if (hs != HX_OK)
+                        break;
+                }
                 next_health = hx_proto_now_ns() + 2000000000LL;
             }
             hx_proto_frame f;
             hx_status st = hx_proto_recv(c, &f, hx_proto_deadline_in(0.5), &err);
-            if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0)
+            if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0) {
+                if ((hx_proto_now_ns() - last_rx) / 1e9 > LEADER_SILENCE_S) {
+                    hx_err_set(&err, HX_ETIMEDOUT, "no answer from the group's leader for %.0f s",
+                               LEADER_SILENCE_S);
+                    break;
+                }
                 continue;
+            }
             if (st != HX_OK)
                 break;
+            last_rx = hx_proto_now_ns();
             switch (f.type) {
             case HX_PROTO_FIRST_TOKEN: {
                 hx_proto_first_token m;
@@ -524,7 +546,7 @@ static hx_status be_submit(void *ctx, const hx_gen_request *req, hx_gen_handle *
             return hx_err_set(err, HX_EINVAL, "prompt token %d (at %d) is outside the vocabulary "
                               "of %d", req->prompt[i], i, r->cfg.vocab_size);
         }
-    if (req->n_prompt >= P) {
+    if (req->n_prompt > P) {
         *http_status = 400;
         return hx_err_set(err, HX_EINVAL,
                           "the prompt has %d tokens; the model takes at most %d positions",
@@ -646,6 +668,7 @@ static void be_release(void *ctx, hx_gen_handle *q)
     pthread_mutex_lock(&r->mu);
     int running = !q->done && !q->failed;
     int g = q->phase == 0 ? q->prefill : q->decode;
+    int also = q->phase == 0 ? q->decode : -1; /* KV may be on its way there already */
     if (running)
         req_finish(r, q, 2, "cancelled");
     req_unlink(r, q);
@@ -654,6 +677,8 @@ static void be_release(void *ctx, hx_gen_handle *q)
         hx_proto_group_op op = {.op = HX_PROTO_OP_REMOVE, .src_group = -1, .dst_group = -1};
         hx_err err = {0};
         link_send_op(r, g, q->id, &op, &err);
+        if (also >= 0)
+            link_send_op(r, also, q->id, &op, &err);
     }
     pthread_cond_destroy(&q->cv);
     free(q->toks);
@@ -774,6 +799,18 @@ hx_status hx_router_run(const hx_router_options *opt, volatile sig_atomic_t *sto
     if ((st = hx_tokenizer_load(tpath, &r->tok, err)) != HX_OK)
         goto out;
     r->eos = hx_tokenizer_eos(r->tok);
+    /* request ids start at random, so a restarted router never reuses ids that workers
+     * may still hold for its predecessor */
+    {
+        hx_proto_secret rnd;
+        if (hx_proto_secret_generate(&rnd, err) != HX_OK) {
+            st = err->code;
+            goto out;
+        }
+        memcpy(&r->next_id, rnd.bytes, sizeof r->next_id);
+        r->next_id &= 0x7fffffffffffffffULL; /* room to count up */
+        hx_proto_secret_release(&rnd);
+    }
     r->ttft_slo_s = opt->ttft_slo_s != 0 ? opt->ttft_slo_s
                                           : (r->plan->slo_ttft_s > 0 ? r->plan->slo_ttft_s : 0);
     r->links = calloc((size_t)(r->plan->ngroups ? r->plan->ngroups : 1), sizeof *r->links);

@@ -2,6 +2,7 @@
 #include "runtime/worker.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -23,6 +24,8 @@
 #define KV_WAIT_S 30.0       /* a decode rank waits this long for a request's segments */
 #define KV_EXPIRE_S 120.0    /* segments nobody asked for are dropped after this */
 #define MAX_AUX_CONNS 256
+#define ROUTER_SILENCE_S 10.0 /* no frame from the router for this long: it is gone */
+#define KV_CHECK_S 10.0      /* a decode rank waits this long for its segments when asked */
 
 /* A KV segment received for a request, waiting for its ADD_PREFILLED. */
 typedef struct kv_in {
@@ -40,6 +43,7 @@ typedef struct op_item {
     hx_proto_group_op op;
     int32_t *tokens; /* owned copy of op.token_ids */
     int64_t t_ns;
+    int kv_want;     /* ADD_PREFILLED: segments the leader gets; -1 until counted */
 } op_item;
 
 /* What every rank remembers of a request in its engine. */
@@ -70,7 +74,9 @@ typedef struct worker {
     hx_proto_listener *lis;
     pthread_t accept_thread;
     int accept_started;
-    volatile int quitting;
+    atomic_int quitting;
+    atomic_int router_lost; /* the router went away: the leader cancels what it held */
+    atomic_int ready;       /* the engine is loaded (eng, cfg set) */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -328,6 +334,14 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m)
             pp = &(*pp)->next;
         }
     }
+    for (kv_in *e = w->kv; e; e = e->next)
+        if (e->id == id && e->seg.layer_first == k->seg.layer_first &&
+            e->seg.head_first == k->seg.head_first) { /* sent twice: keep the first */
+            pthread_mutex_unlock(&w->mu);
+            free(k->data);
+            free(k);
+            return;
+        }
     k->next = w->kv;
     w->kv = k;
     w->kv_received += m->data_bytes;
@@ -341,6 +355,23 @@ static int kv_count(worker *w, uint64_t id)
     for (kv_in *k = w->kv; k; k = k->next)
         n += k->id == id;
     return n;
+}
+
+/* Waits (w->mu held) until `want` segments of id are here, up to seconds; how many are. */
+static int kv_wait(worker *w, uint64_t id, int want, double seconds)
+{
+    int64_t deadline = hx_proto_deadline_in(seconds);
+    while (kv_count(w, id) < want && hx_proto_now_ns() < deadline && !*w->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+    }
+    return kv_count(w, id);
 }
 
 static void kv_forget(worker *w, uint64_t id)
@@ -461,9 +492,17 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
             st = kv_conn(w, wi, &c, err);
         if (st != HX_OK)
             break;
+        /* pieces come ordered by destination: number this one among its destination's */
+        int first = i, count = 0;
+        while (first > 0 && p[first - 1].dst_stage == p[i].dst_stage &&
+               p[first - 1].dst_rank == p[i].dst_rank)
+            first--;
+        for (int j = first; j < n && p[j].dst_stage == p[i].dst_stage &&
+                            p[j].dst_rank == p[i].dst_rank; j++)
+            count++;
         hx_proto_kv_segment m = {(uint16_t)w->me->stage, (uint16_t)w->me->rank,
                                  (uint16_t)p[i].dst_stage, (uint16_t)p[i].dst_rank,
-                                 0, 1,
+                                 (uint32_t)(i - first), (uint32_t)count,
                                  (uint32_t)p[i].layer_first, (uint32_t)p[i].num_layers,
                                  (uint32_t)p[i].head_first, (uint32_t)p[i].num_heads,
                                  0, (uint32_t)tokens, (uint32_t)w->cfg->head_dim,
@@ -489,9 +528,10 @@ static hx_status apply_op(worker *w, uint64_t id, const hx_proto_group_op *op, h
 {
     switch (op->op) {
     case HX_PROTO_OP_ADD: {
+        /* a prefill group makes the first token only; the rest is the decode group's */
         hx_batch_request r = {id, (const int *)op->token_ids, (int)op->num_tokens,
-                              (int)op->max_tokens, op->eos_id, op->temperature, op->top_p,
-                              op->seed, op->hold_kv ? 1 : 0};
+                              op->hold_kv ? 1 : (int)op->max_tokens, op->eos_id,
+                              op->temperature, op->top_p, op->seed, op->hold_kv ? 1 : 0};
         hx_status st = hx_backend_add(w->eng, &r, err);
         if (st != HX_OK)
             return st;
@@ -504,40 +544,45 @@ static hx_status apply_op(worker *w, uint64_t id, const hx_proto_group_op *op, h
         hx_status st = kv_expected(w, op->src_group, &want, err);
         if (st != HX_OK)
             return st;
-        int64_t deadline = hx_proto_deadline_in(KV_WAIT_S);
+        /* the leader checked that every rank has them (CHECK_KV): take them off the shared
+         * list, so that nothing frees them while the engine reads them */
         pthread_mutex_lock(&w->mu);
-        while (kv_count(w, id) < want && hx_proto_now_ns() < deadline && !*w->stop) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 100 * 1000 * 1000;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
+        int have = kv_wait(w, id, want, KV_CHECK_S);
+        kv_in *mine = NULL;
+        for (kv_in **pp = &w->kv; *pp;) {
+            if ((*pp)->id == id) {
+                kv_in *e = *pp;
+                *pp = e->next;
+                e->next = mine;
+                mine = e;
+            } else {
+                pp = &(*pp)->next;
             }
-            pthread_cond_timedwait(&w->cv, &w->mu, &ts);
         }
-        int have = kv_count(w, id);
+        pthread_mutex_unlock(&w->mu);
         hx_kv_segment *segs = malloc((size_t)(have ? have : 1) * sizeof *segs);
         int k = 0;
-        for (kv_in *e = w->kv; segs && e; e = e->next)
-            if (e->id == id)
-                segs[k++] = e->seg;
-        pthread_mutex_unlock(&w->mu);
+        for (kv_in *e = mine; segs && e; e = e->next)
+            segs[k++] = e->seg;
         if (!segs)
-            return hx_err_set(err, HX_ENOMEM, "out of memory");
-        if (have < want) {
-            free(segs);
-            return hx_err_set(err, HX_ETIMEDOUT,
-                              "request %llu: %d of %d KV segments arrived from group '%s' in "
-                              "%.0f s",
-                              (unsigned long long)id, have, want,
-                              w->plan->groups[op->src_group].id, KV_WAIT_S);
+            st = hx_err_set(err, HX_ENOMEM, "out of memory");
+        else if (have < want)
+            st = hx_err_set(err, HX_ETIMEDOUT,
+                            "request %llu: %d of %d KV segments arrived from group '%s'",
+                            (unsigned long long)id, have, want,
+                            w->plan->groups[op->src_group].id);
+        else {
+            hx_batch_request r = {id, NULL, (int)op->n_prompt, (int)op->max_tokens, op->eos_id,
+                                  op->temperature, op->top_p, op->seed, 0};
+            st = hx_backend_add_prefilled(w->eng, &r, op->first_token, segs, k, err);
         }
-        hx_batch_request r = {id, NULL, (int)op->n_prompt, (int)op->max_tokens, op->eos_id,
-                              op->temperature, op->top_p, op->seed, 0};
-        st = hx_backend_add_prefilled(w->eng, &r, op->first_token, segs, k, err);
         free(segs);
-        kv_forget(w, id);
+        while (mine) {
+            kv_in *n = mine->next;
+            free(mine->data);
+            free(mine);
+            mine = n;
+        }
         if (st != HX_OK)
             return st;
         req_info ri = {id, -1, (int)op->max_tokens, op->eos_id, 1, hx_proto_now_ns()};
@@ -638,45 +683,90 @@ static int op_ready(worker *w, op_item *o, hx_err *err)
 {
     const hx_proto_group_op *op = &o->op;
     int n_prompt = op->op == HX_PROTO_OP_ADD ? (int)op->num_tokens : (int)op->n_prompt;
+    int max_new = op->hold_kv ? 1 : (int)op->max_tokens; /* as apply_op adds it */
     if (op->op == HX_PROTO_OP_ADD_PREFILLED) {
-        int want = 0;
-        if (kv_expected(w, op->src_group, &want, err) != HX_OK)
+        if (o->kv_want < 0 && kv_expected(w, op->src_group, &o->kv_want, err) != HX_OK)
             return -1;
         pthread_mutex_lock(&w->mu);
         int have = kv_count(w, o->id);
         pthread_mutex_unlock(&w->mu);
-        if (have < want) {
+        if (have < o->kv_want) {
             if ((hx_proto_now_ns() - o->t_ns) / 1e9 > KV_WAIT_S) {
                 hx_err_set(err, HX_ETIMEDOUT,
-                           "request %llu: %d of %d KV segments arrived in %.0f s",
-                           (unsigned long long)o->id, have, want, KV_WAIT_S);
+                           "request %llu: %d of %d KV segments reached group '%s' in %.0f s",
+                           (unsigned long long)o->id, have, o->kv_want, w->grp->id, KV_WAIT_S);
                 return -1;
             }
             return 0;
         }
     }
-    int64_t need = (int64_t)n_prompt + op->max_tokens - 1;
+    int64_t need = (int64_t)n_prompt + max_new - 1;
     if (need > w->max_seq_tokens || need > hx_backend_max_tokens(w->eng)) {
         hx_err_set(err, HX_ERANGE,
                    "request %llu needs %lld positions of KV cache; group '%s' holds at most %d "
                    "per request and %d in all",
-                   (unsigned long long)o->id, (long long)n_prompt + op->max_tokens - 1,
-                   w->grp->id, w->max_seq_tokens, hx_backend_max_tokens(w->eng));
+                   (unsigned long long)o->id, (long long)need, w->grp->id, w->max_seq_tokens,
+                   hx_backend_max_tokens(w->eng));
         return -1;
     }
-    return hx_backend_can_admit(w->eng, n_prompt, (int)op->max_tokens) ? 1 : 0;
+    return hx_backend_can_admit(w->eng, n_prompt, max_new) ? 1 : 0;
+}
+
+/* Removes request id on every rank (a no-op where it is unknown) and drops its KV segments. */
+static hx_status remove_everywhere(worker *w, uint64_t id, hx_err *err)
+{
+    hx_proto_group_op rm = {.op = HX_PROTO_OP_REMOVE, .src_group = -1, .dst_group = -1};
+    hx_status st = broadcast(w, id, &rm, err);
+    if (st == HX_OK)
+        st = apply_op(w, id, &rm, err);
+    return st;
+}
+
+/*
+ * ADD_PREFILLED in a group of several ranks: asks each rank whether the
+ * request's segments reached it. 1: all have them; 0: one has not (err
+ * says which); < 0: a group connection failed (the status).
+ */
+static int check_kv(worker *w, op_item *o, hx_err *err)
+{
+    hx_proto_group_op q = o->op;
+    q.op = HX_PROTO_OP_CHECK_KV;
+    q.num_tokens = 0;
+    q.token_ids = NULL;
+    hx_status st = broadcast(w, o->id, &q, err);
+    if (st != HX_OK)
+        return st;
+    int all = 1;
+    for (int j = 1; j < w->gsize; j++) {
+        int flag = 0;
+        st = hx_proto_recv_step_tokens(w->peers[j], &flag, 1,
+                                       hx_proto_deadline_in(KV_CHECK_S + w->opt.peer_timeout_s),
+                                       err);
+        if (st != HX_OK)
+            return st;
+        if (!flag && all) {
+            const hx_deploy_worker *d = &w->dep.workers[w->gfirst + j];
+            hx_err_set(err, HX_ECONN,
+                       "request %llu: its KV segments from group '%s' did not reach %s "
+                       "(stage %d rank %d of group '%s')",
+                       (unsigned long long)o->id, w->plan->groups[o->op.src_group].id,
+                       d->device, d->stage, d->rank, w->grp->id);
+            all = 0;
+        }
+    }
+    return all;
 }
 
 static hx_status leader_loop(worker *w, hx_err *err)
 {
     op_item *wait_tail = NULL;
     while (!*w->stop) {
-        /* take what the router sent */
+        /* take what the router sent; sleep while there is nothing to step */
         pthread_mutex_lock(&w->mu);
-        if (!w->q_head && !w->wait_head && hx_backend_seq_count(w->eng) == 0) {
+        if (!w->q_head && !w->router_lost && hx_backend_seq_count(w->eng) == 0) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 200 * 1000 * 1000;
+            ts.tv_nsec += (w->wait_head ? 20 : 200) * 1000 * 1000;
             if (ts.tv_nsec >= 1000000000L) {
                 ts.tv_sec++;
                 ts.tv_nsec -= 1000000000L;
@@ -685,14 +775,33 @@ static hx_status leader_loop(worker *w, hx_err *err)
         }
         op_item *got = w->q_head;
         w->q_head = w->q_tail = NULL;
+        int lost = w->router_lost;
+        w->router_lost = 0;
         pthread_mutex_unlock(&w->mu);
+
+        if (lost) { /* nobody waits for these any more */
+            while (w->n_reqs > 0)
+                if (remove_everywhere(w, w->reqs[w->n_reqs - 1].id, err) != HX_OK)
+                    return err->code;
+            while (w->wait_head) {
+                op_item *o = w->wait_head;
+                w->wait_head = o->next;
+                if (remove_everywhere(w, o->id, err) != HX_OK) {
+                    op_free(o);
+                    return err->code;
+                }
+                op_free(o);
+            }
+            wait_tail = NULL;
+        }
 
         while (got) {
             op_item *o = got;
             got = got->next;
             o->next = NULL;
             if (o->op.op == HX_PROTO_OP_REMOVE) {
-                /* cancel: a waiting one just goes; a running one leaves every rank */
+                /* cancel: a waiting one just goes; a running one leaves every rank, and
+                 * every rank forgets KV segments that came for it */
                 for (op_item **pp = &w->wait_head; *pp; pp = &(*pp)->next)
                     if ((*pp)->id == o->id) {
                         op_item *dead = *pp;
@@ -703,17 +812,10 @@ static hx_status leader_loop(worker *w, hx_err *err)
                 wait_tail = NULL;
                 for (op_item *t = w->wait_head; t; t = t->next)
                     wait_tail = t;
-                if (req_find(w, o->id)) {
-                    hx_status st = broadcast(w, o->id, &o->op, err);
-                    if (st == HX_OK)
-                        st = apply_op(w, o->id, &o->op, err);
-                    if (st != HX_OK) {
-                        op_free(o);
-                        return st;
-                    }
-                }
-                kv_forget(w, o->id);
+                hx_status st = remove_everywhere(w, o->id, err);
                 op_free(o);
+                if (st != HX_OK)
+                    return st;
                 continue;
             }
             if (wait_tail)
@@ -733,10 +835,21 @@ static hx_status leader_loop(worker *w, hx_err *err)
             w->wait_head = o->next;
             if (!w->wait_head)
                 wait_tail = NULL;
+            if (ready > 0 && o->op.op == HX_PROTO_OP_ADD_PREFILLED && w->gsize > 1) {
+                int all = check_kv(w, o, &e);
+                if (all < 0) {
+                    *err = e;
+                    op_free(o);
+                    return (hx_status)all;
+                }
+                ready = all ? 1 : -1;
+            }
             if (ready < 0) {
                 router_send_error(w, o->id, e.code ? e.code : HX_EINVAL, e.msg);
-                kv_forget(w, o->id);
+                hx_status st = remove_everywhere(w, o->id, err);
                 op_free(o);
+                if (st != HX_OK)
+                    return st;
                 continue;
             }
             hx_status st = broadcast(w, o->id, &o->op, err);
@@ -746,12 +859,12 @@ static hx_status leader_loop(worker *w, hx_err *err)
             }
             st = apply_op(w, o->id, &o->op, &e);
             if (st != HX_OK) {
-                /* the other ranks got the same op and failed the same way */
+                /* ranks where it went in take it out again, so they all agree */
                 router_send_error(w, o->id, st, e.msg);
-                if (st == HX_ETIMEDOUT || st == HX_ENOMEM) {
+                hx_status rst = remove_everywhere(w, o->id, err);
+                if (rst != HX_OK) {
                     op_free(o);
-                    *err = e;
-                    return st;
+                    return rst;
                 }
             }
             op_free(o);
@@ -800,14 +913,28 @@ static hx_status rank_loop(worker *w, hx_err *err)
                 return st;
             continue;
         }
-        /* the prompt lives in the connection's buffer until the next recv: add copies it */
+        if (op.op == HX_PROTO_OP_CHECK_KV) { /* answer whether this request's KV is here */
+            int want = 0, flag = 0;
+            if (kv_expected(w, op.src_group, &want, err) != HX_OK)
+                return err->code;
+            pthread_mutex_lock(&w->mu);
+            flag = kv_wait(w, id, want, KV_CHECK_S) >= want;
+            pthread_mutex_unlock(&w->mu);
+            if ((st = hx_proto_send_step_tokens(leader, &flag, 1, deadline_peer(w), err)) != HX_OK)
+                return st;
+            continue;
+        }
+        /* the prompt lives in the connection's buffer until the next recv: add copies it.
+         * A failure here the leader has too (the same engine state), or it removes the
+         * request everywhere after its own failure; a missing KV segment after CHECK_KV
+         * said it was here is a broken group. */
         hx_err e = {0};
         st = apply_op(w, id, &op, &e);
         if (st == HX_ETIMEDOUT || st == HX_ENOMEM) {
             *err = e;
             return st;
         }
-        if (st != HX_OK) /* the leader failed it the same way */
+        if (st != HX_OK)
             HX_WARN("worker %s: %s", w->me->device, e.msg);
     }
     return HX_OK;
@@ -843,7 +970,7 @@ static void fill_health(worker *w, hx_proto_health *h)
     h->requests_queued = (uint64_t)q;
     pthread_mutex_unlock(&w->mu);
     /* read without the engine's lock: a gauge, racy by a step at most */
-    if (w->eng) {
+    if (w->ready) {
         int bt = w->opt.block_tokens > 0 ? w->opt.block_tokens : 16;
         h->kv_blocks_total = (uint64_t)(hx_backend_max_tokens(w->eng) / bt);
         h->requests_active = (uint64_t)w->n_reqs;
@@ -882,6 +1009,7 @@ static void enqueue(worker *w, uint64_t id, const hx_proto_group_op *op)
     o->op.token_ids = t;
     o->tokens = t;
     o->t_ns = hx_proto_now_ns();
+    o->kv_want = -1;
     if (o->op.op == HX_PROTO_OP_ADD)
         o->op.hold_kv = w->grp->role == HX_ROLE_PREFILL;
     pthread_mutex_lock(&w->mu);
@@ -907,14 +1035,23 @@ static void serve_router(worker *w, hx_proto_conn *c)
     w->router = c;
     pthread_mutex_unlock(&w->router_send);
     HX_INFO("worker %s: router connected", w->me->device);
+    int64_t last_ns = hx_proto_now_ns();
     while (!w->quitting) {
         hx_proto_frame f;
         hx_err err = {0};
         hx_status st = hx_proto_recv(c, &f, hx_proto_deadline_in(1.0), &err);
-        if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0)
+        if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0) {
+            /* the router asks for health every 2 s: silence means it is gone */
+            if ((hx_proto_now_ns() - last_ns) / 1e9 > ROUTER_SILENCE_S) {
+                HX_WARN("worker %s: nothing from the router for %.0f s", w->me->device,
+                        ROUTER_SILENCE_S);
+                break;
+            }
             continue;
+        }
         if (st != HX_OK)
             break;
+        last_ns = hx_proto_now_ns();
         if (f.type == HX_PROTO_GROUP_OP) {
             hx_proto_group_op op;
             if (hx_proto_decode_group_op(&f, &op, &err) != HX_OK) {
@@ -927,9 +1064,11 @@ static void serve_router(worker *w, hx_proto_conn *c)
         } else if (f.type == HX_PROTO_HEALTH) {
             hx_proto_health h;
             fill_health(w, &h);
-            pthread_mutex_lock(&w->router_send);
-            hx_proto_send_health_ok(c, f.req_id, &h, hx_proto_deadline_in(5.0), &err);
-            pthread_mutex_unlock(&w->router_send);
+            /* never wait on the engine's sends here: a reply skipped is a reply late */
+            if (pthread_mutex_trylock(&w->router_send) == 0) {
+                hx_proto_send_health_ok(c, f.req_id, &h, hx_proto_deadline_in(5.0), &err);
+                pthread_mutex_unlock(&w->router_send);
+            }
         }
     }
     pthread_mutex_lock(&w->router_send);
@@ -937,10 +1076,12 @@ static void serve_router(worker *w, hx_proto_conn *c)
     pthread_mutex_unlock(&w->router_send);
     HX_WARN("worker %s: the router went away; cancelling its requests",
                 w->me->device);
-    /* cancel everything the router had here */
+    /* cancel everything the router had here: queued ops now, the rest in the engine thread */
     pthread_mutex_lock(&w->mu);
     for (op_item *o = w->q_head; o; o = o->next)
         o->op.op = HX_PROTO_OP_REMOVE;
+    w->router_lost = 1;
+    pthread_cond_broadcast(&w->cv);
     pthread_mutex_unlock(&w->mu);
 }
 
@@ -984,11 +1125,21 @@ static void *conn_main(void *arg)
     if (h.role == HX_PROTO_ROLE_ROUTER) {
         if (!w->is_leader)
             goto out;
-        /* answer once the group is connected */
+        /* answer once the engine is loaded and the group connected */
         pthread_mutex_lock(&w->mu);
-        while (w->n_peers < w->gsize - 1 && !w->quitting)
-            pthread_cond_wait(&w->cv, &w->mu);
+        while ((w->n_peers < w->gsize - 1 || !w->ready) && !w->quitting) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 100 * 1000 * 1000;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+        }
         pthread_mutex_unlock(&w->mu);
+        if (w->quitting)
+            goto out;
         hx_proto_hello mine;
         hello_of(w, &mine);
         if (hx_proto_send_hello(c, &mine, hx_proto_deadline_in(10.0), &err) != HX_OK)
@@ -1037,7 +1188,12 @@ static void *accept_main(void *arg)
     while (!w->quitting) {
         hx_proto_conn *c = NULL;
         hx_err err = {0};
-        hx_status st = hx_proto_accept(w->lis, w->opt.secret, hx_proto_deadline_in(0.3), &c, &err);
+        struct pollfd pl = {hx_proto_listener_fd(w->lis), POLLIN, 0};
+        if (poll(&pl, 1, 300) <= 0)
+            continue;
+        hx_status st = hx_proto_accept(w->lis, w->opt.secret,
+                                       hx_proto_deadline_in(HX_PROTO_HANDSHAKE_TIMEOUT_S), &c,
+                                       &err);
         if (st == HX_ETIMEDOUT)
             continue;
         if (st != HX_OK) {
@@ -1082,7 +1238,8 @@ static hx_status connect_peers(worker *w, hx_err *err)
         for (;;) {
             st = hx_proto_connect(d->address, d->port, w->opt.secret, "worker",
                                   hx_proto_deadline_in(5.0), &c, err);
-            if (st != HX_ECONN || hx_proto_now_ns() > deadline || *w->stop)
+            if ((st != HX_ECONN && st != HX_ETIMEDOUT) || hx_proto_now_ns() > deadline ||
+                *w->stop)
                 break;
             sleep_ms(100);
         }
@@ -1121,14 +1278,12 @@ static hx_status connect_peers(worker *w, hx_err *err)
         sleep_ms(50);
         pthread_mutex_lock(&w->mu);
     }
-    int ok = w->n_peers == w->gsize - 1;
+    int have = w->n_peers;
     pthread_mutex_unlock(&w->mu);
-    if (!ok)
-        return hx_err_set(err, *w->stop ? HX_ECONN : HX_ETIMEDOUT,
-                          "worker %s: group '%s': %d of %d peers connected in %.0f s",
-                          w->me->device, w->grp->id, w->n_peers, w->gsize - 1,
-                          w->opt.peer_timeout_s);
-    return HX_OK;
+    if (have == w->gsize - 1 || *w->stop) /* a stop while waiting is a clean stop */
+        return HX_OK;
+    return hx_err_set(err, HX_ETIMEDOUT, "worker %s: group '%s': %d of %d peers connected in %.0f s",
+                      w->me->device, w->grp->id, have, w->gsize - 1, w->opt.peer_timeout_s);
 }
 
 /* Threads for this worker's model: the host's cores shared by its workers. */
@@ -1183,6 +1338,11 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     const char *bind = opt->bind_address ? opt->bind_address : w->me->address;
     if ((st = hx_proto_listen(bind, w->me->port, &w->lis, err)) != HX_OK)
         goto out;
+    if (pthread_create(&w->accept_thread, NULL, accept_main, w) != 0) {
+        st = hx_err_set(err, HX_ENOMEM, "cannot start a thread");
+        goto out;
+    }
+    w->accept_started = 1;
 
     const hx_plan_stage *ps = &w->grp->stages[w->me->stage];
     hx_backend_options bo = {opt->backend,
@@ -1212,13 +1372,8 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
                         w->cfg->num_layers);
         goto out;
     }
-
-    if (pthread_create(&w->accept_thread, NULL, accept_main, w) != 0) {
-        st = hx_err_set(err, HX_ENOMEM, "cannot start a thread");
-        goto out;
-    }
-    w->accept_started = 1;
-    if ((st = connect_peers(w, err)) != HX_OK)
+    w->ready = 1;
+    if ((st = connect_peers(w, err)) != HX_OK || *w->stop)
         goto out;
     HX_INFO("worker %s: group '%s' (%s) stage %d rank %d of %d: layers %d-%d on %s, "
                 "listening on %s:%d, ready",
