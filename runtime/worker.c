@@ -116,6 +116,17 @@ static void sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
+/* Waits on w->cv (w->mu held) for at most ms milliseconds. */
+static void wait_ms(worker *w, int ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += (long)ms * 1000000L;
+    ts.tv_sec += ts.tv_nsec / 1000000000L;
+    ts.tv_nsec %= 1000000000L;
+    pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+}
+
 static int64_t deadline_peer(const worker *w)
 {
     return hx_proto_deadline_in(w->opt.peer_timeout_s);
@@ -362,14 +373,7 @@ static int kv_wait(worker *w, uint64_t id, int want, double seconds)
 {
     int64_t deadline = hx_proto_deadline_in(seconds);
     while (kv_count(w, id) < want && hx_proto_now_ns() < deadline && !*w->stop) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 100 * 1000 * 1000;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+        wait_ms(w, 100);
     }
     return kv_count(w, id);
 }
@@ -763,16 +767,8 @@ static hx_status leader_loop(worker *w, hx_err *err)
     while (!*w->stop) {
         /* take what the router sent; sleep while there is nothing to step */
         pthread_mutex_lock(&w->mu);
-        if (!w->q_head && !w->router_lost && hx_backend_seq_count(w->eng) == 0) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += (w->wait_head ? 20 : 200) * 1000 * 1000;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
-            pthread_cond_timedwait(&w->cv, &w->mu, &ts);
-        }
+        if (!w->q_head && !w->router_lost && hx_backend_seq_count(w->eng) == 0)
+            wait_ms(w, w->wait_head ? 20 : 200);
         op_item *got = w->q_head;
         w->q_head = w->q_tail = NULL;
         int lost = w->router_lost;
@@ -1128,14 +1124,7 @@ static void *conn_main(void *arg)
         /* answer once the engine is loaded and the group connected */
         pthread_mutex_lock(&w->mu);
         while ((w->n_peers < w->gsize - 1 || !w->ready) && !w->quitting) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 100 * 1000 * 1000;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
-            pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+            wait_ms(w, 100);
         }
         pthread_mutex_unlock(&w->mu);
         if (w->quitting)
