@@ -36,7 +36,7 @@ expect "version" 0 "hexflow 0." -- "$HX" --version
 expect "version lists backends" 0 "backends: cpu" -- "$HX" --version
 expect "unknown command" 2 "'frobnicate' is not a hexflow command" -- "$HX" frobnicate
 expect "unknown global option" 2 "unknown option '--nope'" -- "$HX" --nope
-for c in inventory discover model plan simulate whatif generate; do
+for c in inventory discover model plan simulate whatif generate launch status stop logs worker router; do
     expect "$c --help" 0 "usage: hexflow $c" -- "$HX" "$c" --help
 done
 
@@ -281,6 +281,31 @@ else
 fi
 expect "generate missing model" 2 "" -- "$HX" generate --model "$TMP/none" --prompt hi
 expect "plan a tiny model on localhost" 0 "throughput" -- "$HX" plan --inventory "$SRC/inventories/localhost.yaml" --model "$TMP/tiny" --slo-ttft 10 --slo-tpot 1
+
+# --- serving: bad input to the process commands (running them is tests/integration) ---
+export HEXFLOW_STATE_DIR="$TMP/state"
+cat >"$TMP/p.json" <<JSON
+{"schema": "hexflow.plan/1", "hosts": [{"name": "local", "address": "local"}],
+ "router": {"host": "local", "port": 18500},
+ "groups": [{"id": "b0", "role": "both", "stages": [{"num_layers": 2, "devices": ["local:0"]}]}]}
+JSON
+expect "launch needs --plan and --model" 2 "--plan and --model are required" -- "$HX" launch --plan "$TMP/p.json"
+expect "launch missing plan" 2 "cannot open plan '$TMP/none.json'" -- "$HX" launch --plan "$TMP/none.json" --model "$TMP/tiny"
+expect "launch missing model" 2 "cannot open model directory '$TMP/none'" -- "$HX" launch --plan "$TMP/p.json" --model "$TMP/none"
+expect "launch refuses shell in --worker-args" 2 "only plain options" -- "$HX" launch --plan "$TMP/p.json" --model "$TMP/tiny" --worker-args '--threads 1; true'
+expect "launch --dry-run prints the commands" 0 "worker --plan" -- "$HX" launch --plan "$TMP/p.json" --model "$TMP/tiny" --dry-run
+expect "status of a plan not launched" 2 "is not launched" -- "$HX" status --plan "$TMP/p.json"
+expect "stop of a plan not launched does nothing" 0 "stopped 0 processes" -- "$HX" stop --plan "$TMP/p.json"
+expect "logs of a plan not launched" 2 "is not launched" -- "$HX" logs --plan "$TMP/p.json"
+expect "worker needs its options" 2 "--plan, --model, --device and --secret-file are required" -- "$HX" worker --plan "$TMP/p.json"
+expect "worker unknown backend" 2 "unknown backend 'gpu'" -- "$HX" worker --backend gpu
+expect "router needs its options" 2 "--plan, --model and --secret-file are required" -- "$HX" router --plan "$TMP/p.json"
+printf 'short' >"$TMP/weak.secret"
+chmod 600 "$TMP/weak.secret"
+expect "worker refuses a short secret" 2 "at least 16" -- "$HX" worker --plan "$TMP/p.json" --model "$TMP/tiny" --device local:0 --secret-file "$TMP/weak.secret"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/ok.secret"
+chmod 600 "$TMP/ok.secret"
+expect "worker for a device not in the plan" 2 "device 'local:7' is in no group" -- "$HX" worker --plan "$TMP/p.json" --model "$TMP/tiny" --device local:7 --secret-file "$TMP/ok.secret"
 
 echo "cli: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
