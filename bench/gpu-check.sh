@@ -7,10 +7,13 @@
 #   env.txt           GPU, tools and libraries found
 #   test_cuda.txt     the unit tests' output (and sanitizer reruns of failures)
 #   gpu_bench.txt     benchmark table;  gpu_bench.json  the same as JSON
+#   serve.txt         tests/integration/test_serve.py with the GPU case (bundle
+#                     or CMake builds, where python3 is there)
 #   summary.txt       build mode, exit codes, seconds
 #
-# Build: the project's own CMake build when it configures (every -dev
-# package present). A bare GPU machine may lack the project's libraries; then
+# Build: none when bench/gpu-bundle.sh built the binaries beforehand and
+# build-gpu/bundle was carried (the fastest: run it here first); else the
+# project's own CMake build when it configures (every -dev package present). A bare GPU machine may lack the project's libraries; then
 # it builds directly with gcc and nvcc only what the GPU checks need (the
 # CUDA kernels and engine, runtime's model, safetensors, tiny-model, llama
 # and kvcache code, and common's JSON helpers), which needs jansson and
@@ -50,13 +53,28 @@ section environment
 
 mode=none
 BIN=
-if [ "${HX_GPU_CHECK_DIRECT:-0}" != 1 ] && command -v cmake >/dev/null; then
+BUNDLE=$SRC/build-gpu/bundle
+if [ -x "$BUNDLE/bin/hexflow" ] && [ "${HX_GPU_CHECK_DIRECT:-0}" != 1 ]; then
+    # binaries built beforehand by bench/gpu-bundle.sh (carried): nothing to build here
+    section "prebuilt bundle (bench/gpu-bundle.sh)"
+    LIBS=/tmp/hx-gpu-libs
+    mkdir -p "$LIBS"
+    tar -xJf "$BUNDLE/libs.tar.xz" -C "$LIBS"
+    export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    if "$BUNDLE/bin/hexflow" --version | tee /dev/stderr | grep -q cuda; then
+        mode=bundle
+        BIN=$BUNDLE/bin
+    else
+        echo "the bundled hexflow does not run here or has no cuda backend: building instead"
+    fi
+fi
+if [ "$mode" = none ] && [ "${HX_GPU_CHECK_DIRECT:-0}" != 1 ] && command -v cmake >/dev/null; then
     section "configure: the project's CMake build"
     if cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DHX_WITH_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES=90 >"$OUT/cmake.txt" 2>&1 &&
         grep -q "CUDA backend: ON" "$OUT/cmake.txt"; then
-        section "build (make -j$JOBS test_cuda gpu_bench)"
-        if make -C "$BUILD" -j"$JOBS" test_cuda gpu_bench 2>&1 | tail -25; then
+        section "build (make -j$JOBS test_cuda gpu_bench hexflow)"
+        if make -C "$BUILD" -j"$JOBS" test_cuda gpu_bench hexflow 2>&1 | tail -25; then
             mode=cmake
             BIN=$BUILD
         fi
@@ -169,9 +187,20 @@ if [ -n "$BIN" ] && [ -x "$BIN/gpu_bench" ]; then
     rc_bench=${PIPESTATUS[0]}
 fi
 
+rc_serve=-1
+if [ -n "$BIN" ] && [ -x "$BIN/hexflow" ] && command -v python3 >/dev/null; then
+    # the whole deployment: CPU layouts, and a GPU prefill group feeding a GPU decode
+    # group in two processes on this GPU, each compared with `hexflow generate`
+    section "serving: tests/integration/test_serve.py (GPU prefill -> GPU decode)"
+    timeout 300 python3 "$SRC/tests/integration/test_serve.py" "$BIN/hexflow" 2>&1 |
+        tee "$OUT/serve.txt"
+    rc_serve=${PIPESTATUS[0]}
+fi
+
 section summary
 {
     echo "build: $mode"
+    echo "test_serve exit: $rc_serve (-1: not run)"
     echo "test_cuda exit: $rc_test (-1: not run)"
     echo "gpu_bench exit: $rc_bench (-1: not run)"
     echo "seconds: $(( $(date +%s) - START ))"

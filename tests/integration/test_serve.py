@@ -65,8 +65,9 @@ def stage(first, n, devices):
 
 
 def launch(plan):
-    r = hx("launch", "--plan", plan, "--model", MODEL, "--worker-args", "--threads 1",
-           "--timeout", "120")
+    # the CPU backend explicitly: on a machine with a GPU, auto would take it
+    r = hx("launch", "--plan", plan, "--model", MODEL, "--worker-args",
+           "--threads 1 --backend cpu", "--timeout", "120")
     if r.returncode != 0:
         print(r.stderr)
         return None
