@@ -18,6 +18,7 @@
 #include "cli/cli.h"
 #include "common/file.h"
 #include "common/json.h"
+#include "runtime/backend.h"
 #include "runtime/llama.h"
 #include "runtime/tokenizer.h"
 
@@ -31,6 +32,7 @@ static void usage(FILE *fp)
             "usage: hexflow generate --model DIR (--prompt TEXT | --prompt-ids IDS)\n"
             "                        [--max-tokens N] [--temperature T] [--top-p P]\n"
             "                        [--seed S] [--threads N] [--stats] [--json]\n"
+            "                        [--backend cpu|cuda]\n"
             "\n"
             "Runs a Llama-family model on this machine's CPU (one process, fp32) and\n"
             "prints the text it generates after the prompt. DIR is a Hugging Face model\n"
@@ -50,6 +52,8 @@ static void usage(FILE *fp)
             "  --seed S           seed of the sampler (default 1)\n"
             "  --threads N        CPU threads (default $HEXFLOW_THREADS, else all CPUs)\n"
             "  --stats            print token counts and tokens/s to stderr\n"
+            "  --backend NAME     cpu (fp32, the reference; default) or cuda (bf16 on GPU 0,\n"
+            "                     the engine `hexflow worker --backend cuda` runs)\n"
             "  --json             print {\"tokens\": [...], \"text\": \"...\",\n"
             "                     \"finish_reason\": \"stop\"|\"length\"} (generated part only;\n"
             "                     invalid UTF-8 in the text becomes U+FFFD)\n"
@@ -156,11 +160,13 @@ typedef struct gen_args {
     unsigned long long seed;
     int threads;
     int json, stats;
+    hx_backend_kind backend; /* cpu (default) or cuda */
 } gen_args;
 
 static int parse_args(int argc, char **argv, gen_args *a)
 {
-    enum { O_MODEL = 1, O_PROMPT, O_IDS, O_MAX, O_TEMP, O_TOPP, O_SEED, O_THREADS, O_STATS };
+    enum { O_MODEL = 1, O_PROMPT, O_IDS, O_MAX, O_TEMP, O_TOPP, O_SEED, O_THREADS, O_STATS,
+           O_BACKEND };
     static const struct option opts[] = {
         {"model", required_argument, NULL, O_MODEL},
         {"prompt", required_argument, NULL, O_PROMPT},
@@ -171,11 +177,13 @@ static int parse_args(int argc, char **argv, gen_args *a)
         {"seed", required_argument, NULL, O_SEED},
         {"threads", required_argument, NULL, O_THREADS},
         {"stats", no_argument, NULL, O_STATS},
+        {"backend", required_argument, NULL, O_BACKEND},
         {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    *a = (gen_args){.max_tokens = DEFAULT_MAX_TOKENS, .temperature = 0, .top_p = 1, .seed = 1};
+    *a = (gen_args){.max_tokens = DEFAULT_MAX_TOKENS, .temperature = 0, .top_p = 1, .seed = 1,
+                    .backend = HX_BACKEND_CPU};
     double v;
     opterr = 0;
     optind = 0; /* restart scanning (glibc: full reinitialisation) */
@@ -220,6 +228,12 @@ static int parse_args(int argc, char **argv, gen_args *a)
             a->threads = (int)v;
             break;
         case O_STATS: a->stats = 1; break;
+        case O_BACKEND: {
+            hx_err e = {0};
+            if (hx_backend_parse(optarg, &a->backend, &e) != HX_OK || a->backend == HX_BACKEND_AUTO)
+                return hx_cli_usage_error(CMD, "--backend: '%s' is not cpu or cuda", optarg);
+            break;
+        }
         case 'j': a->json = 1; break;
         case 'h': usage(stdout); return -1;
         case ':':
@@ -273,6 +287,110 @@ out:
     return rc;
 }
 
+/*
+ * Shows generated token t (the n-th): its bytes streamed to people, or kept in
+ * *text for --json; ids when there is no tokenizer. 0, or 1 when out of memory.
+ */
+static int emit(const gen_args *a, const hx_tokenizer *tok, int t, int n, char **text,
+                size_t *text_len, size_t *text_cap)
+{
+    if (!tok) {
+        if (!a->json) {
+            printf("%s%d", n > 1 ? " " : "", t);
+            fflush(stdout);
+        }
+        return 0;
+    }
+    const char *bytes;
+    size_t len;
+    if (hx_tokenizer_token_bytes(tok, t, &bytes, &len) != HX_OK)
+        return 0;
+    if (!a->json) {
+        fwrite(bytes, 1, len, stdout);
+        fflush(stdout);
+        return 0;
+    }
+    if (*text_len + len + 1 > *text_cap) {
+        size_t cap = 2 * (*text_len + len + 1);
+        char *g = realloc(*text, cap);
+        if (!g) {
+            hx_cli_error("out of memory");
+            return 1;
+        }
+        *text = g;
+        *text_cap = cap;
+    }
+    memcpy(*text + *text_len, bytes, len);
+    *text_len += len;
+    (*text)[*text_len] = '\0';
+    return 0;
+}
+
+/*
+ * The same run on another engine (runtime/backend.h): one request, stepped
+ * until it ends; the output as the cpu path prints it. The exit status.
+ */
+static int generate_on_backend(const gen_args *a, const hx_tokenizer *tok, const int *prompt,
+                               int n_prompt, int max_new)
+{
+    hx_err err = {0};
+    hx_backend *b = NULL;
+    hx_backend_options o = {a->backend, a->model, 0, 0, 0, 1, 0, a->threads, 1, 16, 0, 0};
+    int rc = 1, n_out = 0, eos = tok ? hx_tokenizer_eos(tok) : -1;
+    int *out = malloc((size_t)max_new * sizeof *out);
+    char *text = NULL;
+    size_t text_len = 0, text_cap = 0;
+    const char *finish = "length";
+    if (!out) {
+        hx_cli_error("out of memory");
+        return 1;
+    }
+    if (hx_backend_open(&o, NULL, &b, &err) != HX_OK) {
+        rc = hx_cli_fail(&err);
+        goto done;
+    }
+    hx_batch_request r = {1, prompt, n_prompt, max_new, eos, (float)a->temperature,
+                          (float)a->top_p, a->seed, 0};
+    if (hx_backend_add(b, &r, &err) != HX_OK) {
+        rc = hx_cli_fail(&err);
+        goto done;
+    }
+    int more = 1;
+    while (more) {
+        const hx_batch_event *ev;
+        int n = 0;
+        if (hx_backend_step(b, &ev, &n, &err) != HX_OK) {
+            rc = hx_cli_fail(&err);
+            goto done;
+        }
+        for (int i = 0; i < n; i++) {
+            if (ev[i].token == eos) {
+                finish = "stop";
+            } else {
+                out[n_out++] = ev[i].token;
+                if (emit(a, tok, ev[i].token, n_out, &text, &text_len, &text_cap) != 0)
+                    goto done;
+            }
+            more = !ev[i].finished;
+        }
+    }
+    if (a->json) {
+        if (tok && !text && !(text = strdup(""))) {
+            hx_cli_error("out of memory");
+            goto done;
+        }
+        rc = print_json(out, n_out, text, text_len, finish);
+    } else {
+        putchar('\n');
+        rc = fflush(stdout) == 0 ? 0 : 1;
+    }
+done:
+    hx_backend_close(b);
+    free(text);
+    free(out);
+    return rc;
+}
+
 int hx_cmd_generate(int argc, char **argv)
 {
     gen_args a;
@@ -297,14 +415,21 @@ int hx_cmd_generate(int argc, char **argv)
                      a.model);
         return 2;
     }
-    hx_llama_options opt;
-    hx_llama_options_init(&opt);
-    opt.threads = a.threads;
-    if (hx_llama_load(a.model, &opt, &m, &err) != HX_OK) {
+    hx_model gpu_cfg;
+    const hx_model *cfg = &gpu_cfg;
+    if (a.backend == HX_BACKEND_CPU) {
+        hx_llama_options opt;
+        hx_llama_options_init(&opt);
+        opt.threads = a.threads;
+        if (hx_llama_load(a.model, &opt, &m, &err) != HX_OK) {
+            rc = hx_cli_fail(&err);
+            goto out;
+        }
+        cfg = hx_llama_config(m);
+    } else if (hx_model_load(a.model, &gpu_cfg, &err) != HX_OK) {
         rc = hx_cli_fail(&err);
         goto out;
     }
-    const hx_model *cfg = hx_llama_config(m);
 
     /* the tokenizer: required for --prompt, used to print text with --prompt-ids */
     hx_status st = hx_tokenizer_load(a.model, &tok, &err);
@@ -359,6 +484,10 @@ int hx_cmd_generate(int argc, char **argv)
     if (n_prompt + max_new - 1 > cfg->max_position_tokens)
         max_new = cfg->max_position_tokens - n_prompt + 1;
 
+    if (a.backend != HX_BACKEND_CPU) {
+        rc = generate_on_backend(&a, tok, prompt, n_prompt, (int)max_new);
+        goto out;
+    }
     if (hx_llama_state_new(m, (int)(n_prompt + max_new - 1), 0, &s, &err) != HX_OK ||
         hx_llama_sampler_new(cfg->vocab_size, (float)a.temperature, (float)a.top_p, a.seed,
                              &sampler, &err) != HX_OK) {
@@ -389,33 +518,8 @@ int hx_cmd_generate(int argc, char **argv)
             break;
         }
         out[n_out++] = t;
-        if (tok) {
-            const char *bytes;
-            size_t len;
-            if (hx_tokenizer_token_bytes(tok, t, &bytes, &len) == HX_OK) {
-                if (a.json) {
-                    if (text_len + len + 1 > text_cap) {
-                        size_t cap = 2 * (text_len + len + 1);
-                        char *g = realloc(text, cap);
-                        if (!g) {
-                            hx_cli_error("out of memory");
-                            goto out;
-                        }
-                        text = g;
-                        text_cap = cap;
-                    }
-                    memcpy(text + text_len, bytes, len);
-                    text_len += len;
-                    text[text_len] = '\0';
-                } else {
-                    fwrite(bytes, 1, len, stdout);
-                    fflush(stdout);
-                }
-            }
-        } else if (!a.json) {
-            printf("%s%d", n_out > 1 ? " " : "", t);
-            fflush(stdout);
-        }
+        if (emit(&a, tok, t, n_out, &text, &text_len, &text_cap) != 0)
+            goto out;
         if (i + 1 == max_new)
             break;
         n_forward++;
