@@ -25,7 +25,7 @@ static const cmd commands[] = {
     {"inventory", hx_cmd_inventory, "check or show a cluster inventory"},
     {"discover", hx_cmd_discover, "describe this machine as an inventory fragment"},
     {"model", hx_cmd_model, "show a model, or write a small random-weight one (make-tiny)"},
-    {"generate", hx_cmd_generate, "run a model on this CPU and print what it generates"},
+    {"generate", hx_cmd_generate, "run a model in one process (CPU, or GPU) and print its output"},
     {"plan", hx_cmd_plan, "plan prefill/decode replicas, layouts and routes for a cluster"},
     {"simulate", hx_cmd_simulate, "simulate a plan's deployment under traffic"},
     {"whatif", hx_cmd_whatif, "compare goodput and cost with hardware added or removed"},
