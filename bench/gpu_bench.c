@@ -289,6 +289,18 @@ static void bench_micro(const hx_model *c)
         TIME(label, (double)rows * hid * 14, 0,
              hx_cuda_add_rmsnorm(xf, delta, nw, x, NULL, rows, hid, 1e-5f, NULL, &err));
     }
+    /* the norm inside the following GEMV (and SwiGLU after gate/up): a decode step's pair */
+    for (int ri = 0; ri < 2; ri++) {
+        const int rows = rows_list[ri];
+        snprintf(label, sizeof label, "rmsnorm+gemm qkv rows %d (gemv)", rows);
+        TIME(label, (double)hid * qkv_n * 2, 2.0 * rows * hid * qkv_n,
+             hx_cuda_gemm_rmsnorm(gemv, delta, xf, nw, 1e-5f, x, w, rows, hid, qkv_n, NULL,
+                                  &err));
+        snprintf(label, sizeof label, "rmsnorm+gemm gate_up+swiglu rows %d (gemv)", rows);
+        TIME(label, (double)hid * 2 * F * 2, 4.0 * rows * hid * F,
+             hx_cuda_gemm_rmsnorm_swiglu(gemv, act, gu, xf, nw, 1e-5f, x, w, rows, hid, F, NULL,
+                                         &err));
+    }
     /* attention on a paged cache: 64 sequences of 2048 positions, 16-token blocks */
     const int bt = 16, seqs = 64, ctx = 2048, mb = ctx / bt;
     hx_cuda_kv_layout kv = {1, K, D, bt, mb};
@@ -307,6 +319,8 @@ static void bench_micro(const hx_model *c)
     TRY("malloc", hx_cuda_malloc(&out, (size_t)T * H * D * 2, &err));
     const int parts = 16;
     TRY("malloc", hx_cuda_malloc(&part, hx_cuda_decode_attention_workspace(seqs, H, D, parts),
+                                 &err));
+    TRY("memset", hx_cuda_memset(part, 0, hx_cuda_decode_attention_workspace(seqs, H, D, parts),
                                  &err));
     int hm[5 * 64];
     for (int i = 0; i < seqs; i++) {

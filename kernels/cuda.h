@@ -151,6 +151,32 @@ hx_status hx_cuda_gemm_swiglu(hx_cuda_blas *b, float *d_y, const hx_bf16 *d_gate
                               const hx_bf16 *d_w, hx_bf16 *d_act, int rows, int ff, int out,
                               hx_cuda_stream *stream, hx_err *err);
 
+/*
+ * RMSNorm in front of a GEMM (the residual add happens elsewhere: the
+ * projections before it add into d_x with beta 1):
+ *   h = bf16(x / sqrt(mean(x^2) + eps) * d_norm_w)  (as hx_cuda_add_rmsnorm, no delta)
+ *   d_y = h W^T (fp32)
+ *   d_y: [rows][out] fp32   d_x: [rows][in] fp32 (read only)   d_norm_w: [in] fp32
+ *   d_w: [out][in] bf16     d_h: [rows][in] bf16 workspace (written only where the
+ *   GEMV path does not apply: then a norm kernel and the GEMM run)
+ * At 1 row (the GEMV's, rows * in * 2 <= 44 KB) one kernel does both.
+ */
+hx_status hx_cuda_gemm_rmsnorm(hx_cuda_blas *b, float *d_y, float *d_x, const float *d_norm_w,
+                               float eps, hx_bf16 *d_h, const hx_bf16 *d_w, int rows, int in,
+                               int out, hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * The MLP's gate/up projection with RMSNorm in front and SwiGLU behind:
+ *   h as above;  [gate | up] = bf16(h W^T);  d_act = bf16(silu(gate) * up)
+ *   d_act: [rows][ff] bf16   d_w: [2 ff][in] bf16 (gate rows then up rows)
+ *   d_gu: [rows][2 ff] bf16 workspace, d_h: [rows][in] bf16 workspace (both
+ *   used only where the fused GEMV does not apply; it does at 1 or 2 rows)
+ */
+hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act, hx_bf16 *d_gu, float *d_x,
+                                      const float *d_norm_w, float eps, hx_bf16 *d_h,
+                                      const hx_bf16 *d_w, int rows, int in, int ff,
+                                      hx_cuda_stream *stream, hx_err *err);
+
 /* ---- layer kernels ---------------------------------------------------------------------------- */
 
 /* d_x[r] = float(d_table[d_tokens[r]]);  d_x: [rows][hidden] fp32, d_table: [vocab][hidden] */
@@ -229,9 +255,13 @@ void hx_cuda_set_prefill_mma(int on);
  * Decode attention: one query per sequence (row d_row[s], attending keys
  * 0 .. d_len[s]-1 of block-table row d_slot[s]), split along the sequence
  * into up to max_parts chunks (grid-fixed, so that a CUDA graph serves any
- * lengths up to max_parts * 256), then a reduction.
+ * lengths up to max_parts * 256); the last chunk of a (sequence, KV head)
+ * to finish merges the partials, in the same kernel.
  *   d_part: workspace of hx_cuda_decode_attention_workspace(n_seqs, heads,
- *           head_dim, max_parts) bytes.
+ *           head_dim, max_parts) bytes, ZEROED ONCE after allocation
+ *           (hx_cuda_memset): it holds arrival counters that every call
+ *           leaves at zero. It serves calls with the same heads, head_dim and
+ *           max_parts and at most its n_seqs sequences, one call at a time.
  */
 size_t hx_cuda_decode_attention_workspace(int n_seqs, int heads, int head_dim, int max_parts);
 hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_cache,

@@ -85,7 +85,6 @@ struct hx_cuda_engine {
 
     /* workspaces, for T = max_step_tokens rows and S = max_seqs outputs */
     float *x;      /* [T][hidden] residual stream */
-    float *delta;  /* [T][hidden] o / down projection output */
     float *qkv;    /* [T][qkv_n] */
     hx_bf16 *h;    /* [T][hidden] normed */
     hx_bf16 *q;    /* [T][H][D] rotated queries */
@@ -216,7 +215,6 @@ void hx_cuda_engine_free(hx_cuda_engine *e)
     hx_cuda_free(e->d_sin);
     hx_cuda_free(e->d_rng);
     hx_cuda_free(e->x);
-    hx_cuda_free(e->delta);
     hx_cuda_free(e->qkv);
     hx_cuda_free(e->h);
     hx_cuda_free(e->q);
@@ -350,7 +348,7 @@ static hx_status setup_buffers(hx_cuda_engine *e, hx_err *err)
         return st;
 
     const size_t hid = (size_t)e->hid, hd = (size_t)e->H * e->D;
-    if ((st = dalloc(&e->x, T * hid * 4, err)) || (st = dalloc(&e->delta, T * hid * 4, err)) ||
+    if ((st = dalloc(&e->x, T * hid * 4, err)) ||
         (st = dalloc(&e->qkv, T * (size_t)e->qkv_n * 4, err)) ||
         (st = dalloc(&e->h, T * hid * 2, err)) || (st = dalloc(&e->q, T * hd * 2, err)) ||
         (st = dalloc(&e->att, T * hd * 2, err)) ||
@@ -359,7 +357,10 @@ static hx_status setup_buffers(hx_cuda_engine *e, hx_err *err)
         (st = dalloc(&e->hn, S * hid * 2, err)) ||
         (st = dalloc(&e->logits, S * (size_t)e->V * 4, err)) ||
         (st = dalloc(&e->part, hx_cuda_decode_attention_workspace(e->S, e->H, e->D, e->max_parts),
-                     err)))
+                     err)) ||
+        (st = hx_cuda_memset(e->part, 0,
+                             hx_cuda_decode_attention_workspace(e->S, e->H, e->D, e->max_parts),
+                             err)))
         return st;
 
     /* step io: 3T + 9S ints, then 2S floats */
@@ -1174,9 +1175,10 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
         st = hx_cuda_embed(e->x, e->embed, dio(e, e->io_tok), rows, hid, e->V, s, err);
     for (int l = 0; l < e->L && st == HX_OK; l++) {
         const layer_w *w = &e->layers[l];
-        if ((st = hx_cuda_add_rmsnorm(e->x, l ? e->delta : NULL, w->attn_norm, e->h, NULL, rows,
-                                      hid, e->eps, s, err)) ||
-            (st = hx_cuda_gemm(b, e->qkv, 0, e->h, w->wqkv, rows, hid, e->qkv_n, 0.0f, s, err)) ||
+        /* x holds the residual stream: the o and down projections add into it (beta 1), and
+           the norms run inside the GEMVs that follow them (a decode step's few rows) */
+        if ((st = hx_cuda_gemm_rmsnorm(b, e->qkv, e->x, w->attn_norm, e->eps, e->h, w->wqkv,
+                                       rows, hid, e->qkv_n, s, err)) ||
             (st = hx_cuda_rope_kv(e->q, e->kv, e->qkv, dio(e, e->io_pos), dio(e, e->io_slot),
                                   e->d_cos, e->d_sin, rows, e->H, &e->kvl, l, s, err)))
             break;
@@ -1192,18 +1194,16 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
                                             dio(e, e->io_pf_pos0), dio(e, e->io_pf_n), n_pf,
                                             max_pf_n, e->H, s, err)))
             break;
-        if ((st = hx_cuda_gemm(b, e->delta, 0, e->att, w->wo, rows, hd, hid, 0.0f, s, err)) ||
-            (st = hx_cuda_add_rmsnorm(e->x, e->delta, w->ffn_norm, e->h, NULL, rows, hid, e->eps,
-                                      s, err)) ||
-            (st = hx_cuda_gemm(b, e->gu, 1, e->h, w->wgu, rows, hid, 2 * e->F, 0.0f, s, err)) ||
-            (st = hx_cuda_gemm_swiglu(b, e->delta, e->gu, w->wdown, e->act, rows, e->F, hid, s,
-                                      err)))
+        if ((st = hx_cuda_gemm(b, e->x, 0, e->att, w->wo, rows, hd, hid, 1.0f, s, err)) ||
+            (st = hx_cuda_gemm_rmsnorm_swiglu(b, e->act, e->gu, e->x, w->ffn_norm, e->eps, e->h,
+                                              w->wgu, rows, hid, e->F, s, err)) ||
+            (st = hx_cuda_gemm(b, e->x, 0, e->act, w->wdown, rows, e->F, hid, 1.0f, s, err)))
             break;
     }
     if (n_out == 0) /* prompt chunks that finish no prompt: nothing to sample */
         return st;
     if (st == HX_OK)
-        st = hx_cuda_add_rmsnorm(e->x, e->delta, e->final_norm, e->hn, dio(e, e->io_out_row),
+        st = hx_cuda_add_rmsnorm(e->x, NULL, e->final_norm, e->hn, dio(e, e->io_out_row),
                                  n_out, hid, e->eps, s, err);
     if (st == HX_OK)
         st = hx_cuda_gemm(b, e->logits, 0, e->hn, e->lm_head, n_out, hid, e->V, 0.0f, s, err);

@@ -546,42 +546,67 @@ __device__ __forceinline__ int decode_chunk(int len, int parts, int min_chunk)
     return c < min_chunk ? min_chunk : (c > DC_CHUNK ? DC_CHUNK : c);
 }
 
-// partials: o [n_seqs][heads][parts][D], then ml [n_seqs][heads][parts][2]
+// The workspace: a record per sequence, so that calls with fewer sequences
+// use a prefix of it (and leave the others' counters alone):
+//   int counter[heads rounded up to 4]  (arrivals per KV head; 0 between calls)
+//   float o[heads][parts][D], then ml[heads][parts][2]
+__host__ __device__ __forceinline__ size_t decode_rec_floats(int heads, int D, int parts)
+{
+    return (size_t)((heads + 3) & ~3) + (size_t)heads * parts * (D + 2);
+}
+
 template <int D>
 __global__ void __launch_bounds__(DC_THREADS)
-    decode_attn_kernel(float *o_part, float *ml_part, const __nv_bfloat16 *q,
+    decode_attn_kernel(__nv_bfloat16 *out, float *work, const __nv_bfloat16 *q,
                        const __nv_bfloat16 *cache, hx_cuda_kv_layout kv, int layer,
                        const int *block_tables, const int *seq_slot, const int *seq_row,
                        const int *seq_len, int heads, float scale_log2, int min_chunk)
 {
     hx_pdl_begin();
+    constexpr int TPK = D / 4, NG = DC_THREADS / TPK; // P V: 4 dimensions a thread
     __shared__ float qs[DC_MAX_G][D];
     __shared__ float sc[DC_MAX_G][DC_CHUNK];
-    __shared__ float red[DC_MAX_G * D * (DC_THREADS / (D / 2))];
+    __shared__ int kblk[DC_CHUNK];
+    __shared__ float red[NG * DC_MAX_G * D];
+    __shared__ int is_last;
     const int parts = gridDim.x, p = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
     const int len = seq_len[s];
+    const int G = heads / kv.kv_heads;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int row = seq_row[s];
+    __nv_bfloat16 *orow = out + (size_t)row * heads * D + (size_t)g * G * D;
+    if (len <= 0) { // nothing to attend: zeros, as the merge writes for an empty sum
+        if (p == 0)
+            for (int i = tid; i < G * D; i += DC_THREADS)
+                orow[i] = __float2bfloat16_rn(0.0f);
+        return;
+    }
     const int chunk = decode_chunk(len, parts, min_chunk);
     const int start = p * chunk;
     if (start >= len)
         return;
+    // the chunks that run (and arrive); more than parts only past the contract's lengths
+    const int np = min((len + chunk - 1) / chunk, parts);
     const int nk = min(chunk, len - start);
-    const int G = heads / kv.kv_heads;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int row = seq_row[s];
     const int *bt = block_tables + (size_t)seq_slot[s] * kv.max_blocks_per_seq;
+    float *rec = work + (size_t)s * decode_rec_floats(heads, D, parts);
+    int *counter = reinterpret_cast<int *>(rec) + g;
+    float *o_part = rec + ((heads + 3) & ~3);
+    float *ml_part = o_part + (size_t)heads * parts * D;
 
     for (int i = tid; i < G * D; i += DC_THREADS)
         qs[i / D][i % D] =
             __bfloat162float(q[(size_t)row * heads * D + (size_t)(g * G + i / D) * D + i % D]) *
             scale_log2;
+    for (int jj = tid; jj < nk; jj += DC_THREADS)
+        kblk[jj] = bt[(start + jj) / kv.block_tokens];
     __syncthreads();
 
     // scores: a thread per key
     for (int jj = tid; jj < nk; jj += DC_THREADS) {
         const int j = start + jj;
-        const int blk = bt[j / kv.block_tokens];
         const uint4 *kr = reinterpret_cast<const uint4 *>(
-            cache + hx_kv_offset(kv, blk, layer, 0, g) + (size_t)(j % kv.block_tokens) * D);
+            cache + hx_kv_offset(kv, kblk[jj], layer, 0, g) + (size_t)(j % kv.block_tokens) * D);
         float acc[DC_MAX_G];
 #pragma unroll
         for (int gq = 0; gq < DC_MAX_G; gq++)
@@ -607,7 +632,7 @@ __global__ void __launch_bounds__(DC_THREADS)
     __syncthreads();
 
     // per query head: max and exp
-    const size_t pidx0 = ((size_t)s * heads + (size_t)g * G) * parts + p;
+    const size_t pidx0 = (size_t)g * G * parts + p;
     for (int gq = warp; gq < G; gq += DC_THREADS / 32) {
         float mx = -INFINITY;
         for (int jj = lane; jj < nk; jj += 32)
@@ -628,33 +653,38 @@ __global__ void __launch_bounds__(DC_THREADS)
     }
     __syncthreads();
 
-    // P V: a thread per (dimension pair, key group)
-    constexpr int DP = D / 2, NG = DC_THREADS / DP;
-    const int c2 = tid % DP, kg = tid / DP;
-    float acc0[DC_MAX_G], acc1[DC_MAX_G];
+    // P V: a thread per (4 dimensions, key group)
+    const int c4 = tid % TPK, kg = tid / TPK;
+    float acc[DC_MAX_G][4];
 #pragma unroll
     for (int gq = 0; gq < DC_MAX_G; gq++)
-        acc0[gq] = acc1[gq] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            acc[gq][e] = 0.0f;
+#pragma unroll 4
     for (int jj = kg; jj < nk; jj += NG) {
         const int j = start + jj;
-        const int blk = bt[j / kv.block_tokens];
-        const __nv_bfloat162 *vr = reinterpret_cast<const __nv_bfloat162 *>(
-            cache + hx_kv_offset(kv, blk, layer, 1, g) + (size_t)(j % kv.block_tokens) * D);
-        const float2 v = __bfloat1622float2(vr[c2]);
+        const uint2 vv = *reinterpret_cast<const uint2 *>(
+            cache + hx_kv_offset(kv, kblk[jj], layer, 1, g) + (size_t)(j % kv.block_tokens) * D +
+            c4 * 4);
+        const float v[4] = {hx_bf16_lo(vv.x), hx_bf16_hi(vv.x), hx_bf16_lo(vv.y),
+                            hx_bf16_hi(vv.y)};
 #pragma unroll
         for (int gq = 0; gq < DC_MAX_G; gq++) {
             if (gq < G) {
                 const float pr = sc[gq][jj];
-                acc0[gq] = fmaf(pr, v.x, acc0[gq]);
-                acc1[gq] = fmaf(pr, v.y, acc1[gq]);
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    acc[gq][e] = fmaf(pr, v[e], acc[gq][e]);
             }
         }
     }
 #pragma unroll
     for (int gq = 0; gq < DC_MAX_G; gq++) {
         if (gq < G) {
-            red[(kg * DC_MAX_G + gq) * D + 2 * c2] = acc0[gq];
-            red[(kg * DC_MAX_G + gq) * D + 2 * c2 + 1] = acc1[gq];
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                red[(kg * DC_MAX_G + gq) * D + 4 * c4 + e] = acc[gq][e];
         }
     }
     __syncthreads();
@@ -665,36 +695,38 @@ __global__ void __launch_bounds__(DC_THREADS)
             v += red[(k * DC_MAX_G + gq) * D + d];
         o_part[(pidx0 + (size_t)gq * parts) * D + d] = v;
     }
-}
 
-template <int D>
-__global__ void decode_reduce_kernel(__nv_bfloat16 *out, const float *o_part, const float *ml_part,
-                                     const int *seq_row, const int *seq_len, int heads, int parts,
-                                     int min_chunk)
-{
-    hx_pdl_begin();
-    const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
-    const int len = seq_len[s];
-    const int chunk = decode_chunk(len, parts, min_chunk);
-    const int np = (len + chunk - 1) / chunk;
-    const size_t base = ((size_t)s * heads + h) * parts;
-    float M = -INFINITY;
-    for (int p = 0; p < np; p++)
-        M = fmaxf(M, ml_part[(base + p) * 2]);
-    float L = 0.0f, acc = 0.0f;
-    for (int p = 0; p < np; p++) {
-        const float w = exp2f(ml_part[(base + p) * 2] - M);
-        L += w * ml_part[(base + p) * 2 + 1];
-        acc += w * o_part[(base + p) * D + d];
+    // the last chunk of this (sequence, KV head) to arrive merges them all
+    __threadfence();
+    __syncthreads();
+    if (tid == 0)
+        is_last = atomicAdd(counter, 1) == np - 1;
+    __syncthreads();
+    if (!is_last)
+        return;
+    __threadfence();
+    for (int i = tid; i < G * D; i += DC_THREADS) {
+        const int gq = i / D, d = i % D;
+        const size_t base = (size_t)(g * G + gq) * parts;
+        float M = -INFINITY;
+        for (int pp = 0; pp < np; pp++)
+            M = fmaxf(M, __ldcg(ml_part + (base + pp) * 2));
+        float L = 0.0f, a = 0.0f;
+        for (int pp = 0; pp < np; pp++) {
+            const float wgt = exp2f(__ldcg(ml_part + (base + pp) * 2) - M);
+            L += wgt * __ldcg(ml_part + (base + pp) * 2 + 1);
+            a += wgt * __ldcg(o_part + (base + pp) * D + d);
+        }
+        orow[i] = __float2bfloat16_rn(L > 0.0f ? a / L : 0.0f);
     }
-    out[(size_t)seq_row[s] * heads * D + (size_t)h * D + d] =
-        __float2bfloat16_rn(L > 0.0f ? acc / L : 0.0f);
+    if (tid == 0)
+        *counter = 0; // ready for the next call (a later kernel)
 }
 
 extern "C" size_t hx_cuda_decode_attention_workspace(int n_seqs, int heads, int head_dim,
                                                      int max_parts)
 {
-    return (size_t)n_seqs * heads * max_parts * (head_dim + 2) * sizeof(float);
+    return (size_t)n_seqs * decode_rec_floats(heads, head_dim, max_parts) * sizeof(float);
 }
 
 template <int D>
@@ -704,21 +736,13 @@ static hx_status decode_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                int n_seqs, int parts, int heads, float *part, cudaStream_t s,
                                hx_err *err)
 {
-    float *o_part = part;
-    float *ml_part = part + (size_t)n_seqs * heads * parts * D;
     const float scale_log2 = LOG2E / sqrtf((float)D);
     // 256 (sequence, KV head) pairs or more fill an H100's 132 SMs: long chunks then
     const int min_chunk = n_seqs * kv->kv_heads >= 256 ? DC_CHUNK : 32;
     dim3 grid((unsigned)parts, (unsigned)kv->kv_heads, (unsigned)n_seqs);
-    hx_launch(decode_attn_kernel<D>, grid, DC_THREADS, 0, s, o_part, ml_part, q, cache, *kv, layer,
-              bt, slot, row, len, heads, scale_log2, min_chunk);
-    hx_status st = hx_cuda_launched(err, "decode_attention");
-    if (st != HX_OK)
-        return st;
-    dim3 rgrid((unsigned)heads, (unsigned)n_seqs);
-    hx_launch(decode_reduce_kernel<D>, rgrid, D, 0, s, out, o_part, ml_part, row, len, heads, parts,
-              min_chunk);
-    return hx_cuda_launched(err, "decode_attention_reduce");
+    hx_launch(decode_attn_kernel<D>, grid, DC_THREADS, 0, s, out, part, q, cache, *kv, layer, bt,
+              slot, row, len, heads, scale_log2, min_chunk);
+    return hx_cuda_launched(err, "decode_attention");
 }
 
 extern "C" hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q,

@@ -186,6 +186,150 @@ static void gemv_launch(int rows, void *y, const __nv_bfloat16 *x, const __nv_bf
     }
 }
 
+/* ---- GEMV with RMSNorm in front (and SwiGLU behind) ----
+ *
+ * A decode step's norm and SwiGLU are tiny kernels whose launches cost more
+ * than their work: here each GEMV block normalizes the fp32 residual rows
+ * itself (bf16, into shared memory; the same arithmetic, in the same order,
+ * as add_rmsnorm_kernel without a delta) and streams the weights against
+ * them. Each warp computes NW outputs, o and o + tasks (NW 2 halves the
+ * blocks, so the prologue's reads of x and the norm weights): for SwiGLU the
+ * gate and up features of one activation, written as
+ * bf16(silu(bf16(gate)) * bf16(up)) as swiglu8_kernel does. */
+
+#define GEMVN_SMEM_MAX (44 * 1024) // the normalized rows, in shared memory (48 KB with the rest)
+#define GEMVN_F32 0
+#define GEMVN_SWIGLU 1
+
+template <int NR, int NW, int MODE>
+__global__ void __launch_bounds__(GEMV_THREADS)
+    gemv_norm_kernel(void *y, const float *x, const float *nw, float eps,
+                     const __nv_bfloat16 *w, int in, int tasks, int y_stride)
+{
+    extern __shared__ uint4 xs[]; // [NR][in / 8] normalized rows, bf16
+    __shared__ float red[32];
+    const int lane = threadIdx.x & 31;
+    const int o = (int)((blockIdx.x * (unsigned)blockDim.x + threadIdx.x) >> 5);
+    const bool active = o < tasks;
+    const int chunks = in >> 3;
+    const uint4 *wr[NW];
+#pragma unroll
+    for (int k = 0; k < NW; k++)
+        wr[k] = reinterpret_cast<const uint4 *>(w + ((size_t)k * tasks + (active ? o : 0)) * in);
+    // the weights are constant: their first sweep is issued before waiting
+    uint4 wv[NW][GEMV_UNROLL];
+    int c0 = lane;
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++) {
+        const int c = c0 + u * 32;
+#pragma unroll
+        for (int k = 0; k < NW; k++)
+            wv[k][u] = active && c < chunks ? __ldcs(wr[k] + c) : make_uint4(0, 0, 0, 0);
+    }
+    hx_pdl_begin();
+    // prologue: the normalized rows (every thread of the block takes part)
+    __nv_bfloat16 *xb = reinterpret_cast<__nv_bfloat16 *>(xs);
+#pragma unroll 1
+    for (int r = 0; r < NR; r++) {
+        const float *xr = x + (size_t)r * in;
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < in; i += blockDim.x) {
+            const float v = xr[i];
+            ss += v * v;
+        }
+        ss = hx_block_sum(ss, red);
+        const float scale = 1.0f / sqrtf(ss / (float)in + eps);
+        for (int i = threadIdx.x; i < in; i += blockDim.x)
+            xb[(size_t)r * in + i] = __float2bfloat16_rn(xr[i] * scale * nw[i]);
+    }
+    __syncthreads();
+    if (!active)
+        return;
+    float acc[NW][NR];
+#pragma unroll
+    for (int k = 0; k < NW; k++)
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            acc[k][r] = 0.0f;
+    for (;;) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + u * 32;
+            if (c < chunks) {
+                float wf[NW][8];
+#pragma unroll
+                for (int k = 0; k < NW; k++)
+                    hx_unpack8(wv[k][u], wf[k]);
+#pragma unroll
+                for (int r = 0; r < NR; r++) {
+                    float xf[8];
+                    hx_unpack8(xs[r * chunks + c], xf);
+#pragma unroll
+                    for (int k = 0; k < NW; k++) {
+                        float s = acc[k][r];
+#pragma unroll
+                        for (int e = 0; e < 8; e++)
+                            s = fmaf(wf[k][e], xf[e], s);
+                        acc[k][r] = s;
+                    }
+                }
+            }
+        }
+        c0 += 32 * GEMV_UNROLL;
+        if (c0 >= chunks)
+            break;
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + u * 32;
+#pragma unroll
+            for (int k = 0; k < NW; k++)
+                wv[k][u] = c < chunks ? __ldcs(wr[k] + c) : make_uint4(0, 0, 0, 0);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < NW; k++)
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            acc[k][r] = hx_warp_sum(acc[k][r]);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            if (MODE == GEMVN_SWIGLU) {
+                const float g = __bfloat162float(__float2bfloat16_rn(acc[0][r]));
+                const float u = __bfloat162float(__float2bfloat16_rn(acc[NW - 1][r]));
+                static_cast<__nv_bfloat16 *>(y)[(size_t)r * y_stride + o] =
+                    __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
+            } else {
+#pragma unroll
+                for (int k = 0; k < NW; k++)
+                    static_cast<float *>(y)[(size_t)r * y_stride + (size_t)k * tasks + o] =
+                        acc[k][r];
+            }
+        }
+    }
+}
+
+template <int NW, int MODE>
+static void gemv_norm_launch(int rows, void *y, const float *x, const float *nw, float eps,
+                             const __nv_bfloat16 *w, int in, int tasks, int y_stride,
+                             cudaStream_t s)
+{
+    const int warps_per_block = GEMV_THREADS / 32;
+    dim3 grid((unsigned)((tasks + warps_per_block - 1) / warps_per_block));
+    const size_t smem = (size_t)rows * in * 2;
+    switch (rows) {
+#define HX_GEMVN_CASE(n)                                                                           \
+    case n:                                                                                        \
+        hx_launch(gemv_norm_kernel<n, NW, MODE>, grid, GEMV_THREADS, smem, s, y, x, nw, eps, w,    \
+                  in, tasks, y_stride);                                                            \
+        break;
+        HX_GEMVN_CASE(1)
+        HX_GEMVN_CASE(2)
+#undef HX_GEMVN_CASE
+    default: break; // use_gemv_norm: at most 2 rows
+    }
+}
+
 // The GEMV reads each weight once whatever the rows, but its fp32 FMAs grow
 // with them: measured on an H100 (bench/gpu_bench --micro), it beats cuBLAS
 // at every shape up to 4 rows, and up to 8 rows on matrices of at most 8M
@@ -245,5 +389,64 @@ extern "C" hx_status hx_cuda_gemm_swiglu(hx_cuda_blas *b, float *d_y, const hx_b
         st = hx_cuda_swiglu(d_act, d_gate_up, rows, ff, stream, err);
     if (st == HX_OK)
         st = hx_cuda_gemm(b, d_y, 0, d_act, d_w, rows, ff, out, 0.0f, stream, err);
+    return st;
+}
+
+// Whether the GEMV with the norm in front serves rows x [in] -> out: the GEMV
+// would, the normalized rows fit in shared memory, and there are at most
+// max_rows of them. Each block's prologue costs about 2.3 us a row (H200,
+// bench/gpu_bench --micro: q/k/v of a 1B model at 8 rows 28.7 us fused
+// against 15 us for the norm kernel and the GEMV; at 1 row 9.0 us against
+// 10.9), so it pays at a row or two only.
+static int use_gemv_norm(const hx_cuda_blas *b, int rows, int in, int out, int max_rows)
+{
+    return rows <= max_rows && use_gemv(b, rows, in, out) &&
+           (size_t)rows * in * 2 <= GEMVN_SMEM_MAX;
+}
+
+extern "C" hx_status hx_cuda_gemm_rmsnorm(hx_cuda_blas *b, float *d_y, float *d_x,
+                                          const float *d_norm_w, float eps, hx_bf16 *d_h,
+                                          const hx_bf16 *d_w, int rows, int in, int out,
+                                          hx_cuda_stream *stream, hx_err *err)
+{
+    hx_status st = check_dims(rows, in, out, err);
+    if (st != HX_OK)
+        return st;
+    const __nv_bfloat16 *w = reinterpret_cast<const __nv_bfloat16 *>(d_w);
+    if (use_gemv_norm(b, rows, in, out, 1)) {
+        if (out % 2 == 0)
+            gemv_norm_launch<2, GEMVN_F32>(rows, d_y, d_x, d_norm_w, eps, w, in, out / 2, out,
+                                           HX_STREAM(stream));
+        else
+            gemv_norm_launch<1, GEMVN_F32>(rows, d_y, d_x, d_norm_w, eps, w, in, out, out,
+                                           HX_STREAM(stream));
+        return hx_cuda_launched(err, "gemv_rmsnorm");
+    }
+    st = hx_cuda_add_rmsnorm(d_x, NULL, d_norm_w, d_h, NULL, rows, in, eps, stream, err);
+    if (st == HX_OK)
+        st = hx_cuda_gemm(b, d_y, 0, d_h, d_w, rows, in, out, 0.0f, stream, err);
+    return st;
+}
+
+extern "C" hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act, hx_bf16 *d_gu,
+                                                 float *d_x, const float *d_norm_w, float eps,
+                                                 hx_bf16 *d_h, const hx_bf16 *d_w, int rows,
+                                                 int in, int ff, hx_cuda_stream *stream,
+                                                 hx_err *err)
+{
+    hx_status st = check_dims(rows, in, ff, err);
+    if (st != HX_OK)
+        return st;
+    if (use_gemv_norm(b, rows, in, 2 * ff, 2)) { // SwiGLU's kernel saved too: 2 rows
+        gemv_norm_launch<2, GEMVN_SWIGLU>(rows, d_act, d_x, d_norm_w, eps,
+                                          reinterpret_cast<const __nv_bfloat16 *>(d_w), in, ff, ff,
+                                          HX_STREAM(stream));
+        return hx_cuda_launched(err, "gemv_rmsnorm_swiglu");
+    }
+    st = hx_cuda_add_rmsnorm(d_x, NULL, d_norm_w, d_h, NULL, rows, in, eps, stream, err);
+    if (st == HX_OK)
+        st = hx_cuda_gemm(b, d_gu, 1, d_h, d_w, rows, in, 2 * ff, 0.0f, stream, err);
+    if (st == HX_OK)
+        st = hx_cuda_swiglu(d_act, d_gu, rows, ff, stream, err);
     return st;
 }

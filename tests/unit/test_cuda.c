@@ -359,6 +359,97 @@ static void test_gemm_swiglu(void **state)
     hx_cuda_blas_free(blas);
 }
 
+/*
+ * RMSNorm in front of a GEMM (and SwiGLU behind): the fused GEMV at a few
+ * rows, a norm kernel and the GEMM (or cuBLAS) otherwise; x is only read.
+ */
+static void gemm_rmsnorm_case(hx_cuda_blas *blas, int rows, int in, int out, int swiglu)
+{
+    const int n_w = swiglu ? 2 * out : out; /* weight rows */
+    float *x = malloc((size_t)rows * in * 4), *nw = malloc((size_t)in * 4);
+    for (int i = 0; i < rows * in; i++)
+        x[i] = frand(-2, 2);
+    for (int i = 0; i < in; i++)
+        nw[i] = frand(0.5f, 1.5f);
+    float *dx = to_dev(x, (size_t)rows * in * 4), *dnw = to_dev(nw, (size_t)in * 4);
+    float *hw = NULL;
+    hx_bf16 *dw = rand_bf16((size_t)n_w * in, -0.1f, 0.1f, &hw);
+    void *dy = NULL, *dh = NULL, *dgu = NULL;
+    CHECK(hx_cuda_malloc(&dy, (size_t)rows * out * 4, E));
+    CHECK(hx_cuda_malloc(&dh, (size_t)rows * in * 2, E));
+    CHECK(hx_cuda_malloc(&dgu, (size_t)rows * n_w * 2, E));
+    double *want = malloc((size_t)rows * out * sizeof *want);
+    float *h = malloc((size_t)in * 4), *y = malloc((size_t)n_w * 4);
+    for (int r = 0; r < rows; r++) {
+        hx_cpu_rmsnorm(h, x + (size_t)r * in, nw, in, 1e-5f);
+        for (int k = 0; k < in; k++)
+            h[k] = bf(h[k]);
+        for (int o = 0; o < n_w; o++) {
+            double acc = 0;
+            for (int k = 0; k < in; k++)
+                acc += (double)h[k] * hw[(size_t)o * in + k];
+            y[o] = (float)acc;
+        }
+        for (int o = 0; o < out; o++) {
+            if (swiglu) {
+                const float g = bf(y[o]), u = bf(y[out + o]);
+                want[(size_t)r * out + o] = bf(g / (1.0f + expf(-g)) * u);
+            } else {
+                want[(size_t)r * out + o] = y[o];
+            }
+        }
+    }
+    float *got = NULL;
+    if (swiglu) {
+        CHECK(hx_cuda_gemm_rmsnorm_swiglu(blas, dy, dgu, dx, dnw, 1e-5f, dh, dw, rows, in, out,
+                                          NULL, E));
+        got = from_dev_bf16(dy, (size_t)rows * out);
+    } else {
+        CHECK(hx_cuda_gemm_rmsnorm(blas, dy, dx, dnw, 1e-5f, dh, dw, rows, in, out, NULL, E));
+        got = from_dev_f32(dy, (size_t)rows * out);
+    }
+    char what[128];
+    snprintf(what, sizeof what, "gemm_rmsnorm%s rows %d in %d out %d", swiglu ? "_swiglu" : "",
+             rows, in, out);
+    /* a normed element may round to the other bf16 neighbour: 2^-8 of it, times |w| < 0.1 */
+    expect_close(what, got, want, (size_t)rows * out, 1e-2, 1e-2);
+    float *x2 = from_dev_f32(dx, (size_t)rows * in);
+    assert_memory_equal(x2, x, (size_t)rows * in * 4); /* x only read */
+    free(x2);
+    free(got);
+    free(want);
+    free(h);
+    free(y);
+    free(x);
+    free(nw);
+    free(hw);
+    hx_cuda_free(dx);
+    hx_cuda_free(dnw);
+    hx_cuda_free(dw);
+    hx_cuda_free(dy);
+    hx_cuda_free(dh);
+    hx_cuda_free(dgu);
+}
+
+static void test_gemm_rmsnorm(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    for (int gemv = 0; gemv <= 1; gemv++) {
+        hx_cuda_blas *blas = NULL;
+        CHECK(hx_cuda_blas_new(gemv ? 8 : 0, &blas, E));
+        const int rows[] = {1, 2, 8, 20};
+        for (int i = 0; i < 4; i++) {
+            gemm_rmsnorm_case(blas, rows[i], 264, 200, 0); /* a partial last GEMV sweep */
+            gemm_rmsnorm_case(blas, rows[i], 512, 97, 0);  /* odd: one output a warp */
+            gemm_rmsnorm_case(blas, rows[i], 256, 320, 1);
+        }
+        gemm_rmsnorm_case(blas, 1, 32768, 64, 0); /* 64 KB of normed rows: two kernels */
+        gemm_rmsnorm_case(blas, 1, 2048, 1536, 1);
+        hx_cuda_blas_free(blas);
+    }
+}
+
 /* ---- per-row kernels --------------------------------------------------------------------- */
 
 static void test_embed_rmsnorm_swiglu(void **state)
@@ -756,6 +847,7 @@ static void decode_case(int D, int H, int K, int n, const int *lens, int parts)
     void *dout = NULL, *dpart = NULL;
     CHECK(hx_cuda_malloc(&dout, (size_t)n * H * D * 2, E));
     CHECK(hx_cuda_malloc(&dpart, hx_cuda_decode_attention_workspace(n, H, D, parts), E));
+    CHECK(hx_cuda_memset(dpart, 0, hx_cuda_decode_attention_workspace(n, H, D, parts), E));
     int *slot = malloc((size_t)n * sizeof *slot), *row = malloc((size_t)n * sizeof *row);
     for (int s = 0; s < n; s++) {
         slot[s] = s;
@@ -763,9 +855,16 @@ static void decode_case(int D, int H, int K, int n, const int *lens, int parts)
     }
     int *dslot = to_dev(slot, (size_t)n * 4), *drow = to_dev(row, (size_t)n * 4);
     int *dlen = to_dev(lens, (size_t)n * 4);
+    /* twice, the second into a cleared output: each call leaves the workspace's counters at 0 */
+    CHECK(hx_cuda_decode_attention(dout, dq, c.d, &c.kv, 0, c.d_bt, dslot, drow, dlen, n, parts,
+                                   H, dpart, NULL, E));
+    float *got0 = from_dev_bf16(dout, (size_t)n * H * D);
+    CHECK(hx_cuda_memset(dout, 0, (size_t)n * H * D * 2, E));
     CHECK(hx_cuda_decode_attention(dout, dq, c.d, &c.kv, 0, c.d_bt, dslot, drow, dlen, n, parts,
                                    H, dpart, NULL, E));
     float *got = from_dev_bf16(dout, (size_t)n * H * D);
+    assert_memory_equal(got0, got, (size_t)n * H * D * 4);
+    free(got0);
     double *want = malloc((size_t)H * D * sizeof *want);
     for (int s = 0; s < n; s++) {
         attn_ref(vals[s], L, K, D, lens[s], 0, hq + (size_t)row[s] * H * D, 1, lens[s] - 1, H,
@@ -1433,6 +1532,7 @@ int main(void)
         cmocka_unit_test(test_crc_combine),
         cmocka_unit_test(test_gemm),
         cmocka_unit_test(test_gemm_swiglu),
+        cmocka_unit_test(test_gemm_rmsnorm),
         cmocka_unit_test(test_embed_rmsnorm_swiglu),
         cmocka_unit_test(test_kv_pack_unpack),
         cmocka_unit_test(test_rope_kv),
