@@ -194,6 +194,34 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
 }
 
+// Launches a prefill attention kernel (either of the two below) with `bytes` of dynamic
+// shared memory, raising the kernel's limit the first time (*configured: one flag per
+// kernel; per device in practice, all ours are alike).
+template <typename Kernel>
+static hx_status prefill_launch_kernel(Kernel kernel, size_t bytes, bool *configured,
+                                       const char *what, int D, __nv_bfloat16 *out,
+                                       const __nv_bfloat16 *q, const __nv_bfloat16 *cache,
+                                       const hx_cuda_kv_layout *kv, int layer, const int *bt,
+                                       const int *slot, const int *row0, const int *pos0,
+                                       const int *n, int n_seqs, int max_n, int heads,
+                                       cudaStream_t s, hx_err *err)
+{
+    if (!*configured) {
+        hx_status st = hx_cuda_err(cudaFuncSetAttribute(kernel,
+                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                        (int)bytes),
+                                   err, what);
+        if (st != HX_OK)
+            return st;
+        *configured = true;
+    }
+    dim3 grid((unsigned)((max_n + PF_BQ - 1) / PF_BQ), (unsigned)heads, (unsigned)n_seqs);
+    const float scale_log2 = LOG2E / sqrtf((float)D);
+    hx_launch(kernel, grid, PF_THREADS, bytes, s, out, q, cache, *kv, layer, bt, slot, row0, pos0,
+              n, heads, scale_log2);
+    return hx_cuda_launched(err, what);
+}
+
 template <int D>
 static hx_status prefill_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                 const __nv_bfloat16 *cache, const hx_cuda_kv_layout *kv, int layer,
@@ -201,22 +229,10 @@ static hx_status prefill_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                 const int *n, int n_seqs, int max_n, int heads, cudaStream_t s,
                                 hx_err *err)
 {
-    static bool configured = false; // per device in practice: all ours are alike
-    const size_t bytes = PfSmem<D>::bytes;
-    if (!configured) {
-        hx_status st = hx_cuda_err(cudaFuncSetAttribute(prefill_attn_kernel<D>,
-                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                        (int)bytes),
-                                   err, "prefill attention shared memory");
-        if (st != HX_OK)
-            return st;
-        configured = true;
-    }
-    dim3 grid((unsigned)((max_n + PF_BQ - 1) / PF_BQ), (unsigned)heads, (unsigned)n_seqs);
-    const float scale_log2 = LOG2E / sqrtf((float)D);
-    hx_launch(prefill_attn_kernel<D>, grid, PF_THREADS, bytes, s, out, q, cache, *kv, layer, bt,
-              slot, row0, pos0, n, heads, scale_log2);
-    return hx_cuda_launched(err, "prefill_attention");
+    static bool configured = false;
+    return prefill_launch_kernel(prefill_attn_kernel<D>, PfSmem<D>::bytes, &configured,
+                                 "prefill_attention", D, out, q, cache, kv, layer, bt, slot, row0,
+                                 pos0, n, n_seqs, max_n, heads, s, err);
 }
 
 /* ---- prefill, second kernel: mma.sync with register-resident softmax ----
@@ -468,21 +484,9 @@ static hx_status prefill_mma_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                     cudaStream_t s, hx_err *err)
 {
     static bool configured = false;
-    const size_t bytes = MmaSmem<D>::bytes;
-    if (!configured) {
-        hx_status st = hx_cuda_err(cudaFuncSetAttribute(prefill_mma_kernel<D>,
-                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                        (int)bytes),
-                                   err, "prefill attention (mma) shared memory");
-        if (st != HX_OK)
-            return st;
-        configured = true;
-    }
-    dim3 grid((unsigned)((max_n + PF_BQ - 1) / PF_BQ), (unsigned)heads, (unsigned)n_seqs);
-    const float scale_log2 = LOG2E / sqrtf((float)D);
-    hx_launch(prefill_mma_kernel<D>, grid, PF_THREADS, bytes, s, out, q, cache, *kv, layer, bt,
-              slot, row0, pos0, n, heads, scale_log2);
-    return hx_cuda_launched(err, "prefill_attention_mma");
+    return prefill_launch_kernel(prefill_mma_kernel<D>, MmaSmem<D>::bytes, &configured,
+                                 "prefill_attention_mma", D, out, q, cache, kv, layer, bt, slot,
+                                 row0, pos0, n, n_seqs, max_n, heads, s, err);
 }
 
 static hx_status attn_check(const hx_cuda_kv_layout *kv, int layer, int heads, hx_err *err)
