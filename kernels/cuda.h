@@ -61,6 +61,18 @@ hx_status hx_cuda_set_device(int device, hx_err *err);
 hx_status hx_cuda_device_info(int device, char *name, size_t size, double *peak_bytes_per_s,
                               double *peak_bf16_flops, hx_err *err);
 
+/*
+ * The device's identity as text, "GPU-" and its 16-byte UUID as 8-4-4-4-12
+ * lower-case hex digits (as nvidia-smi -L prints it): 40 characters and a
+ * NUL into out[0..size), caller-owned, size >= HX_CUDA_UUID_CHARS (else
+ * HX_EINVAL). Two processes compare these to tell whether they run on the
+ * same physical GPU (NCCL refuses two ranks of one communicator on one GPU);
+ * device numbers cannot tell, as CUDA_VISIBLE_DEVICES renumbers. HX_EIO when
+ * the device cannot be queried. Any thread.
+ */
+#define HX_CUDA_UUID_CHARS 41
+hx_status hx_cuda_device_uuid(int device, char *out, size_t size, hx_err *err);
+
 /* Device memory (cudaMalloc); *ptr is freed with hx_cuda_free (NULL is a no-op). */
 hx_status hx_cuda_malloc(void **ptr, size_t bytes, hx_err *err);
 void hx_cuda_free(void *ptr);
@@ -75,6 +87,19 @@ hx_status hx_cuda_memset(void *d_dst, int value, size_t bytes, hx_err *err);
 /* Asynchronous copy on `stream` (truly asynchronous only for pinned host memory). */
 hx_status hx_cuda_memcpy_async(void *dst, const void *src, size_t bytes, hx_cuda_stream *stream,
                                hx_err *err);
+/*
+ * Asynchronous 2-d copy on `stream` (cudaMemcpy2DAsync, any direction by
+ * address): `rows` rows of width_bytes each, row r from src + r * src_pitch
+ * to dst + r * dst_pitch (pitches in bytes, each >= width_bytes, else
+ * HX_EINVAL). Loads a column slice of a row-major host matrix: src = the
+ * matrix + first column, src_pitch = its row bytes, width_bytes = the
+ * slice's. Nothing to copy (0 rows or width) is HX_OK; HX_EIO when CUDA
+ * refuses. As hx_cuda_memcpy_async, truly asynchronous only for pinned host
+ * memory: keep src and dst alive until the stream has done it.
+ */
+hx_status hx_cuda_memcpy_2d_async(void *dst, size_t dst_pitch, const void *src, size_t src_pitch,
+                                  size_t width_bytes, size_t rows, hx_cuda_stream *stream,
+                                  hx_err *err);
 
 /* Waits for all work on the device and reports any asynchronous error (HX_EIO). */
 hx_status hx_cuda_sync(hx_err *err);
@@ -182,6 +207,10 @@ hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act, hx_bf16 *
 /* d_x[r] = float(d_table[d_tokens[r]]);  d_x: [rows][hidden] fp32, d_table: [vocab][hidden] */
 hx_status hx_cuda_embed(float *d_x, const hx_bf16 *d_table, const int *d_tokens, int rows,
                         int hidden, int vocab, hx_cuda_stream *stream, hx_err *err);
+
+/* d_x[i] += d_y[i] for i in [0, n): fp32 (the residual add of all-reduced TP partial sums) */
+hx_status hx_cuda_add(float *d_x, const float *d_y, int64_t n, hx_cuda_stream *stream,
+                      hx_err *err);
 
 /*
  * RMSNorm fused with the residual add. For output row r, with s = d_index[r]
@@ -323,18 +352,52 @@ hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_
  * hands the bytes to the other ranks over its own authenticated
  * connection; each rank then joins with hx_cuda_nccl_new. HX_ENOTSUP in a
  * build without NCCL (hx_cuda_nccl_available() == 0).
+ *
+ * A peer process may die at any time, so no call here waits on a peer
+ * without a bound: communicators are NCCL's non-blocking kind, each call
+ * polls (about every millisecond) until NCCL has done its part, and a
+ * deadline that passes or an asynchronous error (a peer gone, the network
+ * down) aborts the communicator (ncclCommAbort, which also stops its
+ * kernels on the GPU). HX_ETIMEDOUT and HX_ECONN (HX_EIO for NCCL's internal
+ * errors) then name the rank, the size and what happened, and every later
+ * call on that communicator fails at once with HX_ECONN ("nccl:
+ * communicator aborted after ..."); only hx_cuda_nccl_free remains. The
+ * operations only queue work on a stream: hx_cuda_nccl_wait waits for it
+ * with a deadline (hx_cuda_stream_sync would hang with a dead peer).
+ * A communicator serves one thread at a time; groups are per thread.
  */
 #define HX_CUDA_NCCL_ID_BYTES 128
 typedef struct hx_cuda_nccl hx_cuda_nccl; /* opaque: one rank's communicator */
 
 int hx_cuda_nccl_available(void);
 hx_status hx_cuda_nccl_unique_id(uint8_t id[HX_CUDA_NCCL_ID_BYTES], hx_err *err);
-/* Collective over all n_ranks: every rank calls it with the same id (blocks until all join). */
+/*
+ * Collective over all n_ranks: every rank calls it with the same id, on its
+ * own GPU `device` (made current), and it blocks until all have joined or
+ * timeout_s (> 0, else HX_EINVAL) has passed: then HX_ETIMEDOUT ("nccl:
+ * rank R of N: the other ranks did not join within T s"), the half-made
+ * communicator aborted. Other failures: HX_ECONN / HX_EIO naming NCCL's
+ * error, HX_EINVAL for a bad rank, the device's error from
+ * hx_cuda_set_device. *out (NULL on failure) is freed with hx_cuda_nccl_free.
+ */
 hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], int n_ranks, int rank,
-                           int device, hx_cuda_nccl **out, hx_err *err);
+                           int device, double timeout_s, hx_cuda_nccl **out, hx_err *err);
+/*
+ * Flushes the work already queued (at most 10 s, then aborts) and frees
+ * the communicator, aborted or not; NULL is a no-op. Peers should free
+ * theirs too: a live communicator's free waits for them, up to that bound.
+ */
 void hx_cuda_nccl_free(hx_cuda_nccl *c);
 int hx_cuda_nccl_rank(const hx_cuda_nccl *c);
 int hx_cuda_nccl_size(const hx_cuda_nccl *c);
+/*
+ * The operations below queue their work on `stream` (NULL: the legacy
+ * default stream) and return once NCCL has handed it there, which may take
+ * a while the first time a pair of ranks talk (they connect then): bounded
+ * by 60 s, after which the communicator is aborted (HX_ETIMEDOUT). Inside a
+ * group, hx_cuda_nccl_group_end does that wait for every communicator used.
+ * Completion: hx_cuda_nccl_wait.
+ */
 /* In-place sum over the ranks: d_buf [count] fp32 (is_bf16 0) or bf16 (is_bf16 1). */
 hx_status hx_cuda_nccl_allreduce(hx_cuda_nccl *c, void *d_buf, size_t count, int is_bf16,
                                  hx_cuda_stream *stream, hx_err *err);
@@ -343,9 +406,29 @@ hx_status hx_cuda_nccl_send(hx_cuda_nccl *c, const void *d_buf, size_t bytes, in
                             hx_cuda_stream *stream, hx_err *err);
 hx_status hx_cuda_nccl_recv(hx_cuda_nccl *c, void *d_buf, size_t bytes, int peer,
                             hx_cuda_stream *stream, hx_err *err);
-/* Brackets several sends/recvs so that they progress together (no deadlock). */
+/*
+ * Brackets several sends/recvs (and all-reduces) so that they progress
+ * together (no deadlock). Groups nest; the outermost group_end launches
+ * them and waits, bounded as above, on every communicator used in it (at
+ * most 16 per group, else HX_EINVAL from the call that adds one more),
+ * aborting any that fails or does not get there in time. Call group_end
+ * after group_start even when a call in between failed.
+ */
 hx_status hx_cuda_nccl_group_start(hx_err *err);
 hx_status hx_cuda_nccl_group_end(hx_err *err);
+/*
+ * Waits until all the work queued on stream s (NCCL's and anything else)
+ * is done, polling the stream (every 50 us to 1 ms) and the communicator's
+ * asynchronous state. An asynchronous NCCL error aborts the communicator
+ * and returns HX_ECONN (HX_EIO for NCCL's internal errors); when timeout_s
+ * (> 0, else HX_EINVAL) passes first, the communicator is aborted (so that
+ * its kernels stop and the stream drains) and HX_ETIMEDOUT is returned;
+ * either way the message names rank, size and what happened, and the
+ * buffers of the aborted operations hold garbage. A CUDA error on the
+ * stream is the device's HX_EIO ("cuda: cudaStreamQuery: ..."), the
+ * communicator left as it is. HX_ECONN at once on an aborted communicator.
+ */
+hx_status hx_cuda_nccl_wait(hx_cuda_nccl *c, hx_cuda_stream *s, double timeout_s, hx_err *err);
 
 /* ---- CUDA graphs and device memory (for engines) ---------------------------------------- */
 

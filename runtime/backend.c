@@ -10,6 +10,7 @@
 #ifdef HX_HAVE_CUDA
 #include "kernels/cuda.h"
 #include "runtime/cuda_engine.h"
+_Static_assert(HX_BACKEND_NCCL_ID_BYTES == HX_CUDA_NCCL_ID_BYTES, "NCCL id size");
 #endif
 
 struct hx_backend {
@@ -21,8 +22,12 @@ struct hx_backend {
     /* cpu */
     hx_llama *model;
     hx_batch *eng;
+    int tp, tp_rank;
+    int step_rows;       /* rows a step may take */
     /* cuda */
     void *cuda;          /* hx_cuda_engine */
+    void *nccl;          /* hx_cuda_nccl: the stage's TP all-reduce, when joined */
+    int device;          /* CUDA device ordinal */
 };
 
 hx_status hx_backend_parse(const char *s, hx_backend_kind *out, hx_err *err)
@@ -98,48 +103,63 @@ static hx_status open_cpu(const hx_backend_options *o, const hx_batch_comm *comm
         return st;
     b->max_seq_tokens = bo.max_seq_tokens;
     b->max_tokens = hx_kvcache_max_blocks(hx_batch_kvcache(b->eng)) * bo.block_tokens;
+    b->tp = sl.tp_size;
+    b->tp_rank = sl.tp_rank;
+    b->step_rows = bo.max_step_tokens;
     return HX_OK;
 }
 
-static hx_status open_cuda(const hx_backend_options *o, hx_backend *b, hx_err *err)
+static hx_status open_cuda(const hx_backend_options *o, const hx_batch_comm *comm,
+                           hx_backend *b, hx_err *err)
 {
 #ifdef HX_HAVE_CUDA
     hx_status st = hx_model_load(o->model_dir, &b->cfg, err);
     if (st != HX_OK)
         return st;
-    int whole = o->first_layer == 0 &&
-                (o->num_layers == 0 || o->num_layers == b->cfg.num_layers) && o->tp_size <= 1;
-    if (!whole)
-        return hx_err_set(err, HX_ENOTSUP,
-                          "the cuda backend runs a whole model on one GPU; this worker's stage "
-                          "holds layers %d-%d of %d at TP %d (use --backend cpu, or a plan "
-                          "with whole-model groups at TP 1)",
-                          o->first_layer,
-                          o->first_layer + (o->num_layers ? o->num_layers : b->cfg.num_layers) - 1,
-                          b->cfg.num_layers, o->tp_size);
+    const int tp = o->tp_size > 1 ? o->tp_size : 1;
+    const int nl = o->num_layers > 0 ? o->num_layers : b->cfg.num_layers - o->first_layer;
+    int kh0 = 0, kv_heads = 0;
+    if ((st = hx_kv_rank_heads(b->cfg.num_kv_heads, tp, o->tp_rank, &kh0, &kv_heads, err)))
+        return st;
     int n = hx_cuda_device_count();
     hx_cuda_options co;
     hx_cuda_options_init(&co);
     co.device = n > 0 ? o->device % n : 0;
     if (n > 0 && o->device >= n)
         HX_WARN("device %d runs on CUDA device %d: this host has %d", o->device, co.device, n);
+    co.first_layer = o->first_layer;
+    co.num_layers = nl;
+    co.tp_rank = o->tp_rank;
+    co.tp_size = tp;
     co.max_seqs = o->max_seqs > 0 ? o->max_seqs : 32;
     if (co.max_step_tokens < co.max_seqs)
         co.max_step_tokens = co.max_seqs;
     co.block_tokens = o->block_tokens > 0 ? o->block_tokens : 16;
     co.max_seq_tokens = o->max_seq_tokens;
-    double per_token = 2.0 * b->cfg.num_layers * b->cfg.num_kv_heads * b->cfg.head_dim * 2;
+    double per_token = 2.0 * nl * kv_heads * b->cfg.head_dim * 2;
     co.max_blocks = blocks_for(o, per_token, co.block_tokens, co.max_seqs, co.max_seq_tokens);
+    if (co.max_blocks < 1)
+        return hx_err_set(err, HX_EINVAL, "a KV budget of %.0f bytes holds no block of %d "
+                          "positions (%.0f bytes each)", o->kv_budget_bytes, co.block_tokens,
+                          per_token * co.block_tokens);
     hx_cuda_engine *e = NULL;
     if ((st = hx_cuda_engine_new(o->model_dir, &co, &e, err)) != HX_OK)
         return st;
     b->cuda = e;
-    b->kv_heads = b->cfg.num_kv_heads;
+    b->device = co.device;
+    const int whole = o->first_layer == 0 && nl == b->cfg.num_layers && tp == 1;
+    if (!whole && (st = hx_cuda_engine_set_comm(e, comm, err)) != HX_OK)
+        return st;
+    b->kv_heads = kv_heads;
+    b->tp = tp;
+    b->tp_rank = o->tp_rank;
+    b->step_rows = co.max_step_tokens;
     b->max_seq_tokens = co.max_seq_tokens;
     b->max_tokens = co.max_blocks * co.block_tokens;
     return HX_OK;
 #else
     (void)o;
+    (void)comm;
     (void)b;
     return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (backends: cpu)");
 #endif
@@ -152,10 +172,8 @@ hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm
     if (!b)
         return hx_err_set(err, HX_ENOMEM, "out of memory");
     b->kind = o->kind;
-    if (b->kind == HX_BACKEND_AUTO) {
-        int whole = o->first_layer == 0 && o->num_layers == 0 && o->tp_size <= 1;
-        b->kind = cuda_usable() && whole ? HX_BACKEND_CUDA : HX_BACKEND_CPU;
-    }
+    if (b->kind == HX_BACKEND_AUTO)
+        b->kind = cuda_usable() ? HX_BACKEND_CUDA : HX_BACKEND_CPU;
     if (b->kind == HX_BACKEND_CUDA && !cuda_usable()) {
         free(b);
 #ifdef HX_HAVE_CUDA
@@ -187,7 +205,7 @@ hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm
             }
             oo.max_seq_tokens = m.max_position_tokens < 4096 ? m.max_position_tokens : 4096;
         }
-        st = open_cuda(&oo, b, err);
+        st = open_cuda(&oo, comm, b, err);
     }
     if (st != HX_OK) {
         hx_backend_close(b);
@@ -204,7 +222,8 @@ void hx_backend_close(hx_backend *b)
     hx_batch_free(b->eng);
     hx_llama_free(b->model);
 #ifdef HX_HAVE_CUDA
-    hx_cuda_engine_free(b->cuda);
+    hx_cuda_engine_free(b->cuda); /* waits for its stream: the communicator goes after */
+    hx_cuda_nccl_free(b->nccl);
 #endif
     free(b);
 }
@@ -232,6 +251,133 @@ int hx_backend_max_seq_tokens(const hx_backend *b)
 int hx_backend_max_tokens(const hx_backend *b)
 {
     return b->max_tokens;
+}
+
+int hx_backend_step_rows(const hx_backend *b)
+{
+    return b->step_rows;
+}
+
+/* ---- NCCL for a TP stage ---- */
+
+int hx_backend_nccl_capable(const hx_backend *b)
+{
+#ifdef HX_HAVE_CUDA
+    return b->cuda && b->tp > 1 && hx_cuda_nccl_available();
+#else
+    (void)b;
+    return 0;
+#endif
+}
+
+hx_status hx_backend_device_uuid(const hx_backend *b, char *out, size_t size, hx_err *err)
+{
+    if (size > 0)
+        out[0] = '\0';
+#ifdef HX_HAVE_CUDA
+    if (b->cuda)
+        return hx_cuda_device_uuid(b->device, out, size, err);
+#else
+    (void)b;
+    (void)err;
+#endif
+    return HX_OK;
+}
+
+hx_status hx_backend_nccl_unique_id(uint8_t id[HX_BACKEND_NCCL_ID_BYTES], hx_err *err)
+{
+#ifdef HX_HAVE_CUDA
+    return hx_cuda_nccl_unique_id(id, err);
+#else
+    memset(id, 0, HX_BACKEND_NCCL_ID_BYTES);
+    return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
+#endif
+}
+
+hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_ID_BYTES],
+                               double timeout_s, hx_err *err)
+{
+#ifdef HX_HAVE_CUDA
+    if (!hx_backend_nccl_capable(b) || b->nccl)
+        return hx_err_set(err, HX_EINVAL, "backend %s at TP rank %d of %d cannot join NCCL%s",
+                          hx_backend_name(b->kind), b->tp_rank, b->tp,
+                          b->nccl ? " twice" : "");
+    hx_cuda_nccl *c = NULL;
+    hx_status st = hx_cuda_nccl_new(id, b->tp, b->tp_rank, b->device, timeout_s, &c, err);
+    if (st != HX_OK)
+        return st;
+    if ((st = hx_cuda_engine_set_nccl(b->cuda, c, timeout_s, err)) != HX_OK) {
+        hx_cuda_nccl_free(c);
+        return st;
+    }
+    b->nccl = c;
+    return HX_OK;
+#else
+    (void)b;
+    (void)id;
+    (void)timeout_s;
+    return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
+#endif
+}
+
+void hx_backend_nccl_leave(hx_backend *b)
+{
+#ifdef HX_HAVE_CUDA
+    if (!b->nccl)
+        return;
+    (void)hx_cuda_engine_set_nccl(b->cuda, NULL, 0, NULL);
+    hx_cuda_nccl_free(b->nccl);
+    b->nccl = NULL;
+#else
+    (void)b;
+#endif
+}
+
+int hx_backend_uses_nccl(const hx_backend *b)
+{
+    return b->nccl != NULL;
+}
+
+/* 64 bytes in front of each block say how it was allocated */
+#define HOST_HEADER 64
+enum { HOST_PLAIN = 1, HOST_PINNED = 2 };
+
+void *hx_backend_host_alloc(const hx_backend *b, size_t bytes)
+{
+    unsigned char *base = NULL;
+    const size_t n = HOST_HEADER + ((bytes + 63) & ~(size_t)63);
+#ifdef HX_HAVE_CUDA
+    if (b->cuda) {
+        hx_err e = {0};
+        if (hx_cuda_host_alloc((void **)&base, n, &e) == HX_OK) {
+            base[0] = HOST_PINNED;
+            return base + HOST_HEADER;
+        }
+        HX_WARN("page-locked memory: %s; using pageable memory", e.msg);
+    }
+#else
+    (void)b;
+#endif
+    base = aligned_alloc(64, n);
+    if (!base)
+        return NULL;
+    base[0] = HOST_PLAIN;
+    return base + HOST_HEADER;
+}
+
+void hx_backend_host_free(const hx_backend *b, void *p)
+{
+    (void)b;
+    if (!p)
+        return;
+    unsigned char *base = (unsigned char *)p - HOST_HEADER;
+#ifdef HX_HAVE_CUDA
+    if (base[0] == HOST_PINNED) {
+        hx_cuda_host_free(base);
+        return;
+    }
+#endif
+    free(base);
 }
 
 #ifdef HX_HAVE_CUDA

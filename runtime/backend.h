@@ -4,8 +4,10 @@
  *   cpu   runtime/batch.h over runtime/llama.h (fp32, every core): any stage
  *         and TP slice, driven in lockstep with the group's other ranks
  *         through an hx_batch_comm.
- *   cuda  runtime/cuda_engine.h (bf16 on one GPU): a whole model at TP 1 in
- *         a single stage; built when the CUDA toolkit was found.
+ *   cuda  runtime/cuda_engine.h (bf16 on one GPU): any stage and TP slice
+ *         too, through the same hx_batch_comm (host buffers), or with the
+ *         TP all-reduce over NCCL (hx_backend_nccl_join); built when the
+ *         CUDA toolkit was found.
  *
  * Both take the same requests, emit the same events, hold requests' KV the
  * same way (hold_kv) and export it in the same segments (hx_kvcache_pack's
@@ -52,9 +54,9 @@ typedef struct hx_backend hx_backend; /* opaque */
 
 /*
  * Loads the model and makes the engine. comm (copied; may be NULL for a
- * whole model at TP 1) is what a cpu engine of a stage or slice needs;
- * cuda refuses anything but a whole model at TP 1 (HX_ENOTSUP, saying
- * so), and HX_ENOTSUP too when this build has no CUDA or no GPU is there.
+ * whole model at TP 1) is what an engine of a stage or slice needs, of
+ * either kind. cuda: HX_ENOTSUP when this build has no CUDA or no GPU is
+ * there, or the model does not suit the GPU kernels.
  */
 hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm,
                           hx_backend **out, hx_err *err);
@@ -65,6 +67,8 @@ const hx_model *hx_backend_config(const hx_backend *b);  /* the whole model's; b
 int hx_backend_kv_heads(const hx_backend *b);  /* KV heads this engine holds */
 int hx_backend_max_seq_tokens(const hx_backend *b);
 int hx_backend_max_tokens(const hx_backend *b); /* KV positions in all */
+/* Rows a step may take: every engine of a group must agree (and be of one kind). */
+int hx_backend_step_rows(const hx_backend *b);
 int hx_backend_seq_count(const hx_backend *b);
 int hx_backend_can_admit(const hx_backend *b, int n_prompt, int max_new_tokens);
 /* Positions of request id's KV; -1 when unknown. */
@@ -86,5 +90,36 @@ hx_status hx_backend_step(hx_backend *b, const hx_batch_event **events, int *n_e
 hx_status hx_backend_pack_kv(hx_backend *b, uint64_t id, int layer_first, int num_layers,
                              int head_first, int num_heads, void *out, size_t out_size,
                              size_t *out_bytes, hx_err *err);
+
+/*
+ * NCCL for the TP all-reduce of a stage whose ranks are cuda engines on
+ * distinct GPUs. Rank 0 of the stage makes an id (hx_backend_nccl_unique_id)
+ * and hands it to the others over the group's authenticated connections;
+ * every rank then joins (collective: it returns when all have joined, or
+ * fails after timeout_s, HX_ETIMEDOUT). From then on the engine sums on the
+ * device and the comm's allreduce is no longer called; a step whose peers
+ * stop fails after timeout_s instead of hanging. hx_backend_nccl_capable:
+ * a cuda engine of a TP slice in a build with NCCL. device_uuid: the GPU's
+ * identity ("GPU-..."; "" for cpu), so a stage can see two ranks on one GPU,
+ * which NCCL refuses.
+ */
+#define HX_BACKEND_NCCL_ID_BYTES 128
+int hx_backend_nccl_capable(const hx_backend *b);
+hx_status hx_backend_device_uuid(const hx_backend *b, char *out, size_t size, hx_err *err);
+hx_status hx_backend_nccl_unique_id(uint8_t id[HX_BACKEND_NCCL_ID_BYTES], hx_err *err);
+hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_ID_BYTES],
+                               double timeout_s, hx_err *err);
+/* Leaves the communicator (back to the comm's allreduce); no-op when not joined. */
+void hx_backend_nccl_leave(hx_backend *b);
+int hx_backend_uses_nccl(const hx_backend *b);
+
+/*
+ * Host memory for KV segments (64-byte aligned): page-locked for a cuda
+ * engine, so its copies out of the device are direct; plain memory for cpu
+ * (or when page-locked memory runs out). NULL when out of memory. Freed
+ * with hx_backend_host_free on the same backend, before it is closed.
+ */
+void *hx_backend_host_alloc(const hx_backend *b, size_t bytes);
+void hx_backend_host_free(const hx_backend *b, void *p);
 
 #endif /* HX_BACKEND_H */

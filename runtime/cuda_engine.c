@@ -61,15 +61,24 @@ typedef struct out_src {
 struct hx_cuda_engine {
     hx_model cfg;
     hx_cuda_options opt;
+    /* the slice this engine holds: layers [l0, l0 + L), query heads [qh0, qh0 + H), KV heads
+       [kh0, kh0 + K), intermediate rows [f0, f0 + F) of the whole model's */
     int L, hid, H, K, D, F, V, qkv_n;
+    int l0, qh0, kh0, f0;
+    int has_embed, has_head; /* first stage / last stage */
+    int tp;                  /* opt.tp_size */
     float eps;
+    hx_batch_comm comm; /* set by hx_cuda_engine_set_comm; needed unless a whole model at TP 1 */
+    int has_comm;
+    hx_cuda_nccl *nccl; /* borrowed: the TP all-reduce on the device, when set */
+    double nccl_timeout_s;
     hx_cuda_stream *stream;
     hx_cuda_blas *blas;
 
     /* weights */
-    hx_bf16 *embed;   /* [vocab][hidden] */
-    hx_bf16 *lm_head; /* [vocab][hidden]; == embed when tied */
-    float *final_norm; /* [hidden] */
+    hx_bf16 *embed;   /* [vocab][hidden]; first stage only */
+    hx_bf16 *lm_head; /* [vocab][hidden]; last stage only; == embed when tied on a whole model */
+    float *final_norm; /* [hidden]; last stage only */
     layer_w *layers;   /* [L] */
     int64_t weight_bytes;
 
@@ -95,6 +104,8 @@ struct hx_cuda_engine {
     float *logits; /* [S][vocab] */
     float *part;   /* decode attention partials */
     int max_parts;
+    float *y;      /* [T][hidden] TP partial sums of the o and down projections (TP > 1) */
+    float *h_rows; /* [T][hidden] pinned: rows to and from other stages, host all-reduce */
 
     /* step inputs/outputs */
     int T, S;
@@ -147,6 +158,10 @@ void hx_cuda_options_init(hx_cuda_options *opt)
     opt->graphs = 1;
     opt->gemv_max_rows = 8;
     opt->logits = 0;
+    opt->first_layer = 0;
+    opt->num_layers = 0;
+    opt->tp_rank = 0;
+    opt->tp_size = 1;
 }
 
 static hx_status check_model(const hx_model *c, const char *what, hx_err *err)
@@ -224,6 +239,8 @@ void hx_cuda_engine_free(hx_cuda_engine *e)
     hx_cuda_free(e->hn);
     hx_cuda_free(e->logits);
     hx_cuda_free(e->part);
+    hx_cuda_free(e->y);
+    hx_cuda_host_free(e->h_rows);
     hx_cuda_host_free(e->h_io);
     hx_cuda_free(e->d_io);
     hx_cuda_free(e->d_tok_out);
@@ -269,12 +286,46 @@ static hx_status setup_sizes(hx_cuda_engine *e, const hx_cuda_options *opt, hx_e
         int64_t nb = (int64_t)o->max_seqs * e->mbps;
         o->max_blocks = nb > INT_MAX - 1 ? INT_MAX - 1 : (int)nb;
     }
-    e->L = c->num_layers;
+    /* the stage and the TP slice (runtime/llama.h's: Megatron style, KV heads as
+       hx_kv_rank_heads gives them, intermediate rows [r f / tp, (r + 1) f / tp)) */
+    const int nl = o->num_layers > 0 ? o->num_layers : c->num_layers - o->first_layer;
+    if (o->first_layer < 0 || o->first_layer >= c->num_layers || nl < 1 ||
+        o->first_layer + nl > c->num_layers)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda engine: layers %d-%d are outside the model's 0-%d",
+                          o->first_layer, o->first_layer + nl - 1, c->num_layers - 1);
+    if (o->tp_size < 1 || o->tp_rank < 0 || o->tp_rank >= o->tp_size ||
+        c->num_heads % o->tp_size)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda engine: TP rank %d of %d: the tp degree must divide the model's "
+                          "%d attention heads",
+                          o->tp_rank, o->tp_size, c->num_heads);
+    hx_status st = hx_kv_rank_heads(c->num_kv_heads, o->tp_size, o->tp_rank, &e->kh0, &e->K, err);
+    if (st != HX_OK)
+        return st;
+    e->tp = o->tp_size;
+    e->l0 = o->first_layer;
+    e->L = nl;
+    e->has_embed = e->l0 == 0;
+    e->has_head = e->l0 + e->L == c->num_layers;
     e->hid = c->hidden_size;
-    e->H = c->num_heads;
-    e->K = c->num_kv_heads;
+    e->H = c->num_heads / o->tp_size;
+    e->qh0 = o->tp_rank * e->H;
     e->D = c->head_dim;
-    e->F = c->intermediate_size;
+    e->f0 = (int)((int64_t)o->tp_rank * c->intermediate_size / o->tp_size);
+    e->F = (int)((int64_t)(o->tp_rank + 1) * c->intermediate_size / o->tp_size) - e->f0;
+    if (e->F % 8)
+        return hx_err_set(err, HX_ENOTSUP,
+                          "cuda engine: TP rank %d of %d holds %d intermediate rows; the GPU "
+                          "kernels need a multiple of 8",
+                          o->tp_rank, o->tp_size, e->F);
+    if (e->qh0 / (c->num_heads / c->num_kv_heads) < e->kh0 ||
+        (e->qh0 + e->H - 1) / (c->num_heads / c->num_kv_heads) >= e->kh0 + e->K)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda engine: TP rank %d of %d: query heads %d-%d do not map onto KV "
+                          "heads %d-%d",
+                          o->tp_rank, o->tp_size, e->qh0, e->qh0 + e->H - 1, e->kh0,
+                          e->kh0 + e->K - 1);
     e->V = c->vocab_size;
     e->qkv_n = (e->H + 2 * e->K) * e->D;
     e->eps = (float)c->norm_eps;
@@ -361,6 +412,13 @@ static hx_status setup_buffers(hx_cuda_engine *e, hx_err *err)
         (st = hx_cuda_memset(e->part, 0,
                              hx_cuda_decode_attention_workspace(e->S, e->H, e->D, e->max_parts),
                              err)))
+        return st;
+
+    /* TP partial sums; rows that cross stages or a host all-reduce go through h_rows */
+    if (e->tp > 1 && (st = dalloc(&e->y, T * hid * 4, err)))
+        return st;
+    if ((e->tp > 1 || !e->has_embed || !e->has_head) &&
+        (st = hx_cuda_host_alloc((void **)&e->h_rows, T * hid * 4, err)))
         return st;
 
     /* step io: 3T + 9S ints, then 2S floats */
@@ -452,16 +510,23 @@ static hx_status alloc_weights(hx_cuda_engine *e, hx_err *err)
     hx_status st;
     const size_t hid = (size_t)e->hid, V = (size_t)e->V, F = (size_t)e->F;
     const size_t hd = (size_t)e->H * e->D;
-    if ((st = dalloc(&e->embed, V * hid * 2, err)) ||
-        (st = dalloc(&e->final_norm, hid * 4, err)))
-        return st;
-    e->weight_bytes = (int64_t)(V * hid * 2 + hid * 4);
-    if (!e->cfg.tied_embeddings) {
-        if ((st = dalloc(&e->lm_head, V * hid * 2, err)))
+    e->weight_bytes = 0;
+    if (e->has_embed) {
+        if ((st = dalloc(&e->embed, V * hid * 2, err)))
             return st;
         e->weight_bytes += (int64_t)(V * hid * 2);
-    } else {
-        e->lm_head = e->embed;
+    }
+    if (e->has_head) {
+        if ((st = dalloc(&e->final_norm, hid * 4, err)))
+            return st;
+        e->weight_bytes += (int64_t)(hid * 4);
+        if (e->cfg.tied_embeddings && e->has_embed) {
+            e->lm_head = e->embed;
+        } else {
+            if ((st = dalloc(&e->lm_head, V * hid * 2, err)))
+                return st;
+            e->weight_bytes += (int64_t)(V * hid * 2);
+        }
     }
     for (int l = 0; l < e->L; l++) {
         layer_w *w = &e->layers[l];
@@ -500,30 +565,35 @@ hx_status hx_cuda_engine_new_random(const hx_model *cfg, uint64_t seed,
         goto out_free;
     hx_cuda_stream *s = e->stream;
     const int64_t hid = e->hid, V = e->V, F = e->F, hd = (int64_t)e->H * e->D;
-    const float a_h = sqrtf(3.0f / (float)hid), a_hd = sqrtf(3.0f / (float)hd),
-                a_f = sqrtf(3.0f / (float)F);
-    if ((st = hx_cuda_fill_uniform_bf16(e->embed, V * hid, tensor_seed(seed, -1, 0), -1.0f, 1.0f,
-                                        s, err)) ||
-        (st = hx_cuda_fill_uniform_f32(e->final_norm, hid, tensor_seed(seed, -1, 1), 0.9f, 1.1f,
-                                       s, err)))
+    /* scaled by the whole model's fan-in, whatever slice this engine holds */
+    const float a_h = sqrtf(3.0f / (float)hid),
+                a_hd = sqrtf(3.0f / (float)(cfg->num_heads * cfg->head_dim)),
+                a_f = sqrtf(3.0f / (float)cfg->intermediate_size);
+    if (e->embed && (st = hx_cuda_fill_uniform_bf16(e->embed, V * hid, tensor_seed(seed, -1, 0),
+                                                    -1.0f, 1.0f, s, err)))
         goto out_free;
-    if (e->lm_head != e->embed &&
+    if (e->final_norm && (st = hx_cuda_fill_uniform_f32(e->final_norm, hid,
+                                                        tensor_seed(seed, -1, 1), 0.9f, 1.1f, s,
+                                                        err)))
+        goto out_free;
+    if (e->lm_head && e->lm_head != e->embed &&
         (st = hx_cuda_fill_uniform_bf16(e->lm_head, V * hid, tensor_seed(seed, -1, 2), -a_h, a_h,
                                         s, err)))
         goto out_free;
     for (int l = 0; l < e->L; l++) {
         layer_w *w = &e->layers[l];
-        if ((st = hx_cuda_fill_uniform_f32(w->attn_norm, hid, tensor_seed(seed, l, 0), 0.9f, 1.1f,
+        const int ml = e->l0 + l; /* model-wide: a stage's layers are the whole model's */
+        if ((st = hx_cuda_fill_uniform_f32(w->attn_norm, hid, tensor_seed(seed, ml, 0), 0.9f, 1.1f,
                                            s, err)) ||
-            (st = hx_cuda_fill_uniform_f32(w->ffn_norm, hid, tensor_seed(seed, l, 1), 0.9f, 1.1f,
+            (st = hx_cuda_fill_uniform_f32(w->ffn_norm, hid, tensor_seed(seed, ml, 1), 0.9f, 1.1f,
                                            s, err)) ||
             (st = hx_cuda_fill_uniform_bf16(w->wqkv, (int64_t)e->qkv_n * hid,
-                                            tensor_seed(seed, l, 2), -a_h, a_h, s, err)) ||
-            (st = hx_cuda_fill_uniform_bf16(w->wo, hid * hd, tensor_seed(seed, l, 3), -a_hd, a_hd,
+                                            tensor_seed(seed, ml, 2), -a_h, a_h, s, err)) ||
+            (st = hx_cuda_fill_uniform_bf16(w->wo, hid * hd, tensor_seed(seed, ml, 3), -a_hd, a_hd,
                                             s, err)) ||
-            (st = hx_cuda_fill_uniform_bf16(w->wgu, 2 * F * hid, tensor_seed(seed, l, 4), -a_h,
+            (st = hx_cuda_fill_uniform_bf16(w->wgu, 2 * F * hid, tensor_seed(seed, ml, 4), -a_h,
                                             a_h, s, err)) ||
-            (st = hx_cuda_fill_uniform_bf16(w->wdown, hid * F, tensor_seed(seed, l, 5), -a_f, a_f,
+            (st = hx_cuda_fill_uniform_bf16(w->wdown, hid * F, tensor_seed(seed, ml, 5), -a_f, a_f,
                                             s, err)))
             goto out_free;
     }
@@ -575,9 +645,13 @@ static hx_status find_checked(loader *ld, const char *name, int64_t rows, int64_
     return HX_OK;
 }
 
-/* A [rows][cols] matrix into dst (bf16), through the staging buffer. */
-static hx_status load_matrix(loader *ld, const char *name, int64_t rows, int64_t cols,
-                             hx_bf16 *dst, hx_err *err)
+/*
+ * Rows [r0, r0 + nr) and columns [c0, c0 + nc) of the [rows][cols] tensor
+ * `name` into dst ([nr][nc] bf16), through the staging buffer: a TP slice
+ * takes row blocks of Wq, Wk, Wv, Wgate, Wup and column blocks of Wo, Wdown.
+ */
+static hx_status load_block(loader *ld, const char *name, int64_t rows, int64_t cols, int64_t r0,
+                            int64_t nr, int64_t c0, int64_t nc, hx_bf16 *dst, hx_err *err)
 {
     hx_safetensors_tensor t;
     hx_status st = find_checked(ld, name, rows, cols, &t, err);
@@ -587,15 +661,33 @@ static hx_status load_matrix(loader *ld, const char *name, int64_t rows, int64_t
     const int dt = t.dtype == HX_SAFETENSORS_F32    ? HX_CUDA_DTYPE_F32
                    : t.dtype == HX_SAFETENSORS_BF16 ? HX_CUDA_DTYPE_BF16
                                                     : HX_CUDA_DTYPE_F16;
-    const int64_t n = rows * cols, chunk = (int64_t)(STAGING_BYTES / es);
-    for (int64_t off = 0; off < n; off += chunk) {
-        const int64_t m = n - off < chunk ? n - off : chunk;
-        if ((st = hx_cuda_memcpy_async(ld->staging, (const char *)t.data + (size_t)off * es,
-                                       (size_t)m * es, ld->e->stream, err)) ||
-            (st = hx_cuda_to_bf16(dst + off, ld->staging, dt, m, ld->e->stream, err)))
+    const int64_t per = (int64_t)(STAGING_BYTES / ((size_t)nc * es)); /* rows per copy */
+    if (per < 1)
+        return hx_err_set(err, HX_ENOTSUP, "model '%s': tensor '%s': rows of %lld values do not "
+                          "fit the loader's staging buffer", ld->dir, name, (long long)nc);
+    const unsigned char *base = t.data;
+    for (int64_t r = 0; r < nr; r += per) {
+        const int64_t m = nr - r < per ? nr - r : per;
+        const unsigned char *src = base + (size_t)((r0 + r) * cols + c0) * es;
+        if (nc == cols)
+            st = hx_cuda_memcpy_async(ld->staging, src, (size_t)(m * nc) * es, ld->e->stream,
+                                      err);
+        else
+            st = hx_cuda_memcpy_2d_async(ld->staging, (size_t)nc * es, src, (size_t)cols * es,
+                                         (size_t)nc * es, (size_t)m, ld->e->stream, err);
+        if (st == HX_OK)
+            st = hx_cuda_to_bf16(dst + r * nc, ld->staging, dt, m * nc, ld->e->stream, err);
+        if (st != HX_OK)
             return st;
     }
     return HX_OK;
+}
+
+/* A whole [rows][cols] matrix into dst (bf16). */
+static hx_status load_matrix(loader *ld, const char *name, int64_t rows, int64_t cols,
+                             hx_bf16 *dst, hx_err *err)
+{
+    return load_block(ld, name, rows, cols, 0, rows, 0, cols, dst, err);
 }
 
 static hx_status load_vector(loader *ld, const char *name, float *d_dst, hx_err *err)
@@ -617,28 +709,42 @@ static hx_status load_weights(loader *ld, hx_err *err)
     hx_cuda_engine *e = ld->e;
     char name[256];
     hx_status st;
-    const int64_t hid = e->hid, V = e->V, F = e->F, qd = (int64_t)e->H * e->D,
-                  kd = (int64_t)e->K * e->D;
-    if ((st = load_matrix(ld, "model.embed_tokens.weight", V, hid, e->embed, err)) ||
-        (st = load_vector(ld, "model.norm.weight", e->final_norm, err)))
+    const int64_t hid = e->hid, V = e->V, D = e->D, F = e->F;
+    const int64_t Qm = (int64_t)e->cfg.num_heads * D, Km = (int64_t)e->cfg.num_kv_heads * D,
+                  Fm = e->cfg.intermediate_size;
+    const int64_t q0 = (int64_t)e->qh0 * D, nq = (int64_t)e->H * D, k0 = (int64_t)e->kh0 * D,
+                  nk = (int64_t)e->K * D;
+    if (e->has_embed &&
+        (st = load_matrix(ld, "model.embed_tokens.weight", V, hid, e->embed, err)))
         return st;
-    if (e->lm_head != e->embed &&
-        (st = load_matrix(ld, "lm_head.weight", V, hid, e->lm_head, err)))
-        return st;
+    if (e->has_head) {
+        if ((st = load_vector(ld, "model.norm.weight", e->final_norm, err)))
+            return st;
+        /* tied on a stage without the embedding: the head is the embedding's table */
+        const char *head = e->cfg.tied_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+        if (e->lm_head != e->embed && (st = load_matrix(ld, head, V, hid, e->lm_head, err)))
+            return st;
+    }
     for (int l = 0; l < e->L; l++) {
         layer_w *w = &e->layers[l];
-#define NAME(fmt) (snprintf(name, sizeof name, "model.layers.%d." fmt, l), name)
+        const int ml = e->l0 + l;
+#define NAME(fmt) (snprintf(name, sizeof name, "model.layers.%d." fmt, ml), name)
         if ((st = load_vector(ld, NAME("input_layernorm.weight"), w->attn_norm, err)) ||
             (st = load_vector(ld, NAME("post_attention_layernorm.weight"), w->ffn_norm, err)) ||
-            (st = load_matrix(ld, NAME("self_attn.q_proj.weight"), qd, hid, w->wqkv, err)) ||
-            (st = load_matrix(ld, NAME("self_attn.k_proj.weight"), kd, hid, w->wqkv + qd * hid,
-                              err)) ||
-            (st = load_matrix(ld, NAME("self_attn.v_proj.weight"), kd, hid,
-                              w->wqkv + (qd + kd) * hid, err)) ||
-            (st = load_matrix(ld, NAME("self_attn.o_proj.weight"), hid, qd, w->wo, err)) ||
-            (st = load_matrix(ld, NAME("mlp.gate_proj.weight"), F, hid, w->wgu, err)) ||
-            (st = load_matrix(ld, NAME("mlp.up_proj.weight"), F, hid, w->wgu + F * hid, err)) ||
-            (st = load_matrix(ld, NAME("mlp.down_proj.weight"), hid, F, w->wdown, err)))
+            (st = load_block(ld, NAME("self_attn.q_proj.weight"), Qm, hid, q0, nq, 0, hid,
+                             w->wqkv, err)) ||
+            (st = load_block(ld, NAME("self_attn.k_proj.weight"), Km, hid, k0, nk, 0, hid,
+                             w->wqkv + nq * hid, err)) ||
+            (st = load_block(ld, NAME("self_attn.v_proj.weight"), Km, hid, k0, nk, 0, hid,
+                             w->wqkv + (nq + nk) * hid, err)) ||
+            (st = load_block(ld, NAME("self_attn.o_proj.weight"), hid, Qm, 0, hid, q0, nq,
+                             w->wo, err)) ||
+            (st = load_block(ld, NAME("mlp.gate_proj.weight"), Fm, hid, e->f0, F, 0, hid, w->wgu,
+                             err)) ||
+            (st = load_block(ld, NAME("mlp.up_proj.weight"), Fm, hid, e->f0, F, 0, hid,
+                             w->wgu + F * hid, err)) ||
+            (st = load_block(ld, NAME("mlp.down_proj.weight"), hid, Fm, 0, hid, e->f0, F,
+                             w->wdown, err)))
             return st;
 #undef NAME
     }
@@ -700,6 +806,58 @@ out_free:
     hx_safetensors_index_free(ld.ix);
     hx_cuda_engine_free(e);
     return st;
+}
+
+/* ---- the group's other ranks ---- */
+
+hx_status hx_cuda_engine_set_comm(hx_cuda_engine *e, const hx_batch_comm *comm, hx_err *err)
+{
+    const char *missing = NULL;
+    if (!comm)
+        missing = "the comm";
+    else if (e->tp > 1 && !comm->allreduce && !e->nccl)
+        missing = "allreduce";
+    else if (!e->has_embed && !comm->recv_rows)
+        missing = "recv_rows";
+    else if (!e->has_head && !comm->send_rows)
+        missing = "send_rows";
+    else if ((!e->has_embed || !e->has_head) && !comm->tokens)
+        missing = "tokens";
+    if (missing)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda engine: layers %d-%d at TP rank %d of %d: %s is missing",
+                          e->l0, e->l0 + e->L - 1, e->opt.tp_rank, e->tp, missing);
+    e->comm = *comm;
+    e->has_comm = 1;
+    return HX_OK;
+}
+
+hx_status hx_cuda_engine_set_nccl(hx_cuda_engine *e, hx_cuda_nccl *tp_comm, double timeout_s,
+                                  hx_err *err)
+{
+    if (tp_comm && (e->tp < 2 || hx_cuda_nccl_size(tp_comm) != e->tp ||
+                    hx_cuda_nccl_rank(tp_comm) != e->opt.tp_rank))
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda engine: TP rank %d of %d cannot use an NCCL communicator of "
+                          "rank %d of %d",
+                          e->opt.tp_rank, e->tp, hx_cuda_nccl_rank(tp_comm),
+                          hx_cuda_nccl_size(tp_comm));
+    e->nccl = tp_comm;
+    e->nccl_timeout_s = timeout_s > 0 ? timeout_s : 60.0;
+    return HX_OK;
+}
+
+void hx_cuda_engine_slice(const hx_cuda_engine *e, int *layer_first, int *num_layers,
+                          int *kv_head_first, int *kv_heads)
+{
+    if (layer_first)
+        *layer_first = e->l0;
+    if (num_layers)
+        *num_layers = e->L;
+    if (kv_head_first)
+        *kv_head_first = e->kh0;
+    if (kv_heads)
+        *kv_heads = e->K;
 }
 
 /* ---- queries ---- */
@@ -897,13 +1055,15 @@ static hx_status check_segment(const hx_cuda_engine *e, const hx_batch_request *
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: request %llu: segment %d: head_dim %d, the model's is %d",
                           id, i, g->head_dim, e->D);
-    if (g->num_layers < 1 || g->num_heads < 1 || g->layer_first < 0 || g->head_first < 0 ||
-        g->layer_first > e->L - g->num_layers || g->head_first > e->K - g->num_heads)
+    if (g->num_layers < 1 || g->num_heads < 1 || g->layer_first < e->l0 ||
+        g->head_first < e->kh0 || g->layer_first - e->l0 > e->L - g->num_layers ||
+        g->head_first - e->kh0 > e->K - g->num_heads)
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: request %llu: segment %d: layers [%d, +%d) or KV heads "
-                          "[%d, +%d) outside the model's %d layers and %d KV heads",
+                          "[%d, +%d) outside this engine's layers [%d, +%d) and KV heads "
+                          "[%d, +%d)",
                           id, i, g->layer_first, g->num_layers, g->head_first, g->num_heads,
-                          e->L, e->K);
+                          e->l0, e->L, e->kh0, e->K);
     const uint64_t want =
         (uint64_t)g->num_layers * 2 * g->num_heads * (uint64_t)g->tokens * g->head_dim * 4;
     if (g->payload_bytes != want || !g->payload || ((uintptr_t)g->payload % 4) != 0)
@@ -941,15 +1101,16 @@ hx_status hx_cuda_engine_add_prefilled(hx_cuda_engine *e, const hx_batch_request
         if ((st = check_segment(e, req, i, g, err)) != HX_OK)
             break;
         for (int l = 0; l < g->num_layers; l++)
-            memset(covered + (size_t)(g->layer_first + l) * e->K + g->head_first, 1,
-                   (size_t)g->num_heads);
+            memset(covered + (size_t)(g->layer_first - e->l0 + l) * e->K +
+                       (g->head_first - e->kh0),
+                   1, (size_t)g->num_heads);
     }
     for (int i = 0; st == HX_OK && i < e->L * e->K; i++)
         if (!covered[i])
             st = hx_err_set(err, HX_EINVAL,
                             "cuda engine: request %llu: the segments leave layer %d, KV head %d "
                             "uncovered",
-                            id, i / e->K, i % e->K);
+                            id, e->l0 + i / e->K, e->kh0 + i % e->K);
     free(covered);
     if (st != HX_OK)
         return st;
@@ -969,8 +1130,9 @@ hx_status hx_cuda_engine_add_prefilled(hx_cuda_engine *e, const hx_batch_request
             st = hx_cuda_memcpy_async(e->d_seg, g->payload + (size_t)l0 * layer_floats,
                                       (size_t)nl * layer_floats * 4, e->stream, err);
             if (st == HX_OK)
-                st = hx_cuda_kv_unpack(e->kv, e->d_seg, &e->kvl, d_row, g->layer_first + l0, nl,
-                                       g->head_first, g->num_heads, 0, g->tokens, e->stream, err);
+                st = hx_cuda_kv_unpack(e->kv, e->d_seg, &e->kvl, d_row,
+                                       g->layer_first - e->l0 + l0, nl, g->head_first - e->kh0,
+                                       g->num_heads, 0, g->tokens, e->stream, err);
         }
     }
     if (st == HX_OK)
@@ -1099,13 +1261,15 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
         return hx_err_set(err, HX_ENOENT, "cuda engine: no request %llu",
                           (unsigned long long)id);
     const int tokens = e->seqs[slot].kv_len;
-    if (tokens < 1 || num_layers < 1 || num_heads < 1 || layer_first < 0 || head_first < 0 ||
-        layer_first > e->L - num_layers || head_first > e->K - num_heads)
+    if (tokens < 1 || num_layers < 1 || num_heads < 1 || layer_first < e->l0 ||
+        head_first < e->kh0 || layer_first - e->l0 > e->L - num_layers ||
+        head_first - e->kh0 > e->K - num_heads)
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: request %llu: cannot pack layers [%d, +%d), KV heads "
-                          "[%d, +%d) of %d positions (model: %d layers, %d KV heads)",
+                          "[%d, +%d) of %d positions (this engine holds layers [%d, +%d), KV "
+                          "heads [%d, +%d))",
                           (unsigned long long)id, layer_first, num_layers, head_first, num_heads,
-                          tokens, e->L, e->K);
+                          tokens, e->l0, e->L, e->kh0, e->K);
     const size_t need = hx_kv_segment_bytes(num_layers, num_heads, tokens, e->D);
     if (need == 0 || out_size < need)
         return hx_err_set(err, HX_ERANGE,
@@ -1136,8 +1300,8 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
     const int *d_row = e->d_bt + (size_t)slot * e->mbps;
     for (int l0 = 0; l0 < num_layers && st == HX_OK; l0 += e->seg_layers) {
         const int nl = num_layers - l0 < e->seg_layers ? num_layers - l0 : e->seg_layers;
-        st = hx_cuda_kv_pack(e->d_seg, e->kv, &e->kvl, d_row, layer_first + l0, nl, head_first,
-                             num_heads, 0, tokens, e->stream, err);
+        st = hx_cuda_kv_pack(e->d_seg, e->kv, &e->kvl, d_row, layer_first - e->l0 + l0, nl,
+                             head_first - e->kh0, num_heads, 0, tokens, e->stream, err);
         if (st == HX_OK)
             st = hx_cuda_memcpy_async(h + HX_KV_SEGMENT_HEADER_BYTES + (size_t)l0 * layer_bytes,
                                       e->d_seg, (size_t)nl * layer_bytes, e->stream, err);
@@ -1163,20 +1327,100 @@ static void *dio(const hx_cuda_engine *e, const void *p)
     return e->d_io + ((const unsigned char *)p - e->h_io);
 }
 
-/* Enqueues a step's whole forward pass and the copies in and out. */
+/*
+ * Waits for the engine's stream. With NCCL in the step, a peer that died
+ * would leave the all-reduce waiting for ever: the wait watches the
+ * communicator and gives up after nccl_timeout_s, aborting it.
+ */
+static hx_status sync_stream(hx_cuda_engine *e, hx_err *err)
+{
+    if (e->nccl)
+        return hx_cuda_nccl_wait(e->nccl, e->stream, e->nccl_timeout_s, err);
+    return hx_cuda_stream_sync(e->stream, err);
+}
+
+/* A comm callback's failure, wrapped with where the engine is and what it was doing. */
+static hx_status comm_failed(const hx_cuda_engine *e, hx_status st, const char *what,
+                             const hx_err *inner, hx_err *err)
+{
+    return hx_err_set(err, st, "cuda engine: stage of layers %d-%d, TP rank %d of %d: %s failed: %s",
+                      e->l0, e->l0 + e->L - 1, e->opt.tp_rank, e->tp, what,
+                      inner->msg[0] ? inner->msg : hx_strerror(st));
+}
+
+/*
+ * x += the sum over the stage's TP ranks of the partial sums in y
+ * ([rows][hidden]): NCCL on the device when set, otherwise the comm's host
+ * all-reduce on a copy in h_rows (page-locked).
+ */
+static hx_status reduce_add(hx_cuda_engine *e, int rows, int layer, const char *what, hx_err *err)
+{
+    const size_t n = (size_t)rows * e->hid;
+    hx_status st;
+    if (e->nccl) {
+        st = hx_cuda_nccl_allreduce(e->nccl, e->y, n, 0, e->stream, err);
+    } else {
+        st = hx_cuda_memcpy_async(e->h_rows, e->y, n * 4, e->stream, err);
+        if (st == HX_OK)
+            st = hx_cuda_stream_sync(e->stream, err);
+        if (st != HX_OK)
+            return st;
+        hx_err inner;
+        inner.msg[0] = '\0';
+        if ((st = e->comm.allreduce(e->comm.ctx, e->h_rows, n, &inner)) != HX_OK)
+            return hx_err_set(err, st, "cuda engine: layer %d, TP rank %d of %d: all-reduce "
+                              "after the %s projection failed: %s",
+                              e->l0 + layer, e->opt.tp_rank, e->tp, what,
+                              inner.msg[0] ? inner.msg : hx_strerror(st));
+        st = hx_cuda_memcpy_async(e->y, e->h_rows, n * 4, e->stream, err);
+    }
+    if (st == HX_OK)
+        st = hx_cuda_add(e->x, e->y, (int64_t)n, e->stream, err);
+    return st;
+}
+
+/*
+ * y = x W^T added into the residual stream x: in place (beta 1) on a whole
+ * layer; through y and the all-reduce on a TP slice.
+ */
+static hx_status project_add(hx_cuda_engine *e, const hx_bf16 *in, const hx_bf16 *w, int rows,
+                             int n_in, int layer, const char *what, hx_err *err)
+{
+    if (e->tp == 1)
+        return hx_cuda_gemm(e->blas, e->x, 0, in, w, rows, n_in, e->hid, 1.0f, e->stream, err);
+    hx_status st = hx_cuda_gemm(e->blas, e->y, 0, in, w, rows, n_in, e->hid, 0.0f, e->stream, err);
+    return st == HX_OK ? reduce_add(e, rows, layer, what, err) : st;
+}
+
+/*
+ * Enqueues a step's forward pass and the copies in and out. A stage after
+ * the first takes its rows from the comm (recv_rows) instead of the
+ * embedding; a stage before the last gives them on (send_rows) instead of
+ * sampling. Those and a host all-reduce wait for the stream, so only a whole
+ * model at TP 1 (or with NCCL) runs without a host synchronisation.
+ */
 static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int max_pf_n,
                          int n_out, hx_err *err)
 {
     hx_cuda_stream *s = e->stream;
     hx_cuda_blas *b = e->blas;
     const int hid = e->hid, hd = e->H * e->D;
+    const size_t x_bytes = (size_t)rows * hid * 4;
+    hx_err inner;
+    inner.msg[0] = '\0';
     hx_status st = hx_cuda_memcpy_async(e->d_io, e->h_io, e->io_bytes, s, err);
-    if (st == HX_OK)
+    if (st == HX_OK && e->has_embed) {
         st = hx_cuda_embed(e->x, e->embed, dio(e, e->io_tok), rows, hid, e->V, s, err);
+    } else if (st == HX_OK) {
+        /* h_rows is free: the previous step ended with the stream synchronised */
+        if ((st = e->comm.recv_rows(e->comm.ctx, e->h_rows, rows, hid, &inner)) != HX_OK)
+            return comm_failed(e, st, "recv_rows", &inner, err);
+        st = hx_cuda_memcpy_async(e->x, e->h_rows, x_bytes, s, err);
+    }
     for (int l = 0; l < e->L && st == HX_OK; l++) {
         const layer_w *w = &e->layers[l];
-        /* x holds the residual stream: the o and down projections add into it (beta 1), and
-           the norms run inside the GEMVs that follow them (a decode step's few rows) */
+        /* x holds the residual stream: the o and down projections add into it, and the
+           norms run inside the GEMVs that follow them (a decode step's few rows) */
         if ((st = hx_cuda_gemm_rmsnorm(b, e->qkv, e->x, w->attn_norm, e->eps, e->h, w->wqkv,
                                        rows, hid, e->qkv_n, s, err)) ||
             (st = hx_cuda_rope_kv(e->q, e->kv, e->qkv, dio(e, e->io_pos), dio(e, e->io_slot),
@@ -1194,17 +1438,27 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
                                             dio(e, e->io_pf_pos0), dio(e, e->io_pf_n), n_pf,
                                             max_pf_n, e->H, s, err)))
             break;
-        if ((st = hx_cuda_gemm(b, e->x, 0, e->att, w->wo, rows, hd, hid, 1.0f, s, err)) ||
+        if ((st = project_add(e, e->att, w->wo, rows, hd, l, "o", err)) ||
             (st = hx_cuda_gemm_rmsnorm_swiglu(b, e->act, e->gu, e->x, w->ffn_norm, e->eps, e->h,
                                               w->wgu, rows, hid, e->F, s, err)) ||
-            (st = hx_cuda_gemm(b, e->x, 0, e->act, w->wdown, rows, e->F, hid, 1.0f, s, err)))
+            (st = project_add(e, e->act, w->wdown, rows, e->F, l, "down", err)))
             break;
+    }
+    if (st != HX_OK)
+        return st;
+    if (!e->has_head) { /* the next stage goes on from these rows */
+        st = hx_cuda_memcpy_async(e->h_rows, e->x, x_bytes, s, err);
+        if (st == HX_OK)
+            st = sync_stream(e, err);
+        if (st == HX_OK &&
+            (st = e->comm.send_rows(e->comm.ctx, e->h_rows, rows, hid, &inner)) != HX_OK)
+            return comm_failed(e, st, "send_rows", &inner, err);
+        return st;
     }
     if (n_out == 0) /* prompt chunks that finish no prompt: nothing to sample */
         return st;
-    if (st == HX_OK)
-        st = hx_cuda_add_rmsnorm(e->x, NULL, e->final_norm, e->hn, dio(e, e->io_out_row),
-                                 n_out, hid, e->eps, s, err);
+    st = hx_cuda_add_rmsnorm(e->x, NULL, e->final_norm, e->hn, dio(e, e->io_out_row), n_out, hid,
+                             e->eps, s, err);
     if (st == HX_OK)
         st = hx_cuda_gemm(b, e->logits, 0, e->hn, e->lm_head, n_out, hid, e->V, 0.0f, s, err);
     if (st == HX_OK)
@@ -1285,8 +1539,15 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
     if (rows == 0)
         return HX_OK;
 
+    if (!e->has_comm && (e->tp > 1 || !e->has_embed || !e->has_head))
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda engine: layers %d-%d at TP rank %d of %d need a comm "
+                          "(hx_cuda_engine_set_comm) to step",
+                          e->l0, e->l0 + e->L - 1, e->opt.tp_rank, e->tp);
+    /* graphs hold no host work: only a whole model at TP 1 replays them */
+    const int graphs = e->opt.graphs && e->tp == 1 && e->has_embed && e->has_head;
     int used_graph = 0;
-    if (n_pf == 0 && e->opt.graphs) {
+    if (n_pf == 0 && graphs) {
         int bi = 0;
         while (e->bucket[bi] < n_dec)
             bi++;
@@ -1330,9 +1591,23 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
         st = forward(e, rows, n_dec, n_pf, max_pf_n, n_out, err);
     }
     if (st == HX_OK)
-        st = hx_cuda_stream_sync(e->stream, err);
+        st = sync_stream(e, err);
     if (st != HX_OK)
         return st;
+    if (!e->has_embed || !e->has_head) {
+        /* the last stage publishes its tokens; the earlier ones learn them */
+        hx_err inner;
+        inner.msg[0] = '\0';
+        if ((st = e->comm.tokens(e->comm.ctx, e->h_tok_out, n_out, e->has_head, &inner)) !=
+            HX_OK)
+            return comm_failed(e, st, "tokens", &inner, err);
+        for (int i = 0; i < n_out; i++)
+            if (e->h_tok_out[i] < 0 || e->h_tok_out[i] >= e->V)
+                return hx_err_set(err, HX_EINVAL,
+                                  "cuda engine: the tokens hook gave token %d (event %d of %d), "
+                                  "outside the vocabulary of %d",
+                                  e->h_tok_out[i], i, n_out, e->V);
+    }
     e->steps++;
     e->graph_steps += used_graph;
 
@@ -1357,7 +1632,7 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
             .token = tok,
             .index = index,
             .finished = finished,
-            .logits = e->h_logits ? e->h_logits + (size_t)i * e->V : NULL};
+            .logits = e->h_logits && e->has_head ? e->h_logits + (size_t)i * e->V : NULL};
     }
     /* finished sequences leave (or stay, done, holding their KV) */
     for (int i = 0; i < n_out; i++) {

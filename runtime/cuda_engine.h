@@ -1,7 +1,7 @@
 /*
- * cuda_engine.h - the cuda backend of the runtime: a whole model on one GPU
- * with continuous batching, the GPU twin of runtime/batch.h, built on the
- * launch functions of kernels/cuda.h. Built only with the CUDA toolkit
+ * cuda_engine.h - the cuda backend of the runtime: a model (or one stage and
+ * TP slice of it) on one GPU with continuous batching, the GPU twin of
+ * runtime/batch.h, built on the launch functions of kernels/cuda.h. Built only with the CUDA toolkit
  * (HX_HAVE_CUDA); no CUDA type appears here.
  */
 #ifndef HX_CUDA_ENGINE_H
@@ -17,7 +17,7 @@
 #include "runtime/kvcache.h"
 
 /*
- * A whole model on one GPU with continuous batching, the GPU twin of
+ * A model on one GPU with continuous batching, the GPU twin of
  * runtime/batch.h's hx_batch: the same requests (hx_batch_request), the
  * same events (hx_batch_event), the same scheduling (each step: one row per
  * decoding sequence, then prompt chunks in the room left under
@@ -39,10 +39,27 @@
  * workspace (for max_step_tokens rows) and the staging buffers are
  * allocated by hx_cuda_engine_new*; steps allocate nothing.
  *
- * Limits: llama-family models as runtime/llama.h supports, whole model on
- * one device (no stages, TP through NCCL is left to the caller), head_dim
- * 64 or 128, at most 8 query heads per KV head, hidden / intermediate /
- * head sizes multiples of 8 (HX_ENOTSUP otherwise).
+ * Stages and ranks: like hx_batch, an engine may hold one (stage, TP rank)
+ * of a group (options first_layer, num_layers, tp_rank, tp_size): the
+ * stage's layers and the rank's slice of each (runtime/llama.h's Megatron
+ * split: the query and KV heads of hx_kv_rank_heads with their rows of Wq,
+ * Wk, Wv and columns of Wo; intermediate rows [r f / tp, (r + 1) f / tp) of
+ * Wgate and Wup and those columns of Wdown), the embedding on the first
+ * stage, the final norm and lm_head on the last. Its cache holds the
+ * stage's layers and the rank's KV heads; KV segments in and out use
+ * model-wide indices inside that slice. Such an engine needs an
+ * hx_batch_comm (hx_cuda_engine_set_comm) and makes exactly the calls of
+ * runtime/batch.h's contract, with host (page-locked) fp32 buffers, so its
+ * group's ranks interoperate with the worker's TCP transport; a TP stage
+ * may instead sum its partial results on the device over NCCL
+ * (hx_cuda_engine_set_nccl), which the comm's allreduce then never sees.
+ * Every rank of a group must be a cuda engine with the same options: the
+ * schedules (rows per step) must agree. A step of a sliced engine waits
+ * for the device at each comm call, and never replays a graph.
+ *
+ * Limits: llama-family models as runtime/llama.h supports, head_dim 64 or
+ * 128, at most 8 query heads per KV head, hidden / intermediate sizes (and
+ * a TP slice's intermediate rows) multiples of 8 (HX_ENOTSUP otherwise).
  *
  * Threads: one thread at a time per engine.
  * Pointers: requests and segments are borrowed for the call; events (and
@@ -65,7 +82,12 @@ typedef struct hx_cuda_options {
     int graphs;          /* 1 (default): CUDA graphs for decode-only steps; 0: never */
     int gemv_max_rows;   /* GEMMs of at most this many rows use the GEMV kernel; default 8 */
     int logits;          /* 1: events carry their logits (copied to the host each step);
-                            default 0 (events' logits are NULL) */
+                            default 0 (events' logits are NULL; always NULL before the last
+                            stage) */
+    int first_layer;     /* the stage: layers [first_layer, first_layer + num_layers); default 0 */
+    int num_layers;      /* default 0: to the model's last layer */
+    int tp_rank;         /* the TP slice: rank tp_rank of tp_size; default 0 of 1 */
+    int tp_size;
 } hx_cuda_options;
 
 void hx_cuda_options_init(hx_cuda_options *opt);
@@ -91,6 +113,29 @@ hx_status hx_cuda_engine_new_random(const hx_model *cfg, uint64_t seed,
 /* Frees everything on the device and the host; NULL is a no-op. */
 void hx_cuda_engine_free(hx_cuda_engine *e);
 
+/*
+ * The callbacks a stage or TP slice steps through (copied; ctx and the
+ * functions borrowed), as hx_batch_new takes them: HX_EINVAL naming the
+ * first one this engine needs that is NULL. A whole model at TP 1 needs
+ * none; a sliced engine refuses to step without one.
+ */
+hx_status hx_cuda_engine_set_comm(hx_cuda_engine *e, const hx_batch_comm *comm, hx_err *err);
+
+/*
+ * Sums the TP partial sums over NCCL on the device instead of through the
+ * comm's allreduce: tp_comm (borrowed; must outlive the engine or be unset
+ * with NULL) joins this stage's ranks, rank tp_rank of tp_size (HX_EINVAL
+ * otherwise). The step then waits for the device through
+ * hx_cuda_nccl_wait, giving up after timeout_s (default 60 s when <= 0)
+ * when a peer stops: the communicator is aborted and the step fails.
+ */
+hx_status hx_cuda_engine_set_nccl(hx_cuda_engine *e, hx_cuda_nccl *tp_comm, double timeout_s,
+                                  hx_err *err);
+
+/* The model-wide layers and KV heads this engine holds (any pointer may be NULL). */
+void hx_cuda_engine_slice(const hx_cuda_engine *e, int *layer_first, int *num_layers,
+                          int *kv_head_first, int *kv_heads);
+
 const hx_model *hx_cuda_engine_config(const hx_cuda_engine *e); /* borrowed */
 int hx_cuda_engine_seq_count(const hx_cuda_engine *e);
 int hx_cuda_engine_free_blocks(const hx_cuda_engine *e);
@@ -103,8 +148,9 @@ hx_status hx_cuda_engine_add(hx_cuda_engine *e, const hx_batch_request *req, hx_
 
 /*
  * As hx_batch_add_prefilled: segs[0..n_segs) (fp32 payloads, borrowed)
- * hold positions 0 .. n_prompt-1 of layer and KV-head ranges covering the
- * whole model; they are rounded to bf16 into the cache. first_token is
+ * hold positions 0 .. n_prompt-1 of layer and KV-head ranges (model-wide
+ * indices) covering this engine's slice; they are rounded to bf16 into the
+ * cache. first_token is
  * generated token 0 (already delivered): the first event has index 1.
  */
 hx_status hx_cuda_engine_add_prefilled(hx_cuda_engine *e, const hx_batch_request *req,

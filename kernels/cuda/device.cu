@@ -93,6 +93,32 @@ extern "C" hx_status hx_cuda_device_info(int device, char *name, size_t size,
     return HX_OK;
 }
 
+extern "C" hx_status hx_cuda_device_uuid(int device, char *out, size_t size, hx_err *err)
+{
+    if (!out || size < HX_CUDA_UUID_CHARS)
+        return hx_err_set(err, HX_EINVAL, "cuda: device uuid: a buffer of %zu bytes, need %d",
+                          out ? size : 0, HX_CUDA_UUID_CHARS);
+    out[0] = '\0';
+    cudaDeviceProp p;
+    hx_status st = hx_cuda_err(cudaGetDeviceProperties(&p, device), err, "cudaGetDeviceProperties");
+    if (st != HX_OK)
+        return st;
+    const unsigned char *u = reinterpret_cast<const unsigned char *>(p.uuid.bytes);
+    static_assert(sizeof p.uuid.bytes == 16, "cudaUUID_t is 16 bytes");
+    static const char hex[] = "0123456789abcdef";
+    char *o = out;
+    memcpy(o, "GPU-", 4);
+    o += 4;
+    for (int i = 0; i < 16; i++) { // 8-4-4-4-12 hex digits
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *o++ = '-';
+        *o++ = hex[u[i] >> 4];
+        *o++ = hex[u[i] & 15];
+    }
+    *o = '\0';
+    return HX_OK;
+}
+
 extern "C" hx_status hx_cuda_malloc(void **ptr, size_t bytes, hx_err *err)
 {
     *ptr = NULL;
@@ -157,6 +183,22 @@ extern "C" hx_status hx_cuda_memcpy_async(void *dst, const void *src, size_t byt
         return HX_OK;
     return hx_cuda_err(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, HX_STREAM(stream)), err,
                        "cudaMemcpyAsync");
+}
+
+extern "C" hx_status hx_cuda_memcpy_2d_async(void *dst, size_t dst_pitch, const void *src,
+                                             size_t src_pitch, size_t width_bytes, size_t rows,
+                                             hx_cuda_stream *stream, hx_err *err)
+{
+    if (width_bytes == 0 || rows == 0)
+        return HX_OK;
+    if (width_bytes > dst_pitch || width_bytes > src_pitch)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda: 2-d copy: rows of %zu bytes wider than the pitches (dst %zu, "
+                          "src %zu)",
+                          width_bytes, dst_pitch, src_pitch);
+    return hx_cuda_err(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width_bytes, rows,
+                                         cudaMemcpyDefault, HX_STREAM(stream)),
+                       err, "cudaMemcpy2DAsync");
 }
 
 extern "C" hx_status hx_cuda_sync(hx_err *err)

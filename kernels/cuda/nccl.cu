@@ -2,8 +2,10 @@
 // send/recv for KV segments between groups. The ncclUniqueId travels as
 // bytes that the caller carries over its own authenticated connection.
 // Without NCCL (HX_HAVE_NCCL undefined) every call is HX_ENOTSUP.
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common.cuh"
 
@@ -12,17 +14,179 @@
 
 static_assert(sizeof(ncclUniqueId) == HX_CUDA_NCCL_ID_BYTES, "ncclUniqueId size");
 
+// Every communicator is non-blocking (config.blocking = 0): no NCCL call
+// waits on a peer, so a peer that dies cannot hang this process. A call that
+// answers ncclInProgress has handed its work to NCCL's own threads; the
+// communicator's state (ncclCommGetAsyncError) says when that is done, and
+// no other NCCL call may use the communicator before it is (NCCL's rule).
+// Work that NCCL has put on a stream is waited for by hx_cuda_nccl_wait.
+// Any asynchronous error, or a deadline passing, aborts the communicator
+// (ncclCommAbort also stops its kernels on the GPU); from then on every call
+// on it fails at once with HX_ECONN.
+
+// Bounds the wait for an operation to be handed to the stream (the first
+// send/recv to a peer also connects to it there): generous, it only has
+// to turn a hang into an error.
+#define HX_NCCL_ENQUEUE_S 60.0
+// hx_cuda_nccl_free: how long the work already queued may take to flush.
+#define HX_NCCL_FINALIZE_S 10.0
+// Communicators one thread may use inside one group (send/recv/all-reduce
+// between hx_cuda_nccl_group_start and _end).
+#define HX_NCCL_GROUP_MAX 16
+
 struct hx_cuda_nccl {
-    ncclComm_t comm;
+    ncclComm_t comm; // NULL once aborted
     int rank, size;
+    int aborted;     // 1 after ncclCommAbort: every later call is HX_ECONN
+    char why[512];   // what made it abort
 };
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static void sleep_s(double s)
+{
+    struct timespec t;
+    t.tv_sec = (time_t)s;
+    t.tv_nsec = (long)((s - (double)t.tv_sec) * 1e9);
+    nanosleep(&t, NULL);
+}
+
+static hx_status nccl_code(ncclResult_t r)
+{
+    return r == ncclSystemError || r == ncclRemoteError ? HX_ECONN : HX_EIO;
+}
 
 static hx_status nccl_err(ncclResult_t r, hx_err *err, const char *what)
 {
     if (r == ncclSuccess)
         return HX_OK;
-    return hx_err_set(err, r == ncclSystemError || r == ncclRemoteError ? HX_ECONN : HX_EIO,
-                      "nccl: %s: %s", what, ncclGetErrorString(r));
+    return hx_err_set(err, nccl_code(r), "nccl: %s: %s", what, ncclGetErrorString(r));
+}
+
+// NCCL's own text of its last error (", detail"), or "" when it has none.
+static void last_error(char *out, size_t size)
+{
+    const char *m = ncclGetLastError(NULL);
+    if (m && m[0])
+        snprintf(out, size, " (%s)", m);
+    else if (size)
+        out[0] = '\0';
+}
+
+// Polls the communicator until its state is no longer ncclInProgress or
+// `deadline` (now_s()) passes: returns that state (ncclInProgress on timeout).
+static ncclResult_t poll_comm(ncclComm_t comm, double deadline)
+{
+    for (;;) {
+        ncclResult_t state = ncclSuccess;
+        ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+        if (r != ncclSuccess)
+            return r;
+        if (state != ncclInProgress || now_s() >= deadline)
+            return state;
+        sleep_s(1e-3);
+    }
+}
+
+// Aborts the communicator (once): its kernels stop, its resources go; the
+// struct stays until hx_cuda_nccl_free and remembers why.
+static void abort_comm(hx_cuda_nccl *c, const char *why)
+{
+    if (c->aborted)
+        return;
+    snprintf(c->why, sizeof c->why, "%s", why);
+    if (c->comm)
+        (void)ncclCommAbort(c->comm);
+    c->comm = NULL;
+    c->aborted = 1;
+}
+
+static hx_status aborted_err(const hx_cuda_nccl *c, hx_err *err)
+{
+    return hx_err_set(err, HX_ECONN, "nccl: communicator aborted after %s; rank %d of %d", c->why,
+                      c->rank, c->size);
+}
+
+// The communicator failed asynchronously (`state`, an error) or timed out
+// (state ncclInProgress) during `what`: aborts it and says so.
+static hx_status fail_comm(hx_cuda_nccl *c, ncclResult_t state, const char *what,
+                           double timeout_s, hx_err *err)
+{
+    char why[480], detail[300];
+    hx_status code;
+    if (state == ncclInProgress) {
+        snprintf(why, sizeof why, "%s did not finish within %.0f s (a peer may have died)", what,
+                 timeout_s);
+        code = HX_ETIMEDOUT;
+    } else {
+        last_error(detail, sizeof detail);
+        snprintf(why, sizeof why, "%s failed: %s%s", what, ncclGetErrorString(state), detail);
+        code = nccl_code(state);
+    }
+    abort_comm(c, why);
+    return hx_err_set(err, code, "nccl: rank %d of %d: %s; communicator aborted", c->rank,
+                      c->size, why);
+}
+
+// Per thread: the depth of hx_cuda_nccl_group_start calls and the
+// communicators used inside the outermost group, polled by its group_end.
+static thread_local int group_depth;
+static thread_local int group_n;
+static thread_local hx_cuda_nccl *group_comms[HX_NCCL_GROUP_MAX];
+
+static hx_status group_add(hx_cuda_nccl *c, hx_err *err)
+{
+    for (int i = 0; i < group_n; i++)
+        if (group_comms[i] == c)
+            return HX_OK;
+    if (group_n == HX_NCCL_GROUP_MAX)
+        return hx_err_set(err, HX_EINVAL, "nccl: a group uses more than %d communicators",
+                          HX_NCCL_GROUP_MAX);
+    group_comms[group_n++] = c;
+    return HX_OK;
+}
+
+// Before an operation on c: fails fast when it was aborted; inside a group,
+// remembers it for group_end.
+static hx_status op_begin(hx_cuda_nccl *c, hx_err *err)
+{
+    if (c->aborted)
+        return aborted_err(c, err);
+    return group_depth > 0 ? group_add(c, err) : HX_OK;
+}
+
+// After an operation on c answered r. Outside a group, ncclInProgress
+// means NCCL is still handing it to the stream: wait for that (bounded).
+// Inside one, group_end does. An error that left the communicator broken
+// (its state is an error) aborts it; one that did not (a bad argument) is
+// just reported.
+static hx_status op_end(hx_cuda_nccl *c, ncclResult_t r, const char *what, hx_err *err)
+{
+    if (r == ncclInProgress) {
+        if (group_depth > 0)
+            return HX_OK;
+        ncclResult_t state = poll_comm(c->comm, now_s() + HX_NCCL_ENQUEUE_S);
+        if (state == ncclSuccess)
+            return HX_OK;
+        char doing[64];
+        snprintf(doing, sizeof doing, "queueing %s", what);
+        return fail_comm(c, state, doing, HX_NCCL_ENQUEUE_S, err);
+    }
+    if (r == ncclSuccess)
+        return HX_OK;
+    ncclResult_t state = ncclSuccess;
+    if (ncclCommGetAsyncError(c->comm, &state) == ncclSuccess && state != ncclSuccess &&
+        state != ncclInProgress)
+        return fail_comm(c, state, what, 0, err);
+    char detail[300];
+    last_error(detail, sizeof detail);
+    return hx_err_set(err, nccl_code(r), "nccl: rank %d of %d: %s: %s%s", c->rank, c->size, what,
+                      ncclGetErrorString(r), detail);
 }
 
 extern "C" int hx_cuda_nccl_available(void)
@@ -40,35 +204,67 @@ extern "C" hx_status hx_cuda_nccl_unique_id(uint8_t id[HX_CUDA_NCCL_ID_BYTES], h
 }
 
 extern "C" hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], int n_ranks,
-                                      int rank, int device, hx_cuda_nccl **out, hx_err *err)
+                                      int rank, int device, double timeout_s, hx_cuda_nccl **out,
+                                      hx_err *err)
 {
     *out = NULL;
     if (n_ranks < 1 || rank < 0 || rank >= n_ranks)
         return hx_err_set(err, HX_EINVAL, "nccl: rank %d of %d", rank, n_ranks);
+    if (!(timeout_s > 0) || timeout_s > 1e9)
+        return hx_err_set(err, HX_EINVAL, "nccl: rank %d of %d: bad timeout %g s", rank, n_ranks,
+                          timeout_s);
     hx_status st = hx_cuda_set_device(device, err);
     if (st != HX_OK)
         return st;
     hx_cuda_nccl *c = (hx_cuda_nccl *)calloc(1, sizeof *c);
     if (!c)
         return hx_err_set(err, HX_ENOMEM, "nccl: out of memory");
-    ncclUniqueId u;
-    memcpy(&u, id, sizeof u);
-    st = nccl_err(ncclCommInitRank(&c->comm, n_ranks, u, rank), err, "ncclCommInitRank");
-    if (st != HX_OK) {
-        free(c);
-        return st;
-    }
     c->rank = rank;
     c->size = n_ranks;
-    *out = c;
-    return HX_OK;
+    ncclUniqueId u;
+    memcpy(&u, id, sizeof u);
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    double deadline = now_s() + timeout_s;
+    c->comm = NULL;
+    ncclResult_t r = ncclCommInitRankConfig(&c->comm, n_ranks, u, rank, &config);
+    if (r == ncclSuccess || r == ncclInProgress)
+        r = c->comm ? poll_comm(c->comm, deadline) : ncclInternalError;
+    if (r == ncclSuccess) {
+        *out = c;
+        return HX_OK;
+    }
+    char detail[300];
+    last_error(detail, sizeof detail);
+    if (c->comm)
+        (void)ncclCommAbort(c->comm);
+    free(c);
+    if (r == ncclInProgress)
+        return hx_err_set(err, HX_ETIMEDOUT,
+                          "nccl: rank %d of %d: the other ranks did not join within %.0f s", rank,
+                          n_ranks, timeout_s);
+    return hx_err_set(err, nccl_code(r), "nccl: rank %d of %d: ncclCommInitRankConfig: %s%s", rank,
+                      n_ranks, ncclGetErrorString(r), detail);
 }
 
 extern "C" void hx_cuda_nccl_free(hx_cuda_nccl *c)
 {
     if (!c)
         return;
-    ncclCommDestroy(c->comm);
+    if (!c->aborted && c->comm) {
+        // Flush what is queued (non-blocking: polled, bounded), then free
+        // locally; a communicator that does not quiesce in time is aborted.
+        ncclResult_t r = ncclCommFinalize(c->comm);
+        if (r == ncclSuccess || r == ncclInProgress)
+            r = poll_comm(c->comm, now_s() + HX_NCCL_FINALIZE_S);
+        if (r == ncclSuccess)
+            (void)ncclCommDestroy(c->comm);
+        else
+            (void)ncclCommAbort(c->comm);
+    }
+    for (int i = 0; i < group_n; i++) // a group left open by an error
+        if (group_comms[i] == c)
+            group_comms[i] = group_comms[--group_n];
     free(c);
 }
 
@@ -85,33 +281,109 @@ extern "C" int hx_cuda_nccl_size(const hx_cuda_nccl *c)
 extern "C" hx_status hx_cuda_nccl_allreduce(hx_cuda_nccl *c, void *d_buf, size_t count, int is_bf16,
                                             hx_cuda_stream *stream, hx_err *err)
 {
-    return nccl_err(ncclAllReduce(d_buf, d_buf, count, is_bf16 ? ncclBfloat16 : ncclFloat32,
-                                  ncclSum, c->comm, HX_STREAM(stream)),
-                    err, "ncclAllReduce");
+    hx_status st = op_begin(c, err);
+    if (st != HX_OK)
+        return st;
+    return op_end(c,
+                  ncclAllReduce(d_buf, d_buf, count, is_bf16 ? ncclBfloat16 : ncclFloat32, ncclSum,
+                                c->comm, HX_STREAM(stream)),
+                  "ncclAllReduce", err);
 }
 
 extern "C" hx_status hx_cuda_nccl_send(hx_cuda_nccl *c, const void *d_buf, size_t bytes, int peer,
                                        hx_cuda_stream *stream, hx_err *err)
 {
-    return nccl_err(ncclSend(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream)), err,
-                    "ncclSend");
+    hx_status st = op_begin(c, err);
+    if (st != HX_OK)
+        return st;
+    return op_end(c, ncclSend(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream)),
+                  "ncclSend", err);
 }
 
 extern "C" hx_status hx_cuda_nccl_recv(hx_cuda_nccl *c, void *d_buf, size_t bytes, int peer,
                                        hx_cuda_stream *stream, hx_err *err)
 {
-    return nccl_err(ncclRecv(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream)), err,
-                    "ncclRecv");
+    hx_status st = op_begin(c, err);
+    if (st != HX_OK)
+        return st;
+    return op_end(c, ncclRecv(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream)),
+                  "ncclRecv", err);
 }
 
 extern "C" hx_status hx_cuda_nccl_group_start(hx_err *err)
 {
-    return nccl_err(ncclGroupStart(), err, "ncclGroupStart");
+    hx_status st = nccl_err(ncclGroupStart(), err, "ncclGroupStart");
+    if (st != HX_OK)
+        return st;
+    if (group_depth++ == 0)
+        group_n = 0;
+    return HX_OK;
 }
 
 extern "C" hx_status hx_cuda_nccl_group_end(hx_err *err)
 {
-    return nccl_err(ncclGroupEnd(), err, "ncclGroupEnd");
+    ncclResult_t r = ncclGroupEnd();
+    if (group_depth > 0)
+        group_depth--;
+    if (group_depth > 0) // an inner group: the outermost one launches
+        return nccl_err(r == ncclInProgress ? ncclSuccess : r, err, "ncclGroupEnd");
+    // The group's operations are being handed to their streams: wait for
+    // every communicator it used (one shared deadline), aborting those that
+    // failed or did not get there in time.
+    int n = group_n;
+    group_n = 0;
+    double deadline = now_s() + HX_NCCL_ENQUEUE_S;
+    hx_status first = HX_OK;
+    for (int i = 0; i < n; i++) {
+        hx_cuda_nccl *c = group_comms[i];
+        if (c->aborted)
+            continue;
+        ncclResult_t state = poll_comm(c->comm, deadline);
+        if (state != ncclSuccess) {
+            hx_status st = fail_comm(c, state, "ncclGroupEnd", HX_NCCL_ENQUEUE_S,
+                                     first == HX_OK ? err : NULL);
+            if (first == HX_OK)
+                first = st;
+        }
+    }
+    if (first != HX_OK)
+        return first;
+    if (r != ncclSuccess && r != ncclInProgress) {
+        char detail[300];
+        last_error(detail, sizeof detail);
+        return hx_err_set(err, nccl_code(r), "nccl: ncclGroupEnd: %s%s", ncclGetErrorString(r),
+                          detail);
+    }
+    return HX_OK;
+}
+
+extern "C" hx_status hx_cuda_nccl_wait(hx_cuda_nccl *c, hx_cuda_stream *s, double timeout_s,
+                                       hx_err *err)
+{
+    if (c->aborted)
+        return aborted_err(c, err);
+    if (!(timeout_s > 0))
+        return hx_err_set(err, HX_EINVAL, "nccl: rank %d of %d: bad timeout %g s", c->rank,
+                          c->size, timeout_s);
+    double deadline = now_s() + timeout_s, nap_s = 50e-6;
+    for (;;) {
+        ncclResult_t state = ncclSuccess;
+        ncclResult_t r = ncclCommGetAsyncError(c->comm, &state);
+        if (r != ncclSuccess)
+            state = r;
+        if (state != ncclSuccess && state != ncclInProgress)
+            return fail_comm(c, state, "waiting for the stream", 0, err);
+        cudaError_t e = cudaStreamQuery(HX_STREAM(s));
+        if (e == cudaSuccess)
+            return HX_OK;
+        if (e != cudaErrorNotReady)
+            return hx_cuda_err(e, err, "cudaStreamQuery");
+        if (now_s() >= deadline)
+            return fail_comm(c, ncclInProgress, "the work on the stream", timeout_s, err);
+        sleep_s(nap_s);
+        if (nap_s < 1e-3)
+            nap_s *= 2;
+    }
 }
 
 #else // no NCCL in this build
@@ -135,7 +407,8 @@ extern "C" hx_status hx_cuda_nccl_unique_id(uint8_t id[HX_CUDA_NCCL_ID_BYTES], h
     return no_nccl(err);
 }
 extern "C" hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], int n_ranks,
-                                      int rank, int device, hx_cuda_nccl **out, hx_err *err)
+                                      int rank, int device, double timeout_s, hx_cuda_nccl **out,
+                                      hx_err *err)
 {
     *out = NULL;
     return no_nccl(err);
@@ -172,6 +445,11 @@ extern "C" hx_status hx_cuda_nccl_group_start(hx_err *err)
     return no_nccl(err);
 }
 extern "C" hx_status hx_cuda_nccl_group_end(hx_err *err)
+{
+    return no_nccl(err);
+}
+extern "C" hx_status hx_cuda_nccl_wait(hx_cuda_nccl *c, hx_cuda_stream *s, double timeout_s,
+                                       hx_err *err)
 {
     return no_nccl(err);
 }

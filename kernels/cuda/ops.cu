@@ -132,6 +132,27 @@ extern "C" hx_status hx_cuda_embed(float *d_x, const hx_bf16 *d_table, const int
     return hx_cuda_launched(err, "embed");
 }
 
+/* ---- residual add (of all-reduced TP partial sums) ---- */
+
+__global__ void add_kernel(float *x, const float *y, int64_t n)
+{
+    hx_pdl_begin();
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+extern "C" hx_status hx_cuda_add(float *d_x, const float *d_y, int64_t n, hx_cuda_stream *stream,
+                                 hx_err *err)
+{
+    if (n < 0)
+        return hx_err_set(err, HX_EINVAL, "cuda add: count %lld", (long long)n);
+    if (n == 0)
+        return HX_OK;
+    hx_launch(add_kernel, grid_for(n, 256), 256, 0, HX_STREAM(stream), d_x, d_y, n);
+    return hx_cuda_launched(err, "add");
+}
+
 /* ---- RMSNorm with the residual add ---- */
 
 #define NORM_THREADS 256

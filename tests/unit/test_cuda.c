@@ -5,14 +5,17 @@
  * exactly what the GPU sees; what differs is fp32 summation order and the
  * bf16 rounding of outputs and intermediates), the sampler against
  * hx_llama_sample, the whole engine against runtime/llama.h's
- * hx_llama_generate on a tiny bf16 model (the same greedy tokens), and KV
- * segments in and out of the engine against the CPU's.
+ * hx_llama_generate on a tiny bf16 model (the same greedy tokens), the
+ * engine split into stages and TP slices (engines on threads, an in-memory
+ * comm) against the same tokens, and KV segments in and out of the engine
+ * against the CPU's.
  *
  * Without a CUDA device (cudaGetDeviceCount reports none) every GPU test
  * skips, saying so; the few that need no device (defaults, refusal without
  * a device) run everywhere.
  */
 #define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -998,22 +1001,83 @@ static void test_sample_seeded(void **state)
     sample_case(1.3f, 0.05f, 512, 50, 49);
 }
 
-/* ---- NCCL -------------------------------------------------------------------------------- */
+/* ---- NCCL, and the device calls multi-GPU serving uses next to it ------------------------ */
+
+/* hx_cuda_device_uuid's text, and a column slice of a host matrix through
+   hx_cuda_memcpy_2d_async (host to device and back). */
+static void nccl_test_device_calls(void)
+{
+    char uuid[HX_CUDA_UUID_CHARS];
+    CHECK(hx_cuda_device_uuid(0, uuid, sizeof uuid, E));
+    printf("test_cuda: device 0 is %s\n", uuid);
+    assert_int_equal(strlen(uuid), 40);
+    assert_memory_equal(uuid, "GPU-", 4);
+    for (int i = 4; i < 40; i++) {
+        if (i == 12 || i == 17 || i == 22 || i == 27)
+            assert_int_equal(uuid[i], '-');
+        else
+            assert_non_null(strchr("0123456789abcdef", uuid[i]));
+    }
+    char again[HX_CUDA_UUID_CHARS];
+    CHECK(hx_cuda_device_uuid(0, again, sizeof again, E));
+    assert_string_equal(uuid, again);
+
+    /* columns [c0, c0 + nc) of a [R][C] row-major fp32 host matrix */
+    enum { R = 5, C = 9, c0 = 2, nc = 4 };
+    float m[R][C], back[R][C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            m[r][c] = (float)(100 * r + c);
+    hx_cuda_stream *s = NULL;
+    CHECK(hx_cuda_stream_new(&s, E));
+    void *d = NULL;
+    CHECK(hx_cuda_malloc(&d, (size_t)R * nc * sizeof(float), E));
+    CHECK(hx_cuda_memcpy_2d_async(d, nc * sizeof(float), &m[0][c0], C * sizeof(float),
+                                  nc * sizeof(float), R, s, E));
+    CHECK(hx_cuda_stream_sync(s, E));
+    float *slice = from_dev_f32(d, (size_t)R * nc);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < nc; c++)
+            assert_true(slice[r * nc + c] == m[r][c0 + c]);
+    free(slice);
+    /* and back into the same columns of a zeroed matrix: the rest stays 0 */
+    memset(back, 0, sizeof back);
+    CHECK(hx_cuda_memcpy_2d_async(&back[0][c0], C * sizeof(float), d, nc * sizeof(float),
+                                  nc * sizeof(float), R, s, E));
+    CHECK(hx_cuda_stream_sync(s, E));
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            assert_true(back[r][c] == (c >= c0 && c < c0 + nc ? m[r][c] : 0.0f));
+    hx_cuda_free(d);
+    hx_cuda_stream_free(s);
+}
 
 static void test_nccl_one_rank(void **state)
 {
     (void)state;
+    uint8_t id[HX_CUDA_NCCL_ID_BYTES] = {0};
+    hx_cuda_nccl *c = NULL;
+    hx_err e = {0};
+    /* refusals that need no device */
+    assert_int_equal(hx_cuda_nccl_new(id, 1, 0, 0, 0.0, &c, &e),
+                     hx_cuda_nccl_available() ? HX_EINVAL : HX_ENOTSUP);
+    assert_null(c);
+    char small[8];
+    assert_int_equal(hx_cuda_device_uuid(0, small, sizeof small, &e), HX_EINVAL);
+    float h2[4][4];
+    assert_int_equal(hx_cuda_memcpy_2d_async(h2, 8, h2, 16, 12, 4, NULL, &e), HX_EINVAL);
+    assert_int_equal(hx_cuda_memcpy_2d_async(h2, 8, h2, 16, 12, 0, NULL, &e), HX_OK);
+
     NEED_GPU();
+    nccl_test_device_calls();
     if (!hx_cuda_nccl_available()) {
         printf("test_cuda: %s: skipped: this build has no NCCL\n", __func__);
         skip();
     }
     /* one GPU cannot host two ranks of one communicator; a 1-rank one still runs
        the calls: all-reduce is the identity, send/recv to itself copies */
-    uint8_t id[HX_CUDA_NCCL_ID_BYTES];
     CHECK(hx_cuda_nccl_unique_id(id, E));
-    hx_cuda_nccl *c = NULL;
-    CHECK(hx_cuda_nccl_new(id, 1, 0, 0, &c, E));
+    CHECK(hx_cuda_nccl_new(id, 1, 0, 0, 60.0, &c, E));
     assert_int_equal(hx_cuda_nccl_rank(c), 0);
     assert_int_equal(hx_cuda_nccl_size(c), 1);
     float h[256];
@@ -1023,16 +1087,31 @@ static void test_nccl_one_rank(void **state)
     void *d2 = NULL;
     CHECK(hx_cuda_malloc(&d2, sizeof h, E));
     CHECK(hx_cuda_nccl_allreduce(c, d, 256, 0, NULL, E));
+    CHECK(hx_cuda_nccl_wait(c, NULL, 60.0, E));
+    float *sum = from_dev_f32(d, 256);
+    assert_memory_equal(sum, h, sizeof h);
+    free(sum);
     CHECK(hx_cuda_nccl_group_start(E));
     CHECK(hx_cuda_nccl_send(c, d, sizeof h, 0, NULL, E));
     CHECK(hx_cuda_nccl_recv(c, d2, sizeof h, 0, NULL, E));
     CHECK(hx_cuda_nccl_group_end(E));
+    CHECK(hx_cuda_nccl_wait(c, NULL, 60.0, E));
     float *back = from_dev_f32(d2, 256);
     assert_memory_equal(back, h, sizeof h);
     free(back);
+    assert_int_equal(hx_cuda_nccl_wait(c, NULL, 0.0, &e), HX_EINVAL);
     hx_cuda_free(d);
     hx_cuda_free(d2);
     hx_cuda_nccl_free(c);
+
+    /* rank 0 of 2 whose peer never comes: a timeout, not a hang */
+    CHECK(hx_cuda_nccl_unique_id(id, E));
+    c = NULL;
+    hx_status st = hx_cuda_nccl_new(id, 2, 0, 0, 2.0, &c, &e);
+    printf("test_cuda: 1 of 2 ranks joining: %s: %s\n", hx_strerror(st), e.msg);
+    assert_int_equal(st, HX_ETIMEDOUT);
+    assert_null(c);
+    assert_non_null(strstr(e.msg, "rank 0 of 2: the other ranks did not join within 2 s"));
 }
 
 /* ---- the engine against the CPU ---------------------------------------------------------- */
@@ -1448,6 +1527,280 @@ static void test_engine_kv_segments(void **state)
     hx_llama_free(m);
 }
 
+/* ---- stages and TP slices: engines on threads, an in-memory comm ---------------------- */
+
+#define GS_MAX 2 /* stages, and ranks per stage */
+
+typedef struct gs_msg {
+    struct gs_msg *next;
+    size_t bytes;
+    unsigned char data[];
+} gs_msg;
+
+typedef struct gs_queue {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    gs_msg *head, *tail;
+} gs_queue;
+
+typedef struct gs_group gs_group;
+
+typedef struct gs_member {
+    gs_group *g;
+    int stage, rank;
+    hx_cuda_engine *e;
+    gs_queue rows, toks;
+    int got[N_REQ][GEN_STEPS], n_got[N_REQ];
+    hx_status st;
+    hx_err err;
+} gs_member;
+
+struct gs_group {
+    int stages, tp;
+    gs_member mem[GS_MAX][GS_MAX];
+    pthread_barrier_t bar[GS_MAX];
+    float *part[GS_MAX][GS_MAX];
+    float *sum[GS_MAX];
+    const gen_case *cases;
+};
+
+static void gs_push(gs_queue *q, const void *data, size_t bytes)
+{
+    gs_msg *m = malloc(sizeof *m + bytes + 1);
+    assert_non_null(m);
+    m->next = NULL;
+    m->bytes = bytes;
+    memcpy(m->data, data, bytes);
+    pthread_mutex_lock(&q->mu);
+    if (q->tail)
+        q->tail->next = m;
+    else
+        q->head = m;
+    q->tail = m;
+    pthread_cond_signal(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+}
+
+static hx_status gs_pop(gs_queue *q, void *data, size_t bytes, hx_err *err)
+{
+    pthread_mutex_lock(&q->mu);
+    while (!q->head)
+        pthread_cond_wait(&q->cv, &q->mu);
+    gs_msg *m = q->head;
+    q->head = m->next;
+    if (!q->head)
+        q->tail = NULL;
+    pthread_mutex_unlock(&q->mu);
+    hx_status st = HX_OK;
+    if (m->bytes != bytes)
+        st = hx_err_set(err, HX_EINVAL, "test comm: %zu bytes, expected %zu", m->bytes, bytes);
+    else
+        memcpy(data, m->data, bytes);
+    free(m);
+    return st;
+}
+
+/* In rank order on rank 0, copied by every rank: the same bits everywhere. */
+static hx_status gs_allreduce(void *ctx, float *x, size_t n, hx_err *err)
+{
+    (void)err;
+    gs_member *me = ctx;
+    gs_group *g = me->g;
+    const int s = me->stage;
+    g->part[s][me->rank] = x;
+    pthread_barrier_wait(&g->bar[s]);
+    if (me->rank == 0) {
+        memcpy(g->sum[s], x, n * sizeof(float));
+        for (int r = 1; r < g->tp; r++)
+            for (size_t i = 0; i < n; i++)
+                g->sum[s][i] += g->part[s][r][i];
+    }
+    pthread_barrier_wait(&g->bar[s]);
+    memcpy(x, g->sum[s], n * sizeof(float));
+    pthread_barrier_wait(&g->bar[s]);
+    return HX_OK;
+}
+
+static hx_status gs_recv_rows(void *ctx, float *x, int rows, int hidden, hx_err *err)
+{
+    gs_member *me = ctx;
+    return gs_pop(&me->rows, x, (size_t)rows * hidden * sizeof(float), err);
+}
+
+static hx_status gs_send_rows(void *ctx, const float *x, int rows, int hidden, hx_err *err)
+{
+    (void)err;
+    gs_member *me = ctx;
+    if (me->rank == 0)
+        for (int r = 0; r < me->g->tp; r++)
+            gs_push(&me->g->mem[me->stage + 1][r].rows, x, (size_t)rows * hidden * sizeof(float));
+    return HX_OK;
+}
+
+static hx_status gs_tokens(void *ctx, int *tokens, int n, int is_source, hx_err *err)
+{
+    gs_member *me = ctx;
+    if (!is_source)
+        return gs_pop(&me->toks, tokens, (size_t)n * sizeof(int), err);
+    if (me->rank == 0)
+        for (int s = 0; s < me->g->stages - 1; s++)
+            for (int r = 0; r < me->g->tp; r++)
+                gs_push(&me->g->mem[s][r].toks, tokens, (size_t)n * sizeof(int));
+    return HX_OK;
+}
+
+/* One engine's thread: the four requests, then steps until every one has finished. */
+static void *gs_run(void *arg)
+{
+    gs_member *me = arg;
+    for (int i = 0; i < N_REQ; i++) {
+        const gen_case *c = &me->g->cases[i];
+        hx_batch_request r = greedy_req((uint64_t)i, c->prompt, c->n, GEN_STEPS);
+        if ((me->st = hx_cuda_engine_add(me->e, &r, &me->err)) != HX_OK)
+            return NULL;
+    }
+    for (int guard = 0; hx_cuda_engine_seq_count(me->e) > 0 && guard < 10000; guard++) {
+        const hx_batch_event *ev = NULL;
+        int n = 0;
+        if ((me->st = hx_cuda_engine_step(me->e, &ev, &n, &me->err)) != HX_OK)
+            return NULL;
+        for (int i = 0; i < n; i++) {
+            const int id = (int)ev[i].id;
+            if (id < 0 || id >= N_REQ || ev[i].index != me->n_got[id] ||
+                (ev[i].logits != NULL) != (me->stage == me->g->stages - 1)) {
+                me->st = hx_err_set(&me->err, HX_EINTERNAL, "unexpected event (id %d, index %d)",
+                                    id, ev[i].index);
+                return NULL;
+            }
+            me->got[id][me->n_got[id]++] = ev[i].token;
+        }
+    }
+    return NULL;
+}
+
+/*
+ * The tiny model split into `stages` stages of `tp` ranks, every engine on
+ * the one GPU and its own thread, with 16-row steps (chunked prompts beside
+ * decode rows): every engine sees the CPU's greedy tokens. Stages change no
+ * arithmetic; TP slices sum the o and down projections in another order,
+ * which the picked prompts' logit gaps (>= 0.05) absorb.
+ */
+static void gs_case(const gen_case *cases, int stages, int tp)
+{
+    gs_group *g = calloc(1, sizeof *g);
+    assert_non_null(g);
+    g->stages = stages;
+    g->tp = tp;
+    g->cases = cases;
+    const int L = 2; /* the tiny model's layers */
+    for (int s = 0; s < stages; s++) {
+        pthread_barrier_init(&g->bar[s], NULL, (unsigned)tp);
+        g->sum[s] = malloc((size_t)16 * 256 * sizeof(float));
+        assert_non_null(g->sum[s]);
+        for (int r = 0; r < tp; r++) {
+            gs_member *me = &g->mem[s][r];
+            me->g = g;
+            me->stage = s;
+            me->rank = r;
+            pthread_mutex_init(&me->rows.mu, NULL);
+            pthread_cond_init(&me->rows.cv, NULL);
+            pthread_mutex_init(&me->toks.mu, NULL);
+            pthread_cond_init(&me->toks.cv, NULL);
+            hx_cuda_options o;
+            hx_cuda_options_init(&o);
+            o.max_seqs = 8;
+            o.max_step_tokens = 16;
+            o.max_seq_tokens = 256;
+            o.logits = 1;
+            o.first_layer = s * (L / stages);
+            o.num_layers = L / stages;
+            o.tp_rank = r;
+            o.tp_size = tp;
+            CHECK(hx_cuda_engine_new(tiny_dir, &o, &me->e, E));
+            int l0 = -1, nl = -1, k0 = -1, nk = -1;
+            hx_cuda_engine_slice(me->e, &l0, &nl, &k0, &nk);
+            assert_int_equal(l0, o.first_layer);
+            assert_int_equal(nl, o.num_layers);
+            assert_int_equal(nk, 2 / tp);
+            assert_int_equal(k0, r * (2 / tp));
+            /* a slice will not step without its comm */
+            hx_batch_request r0 = greedy_req(9, cases[0].prompt, cases[0].n, 2);
+            const hx_batch_event *ev = NULL;
+            int n = 0;
+            hx_err err = {0};
+            CHECK(hx_cuda_engine_add(me->e, &r0, E));
+            assert_int_equal(hx_cuda_engine_step(me->e, &ev, &n, &err), HX_EINVAL);
+            assert_non_null(strstr(err.msg, "need a comm"));
+            CHECK(hx_cuda_engine_remove(me->e, 9, E));
+            hx_batch_comm partial = {me, NULL, gs_recv_rows, gs_send_rows, gs_tokens};
+            if (tp > 1)
+                assert_int_equal(hx_cuda_engine_set_comm(me->e, &partial, NULL), HX_EINVAL);
+            const hx_batch_comm comm = {me, gs_allreduce, gs_recv_rows, gs_send_rows, gs_tokens};
+            CHECK(hx_cuda_engine_set_comm(me->e, &comm, E));
+        }
+    }
+    pthread_t th[GS_MAX * GS_MAX];
+    for (int s = 0; s < stages; s++)
+        for (int r = 0; r < tp; r++)
+            assert_int_equal(pthread_create(&th[s * tp + r], NULL, gs_run, &g->mem[s][r]), 0);
+    for (int i = 0; i < stages * tp; i++)
+        pthread_join(th[i], NULL);
+    for (int s = 0; s < stages; s++)
+        for (int r = 0; r < tp; r++) {
+            gs_member *me = &g->mem[s][r];
+            if (me->st != HX_OK)
+                fail_msg("%d stages x TP %d: stage %d rank %d: %s", stages, tp, s, r, me->err.msg);
+            for (int i = 0; i < N_REQ; i++) {
+                assert_int_equal(me->n_got[i], GEN_STEPS);
+                for (int t = 0; t < GEN_STEPS; t++)
+                    if (me->got[i][t] != cases[i].tokens[t])
+                        fail_msg("%d stages x TP %d, stage %d rank %d, request %d: token %d is "
+                                 "%d, the CPU's %d",
+                                 stages, tp, s, r, i, t, me->got[i][t], cases[i].tokens[t]);
+            }
+            hx_cuda_engine_free(me->e);
+            for (gs_queue *q = &me->rows; q; q = q == &me->rows ? &me->toks : NULL) {
+                assert_null(q->head); /* nothing left unread */
+                pthread_mutex_destroy(&q->mu);
+                pthread_cond_destroy(&q->cv);
+            }
+        }
+    for (int s = 0; s < stages; s++) {
+        pthread_barrier_destroy(&g->bar[s]);
+        free(g->sum[s]);
+    }
+    printf("test_cuda: %d stages x TP %d on threads: the CPU's greedy tokens on every engine\n",
+           stages, tp);
+    free(g);
+}
+
+static void test_engine_stages_and_tp(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_llama *m = cpu_model();
+    gen_case cases[N_REQ];
+    pick_cases(m, cases);
+    hx_llama_free(m);
+    gs_case(cases, 2, 1);
+    gs_case(cases, 1, 2);
+    gs_case(cases, 2, 2);
+
+    /* slices the kernels cannot take, and layouts the model cannot take */
+    hx_cuda_options o;
+    hx_cuda_options_init(&o);
+    hx_cuda_engine *e = NULL;
+    hx_err err = {0};
+    o.tp_size = 3; /* 4 heads */
+    assert_int_equal(hx_cuda_engine_new(tiny_dir, &o, &e, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "must divide"));
+    hx_cuda_options_init(&o);
+    o.first_layer = 1;
+    o.num_layers = 2;
+    assert_int_equal(hx_cuda_engine_new(tiny_dir, &o, &e, &err), HX_EINVAL);
+    assert_null(e);
+}
+
 static void test_engine_sampling_and_admission(void **state)
 {
     (void)state;
@@ -1545,6 +1898,7 @@ int main(void)
         cmocka_unit_test(test_engine_greedy_vs_cpu),
         cmocka_unit_test(test_engine_prefill_mma),
         cmocka_unit_test(test_engine_kv_segments),
+        cmocka_unit_test(test_engine_stages_and_tp),
         cmocka_unit_test(test_engine_sampling_and_admission),
     };
     /* HX_CUDA_TEST_FILTER=pattern runs only the matching tests (bench/gpu-check.sh reruns a
