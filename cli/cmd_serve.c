@@ -88,6 +88,7 @@ static void worker_usage(FILE *fp)
             "usage: hexflow worker --plan FILE --model DIR --device HOST:N --secret-file FILE\n"
             "                      [--threads N] [--max-seqs N] [--block-tokens N]\n"
             "                      [--bind ADDRESS] [--backend auto|cpu|cuda]\n"
+            "                      [--tp-transport auto|nccl|tcp]\n"
             "\n"
             "Runs the worker of one device of a plan: its stage's layers and its\n"
             "tensor-parallel slice of the model, listening on the router's port + 1 +\n"
@@ -102,9 +103,13 @@ static void worker_usage(FILE *fp)
             "  --max-seqs N        requests in the engine at once (default 32)\n"
             "  --block-tokens N    KV cache block size in positions (default 16)\n"
             "  --bind ADDRESS      listen here instead of the host's plan address\n"
-            "  --backend NAME      cpu (fp32, any stage and TP slice), cuda (bf16, a whole\n"
-            "                      model at TP 1 on CUDA device N of HOST:N), or auto:\n"
-            "                      cuda where it can run, else cpu (default)\n"
+            "  --backend NAME      cpu (fp32), cuda (bf16 on CUDA device N of HOST:N), or\n"
+            "                      auto: cuda where a GPU is, else cpu (default); both run\n"
+            "                      any stage and TP slice, and a group's workers must agree\n"
+            "  --tp-transport NAME how a TP stage sums its partial results, as the group's\n"
+            "                      leader decides: auto (default) NCCL where every rank is\n"
+            "                      a GPU of its own that NCCL can join, else TCP through\n"
+            "                      the stage's rank 0; nccl (or fail); tcp\n"
             "  -h, --help          show this help\n");
 }
 
@@ -116,6 +121,7 @@ int hx_cmd_worker(int argc, char **argv)
         {"threads", required_argument, NULL, 't'}, {"max-seqs", required_argument, NULL, 'q'},
         {"block-tokens", required_argument, NULL, 'b'}, {"bind", required_argument, NULL, 'B'},
         {"backend", required_argument, NULL, 'k'},
+        {"tp-transport", required_argument, NULL, 'T'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0}};
     hx_worker_options o;
     hx_worker_options_init(&o);
@@ -135,6 +141,12 @@ int hx_cmd_worker(int argc, char **argv)
             hx_err e = {0};
             if (hx_backend_parse(optarg, &o.backend, &e) != HX_OK)
                 return hx_cli_usage_error("worker", "--backend: %s", e.msg);
+            break;
+        }
+        case 'T': {
+            hx_err e = {0};
+            if (hx_tp_transport_parse(optarg, &o.tp_transport, &e) != HX_OK)
+                return hx_cli_usage_error("worker", "--tp-transport: %s", e.msg);
             break;
         }
         case 't':

@@ -141,6 +141,7 @@ static const type_info TYPES[HX_PROTO_TYPE_LIMIT] = {
     [HX_PROTO_GROUP_OP] = {"GROUP_OP", HX_PROTO_DEFAULT_MAX_PREFILL_BYTES, 0},
     [HX_PROTO_TENSOR] = {"TENSOR", (uint64_t)1 << 30, 0},
     [HX_PROTO_STEP_TOKENS] = {"STEP_TOKENS", HX_PROTO_DEFAULT_MAX_TOKENS_BYTES, 0},
+    [HX_PROTO_GROUP_SETUP] = {"GROUP_SETUP", HX_PROTO_GROUP_SETUP_BYTES, 0},
 };
 
 const char *hx_proto_type_name(int type)
@@ -2576,4 +2577,59 @@ hx_status hx_proto_recv_step_tokens(hx_proto_conn *c, int *tokens, int n, int64_
 {
     return recv_exact(c, HX_PROTO_STEP_TOKENS, tokens, (size_t)n * sizeof(int), deadline_ns,
                       err);
+}
+
+static const char *setup_phase_name(uint32_t phase)
+{
+    static const char *names[] = {"?", "OFFER", "PLAN", "NCCL_ID", "JOINED", "FINAL"};
+    return phase >= 1 && phase <= HX_PROTO_SETUP_FINAL ? names[phase] : "unknown";
+}
+
+hx_status hx_proto_send_group_setup(hx_proto_conn *c, const hx_proto_group_setup *m,
+                                    int64_t deadline_ns, hx_err *err)
+{
+    if (!c || !m)
+        return hx_err_set(err, HX_EINVAL, "hx_proto_send_group_setup: NULL argument");
+    if (m->phase < HX_PROTO_SETUP_OFFER || m->phase > HX_PROTO_SETUP_FINAL || m->nccl > 1)
+        return hx_err_set(err, HX_EINVAL, "GROUP_SETUP to %s: phase %d, nccl %u", c->who,
+                          (int)m->phase, m->nccl);
+    unsigned char b[HX_PROTO_GROUP_SETUP_BYTES];
+    memset(b, 0, sizeof b);
+    put_u32(b, (uint32_t)m->phase);
+    put_u32(b + 4, m->backend);
+    put_u32(b + 8, m->step_rows);
+    put_u32(b + 12, m->nccl);
+    size_t n = strnlen(m->device_uuid, HX_PROTO_UUID_MAX);
+    memcpy(b + 16, m->device_uuid, n);
+    memcpy(b + 16 + HX_PROTO_UUID_MAX + 1, m->nccl_id, HX_PROTO_NCCL_ID_BYTES);
+    return hx_proto_send(c, HX_PROTO_GROUP_SETUP, 0, b, sizeof b, deadline_ns, err);
+}
+
+hx_status hx_proto_recv_group_setup(hx_proto_conn *c, hx_proto_setup_phase phase,
+                                    hx_proto_group_setup *out, int64_t deadline_ns, hx_err *err)
+{
+    unsigned char b[HX_PROTO_GROUP_SETUP_BYTES];
+    hx_status st = recv_exact(c, HX_PROTO_GROUP_SETUP, b, sizeof b, deadline_ns, err);
+    if (st != HX_OK)
+        return st;
+    memset(out, 0, sizeof *out);
+    uint32_t got = get_u32(b);
+    if (got != (uint32_t)phase)
+        return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP %s, expected %s", c->who,
+                          setup_phase_name(got), setup_phase_name((uint32_t)phase));
+    out->phase = phase;
+    out->backend = get_u32(b + 4);
+    out->step_rows = get_u32(b + 8);
+    out->nccl = get_u32(b + 12);
+    if (out->nccl > 1)
+        return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP %s: nccl %u", c->who,
+                          setup_phase_name(got), out->nccl);
+    memcpy(out->device_uuid, b + 16, HX_PROTO_UUID_MAX);
+    out->device_uuid[HX_PROTO_UUID_MAX] = '\0';
+    for (char *p = out->device_uuid; *p; p++)
+        if (*p < 0x20 || *p > 0x7e)
+            return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP: the device identity is not "
+                              "printable", c->who);
+    memcpy(out->nccl_id, b + 16 + HX_PROTO_UUID_MAX + 1, HX_PROTO_NCCL_ID_BYTES);
+    return HX_OK;
 }

@@ -144,7 +144,8 @@ typedef enum hx_proto_type {
     /* inside a group (and router -> group leader for ADD_PREFILLED) */
     HX_PROTO_GROUP_OP = 27,    /* the group leader's scheduling decision, in order */
     HX_PROTO_TENSOR = 28,      /* fp32 rows: stage-to-stage activations, TP partial sums */
-    HX_PROTO_STEP_TOKENS = 29  /* the tokens the last stage sampled in a step */
+    HX_PROTO_STEP_TOKENS = 29, /* the tokens the last stage sampled in a step */
+    HX_PROTO_GROUP_SETUP = 30  /* a group's start: backends agree, TP transport chosen */
 } hx_proto_type;
 
 #define HX_PROTO_TYPE_LIMIT 32 /* every type value is below this */
@@ -589,5 +590,48 @@ hx_status hx_proto_send_step_tokens(hx_proto_conn *c, const int *tokens, int n,
                                     int64_t deadline_ns, hx_err *err);
 hx_status hx_proto_recv_step_tokens(hx_proto_conn *c, int *tokens, int n, int64_t deadline_ns,
                                     hx_err *err);
+
+/*
+ * GROUP_SETUP: once a group's workers are connected, before the first
+ * GROUP_OP, they agree on how the group runs (req_id 0):
+ *   OFFER    rank -> leader: its backend (hx_backend_kind), rows per step,
+ *            nccl 1 when its engine can sum TP partial sums over NCCL, and
+ *            its GPU's identity (device_uuid, "" for cpu).
+ *   PLAN     leader -> rank: nccl 1 when the rank's stage is to try NCCL
+ *            (every rank of it capable, on distinct GPUs, and the worker's
+ *            --tp-transport allows it), 0 for TCP. An ERROR frame instead
+ *            says why the group cannot run (mixed backends, say).
+ *   NCCL_ID  stage rank 0 -> the stage's other ranks: the communicator's id.
+ *   JOINED   rank -> leader: nccl 1 when it joined its stage's communicator.
+ *   FINAL    leader -> rank: nccl 1 when every rank of its stage joined (it
+ *            keeps NCCL), 0 when one failed (every rank of the stage leaves
+ *            it and sums over TCP).
+ * hx_proto_recv_group_setup takes one frame of the given phase: HX_EPARSE
+ * for another type or phase; an ERROR frame gives its code and message.
+ */
+typedef enum hx_proto_setup_phase {
+    HX_PROTO_SETUP_OFFER = 1,
+    HX_PROTO_SETUP_PLAN = 2,
+    HX_PROTO_SETUP_NCCL_ID = 3,
+    HX_PROTO_SETUP_JOINED = 4,
+    HX_PROTO_SETUP_FINAL = 5
+} hx_proto_setup_phase;
+
+#define HX_PROTO_UUID_MAX 63
+#define HX_PROTO_NCCL_ID_BYTES 128
+#define HX_PROTO_GROUP_SETUP_BYTES (16 + HX_PROTO_UUID_MAX + 1 + HX_PROTO_NCCL_ID_BYTES)
+
+typedef struct hx_proto_group_setup {
+    hx_proto_setup_phase phase;
+    uint32_t backend;   /* OFFER */
+    uint32_t step_rows; /* OFFER */
+    uint32_t nccl;      /* OFFER, PLAN, JOINED, FINAL: see above */
+    char device_uuid[HX_PROTO_UUID_MAX + 1];  /* OFFER */
+    uint8_t nccl_id[HX_PROTO_NCCL_ID_BYTES];  /* NCCL_ID */
+} hx_proto_group_setup;
+hx_status hx_proto_send_group_setup(hx_proto_conn *c, const hx_proto_group_setup *m,
+                                    int64_t deadline_ns, hx_err *err);
+hx_status hx_proto_recv_group_setup(hx_proto_conn *c, hx_proto_setup_phase phase,
+                                    hx_proto_group_setup *out, int64_t deadline_ns, hx_err *err);
 
 #endif /* HX_PROTO_H */

@@ -26,6 +26,7 @@
 #define MAX_AUX_CONNS 256
 #define ROUTER_SILENCE_S 10.0 /* no frame from the router for this long: it is gone */
 #define KV_CHECK_S 10.0      /* a decode rank waits this long for its segments when asked */
+#define NCCL_JOIN_S 20.0     /* a stage's ranks join their NCCL communicator within this */
 
 /* A KV segment received for a request, waiting for its ADD_PREFILLED. */
 typedef struct kv_in {
@@ -130,6 +131,19 @@ static void wait_ms(worker *w, int ms)
 static int64_t deadline_peer(const worker *w)
 {
     return hx_proto_deadline_in(w->opt.peer_timeout_s);
+}
+
+hx_status hx_tp_transport_parse(const char *s, hx_tp_transport *out, hx_err *err)
+{
+    if (strcmp(s, "auto") == 0)
+        *out = HX_TP_TRANSPORT_AUTO;
+    else if (strcmp(s, "nccl") == 0)
+        *out = HX_TP_TRANSPORT_NCCL;
+    else if (strcmp(s, "tcp") == 0)
+        *out = HX_TP_TRANSPORT_TCP;
+    else
+        return hx_err_set(err, HX_EINVAL, "unknown TP transport '%s' (auto, nccl or tcp)", s);
+    return HX_OK;
 }
 
 void hx_worker_options_init(hx_worker_options *opt)
@@ -479,9 +493,9 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
             continue;
         size_t bytes = hx_kv_segment_bytes(p[i].num_layers, p[i].num_heads, tokens,
                                            w->cfg->head_dim);
-        if (bytes > w->pack_cap) {
-            free(w->pack);
-            w->pack = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        if (bytes > w->pack_cap) { /* page-locked for a GPU engine: its copy out is direct */
+            hx_backend_host_free(w->eng, w->pack);
+            w->pack = hx_backend_host_alloc(w->eng, bytes);
             w->pack_cap = w->pack ? bytes : 0;
             if (!w->pack) {
                 st = hx_err_set(err, HX_ENOMEM, "out of memory for a KV segment");
@@ -1275,6 +1289,206 @@ static hx_status connect_peers(worker *w, hx_err *err)
                       w->me->device, w->grp->id, have, w->gsize - 1, w->opt.peer_timeout_s);
 }
 
+/* ---- group setup: one kind of engine per group, and each TP stage's transport ------- */
+
+static const char *device_of(const worker *w, int li)
+{
+    return w->dep.workers[w->gfirst + li].device;
+}
+
+/*
+ * The leader's checks of the offers (offers[li], by local index): every
+ * engine of a group must be of one kind with one step size, or their
+ * lockstep schedules would differ.
+ */
+static hx_status check_offers(worker *w, const hx_proto_group_setup *offers, hx_err *err)
+{
+    for (int j = 1; j < w->gsize; j++)
+        if (offers[j].backend != offers[0].backend || offers[j].step_rows != offers[0].step_rows)
+            return hx_err_set(err, HX_EINVAL,
+                              "group '%s' mixes engines: %s runs %s with %u rows per step, %s "
+                              "runs %s with %u (give every worker of a group the same "
+                              "--backend and --max-seqs)",
+                              w->grp->id, device_of(w, 0),
+                              hx_backend_name((hx_backend_kind)offers[0].backend),
+                              offers[0].step_rows, device_of(w, j),
+                              hx_backend_name((hx_backend_kind)offers[j].backend),
+                              offers[j].step_rows);
+    return HX_OK;
+}
+
+/*
+ * Whether stage s may sum over NCCL: more than one rank, every one able, on
+ * distinct GPUs (NCCL refuses two ranks on one), and the leader's
+ * --tp-transport allowing it. *why (for a forced nccl) says what stops it.
+ */
+static int stage_nccl(worker *w, const hx_proto_group_setup *offers, int s, const char **why)
+{
+    *why = NULL;
+    const hx_plan_stage *ps = &w->grp->stages[s];
+    if (ps->ndevices < 2 || w->opt.tp_transport == HX_TP_TRANSPORT_TCP)
+        return 0;
+    for (int r = 0; r < ps->ndevices; r++) {
+        int j = hx_deploy_worker_at(&w->dep, w->me->group, s, r) - w->gfirst;
+        if (!offers[j].nccl) {
+            *why = "a rank's engine cannot use NCCL (cpu backend, or a build without NCCL)";
+            return 0;
+        }
+        for (int q = 0; q < r; q++) {
+            int i = hx_deploy_worker_at(&w->dep, w->me->group, s, q) - w->gfirst;
+            if (strcmp(offers[i].device_uuid, offers[j].device_uuid) == 0) {
+                *why = "two ranks share one GPU";
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* The leader: collects the offers, decides, and tells every rank its stage's plan. */
+static hx_status setup_plan(worker *w, const hx_proto_group_setup *mine, int *stage_plan,
+                            hx_err *err)
+{
+    hx_proto_group_setup *offers = calloc((size_t)w->gsize, sizeof *offers);
+    if (!offers)
+        return hx_err_set(err, HX_ENOMEM, "out of memory");
+    offers[0] = *mine;
+    hx_status st = HX_OK;
+    for (int j = 1; j < w->gsize && st == HX_OK; j++)
+        st = hx_proto_recv_group_setup(w->peers[j], HX_PROTO_SETUP_OFFER, &offers[j],
+                                       deadline_peer(w), err);
+    if (st == HX_OK)
+        st = check_offers(w, offers, err);
+    for (int s = 0; s < w->grp->nstages && st == HX_OK; s++) {
+        const char *why = NULL;
+        stage_plan[s] = stage_nccl(w, offers, s, &why);
+        if (!stage_plan[s] && w->opt.tp_transport == HX_TP_TRANSPORT_NCCL &&
+            w->grp->stages[s].ndevices > 1)
+            st = hx_err_set(err, HX_ENOTSUP,
+                            "group '%s' stage %d cannot sum over NCCL (--tp-transport nccl): %s",
+                            w->grp->id, s, why);
+    }
+    if (st != HX_OK) { /* every rank learns why the group cannot run */
+        for (int j = 1; j < w->gsize; j++) {
+            hx_err ignored = {0};
+            hx_proto_send_error(w->peers[j], 0, st, err->msg, hx_proto_deadline_in(5.0),
+                                &ignored);
+        }
+        free(offers);
+        return st;
+    }
+    for (int j = 1; j < w->gsize && st == HX_OK; j++) {
+        hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_PLAN,
+                                  .nccl = (uint32_t)stage_plan[w->dep.workers[w->gfirst + j].stage]};
+        st = hx_proto_send_group_setup(w->peers[j], &m, deadline_peer(w), err);
+    }
+    free(offers);
+    return st;
+}
+
+/* A stage planned for NCCL: rank 0 makes the id and hands it on; every rank joins. */
+static int setup_join(worker *w)
+{
+    const int s = w->me->stage;
+    hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_NCCL_ID};
+    hx_err e = {0};
+    hx_status st = HX_OK;
+    if (w->me->rank == 0) {
+        m.nccl = hx_backend_nccl_unique_id(m.nccl_id, &e) == HX_OK;
+        if (!m.nccl)
+            HX_WARN("worker %s: no NCCL id: %s", w->me->device, e.msg);
+        for (int r = 1; r < w->me->tp && st == HX_OK; r++)
+            st = hx_proto_send_group_setup(peer_at(w, s, r), &m, deadline_peer(w), &e);
+    } else {
+        st = hx_proto_recv_group_setup(peer_at(w, s, 0), HX_PROTO_SETUP_NCCL_ID, &m,
+                                       deadline_peer(w), &e);
+    }
+    if (st != HX_OK || !m.nccl) {
+        if (st != HX_OK)
+            HX_WARN("worker %s: NCCL id: %s", w->me->device, e.msg);
+        return 0;
+    }
+    if (hx_backend_nccl_join(w->eng, m.nccl_id, NCCL_JOIN_S, &e) != HX_OK) {
+        HX_WARN("worker %s: group '%s' stage %d: NCCL: %s", w->me->device, w->grp->id, s, e.msg);
+        return 0;
+    }
+    return 1;
+}
+
+/*
+ * Runs GROUP_SETUP (proto.h) once the group is connected: the leader checks
+ * that the group's engines agree and picks each TP stage's transport; the
+ * stages planned for NCCL try to join, and keep it only if all their ranks
+ * did (otherwise they sum over TCP through host buffers).
+ */
+static hx_status group_setup(worker *w, hx_err *err)
+{
+    if (w->gsize == 1)
+        return HX_OK;
+    hx_proto_group_setup mine = {.phase = HX_PROTO_SETUP_OFFER,
+                                 .backend = (uint32_t)hx_backend_kind_of(w->eng),
+                                 .step_rows = (uint32_t)hx_backend_step_rows(w->eng),
+                                 .nccl = (uint32_t)hx_backend_nccl_capable(w->eng)};
+    hx_status st = hx_backend_device_uuid(w->eng, mine.device_uuid, sizeof mine.device_uuid, err);
+    if (st != HX_OK)
+        return st;
+    int *plan = calloc((size_t)w->grp->nstages, sizeof *plan);
+    int *joined = calloc((size_t)w->gsize, sizeof *joined);
+    if (!plan || !joined) {
+        free(plan);
+        free(joined);
+        return hx_err_set(err, HX_ENOMEM, "out of memory");
+    }
+    int my_plan = 0, final = 0;
+    if (w->is_leader) {
+        st = setup_plan(w, &mine, plan, err);
+        my_plan = st == HX_OK && plan[w->me->stage];
+    } else {
+        hx_proto_group_setup m;
+        st = hx_proto_send_group_setup(w->peers[0], &mine, deadline_peer(w), err);
+        if (st == HX_OK)
+            st = hx_proto_recv_group_setup(w->peers[0], HX_PROTO_SETUP_PLAN, &m,
+                                           deadline_peer(w), err);
+        my_plan = st == HX_OK && m.nccl;
+    }
+    const int me_joined = st == HX_OK && my_plan ? setup_join(w) : 0;
+    if (st == HX_OK && w->is_leader) {
+        /* a stage keeps NCCL only if every rank of it joined */
+        joined[0] = me_joined;
+        for (int j = 1; j < w->gsize && st == HX_OK; j++) {
+            hx_proto_group_setup m;
+            st = hx_proto_recv_group_setup(w->peers[j], HX_PROTO_SETUP_JOINED, &m,
+                                           deadline_peer(w), err);
+            joined[j] = st == HX_OK && m.nccl;
+        }
+        for (int j = 0; j < w->gsize && st == HX_OK; j++)
+            if (!joined[j])
+                plan[w->dep.workers[w->gfirst + j].stage] = 0;
+        for (int j = 1; j < w->gsize && st == HX_OK; j++) {
+            hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_FINAL,
+                                      .nccl = (uint32_t)plan[w->dep.workers[w->gfirst + j].stage]};
+            st = hx_proto_send_group_setup(w->peers[j], &m, deadline_peer(w), err);
+        }
+        final = plan[w->me->stage];
+    } else if (st == HX_OK) {
+        hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_JOINED, .nccl = (uint32_t)me_joined};
+        st = hx_proto_send_group_setup(w->peers[0], &m, deadline_peer(w), err);
+        if (st == HX_OK)
+            st = hx_proto_recv_group_setup(w->peers[0], HX_PROTO_SETUP_FINAL, &m,
+                                           deadline_peer(w), err);
+        final = st == HX_OK && m.nccl;
+    }
+    if (me_joined && !final)
+        hx_backend_nccl_leave(w->eng);
+    if (st == HX_OK && w->me->tp > 1)
+        HX_INFO("worker %s: group '%s' stage %d sums its TP partial results over %s",
+                w->me->device, w->grp->id, w->me->stage,
+                final ? "NCCL" : "TCP (through the stage's rank 0)");
+    free(plan);
+    free(joined);
+    return st;
+}
+
 /* Threads for this worker's model: the host's cores shared by its workers. */
 static int pick_threads(const worker *w)
 {
@@ -1364,6 +1578,8 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     w->ready = 1;
     if ((st = connect_peers(w, err)) != HX_OK || *w->stop)
         goto out;
+    if ((st = group_setup(w, err)) != HX_OK)
+        goto out;
     HX_INFO("worker %s: group '%s' (%s) stage %d rank %d of %d: layers %d-%d on %s, "
                 "listening on %s:%d, ready",
                 w->me->device, w->grp->id, hx_role_name(w->grp->role), w->me->stage,
@@ -1422,13 +1638,14 @@ out:
         free(k);
         k = n;
     }
+    if (w->eng)
+        hx_backend_host_free(w->eng, w->pack);
     hx_backend_close(w->eng);
     hx_proto_listener_free(w->lis);
     hx_deploy_release(&w->dep);
     hx_plan_free(w->plan);
     free(w->reqs);
     free(w->red);
-    free(w->pack);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
     pthread_mutex_destroy(&w->router_send);

@@ -6,6 +6,11 @@
  * (runtime/deploy.h) and connects to the other workers of its group. All
  * connections use runtime/proto.h with the deployment's secret.
  *
+ * Once connected, the group runs GROUP_SETUP (runtime/proto.h): the leader
+ * checks that every engine is of one kind with one step size, and each TP
+ * stage whose ranks are GPUs of their own joins an NCCL communicator for
+ * its all-reduce (--tp-transport), else sums over TCP as below.
+ *
  * Inside a group the engines (runtime/batch.h) run in lockstep. The leader
  * (stage 0, rank 0) takes requests from the router (GROUP_OP ADD /
  * ADD_PREFILLED / REMOVE), decides admission (the engine's block
@@ -41,6 +46,15 @@
 #include "runtime/backend.h"
 #include "runtime/proto.h"
 
+typedef enum hx_tp_transport {
+    HX_TP_TRANSPORT_AUTO = 0,
+    HX_TP_TRANSPORT_NCCL = 1,
+    HX_TP_TRANSPORT_TCP = 2
+} hx_tp_transport;
+
+/* "auto", "nccl", "tcp"; HX_EINVAL naming the choices otherwise. */
+hx_status hx_tp_transport_parse(const char *s, hx_tp_transport *out, hx_err *err);
+
 typedef struct hx_worker_options {
     const char *plan_path;        /* borrowed */
     const char *model_dir;        /* borrowed */
@@ -51,8 +65,11 @@ typedef struct hx_worker_options {
     int block_tokens;             /* default 16 */
     double peer_timeout_s;        /* group connections at start and per step; default 60 */
     const char *bind_address;     /* NULL: the host's address in the plan */
-    hx_backend_kind backend;      /* default auto: cuda for a whole model at TP 1 when a GPU
-                                     is there (device host:N runs on CUDA device N), else cpu */
+    hx_backend_kind backend;      /* default auto: cuda when a GPU is there (device host:N
+                                     runs on CUDA device N), else cpu; one kind per group */
+    hx_tp_transport tp_transport; /* the leader's decides for its group: auto (default) NCCL
+                                     where a TP stage's ranks are GPUs that NCCL can join, else
+                                     TCP; nccl (or fail); tcp */
 } hx_worker_options;
 
 void hx_worker_options_init(hx_worker_options *opt);

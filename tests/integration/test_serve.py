@@ -190,6 +190,38 @@ def layouts():
     }
 
 
+def group_setup_refusals(port):
+    """A group whose workers disagree (bad input: status 2), or that asks for NCCL where none
+    can run (status 1), refuses to start: both workers end, each saying why."""
+    secret = os.path.join(TMP, "setup.secret")
+    with open(secret, "w") as f:
+        f.write(os.urandom(32).hex())
+    os.chmod(secret, 0o600)
+    plan = write_plan("setup", port, [{"id": "b0", "role": "both",
+                                       "stages": [stage(0, 4, [0, 1])]}], [])
+    cases = [("different --max-seqs", [["--max-seqs", "32"], ["--max-seqs", "100"]], 2,
+              "mixes engines"),
+             ("--tp-transport nccl on the CPU", [["--tp-transport", "nccl"], []], 1,
+              "cannot sum over NCCL")]
+    for name, extra, code, needle in cases:
+        procs = [subprocess.Popen([HX, "worker", "--plan", plan, "--model", MODEL, "--device",
+                                   "local:%d" % d, "--secret-file", secret, "--threads", "1",
+                                   "--backend", "cpu", *extra[d]],
+                                  env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for d in (0, 1)]
+        outs = []
+        for pr in procs:
+            try:
+                outs.append((pr.wait(timeout=60), pr.stderr.read()))
+            except subprocess.TimeoutExpired:
+                pr.kill()
+                pr.wait()
+                outs.append((None, "hung"))
+        check(all(rc == code and needle in err for rc, err in outs),
+              "group setup: %s: both workers exit %d saying '%s' (%s)" %
+              (name, code, needle, [(rc, err.strip().splitlines()[-1:] if err else "") for rc, err in outs]))
+
+
 def main():
     r = hx("model", "make-tiny", "--out", MODEL, "--layers", "4", "--hidden", "64", "--heads",
            "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "7")
@@ -211,6 +243,9 @@ def main():
                                                                   got if got != expected[p] else "ok"))
         finally:
             check(stop(plan), "%s: stop" % name)
+
+    group_setup_refusals(port)
+    port += 20
 
     # GPU prefill -> GPU decode, two processes on one GPU (skipped without one)
     version = hx("--version").stdout
@@ -253,6 +288,36 @@ def main():
                           (prompt, "ok" if got == gpu_expected[prompt] else got))
             finally:
                 check(stop(plan), "GPU: stop")
+        # stages and TP slices on the GPU: prefill PP2 -> decode TP2, four processes on one
+        # GPU (the TP stage sums over TCP: NCCL refuses two ranks on one GPU). Stages change
+        # no arithmetic, so the first token is exact; TP sums the o and down projections in
+        # another order, which may flip a bf16 near-tie later on, so 3 of 4 must agree whole
+        plan = write_plan("gpu-split", port, [
+            {"id": "p0", "role": "prefill", "stages": [stage(0, 2, [0]), stage(2, 2, [1])]},
+            {"id": "d0", "role": "decode", "stages": [stage(0, 4, [2, 3])]}],
+            [{"prefill": "p0", "decode": "d0", "rps": 1}])
+        port += 20
+        r = hx("launch", "--plan", plan, "--model", gpu_model, "--worker-args",
+               "--backend cuda", "--timeout", "120")
+        if check(r.returncode == 0, "GPU PP2 -> TP2: launch (%s)" % r.stderr[-300:]):
+            host, p = r.stdout.strip().splitlines()[-1][len("http://"):].rsplit(":", 1)
+            whole = 0
+            try:
+                for prompt in PROMPTS:
+                    status, got = complete((host, int(p)), prompt)
+                    want = gpu_expected[prompt] or []
+                    check(status == 200 and len(got) == MAX_TOKENS and got[:1] == want[:1],
+                          "GPU PP2 -> TP2 '%s': %d tokens, the first equal to generate's" %
+                          (prompt, len(got) if status == 200 else 0))
+                    if status == 200:
+                        same = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y),
+                                    len(got))
+                        whole += same == len(want)
+                        print("info GPU PP2 -> TP2 '%s': agrees with generate for %d of %d "
+                              "tokens" % (prompt, same, len(want)))
+                check(whole >= 3, "GPU PP2 -> TP2: %d of 4 prompts equal generate whole" % whole)
+            finally:
+                check(stop(plan), "GPU PP2 -> TP2: stop")
     else:
         print("skip GPU prefill -> GPU decode: %s" %
               ("no CUDA backend in this build" if "cuda" not in version else "no GPU here"))

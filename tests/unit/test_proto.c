@@ -1439,6 +1439,56 @@ static void test_group_messages(void **state)
     hx_proto_close(c);
 }
 
+/* GROUP_SETUP: each phase round-trips; the wrong phase, a bad flag or an ERROR is refused. */
+static void test_group_setup(void **state)
+{
+    (void)state;
+    hx_proto_conn *s, *c;
+    hx_err err = {0};
+    connected_pair(&s, &c);
+    hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_OFFER, .backend = 2, .step_rows = 512,
+                              .nccl = 1};
+    snprintf(m.device_uuid, sizeof m.device_uuid, "GPU-0123abcd-0000-1111-2222-333344445555");
+    for (int i = 0; i < HX_PROTO_NCCL_ID_BYTES; i++)
+        m.nccl_id[i] = (uint8_t)(i * 7 + 1);
+    check_ok(hx_proto_send_group_setup(c, &m, HX_PROTO_NO_DEADLINE, &err), &err);
+    hx_proto_group_setup back;
+    check_ok(hx_proto_recv_group_setup(s, HX_PROTO_SETUP_OFFER, &back, hx_proto_deadline_in(5),
+                                       &err), &err);
+    assert_int_equal(back.phase, HX_PROTO_SETUP_OFFER);
+    assert_int_equal(back.backend, 2);
+    assert_int_equal(back.step_rows, 512);
+    assert_int_equal(back.nccl, 1);
+    assert_string_equal(back.device_uuid, m.device_uuid);
+    assert_memory_equal(back.nccl_id, m.nccl_id, HX_PROTO_NCCL_ID_BYTES);
+
+    /* a frame of another phase than the one awaited */
+    m.phase = HX_PROTO_SETUP_JOINED;
+    check_ok(hx_proto_send_group_setup(c, &m, HX_PROTO_NO_DEADLINE, &err), &err);
+    expect_err(hx_proto_recv_group_setup(s, HX_PROTO_SETUP_FINAL, &back, hx_proto_deadline_in(5),
+                                         &err), &err, HX_EPARSE, "GROUP_SETUP JOINED, expected FINAL");
+    /* the leader's refusal arrives as an ERROR in place of the plan */
+    check_ok(hx_proto_send_error(c, 0, HX_EINVAL, "group 'g' mixes engines", HX_PROTO_NO_DEADLINE,
+                                 &err), &err);
+    expect_err(hx_proto_recv_group_setup(s, HX_PROTO_SETUP_PLAN, &back, hx_proto_deadline_in(5),
+                                         &err), &err, HX_EINVAL, "mixes engines");
+    /* the sender refuses a phase or flag out of range */
+    m.phase = (hx_proto_setup_phase)6;
+    expect_err(hx_proto_send_group_setup(c, &m, HX_PROTO_NO_DEADLINE, &err), &err, HX_EINVAL,
+               "phase 6");
+    m.phase = HX_PROTO_SETUP_PLAN;
+    m.nccl = 2;
+    expect_err(hx_proto_send_group_setup(c, &m, HX_PROTO_NO_DEADLINE, &err), &err, HX_EINVAL,
+               "nccl 2");
+    /* a frame of the right type but the wrong size */
+    int t[1] = {1};
+    check_ok(hx_proto_send_step_tokens(c, t, 1, HX_PROTO_NO_DEADLINE, &err), &err);
+    expect_err(hx_proto_recv_group_setup(s, HX_PROTO_SETUP_PLAN, &back, hx_proto_deadline_in(5),
+                                         &err), &err, HX_EPARSE, "expected GROUP_SETUP");
+    hx_proto_close(s);
+    hx_proto_close(c);
+}
+
 static void write_file_mode(const char *path, const char *text, mode_t mode)
 {
     FILE *fp = fopen(path, "w");
@@ -1648,6 +1698,7 @@ int main(void)
         cmocka_unit_test(test_handshake_garbage_and_silence),
         cmocka_unit_test(test_messages_round_trip),
         cmocka_unit_test(test_group_messages),
+        cmocka_unit_test(test_group_setup),
         cmocka_unit_test(test_send_side_checks),
         cmocka_unit_test(test_kv_segment_64mib_tcp),
         cmocka_unit_test(test_bad_frames),
