@@ -347,7 +347,7 @@ void *hx_backend_host_alloc(const hx_backend *b, size_t bytes)
     unsigned char *base = NULL;
     const size_t n = HOST_HEADER + ((bytes + 63) & ~(size_t)63);
 #ifdef HX_HAVE_CUDA
-    if (b->cuda) {
+    if (b && b->cuda) {
         hx_err e = {0};
         if (hx_cuda_host_alloc((void **)&base, n, &e) == HX_OK) {
             base[0] = HOST_PINNED;

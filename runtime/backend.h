@@ -115,9 +115,10 @@ int hx_backend_uses_nccl(const hx_backend *b);
 
 /*
  * Host memory for KV segments (64-byte aligned): page-locked for a cuda
- * engine, so its copies out of the device are direct; plain memory for cpu
- * (or when page-locked memory runs out). NULL when out of memory. Freed
- * with hx_backend_host_free on the same backend, before it is closed.
+ * engine, so its copies to and from the device are direct; plain memory for
+ * cpu, for b NULL, or when page-locked memory runs out. NULL when out of
+ * memory. hx_backend_host_free frees either kind (b is not needed: NULL
+ * will do), also after the backend is closed.
  */
 void *hx_backend_host_alloc(const hx_backend *b, size_t bytes);
 void hx_backend_host_free(const hx_backend *b, void *p);

@@ -27,6 +27,8 @@
 #define ROUTER_SILENCE_S 10.0 /* no frame from the router for this long: it is gone */
 #define KV_CHECK_S 10.0      /* a decode rank waits this long for its segments when asked */
 #define NCCL_JOIN_S 20.0     /* a stage's ranks join their NCCL communicator within this */
+#define KV_SPARE_MAX 16      /* received-segment buffers kept for reuse ... */
+#define KV_SPARE_BYTES ((size_t)1 << 30) /* ... holding at most this much */
 
 /* A KV segment received for a request, waiting for its ADD_PREFILLED. */
 typedef struct kv_in {
@@ -34,8 +36,15 @@ typedef struct kv_in {
     uint64_t id;
     int64_t t_ns;
     hx_kv_segment seg; /* payload points to data */
-    float *data;       /* owned */
+    float *data;       /* owned: from kv_buf_get */
+    size_t cap;        /* data's size */
 } kv_in;
+
+/* A buffer for received KV segments, free for the next one. */
+typedef struct kv_spare {
+    float *data;
+    size_t cap;
+} kv_spare;
 
 /* A decision the router asked of the leader, not yet applied. */
 typedef struct op_item {
@@ -94,6 +103,9 @@ typedef struct worker {
 
     /* decode ranks */
     kv_in *kv;
+    kv_spare spare[KV_SPARE_MAX]; /* (mu) received-segment buffers kept for reuse */
+    int n_spare;
+    size_t spare_bytes;
 
     /* prefill ranks: connections to decode workers, by worker index */
     hx_proto_conn **kv_out;
@@ -329,13 +341,61 @@ static hx_status comm_tokens(void *ctx, int *tokens, int n, int is_source, hx_er
 
 /* ---- KV segments in (decode ranks) ----------------------------------------------- */
 
+/*
+ * Buffers for received segments come from the backend (page-locked for a
+ * GPU engine, so its import copies straight from them) and go back to a
+ * small free list: making page-locked memory costs more than the copy it
+ * speeds up, so it is made once and reused. A buffer of at least `bytes`;
+ * NULL when out of memory.
+ */
+static float *kv_buf_get(worker *w, size_t bytes, size_t *cap)
+{
+    pthread_mutex_lock(&w->mu);
+    int best = -1;
+    for (int i = 0; i < w->n_spare; i++)
+        if (w->spare[i].cap >= bytes && (best < 0 || w->spare[i].cap < w->spare[best].cap))
+            best = i;
+    if (best >= 0) {
+        float *p = w->spare[best].data;
+        *cap = w->spare[best].cap;
+        w->spare_bytes -= *cap;
+        w->spare[best] = w->spare[--w->n_spare];
+        pthread_mutex_unlock(&w->mu);
+        return p;
+    }
+    pthread_mutex_unlock(&w->mu);
+    *cap = bytes ? bytes : 1;
+    return hx_backend_host_alloc(w->ready ? w->eng : NULL, *cap);
+}
+
+/* Back to the free list (w->mu held), or freed when the list is full. */
+static void kv_buf_put(worker *w, float *p, size_t cap)
+{
+    if (!p)
+        return;
+    if (w->n_spare < KV_SPARE_MAX && w->spare_bytes + cap <= KV_SPARE_BYTES) {
+        w->spare[w->n_spare++] = (kv_spare){p, cap};
+        w->spare_bytes += cap;
+        return;
+    }
+    hx_backend_host_free(NULL, p);
+}
+
+/* Frees a received segment (w->mu held). */
+static void kv_in_free(worker *w, kv_in *k)
+{
+    kv_buf_put(w, k->data, k->cap);
+    free(k);
+}
+
 static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m)
 {
     kv_in *k = calloc(1, sizeof *k);
-    float *data = malloc(m->data_bytes ? m->data_bytes : 1);
+    size_t cap = 0;
+    float *data = k ? kv_buf_get(w, m->data_bytes, &cap) : NULL;
     if (!k || !data) {
         free(k);
-        free(data);
+        hx_backend_host_free(NULL, data);
         HX_ERROR("worker %s: out of memory for a KV segment", w->me->device);
         return;
     }
@@ -343,6 +403,7 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m)
     k->id = id;
     k->t_ns = hx_proto_now_ns();
     k->data = data;
+    k->cap = cap;
     k->seg = (hx_kv_segment){HX_KV_SEGMENT_VERSION, HX_KV_DTYPE_F32, (int)m->first_layer,
                              (int)m->num_layers, (int)m->first_kv_head, (int)m->num_kv_heads,
                              (int)m->first_token, (int)m->num_tokens, (int)m->head_dim,
@@ -353,8 +414,7 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m)
         if ((k->t_ns - (*pp)->t_ns) / 1e9 > KV_EXPIRE_S) {
             kv_in *dead = *pp;
             *pp = dead->next;
-            free(dead->data);
-            free(dead);
+            kv_in_free(w, dead);
         } else {
             pp = &(*pp)->next;
         }
@@ -362,9 +422,8 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m)
     for (kv_in *e = w->kv; e; e = e->next)
         if (e->id == id && e->seg.layer_first == k->seg.layer_first &&
             e->seg.head_first == k->seg.head_first) { /* sent twice: keep the first */
+            kv_in_free(w, k);
             pthread_mutex_unlock(&w->mu);
-            free(k->data);
-            free(k);
             return;
         }
     k->next = w->kv;
@@ -399,8 +458,7 @@ static void kv_forget(worker *w, uint64_t id)
         if ((*pp)->id == id) {
             kv_in *dead = *pp;
             *pp = dead->next;
-            free(dead->data);
-            free(dead);
+            kv_in_free(w, dead);
         } else {
             pp = &(*pp)->next;
         }
@@ -595,12 +653,13 @@ static hx_status apply_op(worker *w, uint64_t id, const hx_proto_group_op *op, h
             st = hx_backend_add_prefilled(w->eng, &r, op->first_token, segs, k, err);
         }
         free(segs);
+        pthread_mutex_lock(&w->mu);
         while (mine) {
             kv_in *n = mine->next;
-            free(mine->data);
-            free(mine);
+            kv_in_free(w, mine);
             mine = n;
         }
+        pthread_mutex_unlock(&w->mu);
         if (st != HX_OK)
             return st;
         req_info ri = {id, -1, (int)op->max_tokens, op->eos_id, 1, hx_proto_now_ns()};
@@ -1634,12 +1693,13 @@ out:
     }
     for (kv_in *k = w->kv; k;) {
         kv_in *n = k->next;
-        free(k->data);
+        hx_backend_host_free(NULL, k->data);
         free(k);
         k = n;
     }
-    if (w->eng)
-        hx_backend_host_free(w->eng, w->pack);
+    for (int i = 0; i < w->n_spare; i++)
+        hx_backend_host_free(NULL, w->spare[i].data);
+    hx_backend_host_free(NULL, w->pack);
     hx_backend_close(w->eng);
     hx_proto_listener_free(w->lis);
     hx_deploy_release(&w->dep);
