@@ -24,6 +24,7 @@ struct hx_backend {
     hx_batch *eng;
     int tp, tp_rank;
     int step_rows;       /* rows a step may take */
+    int max_seqs, block_tokens;
     /* cuda */
     void *cuda;          /* hx_cuda_engine */
     void *nccl;          /* hx_cuda_nccl: the stage's TP all-reduce, when joined */
@@ -106,6 +107,8 @@ static hx_status open_cpu(const hx_backend_options *o, const hx_batch_comm *comm
     b->tp = sl.tp_size;
     b->tp_rank = sl.tp_rank;
     b->step_rows = bo.max_step_tokens;
+    b->max_seqs = bo.max_seqs;
+    b->block_tokens = bo.block_tokens;
     return HX_OK;
 }
 
@@ -154,6 +157,8 @@ static hx_status open_cuda(const hx_backend_options *o, const hx_batch_comm *com
     b->tp = tp;
     b->tp_rank = o->tp_rank;
     b->step_rows = co.max_step_tokens;
+    b->max_seqs = co.max_seqs;
+    b->block_tokens = co.block_tokens;
     b->max_seq_tokens = co.max_seq_tokens;
     b->max_tokens = co.max_blocks * co.block_tokens;
     return HX_OK;
@@ -253,9 +258,31 @@ int hx_backend_max_tokens(const hx_backend *b)
     return b->max_tokens;
 }
 
+#ifdef HX_HAVE_CUDA
+#define CUDA_OR(b, cuda_call, cpu_call) ((b)->cuda ? (cuda_call) : (cpu_call))
+#else
+#define CUDA_OR(b, cuda_call, cpu_call) (cpu_call)
+#endif
+
 int hx_backend_step_rows(const hx_backend *b)
 {
     return b->step_rows;
+}
+
+int hx_backend_max_seqs(const hx_backend *b)
+{
+    return b->max_seqs;
+}
+
+int hx_backend_block_tokens(const hx_backend *b)
+{
+    return b->block_tokens;
+}
+
+int hx_backend_free_tokens(const hx_backend *b)
+{
+    return b->block_tokens * CUDA_OR(b, hx_cuda_engine_free_blocks(b->cuda),
+                                     hx_batch_free_blocks(b->eng));
 }
 
 /* ---- NCCL for a TP stage ---- */
@@ -295,7 +322,7 @@ hx_status hx_backend_nccl_unique_id(uint8_t id[HX_BACKEND_NCCL_ID_BYTES], hx_err
 }
 
 hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_ID_BYTES],
-                               double timeout_s, hx_err *err)
+                               double timeout_s, double step_timeout_s, hx_err *err)
 {
 #ifdef HX_HAVE_CUDA
     if (!hx_backend_nccl_capable(b) || b->nccl)
@@ -306,7 +333,7 @@ hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_I
     hx_status st = hx_cuda_nccl_new(id, b->tp, b->tp_rank, b->device, timeout_s, &c, err);
     if (st != HX_OK)
         return st;
-    if ((st = hx_cuda_engine_set_nccl(b->cuda, c, timeout_s, err)) != HX_OK) {
+    if ((st = hx_cuda_engine_set_nccl(b->cuda, c, step_timeout_s, err)) != HX_OK) {
         hx_cuda_nccl_free(c);
         return st;
     }
@@ -316,6 +343,7 @@ hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_I
     (void)b;
     (void)id;
     (void)timeout_s;
+    (void)step_timeout_s;
     return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
 #endif
 }
@@ -380,11 +408,6 @@ void hx_backend_host_free(const hx_backend *b, void *p)
     free(base);
 }
 
-#ifdef HX_HAVE_CUDA
-#define CUDA_OR(b, cuda_call, cpu_call) ((b)->cuda ? (cuda_call) : (cpu_call))
-#else
-#define CUDA_OR(b, cuda_call, cpu_call) (cpu_call)
-#endif
 
 int hx_backend_seq_count(const hx_backend *b)
 {

@@ -69,6 +69,10 @@ int hx_backend_max_seq_tokens(const hx_backend *b);
 int hx_backend_max_tokens(const hx_backend *b); /* KV positions in all */
 /* Rows a step may take: every engine of a group must agree (and be of one kind). */
 int hx_backend_step_rows(const hx_backend *b);
+int hx_backend_max_seqs(const hx_backend *b);     /* requests at once */
+int hx_backend_block_tokens(const hx_backend *b); /* KV block size in positions */
+/* KV positions in blocks neither held nor reserved (whole blocks). */
+int hx_backend_free_tokens(const hx_backend *b);
 int hx_backend_seq_count(const hx_backend *b);
 int hx_backend_can_admit(const hx_backend *b, int n_prompt, int max_new_tokens);
 /* Positions of request id's KV; -1 when unknown. */
@@ -98,7 +102,7 @@ hx_status hx_backend_pack_kv(hx_backend *b, uint64_t id, int layer_first, int nu
  * every rank then joins (collective: it returns when all have joined, or
  * fails after timeout_s, HX_ETIMEDOUT). From then on the engine sums on the
  * device and the comm's allreduce is no longer called; a step whose peers
- * stop fails after timeout_s instead of hanging. hx_backend_nccl_capable:
+ * stop fails after step_timeout_s instead of hanging. hx_backend_nccl_capable:
  * a cuda engine of a TP slice in a build with NCCL. device_uuid: the GPU's
  * identity ("GPU-..."; "" for cpu), so a stage can see two ranks on one GPU,
  * which NCCL refuses.
@@ -108,7 +112,7 @@ int hx_backend_nccl_capable(const hx_backend *b);
 hx_status hx_backend_device_uuid(const hx_backend *b, char *out, size_t size, hx_err *err);
 hx_status hx_backend_nccl_unique_id(uint8_t id[HX_BACKEND_NCCL_ID_BYTES], hx_err *err);
 hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_ID_BYTES],
-                               double timeout_s, hx_err *err);
+                               double timeout_s, double step_timeout_s, hx_err *err);
 /* Leaves the communicator (back to the comm's allreduce); no-op when not joined. */
 void hx_backend_nccl_leave(hx_backend *b);
 int hx_backend_uses_nccl(const hx_backend *b);

@@ -203,7 +203,9 @@ void hx_cuda_engine_free(hx_cuda_engine *e)
     if (!e)
         return;
     (void)hx_cuda_set_device(e->opt.device, NULL);
-    if (e->stream)
+    if (e->stream && e->nccl) /* an all-reduce whose peer died must not hang the free */
+        (void)hx_cuda_nccl_wait(e->nccl, e->stream, 10.0, NULL);
+    else if (e->stream)
         (void)hx_cuda_stream_sync(e->stream, NULL);
     for (int b = 0; b < MAX_BUCKETS; b++)
         hx_cuda_graph_free(e->graph[b]);
@@ -576,9 +578,11 @@ hx_status hx_cuda_engine_new_random(const hx_model *cfg, uint64_t seed,
                                                         tensor_seed(seed, -1, 1), 0.9f, 1.1f, s,
                                                         err)))
         goto out_free;
+    /* tied on a stage without the embedding: the embedding's values, as the whole model's */
+    const int tied = cfg->tied_embeddings;
     if (e->lm_head && e->lm_head != e->embed &&
-        (st = hx_cuda_fill_uniform_bf16(e->lm_head, V * hid, tensor_seed(seed, -1, 2), -a_h, a_h,
-                                        s, err)))
+        (st = hx_cuda_fill_uniform_bf16(e->lm_head, V * hid, tensor_seed(seed, -1, tied ? 0 : 2),
+                                        tied ? -1.0f : -a_h, tied ? 1.0f : a_h, s, err)))
         goto out_free;
     for (int l = 0; l < e->L; l++) {
         layer_w *w = &e->layers[l];
@@ -844,6 +848,13 @@ hx_status hx_cuda_engine_set_nccl(hx_cuda_engine *e, hx_cuda_nccl *tp_comm, doub
                           hx_cuda_nccl_size(tp_comm));
     e->nccl = tp_comm;
     e->nccl_timeout_s = timeout_s > 0 ? timeout_s : 60.0;
+    if (!tp_comm && e->tp > 1 && e->has_comm && !e->comm.allreduce) {
+        e->has_comm = 0; /* steps refuse, rather than call a missing all-reduce */
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda engine: TP rank %d of %d left NCCL, and its comm has no "
+                          "allreduce",
+                          e->opt.tp_rank, e->tp);
+    }
     return HX_OK;
 }
 
@@ -1592,8 +1603,12 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
     }
     if (st == HX_OK)
         st = sync_stream(e, err);
-    if (st != HX_OK)
+    if (st != HX_OK) {
+        /* what was queued before the failure must finish before the host buffers it
+           reads (h_io, h_rows) are written again */
+        (void)sync_stream(e, NULL);
         return st;
+    }
     if (!e->has_embed || !e->has_head) {
         /* the last stage publishes its tokens; the earlier ones learn them */
         hx_err inner;

@@ -2599,9 +2599,12 @@ hx_status hx_proto_send_group_setup(hx_proto_conn *c, const hx_proto_group_setup
     put_u32(b + 4, m->backend);
     put_u32(b + 8, m->step_rows);
     put_u32(b + 12, m->nccl);
+    put_u32(b + 16, m->max_seqs);
+    put_u32(b + 20, m->block_tokens);
+    put_u32(b + 24, m->kv_tokens);
     size_t n = strnlen(m->device_uuid, HX_PROTO_UUID_MAX);
-    memcpy(b + 16, m->device_uuid, n);
-    memcpy(b + 16 + HX_PROTO_UUID_MAX + 1, m->nccl_id, HX_PROTO_NCCL_ID_BYTES);
+    memcpy(b + 32, m->device_uuid, n);
+    memcpy(b + 32 + HX_PROTO_UUID_MAX + 1, m->nccl_id, HX_PROTO_NCCL_ID_BYTES);
     return hx_proto_send(c, HX_PROTO_GROUP_SETUP, 0, b, sizeof b, deadline_ns, err);
 }
 
@@ -2624,12 +2627,15 @@ hx_status hx_proto_recv_group_setup(hx_proto_conn *c, hx_proto_setup_phase phase
     if (out->nccl > 1)
         return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP %s: nccl %u", c->who,
                           setup_phase_name(got), out->nccl);
-    memcpy(out->device_uuid, b + 16, HX_PROTO_UUID_MAX);
+    out->max_seqs = get_u32(b + 16);
+    out->block_tokens = get_u32(b + 20);
+    out->kv_tokens = get_u32(b + 24);
+    memcpy(out->device_uuid, b + 32, HX_PROTO_UUID_MAX);
     out->device_uuid[HX_PROTO_UUID_MAX] = '\0';
     for (char *p = out->device_uuid; *p; p++)
         if (*p < 0x20 || *p > 0x7e)
             return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP: the device identity is not "
                               "printable", c->who);
-    memcpy(out->nccl_id, b + 16 + HX_PROTO_UUID_MAX + 1, HX_PROTO_NCCL_ID_BYTES);
+    memcpy(out->nccl_id, b + 32 + HX_PROTO_UUID_MAX + 1, HX_PROTO_NCCL_ID_BYTES);
     return HX_OK;
 }

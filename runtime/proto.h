@@ -595,8 +595,9 @@ hx_status hx_proto_recv_step_tokens(hx_proto_conn *c, int *tokens, int n, int64_
  * GROUP_SETUP: once a group's workers are connected, before the first
  * GROUP_OP, they agree on how the group runs (req_id 0):
  *   OFFER    rank -> leader: its backend (hx_backend_kind), rows per step,
- *            nccl 1 when its engine can sum TP partial sums over NCCL, and
- *            its GPU's identity (device_uuid, "" for cpu).
+ *            requests at once, KV block size and KV positions in all, nccl 1
+ *            when its engine can sum TP partial sums over NCCL, and its GPU's
+ *            identity (device_uuid, "" for cpu).
  *   PLAN     leader -> rank: nccl 1 when the rank's stage is to try NCCL
  *            (every rank of it capable, on distinct GPUs, and the worker's
  *            --tp-transport allows it), 0 for TCP. An ERROR frame instead
@@ -619,13 +620,16 @@ typedef enum hx_proto_setup_phase {
 
 #define HX_PROTO_UUID_MAX 63
 #define HX_PROTO_NCCL_ID_BYTES 128
-#define HX_PROTO_GROUP_SETUP_BYTES (16 + HX_PROTO_UUID_MAX + 1 + HX_PROTO_NCCL_ID_BYTES)
+#define HX_PROTO_GROUP_SETUP_BYTES (32 + HX_PROTO_UUID_MAX + 1 + HX_PROTO_NCCL_ID_BYTES)
 
 typedef struct hx_proto_group_setup {
     hx_proto_setup_phase phase;
     uint32_t backend;   /* OFFER */
     uint32_t step_rows; /* OFFER */
     uint32_t nccl;      /* OFFER, PLAN, JOINED, FINAL: see above */
+    uint32_t max_seqs;     /* OFFER */
+    uint32_t block_tokens; /* OFFER */
+    uint32_t kv_tokens;    /* OFFER */
     char device_uuid[HX_PROTO_UUID_MAX + 1];  /* OFFER */
     uint8_t nccl_id[HX_PROTO_NCCL_ID_BYTES];  /* NCCL_ID */
 } hx_proto_group_setup;

@@ -77,6 +77,7 @@ typedef struct worker {
     int last_stage;
     int is_leader;
     int max_seq_tokens; /* positions one request may use in the engine */
+    int group_kv_tokens; /* leader: KV positions of the group's smallest cache */
     hx_backend *eng;
     const hx_model *cfg;
     int eos_default;
@@ -778,14 +779,19 @@ static int op_ready(worker *w, op_item *o, hx_err *err)
         }
     }
     int64_t need = (int64_t)n_prompt + max_new - 1;
-    if (need > w->max_seq_tokens || need > hx_backend_max_tokens(w->eng)) {
+    if (need > w->max_seq_tokens || need > w->group_kv_tokens) {
         hx_err_set(err, HX_ERANGE,
                    "request %llu needs %lld positions of KV cache; group '%s' holds at most %d "
                    "per request and %d in all",
                    (unsigned long long)o->id, (long long)need, w->grp->id, w->max_seq_tokens,
-                   hx_backend_max_tokens(w->eng));
+                   w->group_kv_tokens);
         return -1;
     }
+    /* every rank holds the same blocks for the same requests: room in the smallest cache */
+    const int bt = hx_backend_block_tokens(w->eng);
+    const int64_t used = hx_backend_max_tokens(w->eng) - hx_backend_free_tokens(w->eng);
+    if (used + (need + bt - 1) / bt * bt > w->group_kv_tokens)
+        return 0;
     return hx_backend_can_admit(w->eng, n_prompt, max_new) ? 1 : 0;
 }
 
@@ -1362,17 +1368,28 @@ static const char *device_of(const worker *w, int li)
  */
 static hx_status check_offers(worker *w, const hx_proto_group_setup *offers, hx_err *err)
 {
-    for (int j = 1; j < w->gsize; j++)
-        if (offers[j].backend != offers[0].backend || offers[j].step_rows != offers[0].step_rows)
+    const hx_proto_group_setup *a = &offers[0];
+    for (int j = 1; j < w->gsize; j++) {
+        const hx_proto_group_setup *b = &offers[j];
+        if (b->backend != a->backend || b->step_rows != a->step_rows ||
+            b->max_seqs != a->max_seqs || b->block_tokens != a->block_tokens)
             return hx_err_set(err, HX_EINVAL,
-                              "group '%s' mixes engines: %s runs %s with %u rows per step, %s "
-                              "runs %s with %u (give every worker of a group the same "
-                              "--backend and --max-seqs)",
+                              "group '%s' mixes engines: %s runs %s with %u rows per step, %u "
+                              "requests, KV blocks of %u; %s runs %s with %u, %u, %u (give every "
+                              "worker of a group the same --backend, --max-seqs and "
+                              "--block-tokens; a group spanning hosts with and without GPUs "
+                              "needs --backend cpu)",
                               w->grp->id, device_of(w, 0),
-                              hx_backend_name((hx_backend_kind)offers[0].backend),
-                              offers[0].step_rows, device_of(w, j),
-                              hx_backend_name((hx_backend_kind)offers[j].backend),
-                              offers[j].step_rows);
+                              hx_backend_name((hx_backend_kind)a->backend), a->step_rows,
+                              a->max_seqs, a->block_tokens, device_of(w, j),
+                              hx_backend_name((hx_backend_kind)b->backend), b->step_rows,
+                              b->max_seqs, b->block_tokens);
+    }
+    /* the leader admits no more than the smallest cache of the group holds */
+    w->group_kv_tokens = (int)a->kv_tokens;
+    for (int j = 1; j < w->gsize; j++)
+        if ((int)offers[j].kv_tokens < w->group_kv_tokens)
+            w->group_kv_tokens = (int)offers[j].kv_tokens;
     return HX_OK;
 }
 
@@ -1467,7 +1484,8 @@ static int setup_join(worker *w)
             HX_WARN("worker %s: NCCL id: %s", w->me->device, e.msg);
         return 0;
     }
-    if (hx_backend_nccl_join(w->eng, m.nccl_id, NCCL_JOIN_S, &e) != HX_OK) {
+    if (hx_backend_nccl_join(w->eng, m.nccl_id, NCCL_JOIN_S, w->opt.peer_timeout_s, &e) !=
+        HX_OK) {
         HX_WARN("worker %s: group '%s' stage %d: NCCL: %s", w->me->device, w->grp->id, s, e.msg);
         return 0;
     }
@@ -1487,7 +1505,10 @@ static hx_status group_setup(worker *w, hx_err *err)
     hx_proto_group_setup mine = {.phase = HX_PROTO_SETUP_OFFER,
                                  .backend = (uint32_t)hx_backend_kind_of(w->eng),
                                  .step_rows = (uint32_t)hx_backend_step_rows(w->eng),
-                                 .nccl = (uint32_t)hx_backend_nccl_capable(w->eng)};
+                                 .nccl = (uint32_t)hx_backend_nccl_capable(w->eng),
+                                 .max_seqs = (uint32_t)hx_backend_max_seqs(w->eng),
+                                 .block_tokens = (uint32_t)hx_backend_block_tokens(w->eng),
+                                 .kv_tokens = (uint32_t)hx_backend_max_tokens(w->eng)};
     hx_status st = hx_backend_device_uuid(w->eng, mine.device_uuid, sizeof mine.device_uuid, err);
     if (st != HX_OK)
         return st;
@@ -1511,18 +1532,36 @@ static hx_status group_setup(worker *w, hx_err *err)
         my_plan = st == HX_OK && m.nccl;
     }
     const int me_joined = st == HX_OK && my_plan ? setup_join(w) : 0;
+    /* the slowest stage may take the whole join time before anyone reports */
+    const int64_t join_deadline = hx_proto_deadline_in(NCCL_JOIN_S + w->opt.peer_timeout_s);
     if (st == HX_OK && w->is_leader) {
         /* a stage keeps NCCL only if every rank of it joined */
         joined[0] = me_joined;
         for (int j = 1; j < w->gsize && st == HX_OK; j++) {
             hx_proto_group_setup m;
             st = hx_proto_recv_group_setup(w->peers[j], HX_PROTO_SETUP_JOINED, &m,
-                                           deadline_peer(w), err);
+                                           join_deadline, err);
             joined[j] = st == HX_OK && m.nccl;
         }
-        for (int j = 0; j < w->gsize && st == HX_OK; j++)
-            if (!joined[j])
-                plan[w->dep.workers[w->gfirst + j].stage] = 0;
+        int lost = -1; /* a stage planned for NCCL that a rank failed to join */
+        for (int j = 0; j < w->gsize && st == HX_OK; j++) {
+            const int s = w->dep.workers[w->gfirst + j].stage;
+            if (!joined[j] && plan[s]) {
+                plan[s] = 0;
+                lost = s;
+            }
+        }
+        if (st == HX_OK && lost >= 0 && w->opt.tp_transport == HX_TP_TRANSPORT_NCCL) {
+            st = hx_err_set(err, HX_ECONN,
+                            "group '%s' stage %d: a rank failed to join NCCL "
+                            "(--tp-transport nccl; its log says why)",
+                            w->grp->id, lost);
+            for (int j = 1; j < w->gsize; j++) {
+                hx_err ignored = {0};
+                hx_proto_send_error(w->peers[j], 0, st, err->msg, hx_proto_deadline_in(5.0),
+                                    &ignored);
+            }
+        }
         for (int j = 1; j < w->gsize && st == HX_OK; j++) {
             hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_FINAL,
                                       .nccl = (uint32_t)plan[w->dep.workers[w->gfirst + j].stage]};
@@ -1534,7 +1573,7 @@ static hx_status group_setup(worker *w, hx_err *err)
         st = hx_proto_send_group_setup(w->peers[0], &m, deadline_peer(w), err);
         if (st == HX_OK)
             st = hx_proto_recv_group_setup(w->peers[0], HX_PROTO_SETUP_FINAL, &m,
-                                           deadline_peer(w), err);
+                                           join_deadline, err);
         final = st == HX_OK && m.nccl;
     }
     if (me_joined && !final)
@@ -1628,6 +1667,7 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
         goto out;
     w->cfg = hx_backend_config(w->eng);
     w->max_seq_tokens = hx_backend_max_seq_tokens(w->eng);
+    w->group_kv_tokens = hx_backend_max_tokens(w->eng); /* GROUP_SETUP lowers it */
     if (w->plan->model_num_layers > 0 && w->plan->model_num_layers != w->cfg->num_layers) {
         st = hx_err_set(err, HX_EINVAL, "plan '%s' is for a model of %d layers; '%s' has %d",
                         opt->plan_path, w->plan->model_num_layers, opt->model_dir,

@@ -82,6 +82,9 @@ static void last_error(char *out, size_t size)
 // `deadline` (now_s()) passes: returns that state (ncclInProgress on timeout).
 static ncclResult_t poll_comm(ncclComm_t comm, double deadline)
 {
+    // an operation on a non-blocking communicator is usually queued within
+    // microseconds: start with short sleeps (a step makes two per layer)
+    double pause = 5e-6;
     for (;;) {
         ncclResult_t state = ncclSuccess;
         ncclResult_t r = ncclCommGetAsyncError(comm, &state);
@@ -89,7 +92,9 @@ static ncclResult_t poll_comm(ncclComm_t comm, double deadline)
             return r;
         if (state != ncclInProgress || now_s() >= deadline)
             return state;
-        sleep_s(1e-3);
+        sleep_s(pause);
+        if (pause < 1e-3)
+            pause *= 2;
     }
 }
 

@@ -222,6 +222,44 @@ def group_setup_refusals(port):
               (name, code, needle, [(rc, err.strip().splitlines()[-1:] if err else "") for rc, err in outs]))
 
 
+def smallest_cache_admits(port):
+    """A TP group whose ranks have caches of different sizes admits what its smallest holds:
+    rank 1's plan budget is 64 positions (4 blocks of 16; 512 bytes a position on the CPU),
+    rank 0's far more. Requests that fit together run; a request that alone needs more than
+    64 positions is refused with a message, and the group keeps serving."""
+    plan = write_plan("smallest", port, [
+        {"id": "b0", "role": "both", "stages": [stage(0, 4, [0, 1])],
+         "memory": [{"device": "local:1", "kv_bytes": 64 * 512}]}], [])
+    addr = launch(plan)
+    if not check(addr is not None, "smallest cache: launch"):
+        return
+    try:
+        # two requests of up to 16 + 16 - 1 positions (2 blocks each): 4 blocks, the whole
+        # of rank 1's cache, one after the other or together
+        results = [None] * 4
+        prompts = ["hello world", "a", "The quick brown fox", "hello world"]
+
+        def one(i):
+            results[i] = complete(addr, prompts[i], 16)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        want = {p: reference(p, 16) for p in set(prompts)}
+        check(all(r and r[0] == 200 and r[1] == want[prompts[i]] for i, r in enumerate(results)),
+              "smallest cache: 4 concurrent requests on a 4-block rank all complete right (%s)" %
+              [r[0] if r else None for r in results])
+        status, body = complete(addr, "hello world", 80)
+        check(status != 200 and "positions" in str(body),
+              "smallest cache: a request needing more than 64 positions is refused (%d %s)" %
+              (status, str(body)[:160]))
+        status, got = complete(addr, "a", 16)
+        check(status == 200 and got == want["a"], "smallest cache: the group still serves")
+    finally:
+        check(stop(plan), "smallest cache: stop")
+
+
 def main():
     r = hx("model", "make-tiny", "--out", MODEL, "--layers", "4", "--hidden", "64", "--heads",
            "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "7")
@@ -245,6 +283,8 @@ def main():
             check(stop(plan), "%s: stop" % name)
 
     group_setup_refusals(port)
+    port += 20
+    smallest_cache_admits(port)
     port += 20
 
     # GPU prefill -> GPU decode, two processes on one GPU (skipped without one)

@@ -1538,8 +1538,6 @@ typedef struct gs_msg {
 } gs_msg;
 
 typedef struct gs_queue {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
     gs_msg *head, *tail;
 } gs_queue;
 
@@ -1555,42 +1553,59 @@ typedef struct gs_member {
     hx_err err;
 } gs_member;
 
+/*
+ * One lock and condition for the whole group (queues and barriers): when an
+ * engine's thread fails, `failed` releases every other thread's wait, so a
+ * failure ends the test with its message instead of hanging it.
+ */
 struct gs_group {
     int stages, tp;
     gs_member mem[GS_MAX][GS_MAX];
-    pthread_barrier_t bar[GS_MAX];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int failed;
+    int bar_count[GS_MAX], bar_gen[GS_MAX];
     float *part[GS_MAX][GS_MAX];
     float *sum[GS_MAX];
     const gen_case *cases;
 };
 
-static void gs_push(gs_queue *q, const void *data, size_t bytes)
+static hx_status gs_peer_failed(hx_err *err)
+{
+    return hx_err_set(err, HX_ECONN, "test comm: another engine of the group failed");
+}
+
+static void gs_push(gs_group *g, gs_queue *q, const void *data, size_t bytes)
 {
     gs_msg *m = malloc(sizeof *m + bytes + 1);
     assert_non_null(m);
     m->next = NULL;
     m->bytes = bytes;
     memcpy(m->data, data, bytes);
-    pthread_mutex_lock(&q->mu);
+    pthread_mutex_lock(&g->mu);
     if (q->tail)
         q->tail->next = m;
     else
         q->head = m;
     q->tail = m;
-    pthread_cond_signal(&q->cv);
-    pthread_mutex_unlock(&q->mu);
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
 }
 
-static hx_status gs_pop(gs_queue *q, void *data, size_t bytes, hx_err *err)
+static hx_status gs_pop(gs_group *g, gs_queue *q, void *data, size_t bytes, hx_err *err)
 {
-    pthread_mutex_lock(&q->mu);
-    while (!q->head)
-        pthread_cond_wait(&q->cv, &q->mu);
+    pthread_mutex_lock(&g->mu);
+    while (!q->head && !g->failed)
+        pthread_cond_wait(&g->cv, &g->mu);
     gs_msg *m = q->head;
-    q->head = m->next;
-    if (!q->head)
-        q->tail = NULL;
-    pthread_mutex_unlock(&q->mu);
+    if (m) {
+        q->head = m->next;
+        if (!q->head)
+            q->tail = NULL;
+    }
+    pthread_mutex_unlock(&g->mu);
+    if (!m)
+        return gs_peer_failed(err);
     hx_status st = HX_OK;
     if (m->bytes != bytes)
         st = hx_err_set(err, HX_EINVAL, "test comm: %zu bytes, expected %zu", m->bytes, bytes);
@@ -1600,31 +1615,49 @@ static hx_status gs_pop(gs_queue *q, void *data, size_t bytes, hx_err *err)
     return st;
 }
 
+/* Waits until every rank of stage s is here (or an engine failed). */
+static hx_status gs_barrier(gs_group *g, int s, hx_err *err)
+{
+    pthread_mutex_lock(&g->mu);
+    const int gen = g->bar_gen[s];
+    if (++g->bar_count[s] == g->tp) {
+        g->bar_count[s] = 0;
+        g->bar_gen[s]++;
+        pthread_cond_broadcast(&g->cv);
+    }
+    while (gen == g->bar_gen[s] && !g->failed)
+        pthread_cond_wait(&g->cv, &g->mu);
+    const int failed = gen == g->bar_gen[s];
+    pthread_mutex_unlock(&g->mu);
+    return failed ? gs_peer_failed(err) : HX_OK;
+}
+
 /* In rank order on rank 0, copied by every rank: the same bits everywhere. */
 static hx_status gs_allreduce(void *ctx, float *x, size_t n, hx_err *err)
 {
-    (void)err;
     gs_member *me = ctx;
     gs_group *g = me->g;
     const int s = me->stage;
+    hx_status st;
     g->part[s][me->rank] = x;
-    pthread_barrier_wait(&g->bar[s]);
+    if ((st = gs_barrier(g, s, err)) != HX_OK)
+        return st;
     if (me->rank == 0) {
         memcpy(g->sum[s], x, n * sizeof(float));
         for (int r = 1; r < g->tp; r++)
             for (size_t i = 0; i < n; i++)
                 g->sum[s][i] += g->part[s][r][i];
     }
-    pthread_barrier_wait(&g->bar[s]);
+    if ((st = gs_barrier(g, s, err)) != HX_OK)
+        return st;
     memcpy(x, g->sum[s], n * sizeof(float));
-    pthread_barrier_wait(&g->bar[s]);
-    return HX_OK;
+    return gs_barrier(g, s, err);
 }
 
 static hx_status gs_recv_rows(void *ctx, float *x, int rows, int hidden, hx_err *err)
 {
     gs_member *me = ctx;
-    return gs_pop(&me->rows, x, (size_t)rows * hidden * sizeof(float), err);
+    return gs_pop(me->g, &me->rows, x, (size_t)rows * hidden * sizeof(float), err);
 }
 
 static hx_status gs_send_rows(void *ctx, const float *x, int rows, int hidden, hx_err *err)
@@ -1633,7 +1666,8 @@ static hx_status gs_send_rows(void *ctx, const float *x, int rows, int hidden, h
     gs_member *me = ctx;
     if (me->rank == 0)
         for (int r = 0; r < me->g->tp; r++)
-            gs_push(&me->g->mem[me->stage + 1][r].rows, x, (size_t)rows * hidden * sizeof(float));
+            gs_push(me->g, &me->g->mem[me->stage + 1][r].rows, x,
+                    (size_t)rows * hidden * sizeof(float));
     return HX_OK;
 }
 
@@ -1641,18 +1675,33 @@ static hx_status gs_tokens(void *ctx, int *tokens, int n, int is_source, hx_err 
 {
     gs_member *me = ctx;
     if (!is_source)
-        return gs_pop(&me->toks, tokens, (size_t)n * sizeof(int), err);
+        return gs_pop(me->g, &me->toks, tokens, (size_t)n * sizeof(int), err);
     if (me->rank == 0)
         for (int s = 0; s < me->g->stages - 1; s++)
             for (int r = 0; r < me->g->tp; r++)
-                gs_push(&me->g->mem[s][r].toks, tokens, (size_t)n * sizeof(int));
+                gs_push(me->g, &me->g->mem[s][r].toks, tokens, (size_t)n * sizeof(int));
     return HX_OK;
 }
 
-/* One engine's thread: the four requests, then steps until every one has finished. */
+static void *gs_work(gs_member *me);
+
+/* One engine's thread: on failure, it releases the others' waits. */
 static void *gs_run(void *arg)
 {
     gs_member *me = arg;
+    gs_work(me);
+    if (me->st != HX_OK) {
+        pthread_mutex_lock(&me->g->mu);
+        me->g->failed = 1;
+        pthread_cond_broadcast(&me->g->cv);
+        pthread_mutex_unlock(&me->g->mu);
+    }
+    return NULL;
+}
+
+/* The four requests, then steps until every one has finished. */
+static void *gs_work(gs_member *me)
+{
     for (int i = 0; i < N_REQ; i++) {
         const gen_case *c = &me->g->cases[i];
         hx_batch_request r = greedy_req((uint64_t)i, c->prompt, c->n, GEN_STEPS);
@@ -1693,8 +1742,9 @@ static void gs_case(const gen_case *cases, int stages, int tp)
     g->tp = tp;
     g->cases = cases;
     const int L = 2; /* the tiny model's layers */
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
     for (int s = 0; s < stages; s++) {
-        pthread_barrier_init(&g->bar[s], NULL, (unsigned)tp);
         g->sum[s] = malloc((size_t)16 * 256 * sizeof(float));
         assert_non_null(g->sum[s]);
         for (int r = 0; r < tp; r++) {
@@ -1702,10 +1752,6 @@ static void gs_case(const gen_case *cases, int stages, int tp)
             me->g = g;
             me->stage = s;
             me->rank = r;
-            pthread_mutex_init(&me->rows.mu, NULL);
-            pthread_cond_init(&me->rows.cv, NULL);
-            pthread_mutex_init(&me->toks.mu, NULL);
-            pthread_cond_init(&me->toks.cv, NULL);
             hx_cuda_options o;
             hx_cuda_options_init(&o);
             o.max_seqs = 8;
@@ -1745,6 +1791,11 @@ static void gs_case(const gen_case *cases, int stages, int tp)
             assert_int_equal(pthread_create(&th[s * tp + r], NULL, gs_run, &g->mem[s][r]), 0);
     for (int i = 0; i < stages * tp; i++)
         pthread_join(th[i], NULL);
+    for (int s = 0; s < stages; s++) /* the first failure, not its consequences */
+        for (int r = 0; r < tp; r++)
+            if (g->mem[s][r].st != HX_OK && g->mem[s][r].st != HX_ECONN)
+                fail_msg("%d stages x TP %d: stage %d rank %d: %s", stages, tp, s, r,
+                         g->mem[s][r].err.msg);
     for (int s = 0; s < stages; s++)
         for (int r = 0; r < tp; r++) {
             gs_member *me = &g->mem[s][r];
@@ -1759,16 +1810,13 @@ static void gs_case(const gen_case *cases, int stages, int tp)
                                  stages, tp, s, r, i, t, me->got[i][t], cases[i].tokens[t]);
             }
             hx_cuda_engine_free(me->e);
-            for (gs_queue *q = &me->rows; q; q = q == &me->rows ? &me->toks : NULL) {
-                assert_null(q->head); /* nothing left unread */
-                pthread_mutex_destroy(&q->mu);
-                pthread_cond_destroy(&q->cv);
-            }
+            assert_null(me->rows.head); /* nothing left unread */
+            assert_null(me->toks.head);
         }
-    for (int s = 0; s < stages; s++) {
-        pthread_barrier_destroy(&g->bar[s]);
+    for (int s = 0; s < stages; s++)
         free(g->sum[s]);
-    }
+    pthread_mutex_destroy(&g->mu);
+    pthread_cond_destroy(&g->cv);
     printf("test_cuda: %d stages x TP %d on threads: the CPU's greedy tokens on every engine\n",
            stages, tp);
     free(g);

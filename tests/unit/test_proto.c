@@ -1447,7 +1447,8 @@ static void test_group_setup(void **state)
     hx_err err = {0};
     connected_pair(&s, &c);
     hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_OFFER, .backend = 2, .step_rows = 512,
-                              .nccl = 1};
+                              .nccl = 1, .max_seqs = 32, .block_tokens = 16,
+                              .kv_tokens = 1 << 20};
     snprintf(m.device_uuid, sizeof m.device_uuid, "GPU-0123abcd-0000-1111-2222-333344445555");
     for (int i = 0; i < HX_PROTO_NCCL_ID_BYTES; i++)
         m.nccl_id[i] = (uint8_t)(i * 7 + 1);
@@ -1459,6 +1460,9 @@ static void test_group_setup(void **state)
     assert_int_equal(back.backend, 2);
     assert_int_equal(back.step_rows, 512);
     assert_int_equal(back.nccl, 1);
+    assert_int_equal(back.max_seqs, 32);
+    assert_int_equal(back.block_tokens, 16);
+    assert_int_equal(back.kv_tokens, 1 << 20);
     assert_string_equal(back.device_uuid, m.device_uuid);
     assert_memory_equal(back.nccl_id, m.nccl_id, HX_PROTO_NCCL_ID_BYTES);
 
