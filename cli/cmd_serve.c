@@ -89,6 +89,7 @@ static void worker_usage(FILE *fp)
             "                      [--threads N] [--max-seqs N] [--block-tokens N]\n"
             "                      [--bind ADDRESS] [--backend auto|cpu|cuda]\n"
             "                      [--tp-transport auto|nccl|tcp]\n"
+            "                      [--kv-transport auto|nccl|tcp]\n"
             "\n"
             "Runs the worker of one device of a plan: its stage's layers and its\n"
             "tensor-parallel slice of the model, listening on the router's port + 1 +\n"
@@ -110,6 +111,10 @@ static void worker_usage(FILE *fp)
             "                      leader decides: auto (default) NCCL where every rank is\n"
             "                      a GPU of its own that NCCL can join, else TCP through\n"
             "                      the stage's rank 0; nccl (or fail); tcp\n"
+            "  --kv-transport NAME how a prefill worker sends KV to decode workers: auto\n"
+            "                      (default) NCCL from GPU to GPU where both are GPUs NCCL\n"
+            "                      can join, else TCP from page-locked memory; nccl (or\n"
+            "                      fail the request); tcp\n"
             "  -h, --help          show this help\n");
 }
 
@@ -122,6 +127,7 @@ int hx_cmd_worker(int argc, char **argv)
         {"block-tokens", required_argument, NULL, 'b'}, {"bind", required_argument, NULL, 'B'},
         {"backend", required_argument, NULL, 'k'},
         {"tp-transport", required_argument, NULL, 'T'},
+        {"kv-transport", required_argument, NULL, 'K'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0}};
     hx_worker_options o;
     hx_worker_options_init(&o);
@@ -147,6 +153,12 @@ int hx_cmd_worker(int argc, char **argv)
             hx_err e = {0};
             if (hx_tp_transport_parse(optarg, &o.tp_transport, &e) != HX_OK)
                 return hx_cli_usage_error("worker", "--tp-transport: %s", e.msg);
+            break;
+        }
+        case 'K': {
+            hx_err e = {0};
+            if (hx_tp_transport_parse(optarg, &o.kv_transport, &e) != HX_OK)
+                return hx_cli_usage_error("worker", "--kv-transport: %s", e.msg);
             break;
         }
         case 't':

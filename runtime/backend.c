@@ -3,6 +3,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "runtime/llama.h"
@@ -361,9 +362,181 @@ void hx_backend_nccl_leave(hx_backend *b)
 #endif
 }
 
+uint32_t hx_backend_nccl_host(void)
+{
+    /* NCCL's rule: ranks on one host are those of one NCCL_HOSTID, else one host name */
+    char name[256];
+    const char *id = getenv("NCCL_HOSTID");
+    if (!id || !*id) {
+        if (gethostname(name, sizeof name) != 0)
+            name[0] = '\0';
+        name[sizeof name - 1] = '\0';
+        id = name;
+    }
+    uint32_t h = 2166136261u;
+    for (const unsigned char *p = (const unsigned char *)id; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    return h;
+}
+
 int hx_backend_uses_nccl(const hx_backend *b)
 {
     return b->nccl != NULL;
+}
+
+/* ---- NCCL links for KV between a prefill rank and a decode rank ---- */
+
+#ifdef HX_HAVE_CUDA
+struct hx_backend_link {
+    hx_cuda_nccl *comm;
+    hx_cuda_stream *stream;
+    int device;
+    int rank;
+    double op_timeout_s;
+    void *buf; /* rank 0: the packed payload on the device */
+    size_t cap;
+};
+#else
+struct hx_backend_link {
+    int unused;
+};
+#endif
+
+int hx_backend_link_capable(const hx_backend *b)
+{
+#ifdef HX_HAVE_CUDA
+    return b && b->cuda && hx_cuda_nccl_available();
+#else
+    (void)b;
+    return 0;
+#endif
+}
+
+void hx_backend_link_close(hx_backend_link *l)
+{
+    if (!l)
+        return;
+#ifdef HX_HAVE_CUDA
+    (void)hx_cuda_set_device(l->device, NULL);
+    hx_cuda_nccl_free(l->comm);
+    hx_cuda_stream_free(l->stream);
+    hx_cuda_free(l->buf);
+#endif
+    free(l);
+}
+
+hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_ID_BYTES],
+                               int rank, double timeout_s, double op_timeout_s,
+                               hx_backend_link **out, hx_err *err)
+{
+    *out = NULL;
+#ifdef HX_HAVE_CUDA
+    if (!hx_backend_link_capable(b) || rank < 0 || rank > 1)
+        return hx_err_set(err, HX_EINVAL, "backend %s cannot open an NCCL link as rank %d",
+                          hx_backend_name(b->kind), rank);
+    hx_backend_link *l = calloc(1, sizeof *l);
+    if (!l)
+        return hx_err_set(err, HX_ENOMEM, "out of memory");
+    l->device = b->device;
+    l->rank = rank;
+    l->op_timeout_s = op_timeout_s > 0 ? op_timeout_s : 60.0;
+    hx_status st = hx_cuda_set_device(l->device, err);
+    if (st == HX_OK)
+        st = hx_cuda_stream_new(&l->stream, err);
+    if (st == HX_OK)
+        st = hx_cuda_nccl_new(id, 2, rank, l->device, timeout_s, &l->comm, err);
+    if (st != HX_OK) {
+        hx_backend_link_close(l);
+        return st;
+    }
+    *out = l;
+    return HX_OK;
+#else
+    (void)b;
+    (void)id;
+    (void)rank;
+    (void)timeout_s;
+    (void)op_timeout_s;
+    return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
+#endif
+}
+
+hx_status hx_backend_link_send_kv(hx_backend *b, hx_backend_link *l, uint64_t id, int layer_first,
+                                  int num_layers, int head_first, int num_heads, size_t bytes,
+                                  hx_err *err)
+{
+#ifdef HX_HAVE_CUDA
+    if (!b->cuda || l->rank != 0)
+        return hx_err_set(err, HX_EINVAL, "KV over NCCL: only a cuda engine's link rank 0 sends");
+    hx_status st = hx_cuda_set_device(l->device, err);
+    if (st != HX_OK)
+        return st;
+    if (bytes > l->cap) {
+        hx_cuda_free(l->buf);
+        l->buf = NULL;
+        l->cap = 0;
+        if ((st = hx_cuda_malloc(&l->buf, bytes, err)) != HX_OK)
+            return st;
+        l->cap = bytes;
+    }
+    size_t got = 0;
+    st = hx_cuda_engine_pack_kv_device(b->cuda, id, layer_first, num_layers, head_first,
+                                       num_heads, l->buf, l->cap, &got, err);
+    if (st == HX_OK && got != bytes)
+        st = hx_err_set(err, HX_EINVAL, "KV over NCCL: request %llu packs into %zu bytes, not %zu",
+                        (unsigned long long)id, got, bytes);
+    if (st == HX_OK)
+        st = hx_cuda_nccl_send(l->comm, l->buf, bytes, 1, l->stream, err);
+    if (st == HX_OK)
+        st = hx_cuda_nccl_wait(l->comm, l->stream, l->op_timeout_s, err);
+    return st;
+#else
+    (void)b;
+    (void)l;
+    (void)id;
+    (void)layer_first;
+    (void)num_layers;
+    (void)head_first;
+    (void)num_heads;
+    (void)bytes;
+    return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
+#endif
+}
+
+hx_status hx_backend_link_recv(hx_backend_link *l, size_t bytes, void **out, hx_err *err)
+{
+    *out = NULL;
+#ifdef HX_HAVE_CUDA
+    if (l->rank != 1)
+        return hx_err_set(err, HX_EINVAL, "KV over NCCL: only link rank 1 receives");
+    void *d = NULL;
+    hx_status st = hx_cuda_set_device(l->device, err);
+    if (st == HX_OK)
+        st = hx_cuda_malloc(&d, bytes ? bytes : 16, err);
+    if (st == HX_OK)
+        st = hx_cuda_nccl_recv(l->comm, d, bytes, 0, l->stream, err);
+    if (st == HX_OK)
+        st = hx_cuda_nccl_wait(l->comm, l->stream, l->op_timeout_s, err);
+    if (st != HX_OK) {
+        hx_cuda_free(d);
+        return st;
+    }
+    *out = d;
+    return HX_OK;
+#else
+    (void)l;
+    (void)bytes;
+    return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
+#endif
+}
+
+void hx_backend_device_free(void *p)
+{
+#ifdef HX_HAVE_CUDA
+    hx_cuda_free(p);
+#else
+    (void)p;
+#endif
 }
 
 /* 64 bytes in front of each block say how it was allocated */

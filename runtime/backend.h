@@ -116,6 +116,13 @@ hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_I
 /* Leaves the communicator (back to the comm's allreduce); no-op when not joined. */
 void hx_backend_nccl_leave(hx_backend *b);
 int hx_backend_uses_nccl(const hx_backend *b);
+/*
+ * This host as NCCL tells hosts apart (a hash of NCCL_HOSTID when set, else
+ * of the host name): NCCL refuses two ranks of one communicator with the
+ * same host and GPU, and ranks of one host with distinct NCCL_HOSTIDs talk
+ * over its network transport (which is how one GPU can hold two ranks).
+ */
+uint32_t hx_backend_nccl_host(void);
 
 /*
  * Host memory for KV segments (64-byte aligned): page-locked for a cuda
@@ -126,5 +133,33 @@ int hx_backend_uses_nccl(const hx_backend *b);
  */
 void *hx_backend_host_alloc(const hx_backend *b, size_t bytes);
 void hx_backend_host_free(const hx_backend *b, void *p);
+
+/*
+ * KV over NCCL: a link is a communicator of two ranks, a prefill rank's
+ * engine (rank 0) and a decode rank's (rank 1), both cuda engines on GPUs
+ * NCCL can join (hx_backend_link_capable: a cuda engine in a build with
+ * NCCL). Its id travels over their KV connection; opening is collective
+ * (HX_ETIMEDOUT after timeout_s); a send or receive gives up after
+ * op_timeout_s, aborting the link (which is then only good for closing).
+ *
+ * send_kv (rank 0, the engine's thread): packs request id's KV of
+ * model-wide layers [layer_first, +num_layers) and KV heads [head_first,
+ * +num_heads) on the device (the payload of hx_backend_pack_kv's segment,
+ * bytes long: no header, no checksum) and sends it. recv (rank 1, any one
+ * thread per link): receives bytes into new device memory (*out), freed
+ * with hx_backend_device_free; hx_backend_add_prefilled takes it as a
+ * segment's payload (the copy into the cache stays on the GPU).
+ */
+typedef struct hx_backend_link hx_backend_link; /* opaque */
+int hx_backend_link_capable(const hx_backend *b);
+hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_ID_BYTES],
+                               int rank, double timeout_s, double op_timeout_s,
+                               hx_backend_link **out, hx_err *err);
+void hx_backend_link_close(hx_backend_link *l); /* NULL is a no-op */
+hx_status hx_backend_link_send_kv(hx_backend *b, hx_backend_link *l, uint64_t id, int layer_first,
+                                  int num_layers, int head_first, int num_heads, size_t bytes,
+                                  hx_err *err);
+hx_status hx_backend_link_recv(hx_backend_link *l, size_t bytes, void **out, hx_err *err);
+void hx_backend_device_free(void *p); /* NULL is a no-op */
 
 #endif /* HX_BACKEND_H */

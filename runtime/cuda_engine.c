@@ -1263,9 +1263,22 @@ static uint32_t crc_parallel(hx_cpu_pool *pool, uint32_t crc, const unsigned cha
     return crc;
 }
 
-hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first,
-                                 int num_layers, int head_first, int num_heads, void *out,
-                                 size_t out_size, size_t *out_bytes, hx_err *err)
+/*
+ * Waits for the engine's stream. With NCCL in the step, a peer that died
+ * would leave the all-reduce waiting for ever: the wait watches the
+ * communicator and gives up after nccl_timeout_s, aborting it.
+ */
+static hx_status sync_stream(hx_cuda_engine *e, hx_err *err)
+{
+    if (e->nccl)
+        return hx_cuda_nccl_wait(e->nccl, e->stream, e->nccl_timeout_s, err);
+    return hx_cuda_stream_sync(e->stream, err);
+}
+
+/* The slot and positions of request id's KV, checking the ranges to pack. */
+static hx_status pack_check(const hx_cuda_engine *e, uint64_t id, int layer_first, int num_layers,
+                            int head_first, int num_heads, int *slot_out, int *tokens_out,
+                            hx_err *err)
 {
     const int slot = find_slot(e, id);
     if (slot < 0)
@@ -1281,6 +1294,48 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
                           "heads [%d, +%d))",
                           (unsigned long long)id, layer_first, num_layers, head_first, num_heads,
                           tokens, e->l0, e->L, e->kh0, e->K);
+    *slot_out = slot;
+    *tokens_out = tokens;
+    return HX_OK;
+}
+
+hx_status hx_cuda_engine_pack_kv_device(hx_cuda_engine *e, uint64_t id, int layer_first,
+                                        int num_layers, int head_first, int num_heads,
+                                        void *d_out, size_t out_size, size_t *out_bytes,
+                                        hx_err *err)
+{
+    int slot = -1, tokens = 0;
+    hx_status st = pack_check(e, id, layer_first, num_layers, head_first, num_heads, &slot,
+                              &tokens, err);
+    if (st != HX_OK)
+        return st;
+    const size_t need = (size_t)num_layers * 2 * num_heads * tokens * e->D * 4;
+    if (out_size < need || ((uintptr_t)d_out % 16) != 0)
+        return hx_err_set(err, HX_ERANGE,
+                          "cuda engine: request %llu: the payload needs %zu bytes (16-byte "
+                          "aligned); the buffer holds %zu",
+                          (unsigned long long)id, need, out_size);
+    if ((st = hx_cuda_set_device(e->opt.device, err)) != HX_OK)
+        return st;
+    st = hx_cuda_kv_pack(d_out, e->kv, &e->kvl, e->d_bt + (size_t)slot * e->mbps,
+                         layer_first - e->l0, num_layers, head_first - e->kh0, num_heads, 0,
+                         tokens, e->stream, err);
+    if (st == HX_OK)
+        st = sync_stream(e, err);
+    if (st == HX_OK && out_bytes)
+        *out_bytes = need;
+    return st;
+}
+
+hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first,
+                                 int num_layers, int head_first, int num_heads, void *out,
+                                 size_t out_size, size_t *out_bytes, hx_err *err)
+{
+    int slot = -1, tokens = 0;
+    hx_status pst = pack_check(e, id, layer_first, num_layers, head_first, num_heads, &slot,
+                               &tokens, err);
+    if (pst != HX_OK)
+        return pst;
     const size_t need = hx_kv_segment_bytes(num_layers, num_heads, tokens, e->D);
     if (need == 0 || out_size < need)
         return hx_err_set(err, HX_ERANGE,
@@ -1336,18 +1391,6 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
 static void *dio(const hx_cuda_engine *e, const void *p)
 {
     return e->d_io + ((const unsigned char *)p - e->h_io);
-}
-
-/*
- * Waits for the engine's stream. With NCCL in the step, a peer that died
- * would leave the all-reduce waiting for ever: the wait watches the
- * communicator and gives up after nccl_timeout_s, aborting it.
- */
-static hx_status sync_stream(hx_cuda_engine *e, hx_err *err)
-{
-    if (e->nccl)
-        return hx_cuda_nccl_wait(e->nccl, e->stream, e->nccl_timeout_s, err);
-    return hx_cuda_stream_sync(e->stream, err);
 }
 
 /* A comm callback's failure, wrapped with where the engine is and what it was doing. */

@@ -174,6 +174,18 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
                                  int num_layers, int head_first, int num_heads, void *out,
                                  size_t out_size, size_t *out_bytes, hx_err *err);
 
+/*
+ * The payload alone (no header, no checksum) of the segment
+ * hx_cuda_engine_pack_kv would make, into device memory d_out on this
+ * engine's device (16-byte aligned, out_size bytes; HX_ERANGE when too
+ * small), waiting until it is there: for KV sent straight from the GPU
+ * (over NCCL). *out_bytes (may be NULL) gets its size.
+ */
+hx_status hx_cuda_engine_pack_kv_device(hx_cuda_engine *e, uint64_t id, int layer_first,
+                                        int num_layers, int head_first, int num_heads,
+                                        void *d_out, size_t out_size, size_t *out_bytes,
+                                        hx_err *err);
+
 /* Removes (cancels) request id, returning its blocks. HX_ENOENT when unknown. */
 hx_status hx_cuda_engine_remove(hx_cuda_engine *e, uint64_t id, hx_err *err);
 

@@ -2094,7 +2094,7 @@ hx_status hx_proto_send_kv_segment(hx_proto_conn *c, uint64_t req_id,
     unsigned char h[HX_PROTO_KV_HEADER_BYTES];
     char why[160];
     uint64_t want = 0;
-    if (!c || !m || !m->data)
+    if (!c || !m || (!m->data && !m->remote) || m->remote > 1)
         return hx_err_set(err, HX_EINVAL, "hx_proto_send_kv_segment: NULL argument");
     hx_status st = kv_bytes(m, &want, why, sizeof why);
     if (st != HX_OK)
@@ -2123,9 +2123,10 @@ hx_status hx_proto_send_kv_segment(hx_proto_conn *c, uint64_t req_id,
     put_u16(h + 44, (uint16_t)m->dtype);
     put_u16(h + 46, 0);
     put_u64(h + 48, m->data_bytes);
-    put_u64(h + 56, 0);
+    put_u64(h + 56, m->remote);
     hx_proto_part parts[2] = {{h, sizeof h}, {m->data, (size_t)m->data_bytes}};
-    return hx_proto_sendv(c, HX_PROTO_KV_SEGMENT, req_id, parts, 2, deadline_ns, err);
+    return hx_proto_sendv(c, HX_PROTO_KV_SEGMENT, req_id, parts, m->remote ? 1 : 2, deadline_ns,
+                          err);
 }
 
 hx_status hx_proto_decode_kv_segment(const hx_proto_frame *f, hx_proto_kv_segment *out,
@@ -2164,8 +2165,11 @@ hx_status hx_proto_decode_kv_segment(const hx_proto_frame *f, hx_proto_kv_segmen
         return bad_payload(f, err, "unknown layout %u (only 0, [layers][2][kv_heads][tokens]"
                                    "[head_dim], is defined)",
                            (unsigned)layout);
-    if (get_u64(h + 56) != 0)
-        return bad_payload(f, err, "reserved field is not 0");
+    const uint64_t remote = get_u64(h + 56);
+    if (remote > 1)
+        return bad_payload(f, err, "transport %llu (0: the payload follows, 1: over NCCL)",
+                           (unsigned long long)remote);
+    m.remote = (uint32_t)remote;
     if (m.num_segments < 1 || m.segment_index >= m.num_segments)
         return bad_payload(f, err, "segment %u of %u", m.segment_index, m.num_segments);
     if (kv_bytes(&m, &want, why, sizeof why) != HX_OK)
@@ -2177,10 +2181,11 @@ hx_status hx_proto_decode_kv_segment(const hx_proto_frame *f, hx_proto_kv_segmen
                            (unsigned long long)m.data_bytes, m.num_layers, m.num_kv_heads,
                            m.num_tokens, m.head_dim, hx_proto_dtype_bytes(m.dtype),
                            hx_proto_dtype_name(m.dtype), (unsigned long long)want);
-    if ((uint64_t)f->len - HX_PROTO_KV_HEADER_BYTES != m.data_bytes)
-        return bad_payload(f, err, "payload holds %zu data bytes; the header says %llu",
-                           f->len - HX_PROTO_KV_HEADER_BYTES, (unsigned long long)m.data_bytes);
-    m.data = h + HX_PROTO_KV_HEADER_BYTES;
+    if ((uint64_t)f->len - HX_PROTO_KV_HEADER_BYTES != (m.remote ? 0 : m.data_bytes))
+        return bad_payload(f, err, "payload holds %zu data bytes; the header says %llu%s",
+                           f->len - HX_PROTO_KV_HEADER_BYTES, (unsigned long long)m.data_bytes,
+                           m.remote ? " over NCCL, and none here" : "");
+    m.data = m.remote ? NULL : h + HX_PROTO_KV_HEADER_BYTES;
     *out = m;
     return HX_OK;
 }
@@ -2602,40 +2607,67 @@ hx_status hx_proto_send_group_setup(hx_proto_conn *c, const hx_proto_group_setup
     put_u32(b + 16, m->max_seqs);
     put_u32(b + 20, m->block_tokens);
     put_u32(b + 24, m->kv_tokens);
+    put_u32(b + 28, m->nccl_host);
     size_t n = strnlen(m->device_uuid, HX_PROTO_UUID_MAX);
     memcpy(b + 32, m->device_uuid, n);
     memcpy(b + 32 + HX_PROTO_UUID_MAX + 1, m->nccl_id, HX_PROTO_NCCL_ID_BYTES);
     return hx_proto_send(c, HX_PROTO_GROUP_SETUP, 0, b, sizeof b, deadline_ns, err);
 }
 
-hx_status hx_proto_recv_group_setup(hx_proto_conn *c, hx_proto_setup_phase phase,
-                                    hx_proto_group_setup *out, int64_t deadline_ns, hx_err *err)
+hx_status hx_proto_decode_group_setup(const hx_proto_frame *f, hx_proto_group_setup *out,
+                                      hx_err *err)
 {
-    unsigned char b[HX_PROTO_GROUP_SETUP_BYTES];
-    hx_status st = recv_exact(c, HX_PROTO_GROUP_SETUP, b, sizeof b, deadline_ns, err);
+    hx_status st = expect_type(f, HX_PROTO_GROUP_SETUP, err);
     if (st != HX_OK)
         return st;
+    if (f->len != HX_PROTO_GROUP_SETUP_BYTES)
+        return bad_payload(f, err, "%zu bytes, expected %d", f->len, HX_PROTO_GROUP_SETUP_BYTES);
+    const unsigned char *b = f->payload;
     memset(out, 0, sizeof *out);
-    uint32_t got = get_u32(b);
-    if (got != (uint32_t)phase)
-        return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP %s, expected %s", c->who,
-                          setup_phase_name(got), setup_phase_name((uint32_t)phase));
-    out->phase = phase;
+    const uint32_t phase = get_u32(b);
+    if (phase < HX_PROTO_SETUP_OFFER || phase > HX_PROTO_SETUP_FINAL)
+        return bad_payload(f, err, "unknown phase %u", phase);
+    out->phase = (hx_proto_setup_phase)phase;
     out->backend = get_u32(b + 4);
     out->step_rows = get_u32(b + 8);
     out->nccl = get_u32(b + 12);
-    if (out->nccl > 1)
-        return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP %s: nccl %u", c->who,
-                          setup_phase_name(got), out->nccl);
     out->max_seqs = get_u32(b + 16);
     out->block_tokens = get_u32(b + 20);
     out->kv_tokens = get_u32(b + 24);
+    out->nccl_host = get_u32(b + 28);
+    if (out->nccl > 1)
+        return bad_payload(f, err, "%s: nccl %u", setup_phase_name(phase), out->nccl);
     memcpy(out->device_uuid, b + 32, HX_PROTO_UUID_MAX);
     out->device_uuid[HX_PROTO_UUID_MAX] = '\0';
     for (char *p = out->device_uuid; *p; p++)
         if (*p < 0x20 || *p > 0x7e)
-            return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP: the device identity is not "
-                              "printable", c->who);
+            return bad_payload(f, err, "the device identity is not printable");
     memcpy(out->nccl_id, b + 32 + HX_PROTO_UUID_MAX + 1, HX_PROTO_NCCL_ID_BYTES);
+    return HX_OK;
+}
+
+hx_status hx_proto_recv_group_setup(hx_proto_conn *c, hx_proto_setup_phase phase,
+                                    hx_proto_group_setup *out, int64_t deadline_ns, hx_err *err)
+{
+    hx_proto_frame f;
+    hx_status st = hx_proto_recv(c, &f, deadline_ns, err);
+    if (st != HX_OK)
+        return st;
+    if (f.type == HX_PROTO_ERROR) {
+        hx_proto_error e;
+        if (hx_proto_decode_error(&f, &e, err) != HX_OK)
+            return HX_EPARSE;
+        return hx_err_set(err, e.code < 0 ? (hx_status)e.code : HX_EIO, "%s: %s", c->who,
+                          e.message);
+    }
+    if (f.type != HX_PROTO_GROUP_SETUP)
+        return hx_err_set(err, HX_EPARSE, "%s: got %s, expected GROUP_SETUP", c->who,
+                          hx_proto_type_name((int)f.type));
+    if ((st = hx_proto_decode_group_setup(&f, out, err)) != HX_OK)
+        return st;
+    if (out->phase != phase)
+        return hx_err_set(err, HX_EPARSE, "%s: GROUP_SETUP %s, expected %s", c->who,
+                          setup_phase_name((uint32_t)out->phase),
+                          setup_phase_name((uint32_t)phase));
     return HX_OK;
 }

@@ -442,7 +442,9 @@ typedef struct hx_proto_kv_segment {
     hx_proto_dtype dtype;
     uint64_t data_bytes;
     const void *data; /* [data_bytes]; send: borrowed from the caller; decode:
-                         borrowed from the frame */
+                         borrowed from the frame; NULL when remote */
+    uint32_t remote;  /* 1: the payload is not in the frame but follows over the
+                         connection's NCCL link (the frame is the header alone) */
 } hx_proto_kv_segment;
 hx_status hx_proto_send_kv_segment(hx_proto_conn *c, uint64_t req_id,
                                    const hx_proto_kv_segment *m, int64_t deadline_ns,
@@ -596,8 +598,9 @@ hx_status hx_proto_recv_step_tokens(hx_proto_conn *c, int *tokens, int n, int64_
  * GROUP_OP, they agree on how the group runs (req_id 0):
  *   OFFER    rank -> leader: its backend (hx_backend_kind), rows per step,
  *            requests at once, KV block size and KV positions in all, nccl 1
- *            when its engine can sum TP partial sums over NCCL, and its GPU's
- *            identity (device_uuid, "" for cpu).
+ *            when its engine can sum TP partial sums over NCCL, its GPU's
+ *            identity (device_uuid, "" for cpu) and its host's as NCCL sees
+ *            it (nccl_host: NCCL refuses two ranks with both the same).
  *   PLAN     leader -> rank: nccl 1 when the rank's stage is to try NCCL
  *            (every rank of it capable, on distinct GPUs, and the worker's
  *            --tp-transport allows it), 0 for TCP. An ERROR frame instead
@@ -609,6 +612,13 @@ hx_status hx_proto_recv_step_tokens(hx_proto_conn *c, int *tokens, int n, int64_
  *            it and sums over TCP).
  * hx_proto_recv_group_setup takes one frame of the given phase: HX_EPARSE
  * for another type or phase; an ERROR frame gives its code and message.
+ *
+ * The same frames open a KV link (KV over NCCL) on a prefill rank's KV
+ * connection to a decode rank, right after its HELLO: OFFER (prefill ->
+ * decode), PLAN (nccl 1: the decode rank can join and is another GPU),
+ * NCCL_ID, both join, JOINED (decode -> prefill), FINAL (nccl 1: the link
+ * is kept; KV_SEGMENTs flagged remote then carry only their header, the
+ * payload following over NCCL).
  */
 typedef enum hx_proto_setup_phase {
     HX_PROTO_SETUP_OFFER = 1,
@@ -630,6 +640,7 @@ typedef struct hx_proto_group_setup {
     uint32_t max_seqs;     /* OFFER */
     uint32_t block_tokens; /* OFFER */
     uint32_t kv_tokens;    /* OFFER */
+    uint32_t nccl_host;    /* OFFER: hash of the host as NCCL tells hosts apart */
     char device_uuid[HX_PROTO_UUID_MAX + 1];  /* OFFER */
     uint8_t nccl_id[HX_PROTO_NCCL_ID_BYTES];  /* NCCL_ID */
 } hx_proto_group_setup;
@@ -637,5 +648,7 @@ hx_status hx_proto_send_group_setup(hx_proto_conn *c, const hx_proto_group_setup
                                     int64_t deadline_ns, hx_err *err);
 hx_status hx_proto_recv_group_setup(hx_proto_conn *c, hx_proto_setup_phase phase,
                                     hx_proto_group_setup *out, int64_t deadline_ns, hx_err *err);
+hx_status hx_proto_decode_group_setup(const hx_proto_frame *f, hx_proto_group_setup *out,
+                                      hx_err *err);
 
 #endif /* HX_PROTO_H */

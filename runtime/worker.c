@@ -36,8 +36,9 @@ typedef struct kv_in {
     uint64_t id;
     int64_t t_ns;
     hx_kv_segment seg; /* payload points to data */
-    float *data;       /* owned: from kv_buf_get */
+    float *data;       /* owned: from kv_buf_get, or device memory when on_device */
     size_t cap;        /* data's size */
+    int on_device;     /* received over NCCL: hx_backend_device_free */
 } kv_in;
 
 /* A buffer for received KV segments, free for the next one. */
@@ -110,6 +111,7 @@ typedef struct worker {
 
     /* prefill ranks: connections to decode workers, by worker index */
     hx_proto_conn **kv_out;
+    hx_backend_link **kv_link; /* [nworkers]: KV over NCCL to that decode worker, when agreed */
     unsigned char *pack;
     size_t pack_cap;
 
@@ -155,7 +157,7 @@ hx_status hx_tp_transport_parse(const char *s, hx_tp_transport *out, hx_err *err
     else if (strcmp(s, "tcp") == 0)
         *out = HX_TP_TRANSPORT_TCP;
     else
-        return hx_err_set(err, HX_EINVAL, "unknown TP transport '%s' (auto, nccl or tcp)", s);
+        return hx_err_set(err, HX_EINVAL, "unknown transport '%s' (auto, nccl or tcp)", s);
     return HX_OK;
 }
 
@@ -385,26 +387,39 @@ static void kv_buf_put(worker *w, float *p, size_t cap)
 /* Frees a received segment (w->mu held). */
 static void kv_in_free(worker *w, kv_in *k)
 {
-    kv_buf_put(w, k->data, k->cap);
+    if (k->on_device)
+        hx_backend_device_free(k->data);
+    else
+        kv_buf_put(w, k->data, k->cap);
     free(k);
 }
 
-static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m)
+/*
+ * Keeps a segment until its ADD_PREFILLED: the frame's payload copied into
+ * a buffer, or (device non-NULL, taken over) the device memory it arrived
+ * in over NCCL.
+ */
+static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m, void *device)
 {
     kv_in *k = calloc(1, sizeof *k);
-    size_t cap = 0;
-    float *data = k ? kv_buf_get(w, m->data_bytes, &cap) : NULL;
+    size_t cap = device ? m->data_bytes : 0;
+    float *data = device ? device : k ? kv_buf_get(w, m->data_bytes, &cap) : NULL;
     if (!k || !data) {
         free(k);
-        hx_backend_host_free(NULL, data);
+        if (device)
+            hx_backend_device_free(device);
+        else
+            hx_backend_host_free(NULL, data);
         HX_ERROR("worker %s: out of memory for a KV segment", w->me->device);
         return;
     }
-    memcpy(data, m->data, m->data_bytes);
+    if (!device)
+        memcpy(data, m->data, m->data_bytes);
     k->id = id;
     k->t_ns = hx_proto_now_ns();
     k->data = data;
     k->cap = cap;
+    k->on_device = device != NULL;
     k->seg = (hx_kv_segment){HX_KV_SEGMENT_VERSION, HX_KV_DTYPE_F32, (int)m->first_layer,
                              (int)m->num_layers, (int)m->first_kv_head, (int)m->num_kv_heads,
                              (int)m->first_token, (int)m->num_tokens, (int)m->head_dim,
@@ -513,6 +528,122 @@ static hx_status kv_expected(worker *w, int src, int *n_out, hx_err *err)
 
 /* ---- KV segments out (prefill ranks) --------------------------------------------- */
 
+/* ---- KV over NCCL: a link per (prefill rank, decode rank) ------------------------------ */
+
+/* This worker's OFFER of a link (GROUP_SETUP's frame on a KV connection). */
+static void link_offer_of(worker *w, hx_proto_group_setup *m)
+{
+    memset(m, 0, sizeof *m);
+    m->phase = HX_PROTO_SETUP_OFFER;
+    m->backend = (uint32_t)hx_backend_kind_of(w->eng);
+    m->nccl = (uint32_t)hx_backend_link_capable(w->eng);
+    m->nccl_host = hx_backend_nccl_host();
+    hx_err ignored = {0};
+    hx_backend_device_uuid(w->eng, m->device_uuid, sizeof m->device_uuid, &ignored);
+}
+
+/*
+ * The prefill side, right after the KV connection's HELLO: OFFER, the
+ * decode worker's PLAN (nccl 1: it can join and is another GPU), NCCL_ID,
+ * both join (rank 0 here, 1 there), JOINED back, FINAL. The link is kept
+ * only when both joined; otherwise KV goes inline over the connection.
+ * Errors are the connection's (a link that cannot be made is no error,
+ * unless --kv-transport nccl).
+ */
+static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
+{
+    const int64_t dl = hx_proto_deadline_in(10.0);
+    hx_proto_group_setup m;
+    link_offer_of(w, &m);
+    hx_status st = hx_proto_send_group_setup(c, &m, dl, err);
+    if (st == HX_OK)
+        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_PLAN, &m, dl, err);
+    if (st != HX_OK)
+        return st;
+    hx_backend_link *link = NULL;
+    const char *device = w->dep.workers[wi].device;
+    if (m.nccl) {
+        hx_err e = {0};
+        hx_proto_group_setup idm = {.phase = HX_PROTO_SETUP_NCCL_ID};
+        idm.nccl = hx_backend_nccl_unique_id(idm.nccl_id, &e) == HX_OK;
+        if ((st = hx_proto_send_group_setup(c, &idm, dl, err)) != HX_OK)
+            return st;
+        if (idm.nccl && hx_backend_link_open(w->eng, idm.nccl_id, 0, NCCL_JOIN_S,
+                                             w->opt.peer_timeout_s, &link, &e) != HX_OK)
+            HX_WARN("worker %s: KV link to %s: %s", w->me->device, device, e.msg);
+        else if (!idm.nccl)
+            HX_WARN("worker %s: KV link to %s: no NCCL id: %s", w->me->device, device, e.msg);
+        const int64_t jdl = hx_proto_deadline_in(NCCL_JOIN_S + 10.0);
+        if ((st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_JOINED, &m, jdl, err)) == HX_OK) {
+            hx_proto_group_setup fin = {.phase = HX_PROTO_SETUP_FINAL,
+                                        .nccl = (uint32_t)(link && m.nccl)};
+            st = hx_proto_send_group_setup(c, &fin, dl, err);
+            if (!fin.nccl) {
+                hx_backend_link_close(link);
+                link = NULL;
+            }
+        }
+    }
+    if (st != HX_OK) {
+        hx_backend_link_close(link);
+        return st;
+    }
+    if (!link && w->opt.kv_transport == HX_TP_TRANSPORT_NCCL)
+        return hx_err_set(err, HX_ENOTSUP,
+                          "KV to %s cannot go over NCCL (--kv-transport nccl): %s", device,
+                          !hx_backend_link_capable(w->eng)
+                              ? "this worker's engine cannot (cpu backend, or no NCCL)"
+                          : m.nccl ? "joining failed (see the logs)"
+                                   : "the decode worker cannot join (cpu backend, no NCCL, or "
+                                     "the same GPU)");
+    w->kv_link[wi] = link;
+    HX_INFO("worker %s: KV to %s goes over %s", w->me->device, device,
+            link ? "NCCL" : "TCP (page-locked staging)");
+    return HX_OK;
+}
+
+/*
+ * The decode side of kv_link_offer, on the KV connection's thread, given
+ * the prefill worker's OFFER: *out is the link when both joined (NULL:
+ * inline KV). An error is the connection's.
+ */
+static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_group_setup *offer,
+                                hx_backend_link **out, hx_err *err)
+{
+    *out = NULL;
+    const int64_t dl = hx_proto_deadline_in(10.0);
+    hx_proto_group_setup mine;
+    int able = 0;
+    if (w->ready && w->opt.kv_transport != HX_TP_TRANSPORT_TCP) {
+        link_offer_of(w, &mine);
+        able = offer->nccl && mine.nccl &&
+               !(strcmp(offer->device_uuid, mine.device_uuid) == 0 &&
+                 offer->nccl_host == mine.nccl_host);
+    }
+    hx_proto_group_setup plan = {.phase = HX_PROTO_SETUP_PLAN, .nccl = (uint32_t)able};
+    hx_status st = hx_proto_send_group_setup(c, &plan, dl, err);
+    if (st != HX_OK || !able)
+        return st;
+    hx_proto_group_setup m;
+    if ((st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_NCCL_ID, &m, dl, err)) != HX_OK)
+        return st;
+    hx_backend_link *link = NULL;
+    hx_err e = {0};
+    if (m.nccl && hx_backend_link_open(w->eng, m.nccl_id, 1, NCCL_JOIN_S, w->opt.peer_timeout_s,
+                                       &link, &e) != HX_OK)
+        HX_WARN("worker %s: KV link from %s: %s", w->me->device, hx_proto_peer(c), e.msg);
+    hx_proto_group_setup joined = {.phase = HX_PROTO_SETUP_JOINED, .nccl = link != NULL};
+    st = hx_proto_send_group_setup(c, &joined, dl, err);
+    if (st == HX_OK)
+        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_FINAL, &m, dl, err);
+    if (st != HX_OK || !m.nccl) {
+        hx_backend_link_close(link);
+        return st;
+    }
+    *out = link;
+    return HX_OK;
+}
+
 static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
 {
     if (w->kv_out[wi]) {
@@ -529,6 +660,10 @@ static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
                         "", SOFTWARE_VERSION};
     snprintf(h.group_id, sizeof h.group_id, "%s", w->grp->id);
     st = hx_proto_send_hello(c, &h, hx_proto_deadline_in(10.0), err);
+    if (st == HX_OK && (w->opt.kv_transport == HX_TP_TRANSPORT_NCCL ||
+                        (w->opt.kv_transport == HX_TP_TRANSPORT_AUTO &&
+                         hx_backend_link_capable(w->eng))))
+        st = kv_link_offer(w, wi, c, err);
     if (st != HX_OK) {
         hx_proto_close(c);
         return st;
@@ -550,9 +685,14 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
     for (int i = 0; st == HX_OK && i < n; i++) {
         if (p[i].src_stage != w->me->stage || p[i].src_rank != w->me->rank)
             continue;
-        size_t bytes = hx_kv_segment_bytes(p[i].num_layers, p[i].num_heads, tokens,
-                                           w->cfg->head_dim);
-        if (bytes > w->pack_cap) { /* page-locked for a GPU engine: its copy out is direct */
+        const size_t bytes = hx_kv_segment_bytes(p[i].num_layers, p[i].num_heads, tokens,
+                                                 w->cfg->head_dim);
+        const int wi = hx_deploy_worker_at(&w->dep, dst, p[i].dst_stage, p[i].dst_rank);
+        hx_proto_conn *c = NULL;
+        if ((st = kv_conn(w, wi, &c, err)) != HX_OK)
+            break;
+        hx_backend_link *link = w->kv_link[wi];
+        if (!link && bytes > w->pack_cap) { /* page-locked for a GPU engine: direct copies */
             hx_backend_host_free(w->eng, w->pack);
             w->pack = hx_backend_host_alloc(w->eng, bytes);
             w->pack_cap = w->pack ? bytes : 0;
@@ -561,13 +701,9 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
                 break;
             }
         }
-        st = hx_backend_pack_kv(w->eng, id, p[i].layer_first, p[i].num_layers, p[i].head_first,
-                                p[i].num_heads, w->pack, w->pack_cap, NULL, err);
-        int wi = hx_deploy_worker_at(&w->dep, dst, p[i].dst_stage, p[i].dst_rank);
-        hx_proto_conn *c = NULL;
-        if (st == HX_OK)
-            st = kv_conn(w, wi, &c, err);
-        if (st != HX_OK)
+        if (!link && (st = hx_backend_pack_kv(w->eng, id, p[i].layer_first, p[i].num_layers,
+                                              p[i].head_first, p[i].num_heads, w->pack,
+                                              w->pack_cap, NULL, err)) != HX_OK)
             break;
         /* pieces come ordered by destination: number this one among its destination's */
         int first = i, count = 0;
@@ -577,6 +713,7 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
         for (int j = first; j < n && p[j].dst_stage == p[i].dst_stage &&
                             p[j].dst_rank == p[i].dst_rank; j++)
             count++;
+        /* over a link the frame is the header alone, the payload goes GPU to GPU after it */
         hx_proto_kv_segment m = {(uint16_t)w->me->stage, (uint16_t)w->me->rank,
                                  (uint16_t)p[i].dst_stage, (uint16_t)p[i].dst_rank,
                                  (uint32_t)(i - first), (uint32_t)count,
@@ -584,9 +721,15 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
                                  (uint32_t)p[i].head_first, (uint32_t)p[i].num_heads,
                                  0, (uint32_t)tokens, (uint32_t)w->cfg->head_dim,
                                  HX_PROTO_DTYPE_F32, bytes - HX_KV_SEGMENT_HEADER_BYTES,
-                                 w->pack + HX_KV_SEGMENT_HEADER_BYTES};
+                                 link ? NULL : w->pack + HX_KV_SEGMENT_HEADER_BYTES,
+                                 link != NULL};
         st = hx_proto_send_kv_segment(c, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S), err);
-        if (st != HX_OK) {
+        if (st == HX_OK && link)
+            st = hx_backend_link_send_kv(w->eng, link, id, p[i].layer_first, p[i].num_layers,
+                                         p[i].head_first, p[i].num_heads, m.data_bytes, err);
+        if (st != HX_OK) { /* the next request reconnects (and offers a link again) */
+            hx_backend_link_close(link);
+            w->kv_link[wi] = NULL;
             hx_proto_close(c);
             w->kv_out[wi] = NULL;
             break;
@@ -1215,23 +1358,48 @@ static void *conn_main(void *arg)
         serve_router(w, c);
         goto out;
     }
-    /* a prefill rank of another group: KV segments */
+    /* a prefill rank of another group: KV segments (inline, or over an NCCL link) */
+    hx_backend_link *link = NULL;
     while (!w->quitting) {
         hx_status st = hx_proto_recv(c, &f, hx_proto_deadline_in(1.0), &err);
         if (st == HX_ETIMEDOUT && hx_proto_buffered(c) == 0)
             continue;
         if (st != HX_OK)
             break;
+        if (f.type == HX_PROTO_GROUP_SETUP && !link) { /* the prefill rank offers a link */
+            hx_proto_group_setup offer;
+            if (hx_proto_decode_group_setup(&f, &offer, &err) != HX_OK ||
+                offer.phase != HX_PROTO_SETUP_OFFER ||
+                kv_link_accept(w, c, &offer, &link, &err) != HX_OK) {
+                HX_WARN("worker %s: KV link from %s: %s", w->me->device, hx_proto_peer(c),
+                        err.msg[0] ? err.msg : "not an OFFER");
+                break;
+            }
+            continue;
+        }
         if (f.type != HX_PROTO_KV_SEGMENT)
             continue;
         hx_proto_kv_segment m;
         if (hx_proto_decode_kv_segment(&f, &m, &err) != HX_OK ||
             m.dtype != HX_PROTO_DTYPE_F32) {
             HX_WARN("worker %s: bad KV segment: %s", w->me->device, err.msg);
+            if (m.remote)
+                break; /* its payload would follow over the link: out of step now */
             continue;
         }
-        kv_store(w, f.req_id, &m);
+        if (!m.remote) {
+            kv_store(w, f.req_id, &m, NULL);
+            continue;
+        }
+        void *dev = NULL;
+        if (!link || hx_backend_link_recv(link, (size_t)m.data_bytes, &dev, &err) != HX_OK) {
+            HX_WARN("worker %s: KV over NCCL from %s: %s", w->me->device, hx_proto_peer(c),
+                    link ? err.msg : "no link was agreed");
+            break; /* the link is aborted: the prefill side reconnects */
+        }
+        kv_store(w, f.req_id, &m, dev);
     }
+    hx_backend_link_close(link);
 out:
     pthread_mutex_lock(&w->mu);
     if (!keep) {
@@ -1412,7 +1580,8 @@ static int stage_nccl(worker *w, const hx_proto_group_setup *offers, int s, cons
         }
         for (int q = 0; q < r; q++) {
             int i = hx_deploy_worker_at(&w->dep, w->me->group, s, q) - w->gfirst;
-            if (strcmp(offers[i].device_uuid, offers[j].device_uuid) == 0) {
+            if (strcmp(offers[i].device_uuid, offers[j].device_uuid) == 0 &&
+                offers[i].nccl_host == offers[j].nccl_host) {
                 *why = "two ranks share one GPU";
                 return 0;
             }
@@ -1508,7 +1677,8 @@ static hx_status group_setup(worker *w, hx_err *err)
                                  .nccl = (uint32_t)hx_backend_nccl_capable(w->eng),
                                  .max_seqs = (uint32_t)hx_backend_max_seqs(w->eng),
                                  .block_tokens = (uint32_t)hx_backend_block_tokens(w->eng),
-                                 .kv_tokens = (uint32_t)hx_backend_max_tokens(w->eng)};
+                                 .kv_tokens = (uint32_t)hx_backend_max_tokens(w->eng),
+                                 .nccl_host = hx_backend_nccl_host()};
     hx_status st = hx_backend_device_uuid(w->eng, mine.device_uuid, sizeof mine.device_uuid, err);
     if (st != HX_OK)
         return st;
@@ -1630,7 +1800,8 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     w->is_leader = w->li == 0;
     w->peers = calloc((size_t)w->gsize, sizeof *w->peers);
     w->kv_out = calloc((size_t)w->dep.nworkers, sizeof *w->kv_out);
-    if (!w->peers || !w->kv_out) {
+    w->kv_link = calloc((size_t)w->dep.nworkers, sizeof *w->kv_link);
+    if (!w->peers || !w->kv_out || !w->kv_link) {
         st = hx_err_set(err, HX_ENOMEM, "out of memory");
         goto out;
     }
@@ -1716,11 +1887,15 @@ out:
     if (w->peers)
         for (int j = 0; j < w->gsize; j++)
             hx_proto_close(w->peers[j]);
+    if (w->kv_link)
+        for (int j = 0; j < w->dep.nworkers; j++)
+            hx_backend_link_close(w->kv_link[j]);
     if (w->kv_out)
         for (int j = 0; j < w->dep.nworkers; j++)
             hx_proto_close(w->kv_out[j]);
     free(w->peers);
     free(w->kv_out);
+    free(w->kv_link);
     for (op_item *o = w->q_head; o;) {
         op_item *n = o->next;
         op_free(o);
@@ -1733,7 +1908,10 @@ out:
     }
     for (kv_in *k = w->kv; k;) {
         kv_in *n = k->next;
-        hx_backend_host_free(NULL, k->data);
+        if (k->on_device)
+            hx_backend_device_free(k->data);
+        else
+            hx_backend_host_free(NULL, k->data);
         free(k);
         k = n;
     }

@@ -67,6 +67,8 @@ typedef struct hx_worker_options {
     const char *bind_address;     /* NULL: the host's address in the plan */
     hx_backend_kind backend;      /* default auto: cuda when a GPU is there (device host:N
                                      runs on CUDA device N), else cpu; one kind per group */
+    hx_tp_transport kv_transport; /* KV to decode workers: auto (default) NCCL where both are
+                                     GPUs that NCCL can join, else TCP; nccl (or fail); tcp */
     hx_tp_transport tp_transport; /* the leader's decides for its group: auto (default) NCCL
                                      where a TP stage's ranks are GPUs that NCCL can join, else
                                      TCP; nccl (or fail); tcp */

@@ -299,7 +299,8 @@ expect "stop of a plan not launched does nothing" 0 "stopped 0 processes" -- "$H
 expect "logs of a plan not launched" 2 "is not launched" -- "$HX" logs --plan "$TMP/p.json"
 expect "worker needs its options" 2 "--plan, --model, --device and --secret-file are required" -- "$HX" worker --plan "$TMP/p.json"
 expect "worker unknown backend" 2 "unknown backend 'gpu'" -- "$HX" worker --backend gpu
-expect "worker unknown TP transport" 2 "unknown TP transport 'ib'" -- "$HX" worker --tp-transport ib
+expect "worker unknown TP transport" 2 "--tp-transport: unknown transport 'ib'" -- "$HX" worker --tp-transport ib
+expect "worker unknown KV transport" 2 "--kv-transport: unknown transport 'rdma'" -- "$HX" worker --kv-transport rdma
 expect "worker help names the TP transport" 0 "--tp-transport NAME" -- "$HX" worker --help
 expect "router needs its options" 2 "--plan, --model and --secret-file are required" -- "$HX" router --plan "$TMP/p.json"
 printf 'short' >"$TMP/weak.secret"

@@ -260,6 +260,105 @@ def smallest_cache_admits(port):
         check(stop(plan), "smallest cache: stop")
 
 
+def kv_transport_nccl_refused(port):
+    """--kv-transport nccl where no NCCL link can be made (CPU engines): the request fails
+    with the reason, the worker keeps running, and --kv-transport tcp serves as before."""
+    groups, routes = layouts()["1P+1D"]
+    plan = write_plan("kvnccl", port, groups, routes)
+    r = hx("launch", "--plan", plan, "--model", MODEL, "--worker-args",
+           "--threads 1 --backend cpu --kv-transport nccl", "--timeout", "120")
+    if not check(r.returncode == 0, "--kv-transport nccl: launch (%s)" % r.stderr[-200:]):
+        return
+    host, p = r.stdout.strip().splitlines()[-1][len("http://"):].rsplit(":", 1)
+    try:
+        status, body = complete((host, int(p)), PROMPTS[0])
+        check(status != 200 and "cannot go over NCCL" in str(body),
+              "--kv-transport nccl on CPU engines: the request fails saying why (%d %s)" %
+              (status, str(body)[:200]))
+        status, body = request((host, int(p)), "GET", "/health")
+        check(status == 200, "--kv-transport nccl: the groups stay up (%d)" % status)
+    finally:
+        check(stop(plan), "--kv-transport nccl: stop")
+
+
+def nccl_on_one_gpu(port, gpu_model, gpu_expected):
+    """NCCL for the TP all-reduce and for KV, on one GPU: NCCL refuses two ranks of one GPU
+    on one host, and tells hosts apart by NCCL_HOSTID, so each worker gets its own (they
+    then talk over NCCL's socket transport on loopback). Started by hand, as launch gives
+    every worker the same environment: prefill p0 -> decode d0 at TP 2."""
+    plan = write_plan("gpu-nccl", port, [
+        {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+        {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
+        [{"prefill": "p0", "decode": "d0", "rps": 1}])
+    secret = os.path.join(TMP, "nccl.secret")
+    with open(secret, "w") as f:
+        f.write(os.urandom(32).hex())
+    os.chmod(secret, 0o600)
+    procs, logs = [], []
+    try:
+        for d in range(3):
+            env = dict(ENV, HEXFLOW_LOG="info", NCCL_HOSTID="hx-serve-%d" % d,
+                       NCCL_SOCKET_IFNAME="lo", NCCL_IB_DISABLE="1")
+            log = open(os.path.join(TMP, "nccl-worker-%d.log" % d), "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [HX, "worker", "--plan", plan, "--model", gpu_model, "--device", "local:%d" % d,
+                 "--secret-file", secret, "--backend", "cuda", "--tp-transport", "nccl",
+                 "--kv-transport", "nccl"], env=env, stdout=log, stderr=subprocess.STDOUT))
+        rlog = open(os.path.join(TMP, "nccl-router.log"), "w+")
+        logs.append(rlog)
+        procs.append(subprocess.Popen([HX, "router", "--plan", plan, "--model", gpu_model,
+                                       "--secret-file", secret], env=ENV, stdout=rlog,
+                                      stderr=subprocess.STDOUT))
+        addr = ("127.0.0.1", port)
+        up = False
+        for _ in range(240):
+            try:
+                if request(addr, "GET", "/health", timeout=5)[0] == 200:
+                    up = True
+                    break
+            except OSError:
+                pass
+            if any(pr.poll() is not None for pr in procs):
+                break
+            time.sleep(0.5)
+        if not check(up, "GPU NCCL: workers and router up"):
+            for log in logs:
+                log.seek(0)
+                print(log.read()[-1500:])
+            return
+        whole = 0
+        for prompt in PROMPTS:
+            status, got = complete(addr, prompt)
+            want = gpu_expected[prompt] or []
+            check(status == 200 and len(got) == MAX_TOKENS and got[:1] == want[:1],
+                  "GPU NCCL '%s': %d tokens, the first equal to generate's (%s)" %
+                  (prompt, len(got) if status == 200 else 0, got if status != 200 else "ok"))
+            if status == 200:
+                whole += got == want
+        check(whole >= 3, "GPU NCCL: %d of 4 prompts equal generate whole" % whole)
+        text = ""
+        for log in logs[:3]:
+            log.seek(0)
+            text += log.read()
+        check("sums its TP partial results over NCCL" in text,
+              "GPU NCCL: the decode stage sums over NCCL")
+        check("goes over NCCL" in text, "GPU NCCL: KV goes over NCCL")
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                pr.terminate()
+        for pr in procs:
+            try:
+                pr.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+                pr.wait()
+        check(all(pr.returncode is not None for pr in procs), "GPU NCCL: every process ended")
+        for log in logs:
+            log.close()
+
+
 def main():
     r = hx("model", "make-tiny", "--out", MODEL, "--layers", "4", "--hidden", "64", "--heads",
            "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "7")
@@ -285,6 +384,8 @@ def main():
     group_setup_refusals(port)
     port += 20
     smallest_cache_admits(port)
+    port += 20
+    kv_transport_nccl_refused(port)
     port += 20
 
     # GPU prefill -> GPU decode, two processes on one GPU (skipped without one)
@@ -358,6 +459,8 @@ def main():
                 check(whole >= 3, "GPU PP2 -> TP2: %d of 4 prompts equal generate whole" % whole)
             finally:
                 check(stop(plan), "GPU PP2 -> TP2: stop")
+        nccl_on_one_gpu(port, gpu_model, gpu_expected)
+        port += 20
     else:
         print("skip GPU prefill -> GPU decode: %s" %
               ("no CUDA backend in this build" if "cuda" not in version else "no GPU here"))

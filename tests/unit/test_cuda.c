@@ -23,9 +23,13 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kernels/cpu/cpu.h"
@@ -1527,6 +1531,147 @@ static void test_engine_kv_segments(void **state)
     hx_llama_free(m);
 }
 
+/* ---- two NCCL ranks on one GPU: two processes posing as two hosts ------------------------ */
+
+/*
+ * NCCL refuses two ranks of one communicator on one GPU of one host, and
+ * tells hosts apart by NCCL_HOSTID: two processes with distinct ids talk over
+ * its network transport (sockets on loopback here) even on one GPU. The
+ * test spawns itself twice as the ranks (`test_cuda --nccl-rank R ID`).
+ */
+#define PEER_VALUES 4096
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* One rank of the test: sums, bf16 sums, a send/recv each way. 0 when all agree. */
+static int nccl_rank_main(int rank, const char *hex)
+{
+    uint8_t id[HX_CUDA_NCCL_ID_BYTES];
+    for (int i = 0; i < HX_CUDA_NCCL_ID_BYTES; i++) {
+        int a = hexval(hex[2 * i]), b = a < 0 ? -1 : hexval(hex[2 * i + 1]);
+        if (b < 0) {
+            fprintf(stderr, "nccl rank %d: bad id\n", rank);
+            return 2;
+        }
+        id[i] = (uint8_t)(a * 16 + b);
+    }
+    hx_err e = {0};
+    hx_cuda_nccl *c = NULL;
+    hx_cuda_stream *s = NULL;
+    if (hx_cuda_stream_new(&s, &e) != HX_OK ||
+        hx_cuda_nccl_new(id, 2, rank, 0, 60.0, &c, &e) != HX_OK) {
+        fprintf(stderr, "nccl rank %d: %s\n", rank, e.msg);
+        return 1;
+    }
+    /* sum: rank r holds r + 1 + i / 4096 (exact in fp32 and bf16) */
+    float h[PEER_VALUES], want[PEER_VALUES];
+    hx_bf16 hb[PEER_VALUES];
+    for (int i = 0; i < PEER_VALUES; i++) {
+        h[i] = (float)(rank + 1) + (float)(i % 64) / 64.0f;
+        want[i] = 3.0f + 2.0f * (float)(i % 64) / 64.0f;
+        uint32_t u;
+        memcpy(&u, &h[i], 4);
+        hb[i] = (hx_bf16)(u >> 16);
+    }
+    void *d = NULL, *db = NULL, *dr = NULL;
+    int bad = 0;
+    if (hx_cuda_malloc(&d, sizeof h, &e) || hx_cuda_malloc(&db, sizeof hb, &e) ||
+        hx_cuda_malloc(&dr, sizeof h, &e) || hx_cuda_memcpy(d, h, sizeof h, &e) ||
+        hx_cuda_memcpy(db, hb, sizeof hb, &e) ||
+        hx_cuda_nccl_allreduce(c, d, PEER_VALUES, 0, s, &e) ||
+        hx_cuda_nccl_allreduce(c, db, PEER_VALUES, 1, s, &e) ||
+        hx_cuda_nccl_wait(c, s, 60.0, &e) || hx_cuda_memcpy(h, d, sizeof h, &e) ||
+        hx_cuda_memcpy(hb, db, sizeof hb, &e)) {
+        fprintf(stderr, "nccl rank %d: all-reduce: %s\n", rank, e.msg);
+        return 1;
+    }
+    for (int i = 0; i < PEER_VALUES; i++) {
+        uint32_t u = (uint32_t)hb[i] << 16;
+        float fb;
+        memcpy(&fb, &u, 4);
+        bad += h[i] != want[i] || fb != want[i];
+    }
+    /* point to point: each rank sends its block to the other, paired in one group */
+    float mine[PEER_VALUES];
+    for (int i = 0; i < PEER_VALUES; i++)
+        mine[i] = (float)(rank * 100000 + i);
+    if (hx_cuda_memcpy(d, mine, sizeof mine, &e) || hx_cuda_nccl_group_start(&e) ||
+        hx_cuda_nccl_send(c, d, sizeof mine, 1 - rank, s, &e) ||
+        hx_cuda_nccl_recv(c, dr, sizeof mine, 1 - rank, s, &e) ||
+        hx_cuda_nccl_group_end(&e) || hx_cuda_nccl_wait(c, s, 60.0, &e) ||
+        hx_cuda_memcpy(h, dr, sizeof h, &e)) {
+        fprintf(stderr, "nccl rank %d: send/recv: %s\n", rank, e.msg);
+        return 1;
+    }
+    for (int i = 0; i < PEER_VALUES; i++)
+        bad += h[i] != (float)((1 - rank) * 100000 + i);
+    hx_cuda_free(d);
+    hx_cuda_free(db);
+    hx_cuda_free(dr);
+    hx_cuda_nccl_free(c);
+    hx_cuda_stream_free(s);
+    if (bad)
+        fprintf(stderr, "nccl rank %d: %d values wrong\n", rank, bad);
+    return bad ? 1 : 0;
+}
+
+static void test_nccl_two_ranks(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    if (!hx_cuda_nccl_available()) {
+        printf("test_cuda: %s: skipped: this build has no NCCL\n", __func__);
+        skip();
+    }
+    uint8_t id[HX_CUDA_NCCL_ID_BYTES];
+    CHECK(hx_cuda_nccl_unique_id(id, E));
+    char hex[2 * HX_CUDA_NCCL_ID_BYTES + 1];
+    for (int i = 0; i < HX_CUDA_NCCL_ID_BYTES; i++)
+        snprintf(hex + 2 * i, 3, "%02x", id[i]);
+    extern char **environ;
+    pid_t pid[2];
+    for (int r = 0; r < 2; r++) {
+        char rank[2] = {(char)('0' + r), 0}, host[32];
+        snprintf(host, sizeof host, "NCCL_HOSTID=hx-test-rank-%d", r);
+        /* the parent's environment, with this rank's host id */
+        int n = 0;
+        while (environ[n])
+            n++;
+        char **env = calloc((size_t)n + 3, sizeof *env);
+        assert_non_null(env);
+        int k = 0;
+        for (int i = 0; i < n; i++)
+            if (strncmp(environ[i], "NCCL_HOSTID=", 12) != 0 &&
+                strncmp(environ[i], "NCCL_IB_DISABLE=", 16) != 0)
+                env[k++] = environ[i];
+        env[k++] = host;
+        env[k++] = "NCCL_IB_DISABLE=1";
+        char *argv[] = {"/proc/self/exe", "--nccl-rank", rank, hex, NULL};
+        assert_int_equal(posix_spawn(&pid[r], "/proc/self/exe", NULL, NULL, argv, env), 0);
+        free(env);
+    }
+    int ok = 1;
+    for (int r = 0; r < 2; r++) {
+        int status = 0;
+        for (int t = 0; t < 1200 && waitpid(pid[r], &status, WNOHANG) == 0; t++) {
+            struct timespec ts = {0, 100000000L};
+            nanosleep(&ts, NULL);
+            if (t == 1199) {
+                kill(pid[r], SIGKILL);
+                waitpid(pid[r], &status, 0);
+            }
+        }
+        printf("test_cuda: NCCL rank %d of 2 (its own NCCL_HOSTID): %s %d\n", r,
+               WIFEXITED(status) ? "exit" : "signal",
+               WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+        ok &= WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    }
+    assert_true(ok);
+}
+
 /* ---- stages and TP slices: engines on threads, an in-memory comm ---------------------- */
 
 #define GS_MAX 2 /* stages, and ranks per stage */
@@ -1926,8 +2071,12 @@ static void test_engine_sampling_and_admission(void **state)
     hx_cuda_engine_free(e);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    /* NCCL picks its bootstrap interface once per process: loopback, for every test */
+    setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+    if (argc == 4 && strcmp(argv[1], "--nccl-rank") == 0) /* test_nccl_two_ranks' ranks */
+        return nccl_rank_main(argv[2][0] - '0', argv[3]);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_device_paths),
         cmocka_unit_test(test_crc_combine),
@@ -1943,6 +2092,7 @@ int main(void)
         cmocka_unit_test(test_sample_greedy),
         cmocka_unit_test(test_sample_seeded),
         cmocka_unit_test(test_nccl_one_rank),
+        cmocka_unit_test(test_nccl_two_ranks),
         cmocka_unit_test(test_engine_greedy_vs_cpu),
         cmocka_unit_test(test_engine_prefill_mma),
         cmocka_unit_test(test_engine_kv_segments),

@@ -493,6 +493,8 @@ static void test_handshake_garbage_and_silence(void **state)
 
 /* ---- every message type ------------------------------------------------------------ */
 
+static hx_proto_frame frame_of(hx_proto_type type, uint64_t req_id, const void *p, size_t n);
+
 static void test_messages_round_trip(void **state)
 {
     (void)state;
@@ -563,6 +565,34 @@ static void test_messages_round_trip(void **state)
     assert_int_equal(seg2.data_bytes, sizeof kv);
     assert_memory_equal(seg2.data, kv, sizeof kv);
     assert_int_equal((uintptr_t)seg2.data % 64, 0);
+    assert_int_equal(seg2.remote, 0);
+
+    /* the header alone, its payload following over NCCL */
+    hx_proto_kv_segment rem = seg;
+    rem.data = NULL;
+    rem.remote = 1;
+    check_ok(hx_proto_send_kv_segment(c, 43, &rem, dl, &err), &err);
+    check_ok(hx_proto_recv(s, &f, dl, &err), &err);
+    assert_int_equal(f.len, HX_PROTO_KV_HEADER_BYTES);
+    check_ok(hx_proto_decode_kv_segment(&f, &seg2, &err), &err);
+    assert_int_equal(seg2.remote, 1);
+    assert_null(seg2.data);
+    assert_int_equal(seg2.data_bytes, sizeof kv);
+    rem.remote = 2;
+    expect_err(hx_proto_send_kv_segment(c, 43, &rem, dl, &err), &err, HX_EINVAL, "NULL");
+    {
+        /* a frame flagged remote that still carries a payload, and an unknown transport */
+        _Alignas(64) unsigned char b[HX_PROTO_KV_HEADER_BYTES + sizeof kv];
+        check_ok(hx_proto_send_kv_segment(c, 44, &seg, dl, &err), &err);
+        check_ok(hx_proto_recv(s, &f, dl, &err), &err);
+        memcpy(b, f.payload, f.len);
+        b[56] = 1;
+        hx_proto_frame g = frame_of(HX_PROTO_KV_SEGMENT, 44, b, sizeof b);
+        expect_err(hx_proto_decode_kv_segment(&g, &seg2, &err), &err, HX_EPARSE,
+                   "over NCCL, and none here");
+        b[56] = 2;
+        expect_err(hx_proto_decode_kv_segment(&g, &seg2, &err), &err, HX_EPARSE, "transport 2");
+    }
 
     hx_proto_kv_ack ack = {.src_stage = 1, .src_rank = 2, .dst_stage = 0, .dst_rank = 1,
                            .segment_index = 1, .status = HX_OK, .bytes_received = sizeof kv};
@@ -1448,7 +1478,7 @@ static void test_group_setup(void **state)
     connected_pair(&s, &c);
     hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_OFFER, .backend = 2, .step_rows = 512,
                               .nccl = 1, .max_seqs = 32, .block_tokens = 16,
-                              .kv_tokens = 1 << 20};
+                              .kv_tokens = 1 << 20, .nccl_host = 0xdeadbeef};
     snprintf(m.device_uuid, sizeof m.device_uuid, "GPU-0123abcd-0000-1111-2222-333344445555");
     for (int i = 0; i < HX_PROTO_NCCL_ID_BYTES; i++)
         m.nccl_id[i] = (uint8_t)(i * 7 + 1);
@@ -1463,6 +1493,7 @@ static void test_group_setup(void **state)
     assert_int_equal(back.max_seqs, 32);
     assert_int_equal(back.block_tokens, 16);
     assert_int_equal(back.kv_tokens, 1 << 20);
+    assert_int_equal(back.nccl_host, 0xdeadbeef);
     assert_string_equal(back.device_uuid, m.device_uuid);
     assert_memory_equal(back.nccl_id, m.nccl_id, HX_PROTO_NCCL_ID_BYTES);
 
