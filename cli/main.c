@@ -9,6 +9,9 @@
 #include "cli/cmd_generate.h"
 #ifdef HX_HAVE_CUDA
 #include "kernels/kernels.h"
+#ifdef HX_HAVE_CUDA
+#include "kernels/cuda.h"
+#endif
 #endif
 
 #ifndef HX_VERSION
@@ -84,7 +87,8 @@ static void version(void)
     printf("hexflow %s\n", HX_VERSION);
 #ifdef HX_HAVE_CUDA
     int v = hx_cuda_build_version();
-    printf("backends: cpu, cuda (CUDA %d.%d)\n", v / 1000, (v % 1000) / 10);
+    printf("backends: cpu, cuda (CUDA %d.%d, %s)\n", v / 1000, (v % 1000) / 10,
+           hx_cuda_nccl_available() ? "NCCL for TP and KV" : "no NCCL: TP and KV over TCP");
 #else
     printf("backends: cpu\n");
 #endif
