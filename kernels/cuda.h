@@ -355,7 +355,7 @@ hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_
  *
  * A peer process may die at any time, so no call here waits on a peer
  * without a bound: communicators are NCCL's non-blocking kind, each call
- * polls (about every millisecond) until NCCL has done its part, and a
+ * polls (from 5 us up to every millisecond) until NCCL has done its part, and a
  * deadline that passes or an asynchronous error (a peer gone, the network
  * down) aborts the communicator (ncclCommAbort, which also stops its
  * kernels on the GPU). HX_ETIMEDOUT and HX_ECONN (HX_EIO for NCCL's internal
@@ -365,6 +365,9 @@ hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_
  * operations only queue work on a stream: hx_cuda_nccl_wait waits for it
  * with a deadline (hx_cuda_stream_sync would hang with a dead peer).
  * A communicator serves one thread at a time; groups are per thread.
+ * Different threads may use different communicators of one device at once
+ * (a decode worker receives KV while its engine all-reduces): the calls
+ * that queue, create or free are serialized process-wide (the waits are not).
  */
 #define HX_CUDA_NCCL_ID_BYTES 128
 typedef struct hx_cuda_nccl hx_cuda_nccl; /* opaque: one rank's communicator */
@@ -394,7 +397,7 @@ int hx_cuda_nccl_size(const hx_cuda_nccl *c);
  * The operations below queue their work on `stream` (NULL: the legacy
  * default stream) and return once NCCL has handed it there, which may take
  * a while the first time a pair of ranks talk (they connect then): bounded
- * by 60 s, after which the communicator is aborted (HX_ETIMEDOUT). Inside a
+ * by 20 s, after which the communicator is aborted (HX_ETIMEDOUT). Inside a
  * group, hx_cuda_nccl_group_end does that wait for every communicator used.
  * Completion: hx_cuda_nccl_wait.
  */

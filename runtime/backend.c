@@ -395,6 +395,7 @@ struct hx_backend_link {
     double op_timeout_s;
     void *buf; /* rank 0: the packed payload on the device */
     size_t cap;
+    size_t packed; /* bytes packed in buf, not sent yet */
 };
 #else
 struct hx_backend_link {
@@ -445,6 +446,16 @@ hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_
         st = hx_cuda_stream_new(&l->stream, err);
     if (st == HX_OK)
         st = hx_cuda_nccl_new(id, 2, rank, l->device, timeout_s, &l->comm, err);
+    /* a first transfer of a few bytes: the ranks connect now, not on the first request */
+    if (st == HX_OK)
+        st = hx_cuda_malloc(&l->buf, 16, err);
+    if (st == HX_OK) {
+        l->cap = 16;
+        st = rank == 0 ? hx_cuda_nccl_send(l->comm, l->buf, 16, 1, l->stream, err)
+                       : hx_cuda_nccl_recv(l->comm, l->buf, 16, 0, l->stream, err);
+    }
+    if (st == HX_OK)
+        st = hx_cuda_nccl_wait(l->comm, l->stream, timeout_s, err);
     if (st != HX_OK) {
         hx_backend_link_close(l);
         return st;
@@ -461,9 +472,9 @@ hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_
 #endif
 }
 
-hx_status hx_backend_link_send_kv(hx_backend *b, hx_backend_link *l, uint64_t id, int layer_first,
-                                  int num_layers, int head_first, int num_heads, size_t bytes,
-                                  hx_err *err)
+hx_status hx_backend_link_pack(hx_backend *b, hx_backend_link *l, uint64_t id, int layer_first,
+                               int num_layers, int head_first, int num_heads, size_t bytes,
+                               hx_err *err)
 {
 #ifdef HX_HAVE_CUDA
     if (!b->cuda || l->rank != 0)
@@ -485,10 +496,7 @@ hx_status hx_backend_link_send_kv(hx_backend *b, hx_backend_link *l, uint64_t id
     if (st == HX_OK && got != bytes)
         st = hx_err_set(err, HX_EINVAL, "KV over NCCL: request %llu packs into %zu bytes, not %zu",
                         (unsigned long long)id, got, bytes);
-    if (st == HX_OK)
-        st = hx_cuda_nccl_send(l->comm, l->buf, bytes, 1, l->stream, err);
-    if (st == HX_OK)
-        st = hx_cuda_nccl_wait(l->comm, l->stream, l->op_timeout_s, err);
+    l->packed = st == HX_OK ? bytes : 0;
     return st;
 #else
     (void)b;
@@ -499,6 +507,25 @@ hx_status hx_backend_link_send_kv(hx_backend *b, hx_backend_link *l, uint64_t id
     (void)head_first;
     (void)num_heads;
     (void)bytes;
+    return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
+#endif
+}
+
+hx_status hx_backend_link_send(hx_backend_link *l, hx_err *err)
+{
+#ifdef HX_HAVE_CUDA
+    if (l->rank != 0 || !l->packed)
+        return hx_err_set(err, HX_EINVAL, "KV over NCCL: nothing packed to send");
+    const size_t bytes = l->packed;
+    l->packed = 0;
+    hx_status st = hx_cuda_set_device(l->device, err);
+    if (st == HX_OK)
+        st = hx_cuda_nccl_send(l->comm, l->buf, bytes, 1, l->stream, err);
+    if (st == HX_OK)
+        st = hx_cuda_nccl_wait(l->comm, l->stream, l->op_timeout_s, err);
+    return st;
+#else
+    (void)l;
     return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
 #endif
 }
@@ -550,7 +577,9 @@ void *hx_backend_host_alloc(const hx_backend *b, size_t bytes)
 #ifdef HX_HAVE_CUDA
     if (b && b->cuda) {
         hx_err e = {0};
-        if (hx_cuda_host_alloc((void **)&base, n, &e) == HX_OK) {
+        /* on the engine's device: a thread that never chose one would make a context on 0 */
+        if (hx_cuda_set_device(b->device, &e) == HX_OK &&
+            hx_cuda_host_alloc((void **)&base, n, &e) == HX_OK) {
             base[0] = HOST_PINNED;
             return base + HOST_HEADER;
         }

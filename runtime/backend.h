@@ -142,13 +142,17 @@ void hx_backend_host_free(const hx_backend *b, void *p);
  * (HX_ETIMEDOUT after timeout_s); a send or receive gives up after
  * op_timeout_s, aborting the link (which is then only good for closing).
  *
- * send_kv (rank 0, the engine's thread): packs request id's KV of
- * model-wide layers [layer_first, +num_layers) and KV heads [head_first,
- * +num_heads) on the device (the payload of hx_backend_pack_kv's segment,
- * bytes long: no header, no checksum) and sends it. recv (rank 1, any one
+ * Opening ends with a first transfer of a few bytes, so the ranks have
+ * connected before any request waits on them.
+ *
+ * pack (rank 0, the engine's thread): packs request id's KV of model-wide
+ * layers [layer_first, +num_layers) and KV heads [head_first, +num_heads)
+ * on the device (the payload of hx_backend_pack_kv's segment, bytes long:
+ * no header, no checksum); send then sends it (so a failure to pack is
+ * known before the peer is told a payload follows). recv (rank 1, any one
  * thread per link): receives bytes into new device memory (*out), freed
- * with hx_backend_device_free; hx_backend_add_prefilled takes it as a
- * segment's payload (the copy into the cache stays on the GPU).
+ * with hx_backend_device_free on the engine's thread; hx_backend_add_prefilled
+ * takes it as a segment's payload (the copy into the cache stays on the GPU).
  */
 typedef struct hx_backend_link hx_backend_link; /* opaque */
 int hx_backend_link_capable(const hx_backend *b);
@@ -156,9 +160,10 @@ hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_
                                int rank, double timeout_s, double op_timeout_s,
                                hx_backend_link **out, hx_err *err);
 void hx_backend_link_close(hx_backend_link *l); /* NULL is a no-op */
-hx_status hx_backend_link_send_kv(hx_backend *b, hx_backend_link *l, uint64_t id, int layer_first,
-                                  int num_layers, int head_first, int num_heads, size_t bytes,
-                                  hx_err *err);
+hx_status hx_backend_link_pack(hx_backend *b, hx_backend_link *l, uint64_t id, int layer_first,
+                               int num_layers, int head_first, int num_heads, size_t bytes,
+                               hx_err *err);
+hx_status hx_backend_link_send(hx_backend_link *l, hx_err *err);
 hx_status hx_backend_link_recv(hx_backend_link *l, size_t bytes, void **out, hx_err *err);
 void hx_backend_device_free(void *p); /* NULL is a no-op */
 

@@ -203,9 +203,9 @@ void hx_cuda_engine_free(hx_cuda_engine *e)
     if (!e)
         return;
     (void)hx_cuda_set_device(e->opt.device, NULL);
-    if (e->stream && e->nccl) /* an all-reduce whose peer died must not hang the free */
-        (void)hx_cuda_nccl_wait(e->nccl, e->stream, 10.0, NULL);
-    else if (e->stream)
+    /* an all-reduce whose peer died must not hang the free: through NCCL first, which
+       aborts it when it does not finish; then its kernels have exited */
+    if (e->stream && (!e->nccl || hx_cuda_nccl_wait(e->nccl, e->stream, 10.0, NULL) != HX_OK))
         (void)hx_cuda_stream_sync(e->stream, NULL);
     for (int b = 0; b < MAX_BUCKETS; b++)
         hx_cuda_graph_free(e->graph[b]);
@@ -1648,8 +1648,10 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
         st = sync_stream(e, err);
     if (st != HX_OK) {
         /* what was queued before the failure must finish before the host buffers it
-           reads (h_io, h_rows) are written again */
-        (void)sync_stream(e, NULL);
+           reads (h_io, h_rows) are written again (after an NCCL abort, whose kernels
+           then exit, the wait through NCCL returns at once: wait for the stream itself) */
+        if (sync_stream(e, NULL) != HX_OK)
+            (void)hx_cuda_stream_sync(e->stream, NULL);
         return st;
     }
     if (!e->has_embed || !e->has_head) {

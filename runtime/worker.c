@@ -27,6 +27,7 @@
 #define ROUTER_SILENCE_S 10.0 /* no frame from the router for this long: it is gone */
 #define KV_CHECK_S 10.0      /* a decode rank waits this long for its segments when asked */
 #define NCCL_JOIN_S 20.0     /* a stage's ranks join their NCCL communicator within this */
+#define LINK_SETUP_S 10.0    /* each message of a KV link's handshake, join time apart */
 #define KV_SPARE_MAX 16      /* received-segment buffers kept for reuse ... */
 #define KV_SPARE_BYTES ((size_t)1 << 30) /* ... holding at most this much */
 
@@ -106,6 +107,8 @@ typedef struct worker {
     /* decode ranks */
     kv_in *kv;
     kv_spare spare[KV_SPARE_MAX]; /* (mu) received-segment buffers kept for reuse */
+    void **dev_trash; /* (mu) device buffers of dropped segments: the engine thread frees them */
+    int n_trash, cap_trash;
     int n_spare;
     size_t spare_bytes;
 
@@ -384,14 +387,45 @@ static void kv_buf_put(worker *w, float *p, size_t cap)
     hx_backend_host_free(NULL, p);
 }
 
-/* Frees a received segment (w->mu held). */
+/*
+ * Frees a received segment (w->mu held). Device memory is only queued: its
+ * free waits for the whole GPU, which must not happen under w->mu or on a
+ * thread that never chose the engine's device; the engine thread frees it
+ * (dev_trash_flush).
+ */
 static void kv_in_free(worker *w, kv_in *k)
 {
-    if (k->on_device)
-        hx_backend_device_free(k->data);
-    else
+    if (k->on_device) {
+        if (w->n_trash == w->cap_trash) {
+            int cap = w->cap_trash ? 2 * w->cap_trash : 16;
+            void **g = realloc(w->dev_trash, (size_t)cap * sizeof *g);
+            if (!g) { /* out of memory: free it here, slow but right */
+                hx_backend_device_free(k->data);
+                free(k);
+                return;
+            }
+            w->dev_trash = g;
+            w->cap_trash = cap;
+        }
+        w->dev_trash[w->n_trash++] = k->data;
+    } else {
         kv_buf_put(w, k->data, k->cap);
+    }
     free(k);
+}
+
+/* Frees the queued device buffers (the engine thread, w->mu not held). */
+static void dev_trash_flush(worker *w)
+{
+    pthread_mutex_lock(&w->mu);
+    void **t = w->dev_trash;
+    int n = w->n_trash;
+    w->dev_trash = NULL;
+    w->n_trash = w->cap_trash = 0;
+    pthread_mutex_unlock(&w->mu);
+    for (int i = 0; i < n; i++)
+        hx_backend_device_free(t[i]);
+    free(t);
 }
 
 /*
@@ -530,6 +564,17 @@ static hx_status kv_expected(worker *w, int src, int *n_out, hx_err *err)
 
 /* ---- KV over NCCL: a link per (prefill rank, decode rank) ------------------------------ */
 
+/*
+ * How long one transfer over a link may take: well inside the peer timeout,
+ * as the prefill side waits on its engine thread, which its group's other
+ * ranks wait for.
+ */
+static double link_op_s(const worker *w)
+{
+    double t = w->opt.peer_timeout_s / 2;
+    return t < SEND_TIMEOUT_S ? t : SEND_TIMEOUT_S;
+}
+
 /* This worker's OFFER of a link (GROUP_SETUP's frame on a KV connection). */
 static void link_offer_of(worker *w, hx_proto_group_setup *m)
 {
@@ -552,32 +597,41 @@ static void link_offer_of(worker *w, hx_proto_group_setup *m)
  */
 static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
 {
-    const int64_t dl = hx_proto_deadline_in(10.0);
     hx_proto_group_setup m;
     link_offer_of(w, &m);
-    hx_status st = hx_proto_send_group_setup(c, &m, dl, err);
+    const int able = (int)m.nccl;
+    hx_status st = hx_proto_send_group_setup(c, &m, hx_proto_deadline_in(LINK_SETUP_S), err);
     if (st == HX_OK)
-        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_PLAN, &m, dl, err);
+        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_PLAN, &m,
+                                       hx_proto_deadline_in(LINK_SETUP_S), err);
     if (st != HX_OK)
         return st;
     hx_backend_link *link = NULL;
     const char *device = w->dep.workers[wi].device;
+    const char *why = !able ? "this worker's engine cannot (cpu backend, or no NCCL)"
+                            : "the decode worker cannot or will not join (cpu backend, no "
+                              "NCCL, --kv-transport tcp, or the same GPU)";
     if (m.nccl) {
         hx_err e = {0};
         hx_proto_group_setup idm = {.phase = HX_PROTO_SETUP_NCCL_ID};
         idm.nccl = hx_backend_nccl_unique_id(idm.nccl_id, &e) == HX_OK;
-        if ((st = hx_proto_send_group_setup(c, &idm, dl, err)) != HX_OK)
+        why = idm.nccl ? "joining failed (see both workers' logs)" : "no NCCL id could be made";
+        if ((st = hx_proto_send_group_setup(c, &idm, hx_proto_deadline_in(LINK_SETUP_S),
+                                            err)) != HX_OK)
             return st;
         if (idm.nccl && hx_backend_link_open(w->eng, idm.nccl_id, 0, NCCL_JOIN_S,
-                                             w->opt.peer_timeout_s, &link, &e) != HX_OK)
+                                             link_op_s(w), &link, &e) != HX_OK)
             HX_WARN("worker %s: KV link to %s: %s", w->me->device, device, e.msg);
         else if (!idm.nccl)
             HX_WARN("worker %s: KV link to %s: no NCCL id: %s", w->me->device, device, e.msg);
-        const int64_t jdl = hx_proto_deadline_in(NCCL_JOIN_S + 10.0);
-        if ((st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_JOINED, &m, jdl, err)) == HX_OK) {
+        /* the peer began its join as we began ours (it had the id first), so it answers
+           soon after ours has ended; the whole handshake stays within the peer timeout */
+        if ((st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_JOINED, &m,
+                                            hx_proto_deadline_in(LINK_SETUP_S), err)) ==
+            HX_OK) {
             hx_proto_group_setup fin = {.phase = HX_PROTO_SETUP_FINAL,
                                         .nccl = (uint32_t)(link && m.nccl)};
-            st = hx_proto_send_group_setup(c, &fin, dl, err);
+            st = hx_proto_send_group_setup(c, &fin, hx_proto_deadline_in(LINK_SETUP_S), err);
             if (!fin.nccl) {
                 hx_backend_link_close(link);
                 link = NULL;
@@ -590,12 +644,7 @@ static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
     }
     if (!link && w->opt.kv_transport == HX_TP_TRANSPORT_NCCL)
         return hx_err_set(err, HX_ENOTSUP,
-                          "KV to %s cannot go over NCCL (--kv-transport nccl): %s", device,
-                          !hx_backend_link_capable(w->eng)
-                              ? "this worker's engine cannot (cpu backend, or no NCCL)"
-                          : m.nccl ? "joining failed (see the logs)"
-                                   : "the decode worker cannot join (cpu backend, no NCCL, or "
-                                     "the same GPU)");
+                          "KV to %s cannot go over NCCL (--kv-transport nccl): %s", device, why);
     w->kv_link[wi] = link;
     HX_INFO("worker %s: KV to %s goes over %s", w->me->device, device,
             link ? "NCCL" : "TCP (page-locked staging)");
@@ -611,7 +660,6 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
                                 hx_backend_link **out, hx_err *err)
 {
     *out = NULL;
-    const int64_t dl = hx_proto_deadline_in(10.0);
     hx_proto_group_setup mine;
     int able = 0;
     if (w->ready && w->opt.kv_transport != HX_TP_TRANSPORT_TCP) {
@@ -621,21 +669,24 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
                  offer->nccl_host == mine.nccl_host);
     }
     hx_proto_group_setup plan = {.phase = HX_PROTO_SETUP_PLAN, .nccl = (uint32_t)able};
-    hx_status st = hx_proto_send_group_setup(c, &plan, dl, err);
+    hx_status st = hx_proto_send_group_setup(c, &plan, hx_proto_deadline_in(LINK_SETUP_S), err);
     if (st != HX_OK || !able)
         return st;
     hx_proto_group_setup m;
-    if ((st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_NCCL_ID, &m, dl, err)) != HX_OK)
+    if ((st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_NCCL_ID, &m,
+                                        hx_proto_deadline_in(LINK_SETUP_S), err)) != HX_OK)
         return st;
     hx_backend_link *link = NULL;
     hx_err e = {0};
-    if (m.nccl && hx_backend_link_open(w->eng, m.nccl_id, 1, NCCL_JOIN_S, w->opt.peer_timeout_s,
-                                       &link, &e) != HX_OK)
+    if (m.nccl && hx_backend_link_open(w->eng, m.nccl_id, 1, NCCL_JOIN_S, link_op_s(w), &link,
+                                       &e) != HX_OK)
         HX_WARN("worker %s: KV link from %s: %s", w->me->device, hx_proto_peer(c), e.msg);
+    /* deadlines from here on: the join above may have taken its whole time */
     hx_proto_group_setup joined = {.phase = HX_PROTO_SETUP_JOINED, .nccl = link != NULL};
-    st = hx_proto_send_group_setup(c, &joined, dl, err);
+    st = hx_proto_send_group_setup(c, &joined, hx_proto_deadline_in(LINK_SETUP_S), err);
     if (st == HX_OK)
-        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_FINAL, &m, dl, err);
+        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_FINAL, &m,
+                                       hx_proto_deadline_in(LINK_SETUP_S), err);
     if (st != HX_OK || !m.nccl) {
         hx_backend_link_close(link);
         return st;
@@ -723,10 +774,14 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
                                  HX_PROTO_DTYPE_F32, bytes - HX_KV_SEGMENT_HEADER_BYTES,
                                  link ? NULL : w->pack + HX_KV_SEGMENT_HEADER_BYTES,
                                  link != NULL};
-        st = hx_proto_send_kv_segment(c, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S), err);
+        /* over a link: packed on the GPU before the header says a payload follows */
+        if (link)
+            st = hx_backend_link_pack(w->eng, link, id, p[i].layer_first, p[i].num_layers,
+                                      p[i].head_first, p[i].num_heads, m.data_bytes, err);
+        if (st == HX_OK)
+            st = hx_proto_send_kv_segment(c, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S), err);
         if (st == HX_OK && link)
-            st = hx_backend_link_send_kv(w->eng, link, id, p[i].layer_first, p[i].num_layers,
-                                         p[i].head_first, p[i].num_heads, m.data_bytes, err);
+            st = hx_backend_link_send(link, err);
         if (st != HX_OK) { /* the next request reconnects (and offers a link again) */
             hx_backend_link_close(link);
             w->kv_link[wi] = NULL;
@@ -836,6 +891,7 @@ static hx_status broadcast(worker *w, uint64_t id, const hx_proto_group_op *op, 
 /* One engine step on this rank, then what its events mean for this rank. */
 static hx_status do_step(worker *w, hx_err *err)
 {
+    dev_trash_flush(w); /* segments dropped since the last step, freed on this thread */
     const hx_batch_event *ev;
     int n_ev = 0;
     hx_status st = hx_backend_step(w->eng, &ev, &n_ev, err);
@@ -1380,11 +1436,12 @@ static void *conn_main(void *arg)
         if (f.type != HX_PROTO_KV_SEGMENT)
             continue;
         hx_proto_kv_segment m;
+        memset(&m, 0, sizeof m);
         if (hx_proto_decode_kv_segment(&f, &m, &err) != HX_OK ||
             m.dtype != HX_PROTO_DTYPE_F32) {
             HX_WARN("worker %s: bad KV segment: %s", w->me->device, err.msg);
-            if (m.remote)
-                break; /* its payload would follow over the link: out of step now */
+            if (link || m.remote)
+                break; /* a payload may follow over the link: out of step now */
             continue;
         }
         if (!m.remote) {
@@ -1917,6 +1974,7 @@ out:
     }
     for (int i = 0; i < w->n_spare; i++)
         hx_backend_host_free(NULL, w->spare[i].data);
+    dev_trash_flush(w);
     hx_backend_host_free(NULL, w->pack);
     hx_backend_close(w->eng);
     hx_proto_listener_free(w->lis);

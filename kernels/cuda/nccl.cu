@@ -11,6 +11,36 @@
 
 #ifdef HX_HAVE_NCCL
 #include <nccl.h>
+#include <pthread.h>
+
+// NCCL does not promise that operations issued at the same time from several
+// threads to different communicators of one device are safe (a decode worker
+// receives KV on connection threads while its engine thread all-reduces):
+// every NCCL call that queues, creates or frees is made under this lock, held
+// for the call only, never while waiting for completion. Recursive, as an
+// abort may follow a failed call.
+static pthread_mutex_t api_mu;
+static pthread_once_t api_once = PTHREAD_ONCE_INIT;
+
+static void api_init(void)
+{
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&api_mu, &a);
+    pthread_mutexattr_destroy(&a);
+}
+
+static void api_lock(void)
+{
+    pthread_once(&api_once, api_init);
+    pthread_mutex_lock(&api_mu);
+}
+
+static void api_unlock(void)
+{
+    pthread_mutex_unlock(&api_mu);
+}
 
 static_assert(sizeof(ncclUniqueId) == HX_CUDA_NCCL_ID_BYTES, "ncclUniqueId size");
 
@@ -27,7 +57,7 @@ static_assert(sizeof(ncclUniqueId) == HX_CUDA_NCCL_ID_BYTES, "ncclUniqueId size"
 // Bounds the wait for an operation to be handed to the stream (the first
 // send/recv to a peer also connects to it there): generous, it only has
 // to turn a hang into an error.
-#define HX_NCCL_ENQUEUE_S 60.0
+#define HX_NCCL_ENQUEUE_S 20.0
 // hx_cuda_nccl_free: how long the work already queued may take to flush.
 #define HX_NCCL_FINALIZE_S 10.0
 // Communicators one thread may use inside one group (send/recv/all-reduce
@@ -105,8 +135,11 @@ static void abort_comm(hx_cuda_nccl *c, const char *why)
     if (c->aborted)
         return;
     snprintf(c->why, sizeof c->why, "%s", why);
-    if (c->comm)
+    if (c->comm) {
+        api_lock();
         (void)ncclCommAbort(c->comm);
+        api_unlock();
+    }
     c->comm = NULL;
     c->aborted = 1;
 }
@@ -232,7 +265,9 @@ extern "C" hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], i
     config.blocking = 0;
     double deadline = now_s() + timeout_s;
     c->comm = NULL;
+    api_lock();
     ncclResult_t r = ncclCommInitRankConfig(&c->comm, n_ranks, u, rank, &config);
+    api_unlock();
     if (r == ncclSuccess || r == ncclInProgress)
         r = c->comm ? poll_comm(c->comm, deadline) : ncclInternalError;
     if (r == ncclSuccess) {
@@ -241,8 +276,11 @@ extern "C" hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], i
     }
     char detail[300];
     last_error(detail, sizeof detail);
-    if (c->comm)
+    if (c->comm) {
+        api_lock();
         (void)ncclCommAbort(c->comm);
+        api_unlock();
+    }
     free(c);
     if (r == ncclInProgress)
         return hx_err_set(err, HX_ETIMEDOUT,
@@ -259,13 +297,17 @@ extern "C" void hx_cuda_nccl_free(hx_cuda_nccl *c)
     if (!c->aborted && c->comm) {
         // Flush what is queued (non-blocking: polled, bounded), then free
         // locally; a communicator that does not quiesce in time is aborted.
+        api_lock();
         ncclResult_t r = ncclCommFinalize(c->comm);
+        api_unlock();
         if (r == ncclSuccess || r == ncclInProgress)
             r = poll_comm(c->comm, now_s() + HX_NCCL_FINALIZE_S);
+        api_lock();
         if (r == ncclSuccess)
             (void)ncclCommDestroy(c->comm);
         else
             (void)ncclCommAbort(c->comm);
+        api_unlock();
     }
     for (int i = 0; i < group_n; i++) // a group left open by an error
         if (group_comms[i] == c)
@@ -289,10 +331,11 @@ extern "C" hx_status hx_cuda_nccl_allreduce(hx_cuda_nccl *c, void *d_buf, size_t
     hx_status st = op_begin(c, err);
     if (st != HX_OK)
         return st;
-    return op_end(c,
-                  ncclAllReduce(d_buf, d_buf, count, is_bf16 ? ncclBfloat16 : ncclFloat32, ncclSum,
-                                c->comm, HX_STREAM(stream)),
-                  "ncclAllReduce", err);
+    api_lock();
+    ncclResult_t r = ncclAllReduce(d_buf, d_buf, count, is_bf16 ? ncclBfloat16 : ncclFloat32,
+                                   ncclSum, c->comm, HX_STREAM(stream));
+    api_unlock();
+    return op_end(c, r, "ncclAllReduce", err);
 }
 
 extern "C" hx_status hx_cuda_nccl_send(hx_cuda_nccl *c, const void *d_buf, size_t bytes, int peer,
@@ -301,8 +344,10 @@ extern "C" hx_status hx_cuda_nccl_send(hx_cuda_nccl *c, const void *d_buf, size_
     hx_status st = op_begin(c, err);
     if (st != HX_OK)
         return st;
-    return op_end(c, ncclSend(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream)),
-                  "ncclSend", err);
+    api_lock();
+    ncclResult_t r = ncclSend(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream));
+    api_unlock();
+    return op_end(c, r, "ncclSend", err);
 }
 
 extern "C" hx_status hx_cuda_nccl_recv(hx_cuda_nccl *c, void *d_buf, size_t bytes, int peer,
@@ -311,13 +356,18 @@ extern "C" hx_status hx_cuda_nccl_recv(hx_cuda_nccl *c, void *d_buf, size_t byte
     hx_status st = op_begin(c, err);
     if (st != HX_OK)
         return st;
-    return op_end(c, ncclRecv(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream)),
-                  "ncclRecv", err);
+    api_lock();
+    ncclResult_t r = ncclRecv(d_buf, bytes, ncclUint8, peer, c->comm, HX_STREAM(stream));
+    api_unlock();
+    return op_end(c, r, "ncclRecv", err);
 }
 
 extern "C" hx_status hx_cuda_nccl_group_start(hx_err *err)
 {
-    hx_status st = nccl_err(ncclGroupStart(), err, "ncclGroupStart");
+    api_lock();
+    ncclResult_t r0 = ncclGroupStart();
+    api_unlock();
+    hx_status st = nccl_err(r0, err, "ncclGroupStart");
     if (st != HX_OK)
         return st;
     if (group_depth++ == 0)
@@ -327,7 +377,9 @@ extern "C" hx_status hx_cuda_nccl_group_start(hx_err *err)
 
 extern "C" hx_status hx_cuda_nccl_group_end(hx_err *err)
 {
+    api_lock();
     ncclResult_t r = ncclGroupEnd();
+    api_unlock();
     if (group_depth > 0)
         group_depth--;
     if (group_depth > 0) // an inner group: the outermost one launches

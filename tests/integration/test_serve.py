@@ -298,7 +298,7 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
     try:
         for d in range(3):
             env = dict(ENV, HEXFLOW_LOG="info", NCCL_HOSTID="hx-serve-%d" % d,
-                       NCCL_SOCKET_IFNAME="lo", NCCL_IB_DISABLE="1")
+                       NCCL_SOCKET_IFNAME="lo", NCCL_IB_DISABLE="1", NCCL_NET="Socket")
             log = open(os.path.join(TMP, "nccl-worker-%d.log" % d), "w+")
             logs.append(log)
             procs.append(subprocess.Popen(
@@ -337,6 +337,20 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
             if status == 200:
                 whole += got == want
         check(whole >= 3, "GPU NCCL: %d of 4 prompts equal generate whole" % whole)
+        # a burst: KV for many requests over the links while the decode group all-reduces
+        results = [None] * 16
+
+        def one(i):
+            results[i] = complete(addr, PROMPTS[i % 4])
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        first_ok = sum(1 for i, r in enumerate(results) if r and r[0] == 200 and
+                       len(r[1]) == MAX_TOKENS and
+                       r[1][:1] == (gpu_expected[PROMPTS[i % 4]] or [])[:1])
+        check(first_ok == 16, "GPU NCCL: 16 concurrent requests complete (%d)" % first_ok)
         text = ""
         for log in logs[:3]:
             log.seek(0)

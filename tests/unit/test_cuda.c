@@ -1640,15 +1640,17 @@ static void test_nccl_two_ranks(void **state)
         int n = 0;
         while (environ[n])
             n++;
-        char **env = calloc((size_t)n + 3, sizeof *env);
+        char **env = calloc((size_t)n + 4, sizeof *env);
         assert_non_null(env);
         int k = 0;
         for (int i = 0; i < n; i++)
             if (strncmp(environ[i], "NCCL_HOSTID=", 12) != 0 &&
-                strncmp(environ[i], "NCCL_IB_DISABLE=", 16) != 0)
+                strncmp(environ[i], "NCCL_IB_DISABLE=", 16) != 0 &&
+                strncmp(environ[i], "NCCL_NET=", 9) != 0)
                 env[k++] = environ[i];
         env[k++] = host;
         env[k++] = "NCCL_IB_DISABLE=1";
+        env[k++] = "NCCL_NET=Socket";
         char *argv[] = {"/proc/self/exe", "--nccl-rank", rank, hex, NULL};
         assert_int_equal(posix_spawn(&pid[r], "/proc/self/exe", NULL, NULL, argv, env), 0);
         free(env);
@@ -1656,14 +1658,16 @@ static void test_nccl_two_ranks(void **state)
     int ok = 1;
     for (int r = 0; r < 2; r++) {
         int status = 0;
-        for (int t = 0; t < 1200 && waitpid(pid[r], &status, WNOHANG) == 0; t++) {
+        pid_t got = 0;
+        for (int t = 0; t < 1200 && (got = waitpid(pid[r], &status, WNOHANG)) == 0; t++) {
             struct timespec ts = {0, 100000000L};
             nanosleep(&ts, NULL);
             if (t == 1199) {
                 kill(pid[r], SIGKILL);
-                waitpid(pid[r], &status, 0);
+                got = waitpid(pid[r], &status, 0);
             }
         }
+        assert_int_equal(got, pid[r]);
         printf("test_cuda: NCCL rank %d of 2 (its own NCCL_HOSTID): %s %d\n", r,
                WIFEXITED(status) ? "exit" : "signal",
                WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
