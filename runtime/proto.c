@@ -2533,24 +2533,34 @@ hx_status hx_proto_decode_group_op(const hx_proto_frame *f, hx_proto_group_op *o
     return HX_OK;
 }
 
+/* Receives one frame of `type` into *f; an ERROR frame becomes its error. */
+static hx_status recv_type(hx_proto_conn *c, hx_proto_type type, hx_proto_frame *f,
+                           int64_t deadline_ns, hx_err *err)
+{
+    hx_status st = hx_proto_recv(c, f, deadline_ns, err);
+    if (st != HX_OK)
+        return st;
+    if (f->type == HX_PROTO_ERROR) {
+        hx_proto_error e;
+        if (hx_proto_decode_error(f, &e, err) != HX_OK)
+            return HX_EPARSE;
+        return hx_err_set(err, e.code < 0 ? (hx_status)e.code : HX_EIO, "%s: %s", c->who,
+                          e.message);
+    }
+    if (f->type != type)
+        return hx_err_set(err, HX_EPARSE, "%s: got %s, expected %s", c->who,
+                          hx_proto_type_name((int)f->type), hx_proto_type_name((int)type));
+    return HX_OK;
+}
+
 /* Receives one frame of `type` holding exactly `bytes`; an ERROR frame becomes its error. */
 static hx_status recv_exact(hx_proto_conn *c, hx_proto_type type, void *dst, size_t bytes,
                             int64_t deadline_ns, hx_err *err)
 {
     hx_proto_frame f;
-    hx_status st = hx_proto_recv(c, &f, deadline_ns, err);
+    hx_status st = recv_type(c, type, &f, deadline_ns, err);
     if (st != HX_OK)
         return st;
-    if (f.type == HX_PROTO_ERROR) {
-        hx_proto_error e;
-        if (hx_proto_decode_error(&f, &e, err) != HX_OK)
-            return HX_EPARSE;
-        return hx_err_set(err, e.code < 0 ? (hx_status)e.code : HX_EIO, "%s: %s", c->who,
-                          e.message);
-    }
-    if (f.type != type)
-        return hx_err_set(err, HX_EPARSE, "%s: got %s, expected %s", c->who,
-                          hx_proto_type_name((int)f.type), hx_proto_type_name((int)type));
     if (f.len != bytes)
         return hx_err_set(err, HX_EPARSE, "%s: %s of %zu bytes, expected %zu", c->who,
                           hx_proto_type_name((int)type), f.len, bytes);
@@ -2650,19 +2660,9 @@ hx_status hx_proto_recv_group_setup(hx_proto_conn *c, hx_proto_setup_phase phase
                                     hx_proto_group_setup *out, int64_t deadline_ns, hx_err *err)
 {
     hx_proto_frame f;
-    hx_status st = hx_proto_recv(c, &f, deadline_ns, err);
+    hx_status st = recv_type(c, HX_PROTO_GROUP_SETUP, &f, deadline_ns, err);
     if (st != HX_OK)
         return st;
-    if (f.type == HX_PROTO_ERROR) {
-        hx_proto_error e;
-        if (hx_proto_decode_error(&f, &e, err) != HX_OK)
-            return HX_EPARSE;
-        return hx_err_set(err, e.code < 0 ? (hx_status)e.code : HX_EIO, "%s: %s", c->who,
-                          e.message);
-    }
-    if (f.type != HX_PROTO_GROUP_SETUP)
-        return hx_err_set(err, HX_EPARSE, "%s: got %s, expected GROUP_SETUP", c->who,
-                          hx_proto_type_name((int)f.type));
     if ((st = hx_proto_decode_group_setup(&f, out, err)) != HX_OK)
         return st;
     if (out->phase != phase)
