@@ -189,30 +189,16 @@ hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm
 #endif
     }
     hx_backend_options oo = *o;
-    if (oo.max_seq_tokens <= 0)
-        oo.max_seq_tokens = 0; /* the engine's default: min(context, 4096) */
     hx_status st;
-    if (b->kind == HX_BACKEND_CPU) {
-        if (oo.max_seq_tokens == 0) {
-            hx_model m;
-            if ((st = hx_model_load(o->model_dir, &m, err)) != HX_OK) {
-                free(b);
-                return st;
-            }
-            oo.max_seq_tokens = m.max_position_tokens < 4096 ? m.max_position_tokens : 4096;
+    if (oo.max_seq_tokens <= 0) { /* the default: min(context, 4096) */
+        hx_model m;
+        if ((st = hx_model_load(o->model_dir, &m, err)) != HX_OK) {
+            free(b);
+            return st;
         }
-        st = open_cpu(&oo, comm, b, err);
-    } else {
-        if (oo.max_seq_tokens == 0) {
-            hx_model m;
-            if ((st = hx_model_load(o->model_dir, &m, err)) != HX_OK) {
-                free(b);
-                return st;
-            }
-            oo.max_seq_tokens = m.max_position_tokens < 4096 ? m.max_position_tokens : 4096;
-        }
-        st = open_cuda(&oo, comm, b, err);
+        oo.max_seq_tokens = m.max_position_tokens < 4096 ? m.max_position_tokens : 4096;
     }
+    st = b->kind == HX_BACKEND_CPU ? open_cpu(&oo, comm, b, err) : open_cuda(&oo, comm, b, err);
     if (st != HX_OK) {
         hx_backend_close(b);
         return st;

@@ -1752,6 +1752,7 @@ static hx_status group_setup(worker *w, hx_err *err)
         my_plan = st == HX_OK && plan[w->me->stage];
     } else {
         hx_proto_group_setup m;
+        memset(&m, 0, sizeof m);
         st = hx_proto_send_group_setup(w->peers[0], &mine, deadline_peer(w), err);
         if (st == HX_OK)
             st = hx_proto_recv_group_setup(w->peers[0], HX_PROTO_SETUP_PLAN, &m,
