@@ -404,7 +404,7 @@ static void usage_make_tiny(FILE *fp)
     fprintf(fp,
             "usage: hexflow model make-tiny --out DIR [--layers N] [--hidden N] [--heads N]\n"
             "                               [--kv-heads N] [--intermediate N] [--vocab N]\n"
-            "                               [--seed N] [--dtype fp32|bf16|fp16]\n"
+            "                               [--seed N] [--dtype fp32|bf16|fp16] [--shards N]\n"
             "\n"
             "Writes a small Llama model with random weights in Hugging Face layout:\n"
             "DIR/config.json, DIR/model.safetensors (HF tensor names) and\n"
@@ -421,6 +421,8 @@ static void usage_make_tiny(FILE *fp)
             "  --vocab N          vocabulary size, at least 258 (default %d)\n"
             "  --seed N           random seed (default %llu)\n"
             "  --dtype TYPE       weight type: fp32, bf16 or fp16 (default fp32)\n"
+            "  --shards N         N shard files by layer and model.safetensors.index.json,\n"
+            "                     as Hugging Face writes large models (default 1: one file)\n"
             "  -h, --help         show this help\n",
             d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.intermediate_size,
             d.vocab_size, (unsigned long long)d.seed);
@@ -444,7 +446,9 @@ static int int_option(const char *opt, const char *s, long long lo, long long hi
 
 static int cmd_make_tiny(int argc, char **argv)
 {
-    enum { O_OUT = 1, O_LAYERS, O_HIDDEN, O_HEADS, O_KV, O_INTER, O_VOCAB, O_SEED, O_DTYPE };
+    enum {
+        O_OUT = 1, O_LAYERS, O_HIDDEN, O_HEADS, O_KV, O_INTER, O_VOCAB, O_SEED, O_DTYPE, O_SHARDS
+    };
     static const struct option opts[] = {
         {"out", required_argument, NULL, O_OUT},
         {"layers", required_argument, NULL, O_LAYERS},
@@ -455,6 +459,7 @@ static int cmd_make_tiny(int argc, char **argv)
         {"vocab", required_argument, NULL, O_VOCAB},
         {"seed", required_argument, NULL, O_SEED},
         {"dtype", required_argument, NULL, O_DTYPE},
+        {"shards", required_argument, NULL, O_SHARDS},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -474,6 +479,11 @@ static int cmd_make_tiny(int argc, char **argv)
             if (!int_option("--layers", optarg, 1, 256, &v))
                 return 2;
             c.num_layers = (int)v;
+            break;
+        case O_SHARDS:
+            if (!int_option("--shards", optarg, 1, 256, &v))
+                return 2;
+            c.shards = (int)v;
             break;
         case O_HIDDEN:
             if (!int_option("--hidden", optarg, 2, 16384, &v))

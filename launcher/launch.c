@@ -20,6 +20,7 @@
 #include "common/file.h"
 #include "common/json.h"
 #include "launcher/host.h"
+#include "planner/model.h"
 #include "planner/plan.h"
 #include "runtime/deploy.h"
 #include "runtime/proto.h"
@@ -155,6 +156,10 @@ typedef struct launch {
     int nprocs;
     host_job *jobs; /* [nhosts] */
     pthread_mutex_t mu;
+    /* a sharded model: which shards each host needs (model_wanted) */
+    json_t *index;         /* model.safetensors.index.json; NULL: push every file */
+    json_t *weight_map;    /* borrowed from index: tensor name -> shard file */
+    int model_layers;
 } launch;
 
 static void progress(launch *L, const char *host, const char *fmt, ...)
@@ -211,6 +216,117 @@ static int start_command(const launch *L, const host_job *J, const proc *p, char
     return n > 0 && (size_t)n < cap;
 }
 
+/* ---- which model files a host needs ---------------------------------------------------- */
+
+/*
+ * A sharded model (model.safetensors.index.json naming each tensor's file)
+ * reaches each host only in the shards holding tensors its workers load:
+ * their stages' layers, the embedding on a first stage, the final norm and
+ * lm_head on a last stage (and the embedding there too when there is no
+ * lm_head: tied). Everything else (config, tokenizer, the index, a single
+ * model.safetensors, files the index does not name) goes to every host;
+ * a host with only the router gets no shard. A 140 GB model split over
+ * eight hosts then moves about an eighth of it to each.
+ */
+static void model_index_load(launch *L)
+{
+    char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", L->abs_model);
+    hx_model m;
+    hx_err e = {0};
+    if (!hx_file_is_regular(path) || hx_model_load(L->abs_model, &m, &e) != HX_OK)
+        return; /* one file, or a model the workers will refuse with a better message */
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    json_t *map = root ? json_object_get(root, "weight_map") : NULL;
+    if (!json_is_object(map)) {
+        json_decref(root);
+        return;
+    }
+    L->index = root;
+    L->weight_map = map;
+    L->model_layers = m.num_layers;
+}
+
+/* Whether a worker on host h loads tensor `name`. */
+static int host_needs_tensor(const launch *L, int h, const char *name)
+{
+    int layer = -1, embed = strcmp(name, "model.embed_tokens.weight") == 0;
+    int head = strcmp(name, "model.norm.weight") == 0 || strcmp(name, "lm_head.weight") == 0;
+    int is_layer = sscanf(name, "model.layers.%d.", &layer) == 1;
+    if (!embed && !head && !is_layer)
+        return 1; /* a tensor this launcher does not know: wherever the model goes */
+    const int tied = !json_object_get(L->weight_map, "lm_head.weight");
+    for (int i = 0; i < L->dep.nworkers; i++) {
+        const hx_deploy_worker *w = &L->dep.workers[i];
+        if (w->host != h)
+            continue;
+        const hx_plan_stage *st = &L->plan->groups[w->group].stages[w->stage];
+        const int first = st->first_layer, end = st->first_layer + st->num_layers;
+        if ((is_layer && layer >= first && layer < end) || (embed && first == 0) ||
+            ((head || (embed && tied)) && end == L->model_layers))
+            return 1;
+    }
+    return 0;
+}
+
+/* Whether host h needs model file `file` (a name in the model directory). */
+static int model_wanted(const launch *L, int h, const char *file)
+{
+    size_t n = strlen(file);
+    if (!L->weight_map || n < 12 || strcmp(file + n - 12, ".safetensors") != 0)
+        return 1;
+    const char *name;
+    json_t *v;
+    int named = 0;
+    json_object_foreach(L->weight_map, name, v) {
+        if (!json_is_string(v) || strcmp(json_string_value(v), file) != 0)
+            continue;
+        named = 1;
+        if (host_needs_tensor(L, h, name))
+            return 1;
+    }
+    return !named;
+}
+
+/*
+ * Removes from the host's model directory the files this model does not
+ * have: a model launched earlier into the same workdir would otherwise
+ * leave, say, its model.safetensors.index.json, which the workers prefer
+ * to this model's own model.safetensors.
+ */
+static hx_status prune_model_dir(host_job *J, char **files, int n, hx_err *err)
+{
+    char wd[PATH_MAX + 8], cmd[MAX_CMD];
+    shq(wd, sizeof wd, J->workdir);
+    snprintf(cmd, sizeof cmd, "ls -1A %s/model 2>/dev/null || true", wd);
+    char *out = NULL;
+    hx_status st = hx_host_run_checked(J->session, cmd, NULL, 0, &out, CMD_TIMEOUT_S, err);
+    if (st != HX_OK)
+        return st;
+    int len = snprintf(cmd, sizeof cmd, "cd %s/model && rm -f --", wd), stale = 0;
+    for (char *line = out ? strtok(out, "\n") : NULL; line && st == HX_OK;
+         line = strtok(NULL, "\n")) {
+        int ours = 0;
+        for (int i = 0; i < n && !ours; i++)
+            ours = strcmp(files[i], line) == 0;
+        if (ours || line[0] == '.') /* a push's temporary file cleans itself up */
+            continue;
+        char q[PATH_MAX + 8];
+        shq(q, sizeof q, line);
+        if (len + 1 + (int)strlen(q) + 1 >= (int)sizeof cmd) { /* flush a long list */
+            st = hx_host_run_checked(J->session, cmd, NULL, 0, NULL, CMD_TIMEOUT_S, err);
+            len = snprintf(cmd, sizeof cmd, "cd %s/model && rm -f --", wd);
+        }
+        len += snprintf(cmd + len, sizeof cmd - (size_t)len, " %s", q);
+        stale++;
+    }
+    free(out);
+    if (st == HX_OK && stale)
+        st = hx_host_run_checked(J->session, cmd, NULL, 0, NULL, CMD_TIMEOUT_S, err);
+    return st;
+}
+
 /* Collects the model directory's files (regular files, one level). */
 static int model_files(const char *dir, char ***out)
 {
@@ -259,10 +375,10 @@ static void *host_main(void *arg)
     }
     if (L->o->dry_run) {
         if (!is_local(ph))
-            printf("[%s] ssh %s%s%s -p %d: push %s, %s and %s/* into %s\n", ph->name,
+            printf("[%s] ssh %s%s%s -p %d: push %s, %s and %s/*%s into %s\n", ph->name,
                    ph->ssh_user ? ph->ssh_user : "", ph->ssh_user ? "@" : "", ph->address,
                    ph->ssh_port ? ph->ssh_port : 22, L->self_bin, L->abs_plan, L->abs_model,
-                   J->workdir);
+                   L->weight_map ? " (the shards its stages load)" : "", J->workdir);
         for (int i = 0; i < L->nprocs; i++)
             if (L->procs[i].host == J->h) {
                 char cmd[MAX_CMD];
@@ -300,9 +416,15 @@ static void *host_main(void *arg)
             return NULL;
         skipped ? kept++ : pushed++;
         char **files = NULL;
-        int n = model_files(L->abs_model, &files);
+        int n = model_files(L->abs_model, &files), left_out = 0;
+        if (n >= 0)
+            J->st = prune_model_dir(J, files, n, err);
         for (int i = 0; i < n && J->st == HX_OK; i++) {
             char src[PATH_MAX * 2];
+            if (!model_wanted(L, J->h, files[i])) {
+                left_out++;
+                continue;
+            }
             snprintf(src, sizeof src, "%s/%s", L->abs_model, files[i]);
             snprintf(dst, sizeof dst, "%s/model/%s", J->workdir, files[i]);
             J->st = hx_host_push(J->session, src, dst, 0644, &skipped, err);
@@ -314,7 +436,11 @@ static void *host_main(void *arg)
         free(files);
         if (J->st != HX_OK)
             return NULL;
-        progress(L, ph->name, "files: %d pushed, %d already there", pushed, kept);
+        if (left_out)
+            progress(L, ph->name, "files: %d pushed, %d already there, %d model shards its "
+                     "stages do not load left out", pushed, kept, left_out);
+        else
+            progress(L, ph->name, "files: %d pushed, %d already there", pushed, kept);
         /* the workdir paths given to processes are relative to it */
     }
     for (int i = 0; i < L->nprocs; i++) {
@@ -623,6 +749,7 @@ hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_
         goto out;
     if ((st = hx_deploy_init(&L->dep, L->plan, err)) != HX_OK)
         goto out;
+    model_index_load(L);
     if (!o->dry_run && hx_file_is_regular(L->state_path)) {
         st = hx_err_set(err, HX_EEXIST,
                         "plan '%s' is running already (state file %s); 'hexflow stop --plan %s' "
@@ -711,6 +838,7 @@ out:
             hx_host_close(L->jobs[h].session);
     free(L->jobs);
     free(L->procs);
+    json_decref(L->index);
     hx_deploy_release(&L->dep);
     hx_plan_free(L->plan);
     hx_proto_secret_release(&L->secret);

@@ -32,6 +32,7 @@ void hx_tiny_config_init(hx_tiny_config *c)
         .rope_theta = 10000.0,
         .norm_eps = 1e-5,
         .max_position_tokens = 2048,
+        .shards = 1,
     };
 }
 
@@ -77,6 +78,9 @@ hx_status hx_tiny_config_check(const hx_tiny_config *c, hx_err *err)
     if (c->max_position_tokens < 1 || c->max_position_tokens > 1048576)
         return hx_err_set(err, HX_EINVAL, "%s: max positions: %d is not in [1, 1048576]", w,
                           c->max_position_tokens);
+    if (c->shards < 1 || c->shards > c->num_layers)
+        return hx_err_set(err, HX_EINVAL, "%s: shards: %d is not in [1, layers %d]", w,
+                          c->shards, c->num_layers);
     if (!(c->rope_theta > 0) || !(c->norm_eps > 0))
         return hx_err_set(err, HX_EINVAL, "%s: rope_theta and norm_eps must be positive", w);
     int64_t bytes = hx_tiny_param_count(c) * hx_model_dtype_bytes(c->dtype);
@@ -166,16 +170,74 @@ static hx_safetensors_dtype st_dtype(hx_model_dtype d)
     }
 }
 
-static hx_status write_weights(const char *path, const hx_tiny_config *c, hx_err *err)
+/* The shard (0-based) of spec i of n: by layer, the embedding first, the head last. */
+static int shard_of(const hx_tiny_config *c, const tspec *s, size_t i, size_t n)
+{
+    int layer = -1;
+    if (sscanf(s->name, "model.layers.%d.", &layer) == 1)
+        return (int)((int64_t)layer * c->shards / c->num_layers);
+    return i == 0 ? 0 : (i + 2 >= n ? c->shards - 1 : 0);
+}
+
+/* The shards' file name: model.safetensors alone, else HF's model-0000k-of-0000N. */
+static void shard_name(const hx_tiny_config *c, int k, char *out, size_t cap)
+{
+    if (c->shards == 1)
+        snprintf(out, cap, "model.safetensors");
+    else
+        snprintf(out, cap, "model-%05d-of-%05d.safetensors", k + 1, c->shards);
+}
+
+/* The index of a sharded model: total_size and every tensor's file. */
+static hx_status write_index(const char *dir, const hx_tiny_config *c, const tspec *specs,
+                             size_t n, int64_t total, hx_err *err)
+{
+    json_t *map = json_object(), *meta = json_object(), *root = json_object();
+    hx_status st = HX_OK;
+    if (!map || !meta || !root)
+        st = hx_err_set(err, HX_ENOMEM, "tiny model: out of memory");
+    for (size_t i = 0; st == HX_OK && i < n; i++) {
+        char file[64];
+        shard_name(c, shard_of(c, &specs[i], i, n), file, sizeof file);
+        if (json_object_set_new(map, specs[i].name, json_string(file)) != 0)
+            st = hx_err_set(err, HX_ENOMEM, "tiny model: out of memory");
+    }
+    if (st == HX_OK && (json_object_set_new(meta, "total_size", json_integer(total)) != 0 ||
+                        json_object_set(root, "metadata", meta) != 0 ||
+                        json_object_set(root, "weight_map", map) != 0))
+        st = hx_err_set(err, HX_ENOMEM, "tiny model: out of memory");
+    if (st == HX_OK) {
+        char *text = json_dumps(root, JSON_INDENT(2) | JSON_SORT_KEYS);
+        size_t len = strlen(dir) + 64;
+        char *path = malloc(len);
+        if (!text || !path)
+            st = hx_err_set(err, HX_ENOMEM, "tiny model: out of memory");
+        else {
+            snprintf(path, len, "%s/model.safetensors.index.json", dir);
+            st = hx_file_write_atomic(path, text, strlen(text), err);
+        }
+        free(path);
+        free(text);
+    }
+    json_decref(map);
+    json_decref(meta);
+    json_decref(root);
+    return st;
+}
+
+static hx_status write_weights(const char *dir, const hx_tiny_config *c, hx_err *err)
 {
     hx_status st = HX_OK;
     size_t max_specs = 2 + 9 * (size_t)c->num_layers + 1;
     tspec *specs = calloc(max_specs, sizeof *specs);
     hx_safetensors_entry *entries = calloc(max_specs, sizeof *entries);
+    hx_safetensors_entry *part = calloc(max_specs, sizeof *part);
     unsigned char **bufs = calloc(max_specs, sizeof *bufs);
     float *tmp = NULL;
     size_t n = 0;
-    if (!specs || !entries || !bufs)
+    const size_t plen = strlen(dir) + 64;
+    char *path = malloc(plen);
+    if (!specs || !entries || !part || !bufs || !path)
         goto out_nomem;
     n = build_specs(c, specs);
     size_t max_elems = 0;
@@ -189,6 +251,7 @@ static hx_status write_weights(const char *path, const hx_tiny_config *c, hx_err
         goto out_nomem;
     hx_safetensors_dtype dt = st_dtype(c->dtype);
     size_t esize = hx_safetensors_dtype_bytes(dt);
+    int64_t total = 0;
     for (size_t i = 0; i < n; i++) {
         const tspec *s = &specs[i];
         size_t elems = (size_t)s->rows * (size_t)(s->cols ? s->cols : 1);
@@ -218,12 +281,24 @@ static hx_status write_weights(const char *path, const hx_tiny_config *c, hx_err
         entries[i].shape[0] = s->rows;
         entries[i].shape[1] = s->cols;
         entries[i].data = bufs[i];
+        total += (int64_t)(elems * esize);
     }
     static const char *const meta[] = {"format", "pt", "generator", "hexflow model make-tiny"};
-    st = hx_safetensors_write(path, entries, n, meta, 2, err);
+    for (int k = 0; k < c->shards && st == HX_OK; k++) {
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++)
+            if (shard_of(c, &specs[i], i, n) == k)
+                part[m++] = entries[i];
+        char file[64];
+        shard_name(c, k, file, sizeof file);
+        snprintf(path, plen, "%s/%s", dir, file);
+        st = hx_safetensors_write(path, part, m, meta, 2, err);
+    }
+    if (st == HX_OK && c->shards > 1)
+        st = write_index(dir, c, specs, n, total, err);
     goto out;
 out_nomem:
-    st = hx_err_set(err, HX_ENOMEM, "cannot write '%s': out of memory", path);
+    st = hx_err_set(err, HX_ENOMEM, "cannot write the weights into '%s': out of memory", dir);
 out:
     if (bufs)
         for (size_t i = 0; i < max_specs; i++)
@@ -231,7 +306,9 @@ out:
     free(bufs);
     free(tmp);
     free(entries);
+    free(part);
     free(specs);
+    free(path);
     return st;
 }
 
@@ -670,8 +747,7 @@ hx_status hx_tiny_write(const char *dir, const hx_tiny_config *c, hx_err *err)
     snprintf(path, n, "%s/tokenizer.json", dir);
     if ((st = hx_tiny_write_tokenizer(path, c->vocab_size, err)) != HX_OK)
         goto out;
-    snprintf(path, n, "%s/model.safetensors", dir);
-    if ((st = write_weights(path, c, err)) != HX_OK)
+    if ((st = write_weights(dir, c, err)) != HX_OK)
         goto out;
     snprintf(path, n, "%s/config.json", dir);
     st = write_config(path, c, err);

@@ -22,6 +22,11 @@
  *                        model.layers.{i}.mlp.down_proj.weight      [hidden][intermediate]
  *                        model.norm.weight                          [hidden]
  *                        lm_head.weight                             [vocab][hidden]
+ *   (with shards N > 1, model.safetensors is instead N files
+ *   model-0000k-of-0000N.safetensors, shard k holding the layers [(k-1) L / N,
+ *   k L / N), the first also the embedding, the last also the final norm and
+ *   lm_head, and model.safetensors.index.json mapping every tensor to its
+ *   file, as Hugging Face writes large models)
  *   tokenizer.json     a byte-level BPE tokenizer (GPT-2 byte-to-unicode mapping):
  *                      ids 0..255 are the bytes (id b is byte b), 256 is <s>,
  *                      257 is </s> (both special, in added_tokens; a TemplateProcessing
@@ -65,6 +70,7 @@ typedef struct hx_tiny_config {
     double rope_theta;     /* default 10000 */
     double norm_eps;       /* default 1e-5 */
     int max_position_tokens; /* default 2048 */
+    int shards;            /* default 1: model.safetensors; N > 1: N shard files and an index */
 } hx_tiny_config;
 
 /* Fills *c (caller-owned) with the defaults above. */
@@ -73,7 +79,8 @@ void hx_tiny_config_init(hx_tiny_config *c);
 /*
  * Checks a configuration: 1 <= layers <= 256; hidden divisible by heads with
  * an even head_dim; kv_heads dividing heads; 1 <= intermediate <= 65536;
- * 258 <= vocab <= 262144; weights at most HX_TINY_MAX_WEIGHT_BYTES.
+ * 258 <= vocab <= 262144; 1 <= shards <= layers; weights at most
+ * HX_TINY_MAX_WEIGHT_BYTES.
  * HX_EINVAL naming the field otherwise.
  */
 hx_status hx_tiny_config_check(const hx_tiny_config *c, hx_err *err);

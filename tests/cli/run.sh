@@ -270,6 +270,9 @@ expect "whatif nothing to compare" 2 "nothing to compare" -- "$HX" whatif --inve
 # --- model make-tiny and generate (the CPU runtime) ---------------------------
 expect "model make-tiny" 0 "wrote $TMP/tiny" -- "$HX" model make-tiny --out "$TMP/tiny" --layers 2 --hidden 64
 expect "model make-tiny refuses to overwrite" 2 "already holds a model" -- "$HX" model make-tiny --out "$TMP/tiny"
+expect "model make-tiny --shards more than layers" 2 "shards: 3 is not in [1, layers 2]" -- "$HX" model make-tiny --out "$TMP/tiny-bad" --shards 3
+expect "model make-tiny --shards writes an index" 0 "wrote $TMP/tiny-sh" -- "$HX" model make-tiny --out "$TMP/tiny-sh" --layers 2 --shards 2
+expect "a sharded tiny model generates what the one-file one does" 0 "" -- sh -c "[ \"\$('$HX' generate --model '$TMP/tiny-sh' --prompt hi --max-tokens 6 --json --threads 1 | tr -d ' \n')\" = \"\$('$HX' generate --model '$TMP/tiny' --prompt hi --max-tokens 6 --json --threads 1 | tr -d ' \n')\" ] && [ -f '$TMP/tiny-sh/model.safetensors.index.json' ] && [ -f '$TMP/tiny-sh/model-00002-of-00002.safetensors' ]"
 expect "model show tiny" 0 "layers           2" -- "$HX" model show "$TMP/tiny"
 expect "generate --help" 0 "usage: hexflow generate" -- "$HX" generate --help
 if "$HX" generate --model "$TMP/tiny" --prompt "Hello" --max-tokens 8 --json >"$TMP/g1.json" 2>"$TMP/g.err" &&

@@ -119,6 +119,62 @@ check "--dry-run prints each host's commands" grep -q '^\[h3\] .*worker --plan' 
 check "--dry-run starts nothing" nothing_left
 check "--dry-run never puts the secret on a command line" sh -c "! grep -q 'secret-file -' '$DIR/dry.out'"
 
+# ---- a sharded model: each host gets the shards its stages load, no more -----------------
+"$HX" model make-tiny --out "$DIR/sharded" --layers 4 --heads 4 --kv-heads 2 --seed 11 \
+    --shards 4 >/dev/null
+hostline() { # hostline I: the plan's entry for host hI
+    local a=HXT_ADDR_$1 w=HXT_WORKDIR_$1
+    printf '  {"name": "h%d", "address": "%s", "ssh": {"user": "root", "identity": "%s", "known_hosts": "%s"}, "workdir": "%s"}' \
+        "$1" "${!a}" "$HXT_KEY" "$HXT_KNOWN_HOSTS" "${!w}"
+}
+cat >"$DIR/shard.json" <<EOF
+{"schema": "hexflow.plan/1",
+ "hosts": [
+$(hostline 1),
+$(hostline 2),
+$(hostline 3)
+ ],
+ "router": {"host": "h1", "port": $((PORT + 40))},
+ "groups": [
+  {"id": "p0", "role": "prefill", "stages": [{"first_layer": 0, "num_layers": 2, "devices": ["h1:0"]},
+                                              {"first_layer": 2, "num_layers": 2, "devices": ["h2:0"]}]},
+  {"id": "d0", "role": "decode", "stages": [{"first_layer": 0, "num_layers": 4, "devices": ["h3:0"]}]}
+ ],
+ "routes": [{"prefill": "p0", "decode": "d0", "rps": 1}]}
+EOF
+out=$("$HX" launch --plan "$DIR/shard.json" --model "$DIR/sharded" --worker-args "--threads 1" \
+      --timeout 120 2>"$DIR/shard.err")
+rc=$?
+cat "$DIR/shard.err"
+check "sharded model: launch (exit $rc)" [ "$rc" = 0 ]
+url=$(echo "$out" | tail -n 1)
+for p in "hello world" "a"; do
+    check "sharded model: completion '$p' equals generate on the one-file model" \
+        [ "$(completion "$url" "$p")" = "$(reference "$p")" ]
+done
+shard() { [ -f "$1/model/model-0000$2-of-00004.safetensors" ]; }
+check "sharded model: h1 (layers 0-1) got shards 1 and 2 only" \
+    sh -c "$(declare -f shard); shard '$HXT_WORKDIR_1' 1 && shard '$HXT_WORKDIR_1' 2 && ! shard '$HXT_WORKDIR_1' 3 && ! shard '$HXT_WORKDIR_1' 4"
+check "sharded model: h2 (layers 2-3 and the head) got shards 3 and 4 only" \
+    sh -c "$(declare -f shard); ! shard '$HXT_WORKDIR_2' 1 && ! shard '$HXT_WORKDIR_2' 2 && shard '$HXT_WORKDIR_2' 3 && shard '$HXT_WORKDIR_2' 4"
+check "sharded model: h3 (the whole model) got every shard" \
+    sh -c "$(declare -f shard); shard '$HXT_WORKDIR_3' 1 && shard '$HXT_WORKDIR_3' 4"
+check "sharded model: every host got the index and the tokenizer" \
+    sh -c "[ -f '$HXT_WORKDIR_2/model/model.safetensors.index.json' ] && [ -f '$HXT_WORKDIR_2/model/tokenizer.json' ]"
+check "sharded model: launch says what it left out" grep -q "model shards its stages do not load left out" "$DIR/shard.err"
+"$HX" stop --plan "$DIR/shard.json" >/dev/null
+check "sharded model: stop leaves nothing" nothing_left
+# the one-file model again, into the same workdirs: what the sharded one left is removed
+out=$("$HX" launch --plan "$DIR/ok.json" --model "$DIR/model" --worker-args "--threads 1" \
+      --timeout 120 2>"$DIR/back.err")
+rc=$?
+check "one-file model after the sharded one: launch (exit $rc)" [ "$rc" = 0 ]
+check "...its completions equal generate" \
+    [ "$(completion "$(echo "$out" | tail -n 1)" "hello world")" = "$(reference "hello world")" ]
+check "...and the sharded model's index and shards are gone from h2" \
+    sh -c "! ls '$HXT_WORKDIR_2/model/' | grep -q 'index\|-of-'"
+"$HX" stop --plan "$DIR/ok.json" >/dev/null
+
 expect_failure() { # expect_failure NAME PATTERN PLAN
     local name=$1 pattern=$2 plan=$3
     "$HX" launch --plan "$plan" --model "$DIR/model" --worker-args "--threads 1" \
