@@ -110,7 +110,7 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in,
         missing = "recv_rows";
     else if (!last && (!comm || !comm->send_rows))
         missing = "send_rows";
-    else if ((!first || !last) && (!comm || !comm->tokens))
+    else if ((!first || !last || slice.tp_size > 1) && (!comm || !comm->tokens))
         missing = "tokens";
     if (missing)
         return hx_err_set(err, HX_EINVAL,
@@ -675,10 +675,10 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
     } else if ((st = b->comm.send_rows(b->comm.ctx, b->w.x, rows, h, &inner)) != HX_OK) {
         return comm_failed(b, st, "send_rows", &inner, err);
     }
-    if (!b->has_embedding || !b->has_head) {
-        /* the last stage publishes the tokens; the others learn them */
-        if ((st = b->comm.tokens(b->comm.ctx, b->step_tokens, n_out, b->has_head, &inner)) !=
-            HX_OK)
+    if (!b->has_embedding || !b->has_head || b->slice.tp_size > 1) {
+        /* the last stage's rank 0 publishes the tokens; every other engine takes them */
+        const int source = b->has_head && b->slice.tp_rank == 0;
+        if ((st = b->comm.tokens(b->comm.ctx, b->step_tokens, n_out, source, &inner)) != HX_OK)
             return comm_failed(b, st, "tokens", &inner, err);
         for (int e = 0; e < n_out; e++)
             if (b->step_tokens[e] < 0 || b->step_tokens[e] >= V)

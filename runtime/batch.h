@@ -61,19 +61,23 @@
  *                            allreduce(o-proj partial sums, rows * hidden), then
  *                            allreduce(down-proj partial sums, rows * hidden)
  *   3. not the last stage:   send_rows(x, rows, hidden), instead of the head
- *   4. more than one stage:  tokens(tokens, n, is_source): n is the step's event
+ *   4. more than one stage, or TP > 1:
+ *                            tokens(tokens, n, is_source): n is the step's event
  *                            count (0 is possible: the call still comes, once per
- *                            step with rows); is_source 1 on the last stage
+ *                            step with rows); is_source 1 on the last stage's
+ *                            rank 0 only
  *
  * Every rank of a stage makes the same calls with the same arguments (the
  * rows a stage sends are identical on its ranks, so the comm may send one
- * rank's copy; every rank of the next stage needs them in recv_rows, and
- * every engine of the earlier stages the tokens). Every rank of the last
- * stage computes the logits and samples on its own; with bit-identical
- * all-reduce sums, the same kernel path (hx_cpu_set_path) on the stage's
- * ranks and the same seeds they agree (thread counts do not matter), so
- * only one of them needs to publish. On stages without the head, events
- * carry the tokens the hook gave and logits NULL.
+ * rank's copy; every rank of the next stage needs them in recv_rows). Every
+ * rank of the last stage computes the logits and samples, but the tokens
+ * its rank 0 sampled are the group's: the hook hands them to every other
+ * engine (earlier stages, and the last stage's other ranks, whose own
+ * samples they replace), so ranks whose logits differ in the last bits
+ * (another GPU model, another CPU kernel path) still agree on every token.
+ * On stages without the head, events carry the tokens the hook gave and
+ * logits NULL; on the last stage's other ranks, rank 0's tokens with their
+ * own logits.
  *
  * A step that fails (a callback's error, wrapped in a message naming the
  * engine's layers, rank and the call, with the callback's code) changes no

@@ -825,7 +825,7 @@ hx_status hx_cuda_engine_set_comm(hx_cuda_engine *e, const hx_batch_comm *comm, 
         missing = "recv_rows";
     else if (!e->has_head && !comm->send_rows)
         missing = "send_rows";
-    else if ((!e->has_embed || !e->has_head) && !comm->tokens)
+    else if ((!e->has_embed || !e->has_head || e->tp > 1) && !comm->tokens)
         missing = "tokens";
     if (missing)
         return hx_err_set(err, HX_EINVAL,
@@ -1654,12 +1654,12 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
             (void)hx_cuda_stream_sync(e->stream, NULL);
         return st;
     }
-    if (!e->has_embed || !e->has_head) {
-        /* the last stage publishes its tokens; the earlier ones learn them */
+    if (!e->has_embed || !e->has_head || e->tp > 1) {
+        /* the last stage's rank 0 publishes its tokens; every other engine takes them */
         hx_err inner;
         inner.msg[0] = '\0';
-        if ((st = e->comm.tokens(e->comm.ctx, e->h_tok_out, n_out, e->has_head, &inner)) !=
-            HX_OK)
+        const int source = e->has_head && e->opt.tp_rank == 0;
+        if ((st = e->comm.tokens(e->comm.ctx, e->h_tok_out, n_out, source, &inner)) != HX_OK)
             return comm_failed(e, st, "tokens", &inner, err);
         for (int i = 0; i < n_out; i++)
             if (e->h_tok_out[i] < 0 || e->h_tok_out[i] >= e->V)

@@ -334,9 +334,9 @@ static hx_status comm_tokens(void *ctx, int *tokens, int n, int is_source, hx_er
         return hx_proto_recv_step_tokens(peer_at(w, w->last_stage, 0), tokens, n,
                                          deadline_peer(w), err);
     if (w->me->rank != 0)
-        return HX_OK;
-    for (int s = 0; s < w->last_stage; s++)
-        for (int r = 0; r < w->grp->stages[s].ndevices; r++) {
+        return HX_OK; /* never the source: the engines make only rank 0 of the last stage one */
+    for (int s = 0; s <= w->last_stage; s++)
+        for (int r = s == w->last_stage ? 1 : 0; r < w->grp->stages[s].ndevices; r++) {
             hx_status st =
                 hx_proto_send_step_tokens(peer_at(w, s, r), tokens, n, deadline_peer(w), err);
             if (st != HX_OK)

@@ -754,11 +754,11 @@ static hx_status g_tokens(void *ctx, int *tokens, int n, int is_source, hx_err *
     group *g = me->g;
     if (!is_source)
         return inbox_pop(&me->toks, tokens, n, "tokens", err);
+    /* only the last stage's rank 0 publishes: to every other engine of the group */
     assert_int_equal(me->stage, g->n_stages - 1);
-    if (me->rank != 0)
-        return HX_OK;
-    for (int s = 0; s < g->n_stages - 1; s++)
-        for (int r = 0; r < g->stages[s].tp; r++)
+    assert_int_equal(me->rank, 0);
+    for (int s = 0; s < g->n_stages; s++)
+        for (int r = s == g->n_stages - 1 ? 1 : 0; r < g->stages[s].tp; r++)
             inbox_push(&g->mem[s][r].toks, tokens, n);
     return HX_OK;
 }
@@ -913,9 +913,13 @@ static void group_run(group *g, const script_req *script, int n_req)
     for (int i = 0; i < n; i++)
         pthread_join(th[i], NULL);
     for (int s = 0; s < g->n_stages; s++)
-        for (int r = 0; r < g->stages[s].tp; r++)
+        for (int r = 0; r < g->stages[s].tp; r++) {
             if (g->mem[s][r].st != HX_OK)
                 fail_msg("stage %d rank %d: %s", s, r, g->mem[s][r].err.msg);
+            /* every row and token published was taken: the comm calls matched up */
+            if (g->mem[s][r].rows.head || g->mem[s][r].toks.head)
+                fail_msg("stage %d rank %d: messages left unread", s, r);
+        }
 }
 
 /* The reference of each request of a script: tokens and logits from token 0 on. */
@@ -1274,7 +1278,10 @@ static void test_group_errors(void **state)
     assert_int_equal(hx_batch_new(tp, NULL, &c, &x, &err), HX_EINVAL);
     assert_non_null(strstr(err.msg, "allreduce"));
     assert_null(x);
-    c = (hx_batch_comm){&f, f_allreduce, NULL, NULL, NULL}; /* a whole stage needs no more */
+    c = (hx_batch_comm){&f, f_allreduce, NULL, NULL, NULL}; /* TP ranks share rank 0's tokens */
+    assert_int_equal(hx_batch_new(tp, NULL, &c, &x, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "tokens"));
+    c.tokens = f_tokens; /* a whole stage needs no more */
     assert_int_equal(hx_batch_new(tp, NULL, &c, &x, &err), HX_OK);
     hx_batch_free(x);
     x = NULL;

@@ -1825,10 +1825,10 @@ static hx_status gs_tokens(void *ctx, int *tokens, int n, int is_source, hx_err 
     gs_member *me = ctx;
     if (!is_source)
         return gs_pop(me->g, &me->toks, tokens, (size_t)n * sizeof(int), err);
-    if (me->rank == 0)
-        for (int s = 0; s < me->g->stages - 1; s++)
-            for (int r = 0; r < me->g->tp; r++)
-                gs_push(me->g, &me->g->mem[s][r].toks, tokens, (size_t)n * sizeof(int));
+    /* the last stage's rank 0, the only source: to every other engine */
+    for (int s = 0; s < me->g->stages; s++)
+        for (int r = s == me->g->stages - 1 ? 1 : 0; r < me->g->tp; r++)
+            gs_push(me->g, &me->g->mem[s][r].toks, tokens, (size_t)n * sizeof(int));
     return HX_OK;
 }
 
