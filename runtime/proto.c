@@ -2376,7 +2376,7 @@ hx_status hx_proto_send_health_ok(hx_proto_conn *c, uint64_t req_id, const hx_pr
     const uint64_t v[HX_PROTO_HEALTH_COUNTERS] = {
         m->uptime_ns,        m->requests_active, m->requests_queued, m->requests_done,
         m->requests_failed,  m->tokens_generated, m->kv_bytes_sent,  m->kv_bytes_received,
-        m->kv_blocks_used,   m->kv_blocks_total};
+        m->kv_blocks_used,   m->kv_blocks_total,  m->max_request_tokens};
     put_u32(b, HX_PROTO_HEALTH_COUNTERS);
     put_u32(b + 4, 0);
     for (int i = 0; i < HX_PROTO_HEALTH_COUNTERS; i++)
@@ -2395,16 +2395,16 @@ hx_status hx_proto_decode_health_ok(const hx_proto_frame *f, hx_proto_health *ou
     if (f->len < 8)
         return bad_payload(f, err, "%zu bytes; at least 8 expected", f->len);
     uint32_t n = get_u32(f->payload);
-    if (n < HX_PROTO_HEALTH_COUNTERS || n > HX_PROTO_HEALTH_MAX_COUNTERS)
-        return bad_payload(f, err, "%u counters; %d to %d expected", n, HX_PROTO_HEALTH_COUNTERS,
-                           HX_PROTO_HEALTH_MAX_COUNTERS);
+    if (n < HX_PROTO_HEALTH_COUNTERS_MIN || n > HX_PROTO_HEALTH_MAX_COUNTERS)
+        return bad_payload(f, err, "%u counters; %d to %d expected", n,
+                           HX_PROTO_HEALTH_COUNTERS_MIN, HX_PROTO_HEALTH_MAX_COUNTERS);
     if (f->len != 8 + 8 * (size_t)n)
         return bad_payload(f, err, "%zu bytes, but %u counters need %zu", f->len, n,
                            8 + 8 * (size_t)n);
     if (get_u32(f->payload + 4) != 0)
         return bad_payload(f, err, "reserved field is not 0");
-    uint64_t v[HX_PROTO_HEALTH_COUNTERS];
-    for (int i = 0; i < HX_PROTO_HEALTH_COUNTERS; i++)
+    uint64_t v[HX_PROTO_HEALTH_COUNTERS] = {0}; /* counters an older sender lacks: 0 */
+    for (int i = 0; i < HX_PROTO_HEALTH_COUNTERS && i < (int)n; i++)
         v[i] = get_u64(f->payload + 8 + 8 * i);
     out->uptime_ns = v[0];
     out->requests_active = v[1];
@@ -2416,6 +2416,7 @@ hx_status hx_proto_decode_health_ok(const hx_proto_frame *f, hx_proto_health *ou
     out->kv_bytes_received = v[7];
     out->kv_blocks_used = v[8];
     out->kv_blocks_total = v[9];
+    out->max_request_tokens = v[10];
     return HX_OK;
 }
 

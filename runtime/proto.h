@@ -105,7 +105,8 @@
 #define HX_PROTO_DONE_BYTES 16
 #define HX_PROTO_PREFILL_FIXED_BYTES 32
 #define HX_PROTO_TOKENS_FIXED_BYTES 16
-#define HX_PROTO_HEALTH_COUNTERS 10
+#define HX_PROTO_HEALTH_COUNTERS 11     /* sent */
+#define HX_PROTO_HEALTH_COUNTERS_MIN 10 /* what a reader needs; later ones it may not know */
 #define HX_PROTO_HEALTH_MAX_COUNTERS 64
 
 /* Default payload limits (bytes) of the variable-size messages. */
@@ -510,6 +511,8 @@ typedef struct hx_proto_health {
     uint64_t tokens_generated;
     uint64_t kv_bytes_sent, kv_bytes_received;
     uint64_t kv_blocks_used, kv_blocks_total;
+    uint64_t max_request_tokens; /* KV positions one request may take here (group leaders: in
+                                    every rank's cache); 0 when the sender did not say */
 } hx_proto_health;
 hx_status hx_proto_send_health(hx_proto_conn *c, uint64_t req_id, int64_t deadline_ns,
                                hx_err *err);

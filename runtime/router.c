@@ -54,6 +54,8 @@ typedef struct link {
     int pending;               /* decode groups: requests routed here, still in prefill (r->mu) */
     int64_t queued_prompt;     /* prompt tokens not yet prefilled (r->mu) */
     double prefill_tok_s;      /* measured (r->mu); 0 until measured */
+    int64_t max_request;       /* KV positions one request may take in the group (r->mu);
+                                  0 until its leader says */
     int n_measured;
     hx_metric *m_up, *m_queue, *m_running;
     hx_metric *w_active, *w_done, *w_failed, *w_kv_sent, *w_kv_recv, *w_tokens;
@@ -295,6 +297,9 @@ static void on_error(router *r, int g, uint64_t id, const hx_proto_error *m)
 static void on_health(router *r, int g, const hx_proto_health *h)
 {
     link *L = &r->links[g];
+    pthread_mutex_lock(&r->mu);
+    L->max_request = (int64_t)h->max_request_tokens;
+    pthread_mutex_unlock(&r->mu);
     hx_metrics_gauge_set(L->w_active, (double)h->requests_active);
     hx_metrics_gauge_set(L->w_done, (double)h->requests_done);
     hx_metrics_gauge_set(L->w_failed, (double)h->requests_failed);
@@ -581,6 +586,24 @@ static hx_status be_submit(void *ctx, const hx_gen_request *req, hx_gen_handle *
         return hx_err_set(err, HX_ECONN, "%s", why);
     }
     link *L = &r->links[p];
+    /* a request no cache of its route can hold is the client's to change (as the context) */
+    const int64_t need = (int64_t)req->n_prompt + max_new - 1;
+    for (int k = 0; k < 2; k++) {
+        const int g = k == 0 ? p : d;
+        if (g < 0 || r->links[g].max_request <= 0 || need <= r->links[g].max_request)
+            continue;
+        const int64_t cap = r->links[g].max_request;
+        pthread_mutex_unlock(&r->mu);
+        pthread_cond_destroy(&q->cv);
+        free(q);
+        *http_status = 400;
+        return hx_err_set(err, HX_ERANGE,
+                          "the prompt's %d tokens and max_tokens %d need %lld positions of KV "
+                          "cache; group '%s' holds at most %lld for one request (lower "
+                          "max_tokens or shorten the prompt)",
+                          req->n_prompt, max_new, (long long)need, r->plan->groups[g].id,
+                          (long long)cap);
+    }
     if (r->ttft_slo_s > 0 && L->n_measured >= 3 && L->prefill_tok_s > 0) {
         double eta = (double)(L->queued_prompt + req->n_prompt) / L->prefill_tok_s;
         if (eta > r->ttft_slo_s) {

@@ -1248,6 +1248,9 @@ static void fill_health(worker *w, hx_proto_health *h)
         int bt = w->opt.block_tokens > 0 ? w->opt.block_tokens : 16;
         h->kv_blocks_total = (uint64_t)(hx_backend_max_tokens(w->eng) / bt);
         h->requests_active = (uint64_t)w->n_reqs;
+        h->max_request_tokens = (uint64_t)(w->max_seq_tokens < w->group_kv_tokens
+                                               ? w->max_seq_tokens
+                                               : w->group_kv_tokens);
     }
 }
 

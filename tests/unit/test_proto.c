@@ -653,7 +653,7 @@ static void test_messages_round_trip(void **state)
     assert_int_equal(f.type, HX_PROTO_HEALTH);
     assert_int_equal(f.req_id, 77);
     assert_int_equal(f.len, 0);
-    hx_proto_health hl = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+    hx_proto_health hl = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
     check_ok(hx_proto_send_health_ok(s, 77, &hl, dl, &err), &err);
     check_ok(hx_proto_recv(c, &f, dl, &err), &err);
     hx_proto_health hl2;
@@ -1378,6 +1378,11 @@ static void test_decoders_reject_malformed(void **state)
     f.len = 8 + 8 * 12;
     check_ok(hx_proto_decode_health_ok(&f, &hh, &err), &err);
     assert_int_equal(hh.uptime_ns, 42);
+    put32(b, 10); /* an older peer without max_request_tokens: 0, "not said" */
+    put64(b + 8 + 8 * 10, 99);
+    f.len = 8 + 8 * 10;
+    check_ok(hx_proto_decode_health_ok(&f, &hh, &err), &err);
+    assert_int_equal(hh.max_request_tokens, 0);
     hx_proto_shutdown sd;
     memset(b, 0, sizeof b);
     put32(b, 6);
