@@ -540,6 +540,23 @@ static int pick_route(router *r, int *pp, int *dd, char *why, size_t cap)
 
 /* ---- the HTTP backend ------------------------------------------------------------- */
 
+/*
+ * A request refused before it was queued (r->mu held, released here): its
+ * handle goes, the status is the HTTP answer; 503s count as rejected (the
+ * deployment's doing), 4xx do not (the client's).
+ */
+static hx_status refuse(router *r, struct hx_gen_handle *q, hx_status st, int http,
+                        int *http_status)
+{
+    pthread_mutex_unlock(&r->mu);
+    if (http == 503)
+        hx_metrics_counter_inc(r->m_rejected);
+    pthread_cond_destroy(&q->cv);
+    free(q);
+    *http_status = http;
+    return st;
+}
+
 static hx_status be_submit(void *ctx, const hx_gen_request *req, hx_gen_handle **out,
                            int *http_status, hx_err *err)
 {
@@ -577,50 +594,35 @@ static hx_status be_submit(void *ctx, const hx_gen_request *req, hx_gen_handle *
     pthread_mutex_lock(&r->mu);
     char why[1024];
     int p, d;
-    if (!pick_route(r, &p, &d, why, sizeof why)) {
-        pthread_mutex_unlock(&r->mu);
-        hx_metrics_counter_inc(r->m_rejected);
-        pthread_cond_destroy(&q->cv);
-        free(q);
-        *http_status = 503;
-        return hx_err_set(err, HX_ECONN, "%s", why);
-    }
+    if (!pick_route(r, &p, &d, why, sizeof why))
+        return refuse(r, q, hx_err_set(err, HX_ECONN, "%s", why), 503, http_status);
     link *L = &r->links[p];
     /* a request no cache of its route can hold is the client's to change (as the context) */
     const int64_t need = (int64_t)req->n_prompt + max_new - 1;
     for (int k = 0; k < 2; k++) {
         const int g = k == 0 ? p : d;
-        if (g < 0 || r->links[g].max_request <= 0 || need <= r->links[g].max_request)
-            continue;
-        const int64_t cap = r->links[g].max_request;
-        pthread_mutex_unlock(&r->mu);
-        pthread_cond_destroy(&q->cv);
-        free(q);
-        *http_status = 400;
-        return hx_err_set(err, HX_ERANGE,
-                          "the prompt's %d tokens and max_tokens %d need %lld positions of KV "
-                          "cache; group '%s' holds at most %lld for one request (lower "
-                          "max_tokens or shorten the prompt)",
-                          req->n_prompt, max_new, (long long)need, r->plan->groups[g].id,
-                          (long long)cap);
+        if (g >= 0 && r->links[g].max_request > 0 && need > r->links[g].max_request)
+            return refuse(r, q,
+                          hx_err_set(err, HX_ERANGE,
+                                     "the prompt's %d tokens and max_tokens %d need %lld "
+                                     "positions of KV cache; group '%s' holds at most %lld for "
+                                     "one request (lower max_tokens or shorten the prompt)",
+                                     req->n_prompt, max_new, (long long)need,
+                                     r->plan->groups[g].id,
+                                     (long long)r->links[g].max_request),
+                          400, http_status);
     }
     if (r->ttft_slo_s > 0 && L->n_measured >= 3 && L->prefill_tok_s > 0) {
         double eta = (double)(L->queued_prompt + req->n_prompt) / L->prefill_tok_s;
-        if (eta > r->ttft_slo_s) {
-            int64_t queued = L->queued_prompt;
-            double rate = L->prefill_tok_s;
-            pthread_mutex_unlock(&r->mu);
-            hx_metrics_counter_inc(r->m_rejected);
-            pthread_cond_destroy(&q->cv);
-            free(q);
-            *http_status = 503;
-            return hx_err_set(err, HX_ETIMEDOUT,
-                              "cannot meet the TTFT SLO of %.3g s: prefill group '%s' has %lld "
-                              "prompt tokens ahead of this one (~%.3g s at the measured %.0f "
-                              "tokens/s); retry later",
-                              r->ttft_slo_s, r->plan->groups[p].id, (long long)queued, eta,
-                              rate);
-        }
+        if (eta > r->ttft_slo_s)
+            return refuse(r, q,
+                          hx_err_set(err, HX_ETIMEDOUT,
+                                     "cannot meet the TTFT SLO of %.3g s: prefill group '%s' "
+                                     "has %lld prompt tokens ahead of this one (~%.3g s at the "
+                                     "measured %.0f tokens/s); retry later",
+                                     r->ttft_slo_s, r->plan->groups[p].id,
+                                     (long long)L->queued_prompt, eta, L->prefill_tok_s),
+                          503, http_status);
     }
     q->id = ++r->next_id;
     q->prefill = p;
