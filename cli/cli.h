@@ -24,6 +24,7 @@ int hx_cmd_worker(int argc, char **argv);
 int hx_cmd_router(int argc, char **argv);
 int hx_cmd_launch(int argc, char **argv);
 int hx_cmd_stop(int argc, char **argv);
+int hx_cmd_restart(int argc, char **argv);
 int hx_cmd_status(int argc, char **argv);
 int hx_cmd_logs(int argc, char **argv);
 

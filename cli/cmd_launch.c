@@ -1,5 +1,5 @@
 /*
- * cmd_launch.c - `hexflow launch`, `status`, `stop` and `logs`: deploying a
+ * cmd_launch.c - `hexflow launch`, `status`, `stop`, `restart` and `logs`: deploying a
  * plan and looking after it (launcher/launch.h does the work).
  */
 #include <getopt.h>
@@ -196,5 +196,63 @@ int hx_cmd_logs(int argc, char **argv)
     hx_status st = hx_launch_logs(a.plan, NULL, a.host, a.lines, a.follow, stdout, &err);
     if (st != HX_OK)
         return hx_cli_fail(&err) == 2 ? 2 : 1;
+    return 0;
+}
+
+int hx_cmd_restart(int argc, char **argv)
+{
+    static const struct option opts[] = {{"plan", required_argument, NULL, 'p'},
+                                         {"group", required_argument, NULL, 'g'},
+                                         {"timeout", required_argument, NULL, 't'},
+                                         {"accept-new-host-keys", no_argument, NULL, 'a'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
+    hx_launch_options o;
+    hx_launch_options_init(&o);
+    o.progress = stderr;
+    const char *groups[64];
+    int n_groups = 0, c;
+    optind = 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'p': o.plan_path = optarg; break;
+        case 'g':
+            if (n_groups == 64)
+                return hx_cli_usage_error("restart", "at most 64 --group options");
+            groups[n_groups++] = optarg;
+            break;
+        case 't':
+            if (!hx_cli_duration("restart", "--timeout", optarg, &o.health_timeout_s))
+                return 2;
+            break;
+        case 'a': o.accept_new_host_keys = 1; break;
+        case 'h':
+            fputs("usage: hexflow restart --plan FILE [--group ID]... [--timeout SECONDS]\n"
+                  "                       [--accept-new-host-keys]\n"
+                  "\n"
+                  "Starts again what is down of a launched plan: every group with a process\n"
+                  "that exited (the whole group: its ranks run in lockstep, so what is left\n"
+                  "of it is stopped first) and the router if it exited; with --group, those\n"
+                  "groups whatever their state. They start as the launch started them, and\n"
+                  "it waits until the router is healthy again (--timeout, default 180 s).\n"
+                  "Nothing down: it says so and does nothing.\n",
+                  stdout);
+            return 0;
+        case ':':
+            return hx_cli_usage_error("restart", "option '%s' needs a value", argv[optind - 1]);
+        default: return hx_cli_usage_error("restart", "unknown option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind < argc)
+        return hx_cli_usage_error("restart", "unexpected argument '%s'", argv[optind]);
+    if (!o.plan_path)
+        return hx_cli_usage_error("restart", "--plan is required");
+    int restarted = 0;
+    hx_err err = {0};
+    hx_status st = hx_launch_restart(&o, groups, n_groups, &restarted, &err);
+    if (st != HX_OK)
+        return hx_cli_fail(&err) == 2 ? 2 : 1;
+    printf("restarted %d process%s\n", restarted, restarted == 1 ? "" : "es");
     return 0;
 }

@@ -35,6 +35,7 @@ static const cmd commands[] = {
     {"launch", hx_cmd_launch, "start a plan's workers and router, wait until healthy"},
     {"status", hx_cmd_status, "show the processes of a launched plan"},
     {"stop", hx_cmd_stop, "stop everything a launch started"},
+    {"restart", hx_cmd_restart, "start again the groups of a launched plan that went down"},
     {"logs", hx_cmd_logs, "show the logs of a launched plan's processes"},
     {"worker", hx_cmd_worker, "run one device's worker of a plan (launch starts these)"},
     {"router", hx_cmd_router, "run a plan's OpenAI-compatible router (launch starts it)"},

@@ -130,6 +130,7 @@ typedef struct proc {
     char name[96];       /* log name */
     long pid;            /* 0 until started */
     char log[PATH_MAX];
+    int restart;         /* restart: this one is (re)started */
 } proc;
 
 typedef struct host_job {
@@ -157,6 +158,7 @@ typedef struct launch {
     host_job *jobs; /* [nhosts] */
     pthread_mutex_t mu;
     /* a sharded model: which shards each host needs (model_wanted) */
+    int restarting;        /* hx_launch_restart: sessions open, files there, start `restart` ones */
     json_t *index;         /* model.safetensors.index.json; NULL: push every file */
     json_t *weight_map;    /* borrowed from index: tensor name -> shard file */
     int model_layers;
@@ -357,6 +359,20 @@ static int model_files(const char *dir, char ***out)
     return v ? n : -1;
 }
 
+/* Opens host J->h (local, or SSH with the plan's settings) into J->session. */
+static hx_status open_host(host_job *J, hx_err *err)
+{
+    launch *L = J->L;
+    const hx_plan_host *ph = &L->plan->hosts[J->h];
+    if (is_local(ph))
+        return hx_host_open_local(ph->name, &J->session, err);
+    hx_host_ssh_options so = {ph->name, ph->address, ph->ssh_port, ph->ssh_user,
+                              ph->ssh_identity, ph->ssh_known_hosts,
+                              L->o->accept_new_host_keys, 10.0};
+    progress(L, ph->name, "connecting to %s", ph->address);
+    return hx_host_open_ssh(&so, &J->session, err);
+}
+
 static void *host_main(void *arg)
 {
     host_job *J = arg;
@@ -388,15 +404,7 @@ static void *host_main(void *arg)
         return NULL;
     }
     double t0 = now_s();
-    if (is_local(ph)) {
-        J->st = hx_host_open_local(ph->name, &J->session, err);
-    } else {
-        hx_host_ssh_options so = {ph->name, ph->address, ph->ssh_port, ph->ssh_user,
-                                  ph->ssh_identity, ph->ssh_known_hosts,
-                                  L->o->accept_new_host_keys, 10.0};
-        progress(L, ph->name, "connecting to %s", ph->address);
-        J->st = hx_host_open_ssh(&so, &J->session, err);
-    }
+    J->st = J->session ? HX_OK : open_host(J, err); /* hx_launch_restart opens them first */
     if (J->st != HX_OK)
         return NULL;
     char wd[PATH_MAX + 8], cmd[MAX_CMD];
@@ -404,7 +412,7 @@ static void *host_main(void *arg)
     snprintf(cmd, sizeof cmd, "mkdir -p %s/run %s/logs", wd, wd);
     if ((J->st = hx_host_run_checked(J->session, cmd, NULL, 0, NULL, CMD_TIMEOUT_S, err)) != HX_OK)
         return NULL;
-    if (!is_local(ph)) {
+    if (!is_local(ph) && !L->restarting) {
         char dst[PATH_MAX * 2];
         int skipped = 0, pushed = 0, kept = 0;
         snprintf(dst, sizeof dst, "%s/hexflow", J->workdir);
@@ -443,10 +451,12 @@ static void *host_main(void *arg)
             progress(L, ph->name, "files: %d pushed, %d already there", pushed, kept);
         /* the workdir paths given to processes are relative to it */
     }
+    int count = 0;
     for (int i = 0; i < L->nprocs; i++) {
         proc *p = &L->procs[i];
-        if (p->host != J->h)
+        if (p->host != J->h || (L->restarting && !p->restart))
             continue;
+        count++;
         if (!start_command(L, J, p, cmd, sizeof cmd)) {
             J->st = hx_err_set(err, HX_EINVAL, "host '%s': the command for %s is too long "
                                "(paths over %d bytes)", ph->name, p->name, MAX_CMD);
@@ -469,11 +479,9 @@ static void *host_main(void *arg)
         snprintf(p->log, sizeof p->log, "%s/logs/%s.log", J->workdir, p->name);
         pthread_mutex_unlock(&L->mu);
     }
-    int count = 0;
-    for (int i = 0; i < L->nprocs; i++)
-        count += L->procs[i].host == J->h;
-    progress(L, ph->name, "started %d process%s in %.1f s", count, count == 1 ? "" : "es",
-             now_s() - t0);
+    if (count)
+        progress(L, ph->name, "started %d process%s in %.1f s", count, count == 1 ? "" : "es",
+                 now_s() - t0);
     return NULL;
 }
 
@@ -489,6 +497,9 @@ static hx_status write_state(launch *L, const char *url, hx_err *err)
     json_object_set_new(root, "router_url", json_string(url));
     json_object_set_new(root, "started_unix_s", json_integer((json_int_t)time(NULL)));
     json_object_set_new(root, "secret_file", json_string(L->secret_path));
+    json_object_set_new(root, "binary", json_string(L->self_bin));
+    json_object_set_new(root, "worker_args",
+                        json_string(L->o->worker_args ? L->o->worker_args : ""));
     for (int h = 0; h < L->plan->nhosts; h++) {
         const hx_plan_host *ph = &L->plan->hosts[h];
         json_array_append_new(hosts, json_pack("{s:s, s:s, s:s, s:b}", "name", ph->name,
@@ -718,53 +729,39 @@ static hx_status paths_of(const char *plan_path, const char *state_dir, char *ab
     return HX_OK;
 }
 
-hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_err *err)
+/*
+ * What launch and restart share: the paths, the plan and its deployment, the
+ * model's index, and the processes (workers in plan order, the router last)
+ * with a job per host. Frees nothing on failure (launch_release does).
+ */
+static hx_status launch_setup(launch *L, const hx_launch_options *o, hx_err *err)
 {
-    launch L_;
-    launch *L = &L_;
-    memset(L, 0, sizeof *L);
     L->o = o;
-    pthread_mutex_init(&L->mu, NULL);
     hx_status st;
     if ((st = paths_of(o->plan_path, o->state_dir, L->abs_plan, L->state_dir, L->id,
                        sizeof L->id, L->state_path, err)) != HX_OK)
-        goto out;
+        return st;
     snprintf(L->secret_path, sizeof L->secret_path, "%s/%s.secret", L->state_dir, L->id);
-    if (!realpath(o->model_dir, L->abs_model)) {
-        st = hx_err_set(err, HX_ENOENT, "cannot open model directory '%s': %s", o->model_dir,
-                        strerror(errno));
-        goto out;
-    }
-    if (!hx_file_is_dir(L->abs_model)) {
-        st = hx_err_set(err, HX_ENOENT, "model '%s' is not a directory", o->model_dir);
-        goto out;
-    }
+    if (!realpath(o->model_dir, L->abs_model))
+        return hx_err_set(err, HX_ENOENT, "cannot open model directory '%s': %s",
+                          o->model_dir, strerror(errno));
+    if (!hx_file_is_dir(L->abs_model))
+        return hx_err_set(err, HX_ENOENT, "model '%s' is not a directory", o->model_dir);
     if (o->binary ? !realpath(o->binary, L->self_bin)
-                  : readlink("/proc/self/exe", L->self_bin, sizeof L->self_bin - 1) < 0) {
-        st = hx_err_set(err, HX_ENOENT, "cannot find the hexflow binary '%s'",
-                        o->binary ? o->binary : "/proc/self/exe");
-        goto out;
-    }
+                  : readlink("/proc/self/exe", L->self_bin, sizeof L->self_bin - 1) < 0)
+        return hx_err_set(err, HX_ENOENT, "cannot find the hexflow binary '%s'",
+                          o->binary ? o->binary : "/proc/self/exe");
     if ((st = hx_plan_load_err(L->abs_plan, &L->plan, err)) != HX_OK)
-        goto out;
+        return st;
     if ((st = hx_deploy_init(&L->dep, L->plan, err)) != HX_OK)
-        goto out;
+        return st;
     model_index_load(L);
-    if (!o->dry_run && hx_file_is_regular(L->state_path)) {
-        st = hx_err_set(err, HX_EEXIST,
-                        "plan '%s' is running already (state file %s); 'hexflow stop --plan %s' "
-                        "first",
-                        o->plan_path, L->state_path, o->plan_path);
-        goto out;
-    }
     /* the processes: workers in plan order, the router last */
     L->nprocs = L->dep.nworkers + 1;
     L->procs = calloc((size_t)L->nprocs, sizeof *L->procs);
     L->jobs = calloc((size_t)L->plan->nhosts, sizeof *L->jobs);
-    if (!L->procs || !L->jobs) {
-        st = hx_err_set(err, HX_ENOMEM, "out of memory");
-        goto out;
-    }
+    if (!L->procs || !L->jobs)
+        return hx_err_set(err, HX_ENOMEM, "out of memory");
     for (int i = 0; i < L->dep.nworkers; i++) {
         const hx_deploy_worker *w = &L->dep.workers[i];
         L->procs[i].host = w->host;
@@ -778,6 +775,39 @@ hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_
         rp->host = 0;
     rp->worker = -1;
     snprintf(rp->name, sizeof rp->name, "router");
+    return HX_OK;
+}
+
+static void launch_release(launch *L)
+{
+    if (L->jobs)
+        for (int h = 0; h < (L->plan ? L->plan->nhosts : 0); h++)
+            hx_host_close(L->jobs[h].session);
+    free(L->jobs);
+    free(L->procs);
+    json_decref(L->index);
+    hx_deploy_release(&L->dep);
+    hx_plan_free(L->plan);
+    hx_proto_secret_release(&L->secret);
+    pthread_mutex_destroy(&L->mu);
+}
+
+hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_err *err)
+{
+    launch L_;
+    launch *L = &L_;
+    memset(L, 0, sizeof *L);
+    pthread_mutex_init(&L->mu, NULL);
+    hx_status st = launch_setup(L, o, err);
+    if (st != HX_OK)
+        goto out;
+    if (!o->dry_run && hx_file_is_regular(L->state_path)) {
+        st = hx_err_set(err, HX_EEXIST,
+                        "plan '%s' is running already (state file %s); 'hexflow stop --plan %s' "
+                        "first",
+                        o->plan_path, L->state_path, o->plan_path);
+        goto out;
+    }
     const char *url_host = L->dep.router_address;
     snprintf(url, cap, "http://%s:%d", url_host, L->dep.router_port);
 
@@ -833,16 +863,7 @@ hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_
     progress(L, "launch", "healthy after %.1f s", now_s() - t0);
 
 out:
-    if (L->jobs)
-        for (int h = 0; h < (L->plan ? L->plan->nhosts : 0); h++)
-            hx_host_close(L->jobs[h].session);
-    free(L->jobs);
-    free(L->procs);
-    json_decref(L->index);
-    hx_deploy_release(&L->dep);
-    hx_plan_free(L->plan);
-    hx_proto_secret_release(&L->secret);
-    pthread_mutex_destroy(&L->mu);
+    launch_release(L);
     return st;
 }
 
@@ -947,6 +968,199 @@ hx_status hx_launch_stop(const char *plan_path, const char *state_dir, double gr
     hx_plan_free(plan);
     json_decref(s.root);
     return first;
+}
+
+/* ---- restart ------------------------------------------------------------------------------ */
+
+/* The pids of host h's processes that are no longer hexflow processes (exited). */
+static hx_status dead_pids(launch *L, int h, int *dead, hx_err *err)
+{
+    char list[MAX_CMD] = "";
+    size_t k = 0;
+    for (int i = 0; i < L->nprocs && k + 24 < sizeof list; i++)
+        if (L->procs[i].host == h && L->procs[i].pid > 0)
+            k += (size_t)snprintf(list + k, sizeof list - k, " %ld", L->procs[i].pid);
+    if (!k)
+        return HX_OK;
+    char cmd[MAX_CMD + 256];
+    snprintf(cmd, sizeof cmd,
+             "for p in%s; do tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null | grep -q hexflow || "
+             "echo $p; done",
+             list);
+    char *out = NULL;
+    hx_status st = hx_host_run_checked(L->jobs[h].session, cmd, NULL, 0, &out, CMD_TIMEOUT_S,
+                                       err);
+    for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+        long pid = strtol(line, NULL, 10);
+        for (int i = 0; i < L->nprocs; i++)
+            if (L->procs[i].host == h && L->procs[i].pid == pid)
+                dead[i] = 1;
+    }
+    free(out);
+    return st;
+}
+
+hx_status hx_launch_restart(const hx_launch_options *o, const char *const *groups, int n_groups,
+                            int *restarted, hx_err *err)
+{
+    *restarted = 0;
+    state s;
+    hx_status st = state_load(o->plan_path, o->state_dir, &s, err);
+    if (st != HX_OK)
+        return st;
+    const char *model = json_string_value(json_object_get(s.root, "model"));
+    const char *binary = json_string_value(json_object_get(s.root, "binary"));
+    const char *wargs = json_string_value(json_object_get(s.root, "worker_args"));
+    const char *url = json_string_value(json_object_get(s.root, "router_url"));
+    const char *secret = json_string_value(json_object_get(s.root, "secret_file"));
+    if (!model || !binary || !wargs || !url || !secret) {
+        st = hx_err_set(err, HX_EINVAL,
+                        "state file %s lacks what a restart needs (a launch of an older "
+                        "hexflow?): 'hexflow stop --plan %s', then launch again",
+                        s.path, o->plan_path);
+        json_decref(s.root);
+        return st;
+    }
+    hx_launch_options oo = *o;
+    oo.model_dir = model;
+    oo.binary = binary;
+    oo.worker_args = wargs[0] ? wargs : NULL;
+    oo.dry_run = 0;
+    launch L_;
+    launch *L = &L_;
+    memset(L, 0, sizeof *L);
+    pthread_mutex_init(&L->mu, NULL);
+    int *dead = NULL;
+    if ((st = launch_setup(L, &oo, err)) != HX_OK)
+        goto out;
+    for (int k = 0; k < n_groups; k++)
+        if (hx_plan_find_group(L->plan, groups[k]) < 0) {
+            st = hx_err_set(err, HX_EINVAL, "plan '%s' has no group '%s'", o->plan_path,
+                            groups[k]);
+            goto out;
+        }
+    if ((st = hx_proto_secret_load_file(secret, &L->secret, err)) != HX_OK)
+        goto out;
+    snprintf(L->secret_path, sizeof L->secret_path, "%s", secret);
+    /* what the state file says is running */
+    json_t *pj;
+    size_t k;
+    json_array_foreach(json_object_get(s.root, "processes"), k, pj) {
+        const char *kind = json_string_value(json_object_get(pj, "kind"));
+        const char *device = json_string_value(json_object_get(pj, "device"));
+        const char *log = json_string_value(json_object_get(pj, "log"));
+        int i = kind && strcmp(kind, "router") == 0 ? L->dep.nworkers
+                : device                            ? hx_deploy_find_device(&L->dep, device)
+                                                    : -1;
+        if (i < 0)
+            continue;
+        L->procs[i].pid = (long)json_integer_value(json_object_get(pj, "pid"));
+        snprintf(L->procs[i].log, sizeof L->procs[i].log, "%s", log ? log : "");
+    }
+    dead = calloc((size_t)L->nprocs, sizeof *dead);
+    if (!dead) {
+        st = hx_err_set(err, HX_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < L->nprocs; i++)
+        dead[i] = L->procs[i].pid <= 0; /* not in the state file: never started */
+    for (int h = 0; h < L->plan->nhosts && st == HX_OK; h++) {
+        host_job *J = &L->jobs[h];
+        J->L = L;
+        J->h = h;
+        workdir_of(L, h, J->workdir, sizeof J->workdir);
+        int used = 0;
+        for (int i = 0; i < L->nprocs; i++)
+            used |= L->procs[i].host == h;
+        if (!used)
+            continue;
+        if ((st = open_host(J, &J->err)) == HX_OK)
+            st = dead_pids(L, h, dead, &J->err);
+        if (st != HX_OK)
+            hx_err_set(err, st, "host '%s': %s", L->plan->hosts[h].name, J->err.msg);
+    }
+    if (st != HX_OK)
+        goto out;
+    /* the groups to restart: those named, else those with a process down; the router too
+       when it is down */
+    int n = 0;
+    for (int i = 0; i < L->dep.nworkers; i++) {
+        const int g = L->dep.workers[i].group;
+        int pick = 0;
+        if (n_groups)
+            for (int q = 0; q < n_groups; q++)
+                pick |= strcmp(L->plan->groups[g].id, groups[q]) == 0;
+        else
+            for (int j = 0; j < L->dep.nworkers; j++)
+                pick |= L->dep.workers[j].group == g && dead[j];
+        L->procs[i].restart = pick;
+        n += pick;
+    }
+    L->procs[L->dep.nworkers].restart = dead[L->dep.nworkers];
+    n += dead[L->dep.nworkers];
+    if (!n) {
+        progress(L, "restart", "every process of '%s' is up: nothing to restart",
+                 o->plan_path);
+        goto out;
+    }
+    /* a group restarts whole (its ranks run in lockstep): stop what is left of it */
+    for (int h = 0; h < L->plan->nhosts && st == HX_OK; h++) {
+        long pids[1024];
+        int m = 0, alive = 0;
+        for (int i = 0; i < L->nprocs && m < 1024; i++)
+            if (L->procs[i].host == h && L->procs[i].restart && L->procs[i].pid > 0)
+                pids[m++] = L->procs[i].pid;
+        if (m && (st = stop_pids(L->jobs[h].session, pids, m, 5.0, &alive, err)) != HX_OK)
+            hx_err_set(err, st, "host '%s': cannot stop %d process%s: %s",
+                       L->plan->hosts[h].name, m, m == 1 ? "" : "es", err->msg);
+    }
+    for (int i = 0; i < L->nprocs && st == HX_OK; i++)
+        if (L->procs[i].restart) {
+            L->procs[i].pid = 0;
+            const int g = L->procs[i].worker >= 0 ? L->dep.workers[L->procs[i].worker].group : -1;
+            progress(L, L->plan->hosts[L->procs[i].host].name, "restarting %s%s%s%s",
+                     L->procs[i].name, g >= 0 ? " (group '" : "",
+                     g >= 0 ? L->plan->groups[g].id : "", g >= 0 ? "')" : "");
+        }
+    if (st != HX_OK)
+        goto out;
+    L->restarting = 1;
+    for (int h = 0; h < L->plan->nhosts; h++) {
+        host_job *J = &L->jobs[h];
+        if (!J->session)
+            continue;
+        if (pthread_create(&J->thread, NULL, host_main, J) != 0) {
+            J->st = hx_err_set(&J->err, HX_ENOMEM, "cannot start a thread");
+            J->thread = 0;
+        }
+    }
+    for (int h = 0; h < L->plan->nhosts; h++)
+        if (L->jobs[h].thread)
+            pthread_join(L->jobs[h].thread, NULL);
+    for (int h = 0; h < L->plan->nhosts && st == HX_OK; h++)
+        if (L->jobs[h].session && L->jobs[h].st != HX_OK) {
+            st = L->jobs[h].st == HX_ETIMEDOUT ? HX_ETIMEDOUT : HX_EIO;
+            hx_err_set(err, st, "host '%s': %s", L->plan->hosts[h].name, L->jobs[h].err.msg);
+        }
+    /* the state file lists what runs now, whatever happened */
+    hx_err werr = {0};
+    if (write_state(L, url, &werr) != HX_OK && st == HX_OK) {
+        st = werr.code;
+        *err = werr;
+    }
+    if (st == HX_OK) {
+        double t0 = now_s();
+        progress(L, "restart", "waiting for every group to connect to the router at %s", url);
+        if ((st = wait_healthy(L, L->dep.router_address, err)) == HX_OK)
+            progress(L, "restart", "healthy after %.1f s", now_s() - t0);
+    }
+    if (st == HX_OK)
+        *restarted = n;
+out:
+    free(dead);
+    launch_release(L);
+    json_decref(s.root);
+    return st;
 }
 
 /* Requests a worker has served, by asking it; -1 when it does not answer. */

@@ -30,7 +30,8 @@
  *    "processes": [{"host": "h1", "kind": "worker" | "router", "device": "h1:0",
  *                   "group": "g0", "role": "prefill", "pid": 1234, "port": 8001,
  *                   "log": "WORKDIR/logs/worker-g0-s0-r0.log"}],
- *    "secret_file": "STATE_DIR/ID.secret"}
+ *    "secret_file": "STATE_DIR/ID.secret", "binary": "/usr/bin/hexflow",
+ *    "worker_args": "--threads 8"}
  *
  * (the secret kept for `status`, mode 0600). It is written (atomically)
  * before the health wait, so `hexflow stop` can clean up after a launch
@@ -66,6 +67,22 @@ void hx_launch_options_init(hx_launch_options *o);
  * removed, err names the host and the reason.
  */
 hx_status hx_launch_start(const hx_launch_options *o, char *url, size_t cap, hx_err *err);
+
+/*
+ * Restarts what is down of a launched plan: every group with a process that
+ * exited (a group restarts whole, its ranks run in lockstep: what is left of
+ * it is stopped first), and the router when it exited; with groups[0..n)
+ * given, those groups whatever their state. The processes are started again
+ * as the launch started them (the state file keeps the model, the binary and
+ * the worker arguments; the files are already on the hosts), the state file
+ * gets their pids, and it waits until the router is healthy (the router
+ * reconnects to a restarted group by itself). *restarted: the processes
+ * started (0: everything was up). HX_ENOENT when the plan is not launched,
+ * HX_EINVAL for a group the plan lacks or a state file of an older launch;
+ * a failure to start or to become healthy leaves the rest running.
+ */
+hx_status hx_launch_restart(const hx_launch_options *o, const char *const *groups, int n_groups,
+                            int *restarted, hx_err *err);
 
 /*
  * Stops what the plan's state file lists: SIGTERM, then SIGKILL after

@@ -698,8 +698,19 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
 static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
 {
     if (w->kv_out[wi]) {
-        *out = w->kv_out[wi];
-        return HX_OK;
+        /* the decode side never writes on this connection once it is set up: anything
+           readable is its end of file (it exited, or was restarted): connect again */
+        struct pollfd pf = {hx_proto_fd(w->kv_out[wi]), POLLIN, 0};
+        if (poll(&pf, 1, 0) == 0) {
+            *out = w->kv_out[wi];
+            return HX_OK;
+        }
+        HX_INFO("worker %s: the KV connection to %s was closed: connecting again",
+                w->me->device, w->dep.workers[wi].device);
+        hx_backend_link_close(w->kv_link[wi]);
+        w->kv_link[wi] = NULL;
+        hx_proto_close(w->kv_out[wi]);
+        w->kv_out[wi] = NULL;
     }
     const hx_deploy_worker *d = &w->dep.workers[wi];
     hx_proto_conn *c = NULL;

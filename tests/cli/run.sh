@@ -298,6 +298,9 @@ expect "launch missing model" 2 "cannot open model directory '$TMP/none'" -- "$H
 expect "launch refuses shell in --worker-args" 2 "only plain options" -- "$HX" launch --plan "$TMP/p.json" --model "$TMP/tiny" --worker-args '--threads 1; true'
 expect "launch --dry-run prints the commands" 0 "worker --plan" -- "$HX" launch --plan "$TMP/p.json" --model "$TMP/tiny" --dry-run
 expect "status of a plan not launched" 2 "is not launched" -- "$HX" status --plan "$TMP/p.json"
+expect "restart of a plan not launched" 2 "is not launched" -- "$HX" restart --plan "$TMP/p.json"
+expect "restart needs --plan" 2 "--plan is required" -- "$HX" restart
+expect "restart help" 0 "usage: hexflow restart" -- "$HX" restart --help
 expect "stop of a plan not launched does nothing" 0 "stopped 0 processes" -- "$HX" stop --plan "$TMP/p.json"
 expect "logs of a plan not launched" 2 "is not launched" -- "$HX" logs --plan "$TMP/p.json"
 expect "worker needs its options" 2 "--plan, --model, --device and --secret-file are required" -- "$HX" worker --plan "$TMP/p.json"

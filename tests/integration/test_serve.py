@@ -556,6 +556,35 @@ def main():
               "the router keeps serving through the other decode group")
         status, body = request(addr, "GET", "/health")
         check(status == 503 and "d0" in body, "/health reports the lost group (%d)" % status)
+
+        # hexflow restart brings the lost group back; the router reconnects by itself
+        r = hx("restart", "--plan", plan, "--group", "nope")
+        check(r.returncode == 2 and "no group 'nope'" in r.stderr,
+              "restart --group of a group the plan lacks: exit 2 (%d)" % r.returncode)
+        r = hx("restart", "--plan", plan, "--timeout", "120")
+        check(r.returncode == 0 and "restarted 1 process" in r.stdout,
+              "restart starts the killed decode worker again (%d: %s %s)" %
+              (r.returncode, r.stdout.strip(), r.stderr.strip()[-300:]))
+        status, body = request(addr, "GET", "/health")
+        check(status == 200, "/health is 200 again after the restart (%d %s)" % (status, body[:120]))
+        results = [complete(addr, p) for p in PROMPTS]
+        check(all(st_ == 200 and got == expected[PROMPTS[i]]
+                  for i, (st_, got) in enumerate(results)),
+              "after the restart every prompt completes right (both decode groups serve)")
+        new_pids = [p["pid"] for p in state_of(plan)["processes"]]
+        check(d0 not in new_pids and len(new_pids) == len(pids),
+              "the state file lists the restarted worker's new pid")
+        pids = new_pids
+        r = hx("restart", "--plan", plan)
+        check(r.returncode == 0 and "restarted 0 processes" in r.stdout and
+              "nothing to restart" in r.stderr,
+              "restart with everything up does nothing (%s)" % r.stderr.strip()[-200:])
+        r = hx("restart", "--plan", plan, "--group", "d1", "--timeout", "120")
+        check(r.returncode == 0 and "restarted 1 process" in r.stdout,
+              "restart --group d1 restarts a running group (%s)" % r.stdout.strip())
+        status, got = complete(addr, PROMPTS[1])
+        check(status == 200 and got == expected[PROMPTS[1]], "and it serves after that")
+        pids = [p["pid"] for p in state_of(plan)["processes"]]
     finally:
         check(stop(plan), "fault plan: stop")
     time.sleep(0.5)
