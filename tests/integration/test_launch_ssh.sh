@@ -100,6 +100,20 @@ st=$("$HX" status --plan "$DIR/ok.json")
 echo "$st"
 check "status shows every worker up" [ "$(echo "$st" | grep -c ' worker .* up ')" = 3 ]
 check "status counts requests served" sh -c "echo '$st' | grep 'p0 ' | grep -q ' 3 '"
+# a decode worker dies: restart brings its group back over SSH
+d0pid=$(python3 -c "import json,glob; s=json.load(open(glob.glob('$HEXFLOW_STATE_DIR/*.json')[0])); print([p['pid'] for p in s['processes'] if p.get('group') == 'd0'][0])")
+kill -9 "$d0pid"
+sleep 0.5
+"$HX" restart --plan "$DIR/ok.json" --timeout 60 >"$DIR/restart.out" 2>"$DIR/restart.err"
+rc=$?
+cat "$DIR/restart.err"
+check "restart over SSH brings the killed decode worker back (exit $rc)" \
+    grep -q "restarted 1 process" "$DIR/restart.out"
+check "...and its host says so" grep -q '^\[h2\] restarting worker-d0' "$DIR/restart.err"
+for p in "hello world" "a"; do
+    check "after the restart, completion '$p' equals generate" \
+        [ "$(completion "$url" "$p")" = "$(reference "$p")" ]
+done
 "$HX" logs --plan "$DIR/ok.json" --host h2 --lines 5 >"$DIR/logs.out"
 check "logs --host h2 shows the decode worker's log" grep -q "group 'd0'" "$DIR/logs.out"
 check "a second launch of a running plan is refused (exit 2)" \
