@@ -661,15 +661,22 @@ static void log_tail(hx_host *s, const char *log, char *out, size_t cap)
     free(text);
 }
 
+/* " PID PID ..." of host h's started processes into list; its length (0: none). */
+static size_t pid_list(const launch *L, int h, char *list, size_t cap)
+{
+    size_t k = 0;
+    list[0] = '\0';
+    for (int i = 0; i < L->nprocs && k + 24 < cap; i++)
+        if (L->procs[i].host == h && L->procs[i].pid > 0)
+            k += (size_t)snprintf(list + k, cap - k, " %ld", L->procs[i].pid);
+    return k;
+}
+
 /* Which of host h's processes died: index into procs, or -1. */
 static int dead_process(launch *L, int h)
 {
-    char list[MAX_CMD] = "";
-    size_t k = 0;
-    for (int i = 0; i < L->nprocs && k + 24 < sizeof list; i++)
-        if (L->procs[i].host == h && L->procs[i].pid > 0)
-            k += (size_t)snprintf(list + k, sizeof list - k, " %ld", L->procs[i].pid);
-    if (!k)
+    char list[MAX_CMD];
+    if (!pid_list(L, h, list, sizeof list))
         return -1;
     char cmd[MAX_CMD + 128];
     snprintf(cmd, sizeof cmd, "for p in%s; do kill -0 $p 2>/dev/null || echo $p; done", list);
@@ -975,12 +982,8 @@ hx_status hx_launch_stop(const char *plan_path, const char *state_dir, double gr
 /* The pids of host h's processes that are no longer hexflow processes (exited). */
 static hx_status dead_pids(launch *L, int h, int *dead, hx_err *err)
 {
-    char list[MAX_CMD] = "";
-    size_t k = 0;
-    for (int i = 0; i < L->nprocs && k + 24 < sizeof list; i++)
-        if (L->procs[i].host == h && L->procs[i].pid > 0)
-            k += (size_t)snprintf(list + k, sizeof list - k, " %ld", L->procs[i].pid);
-    if (!k)
+    char list[MAX_CMD];
+    if (!pid_list(L, h, list, sizeof list))
         return HX_OK;
     char cmd[MAX_CMD + 256];
     snprintf(cmd, sizeof cmd,
