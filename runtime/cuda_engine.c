@@ -1172,18 +1172,6 @@ hx_status hx_cuda_engine_remove(hx_cuda_engine *e, uint64_t id, hx_err *err)
 
 /* ---- KV segments out ---- */
 
-static void put_u32(unsigned char *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static void put_u64(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
 /* ---- CRC-32C in pieces ---- */
 
 #define CRC32C_POLY 0x82f63b78u /* reflected Castagnoli */
@@ -1349,19 +1337,7 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
         return st;
     unsigned char *h = out;
     const uint64_t payload = (uint64_t)(need - HX_KV_SEGMENT_HEADER_BYTES);
-    memset(h, 0, HX_KV_SEGMENT_HEADER_BYTES);
-    memcpy(h, HX_KV_SEGMENT_MAGIC, 4);
-    put_u32(h + 4, HX_KV_SEGMENT_VERSION);
-    put_u32(h + 8, HX_KV_SEGMENT_HEADER_BYTES);
-    put_u32(h + 12, HX_KV_DTYPE_F32);
-    put_u32(h + 16, (uint32_t)layer_first);
-    put_u32(h + 20, (uint32_t)num_layers);
-    put_u32(h + 24, (uint32_t)head_first);
-    put_u32(h + 28, (uint32_t)num_heads);
-    put_u32(h + 32, (uint32_t)tokens);
-    put_u32(h + 36, (uint32_t)e->D);
-    put_u64(h + 40, payload);
-    put_u32(h + 48, 0);
+    hx_kv_segment_begin(h, layer_first, num_layers, head_first, num_heads, tokens, e->D);
     const size_t layer_bytes = (size_t)2 * num_heads * tokens * e->D * 4;
     const int *d_row = e->d_bt + (size_t)slot * e->mbps;
     for (int l0 = 0; l0 < num_layers && st == HX_OK; l0 += e->seg_layers) {
@@ -1377,9 +1353,8 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
     if (st != HX_OK)
         return st;
     /* the payload's checksum on several threads (one runs at about 5 GB/s) */
-    const uint32_t crc = crc_parallel(e->crc_pool, hx_kv_crc32c(0, h, 56),
-                                      h + HX_KV_SEGMENT_HEADER_BYTES, (size_t)payload);
-    put_u64(h + 56, crc);
+    hx_kv_segment_seal(h, crc_parallel(e->crc_pool, hx_kv_segment_header_crc(h),
+                                       h + HX_KV_SEGMENT_HEADER_BYTES, (size_t)payload));
     if (out_bytes)
         *out_bytes = need;
     return HX_OK;

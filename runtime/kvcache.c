@@ -572,10 +572,11 @@ size_t hx_kv_segment_bytes(int num_layers, int num_heads, int tokens, int head_d
     return (size_t)p + HX_KV_SEGMENT_HEADER_BYTES;
 }
 
-/* Writes the header (checksum 0, token_first 0) for a payload of p bytes. */
-static void write_header(unsigned char *h, int layer_first, int num_layers, int head_first,
-                         int num_heads, int tokens, int head_dim, uint64_t p)
+void hx_kv_segment_begin(void *seg, int layer_first, int num_layers, int head_first,
+                         int num_heads, int tokens, int head_dim)
 {
+    unsigned char *h = seg;
+    const size_t bytes = hx_kv_segment_bytes(num_layers, num_heads, tokens, head_dim);
     memset(h, 0, HX_KV_SEGMENT_HEADER_BYTES);
     memcpy(h, HX_KV_SEGMENT_MAGIC, 4);
     put_u32(h + 4, HX_KV_SEGMENT_VERSION);
@@ -587,20 +588,30 @@ static void write_header(unsigned char *h, int layer_first, int num_layers, int 
     put_u32(h + 28, (uint32_t)num_heads);
     put_u32(h + 32, (uint32_t)tokens);
     put_u32(h + 36, (uint32_t)head_dim);
-    put_u64(h + 40, p);
+    put_u64(h + 40, bytes ? (uint64_t)(bytes - HX_KV_SEGMENT_HEADER_BYTES) : 0);
     put_u32(h + 48, 0); /* token_first */
+}
+
+uint32_t hx_kv_segment_header_crc(const void *seg)
+{
+    return hx_kv_crc32c(0, seg, CHECKSUM_AT);
+}
+
+void hx_kv_segment_seal(void *seg, uint32_t crc)
+{
+    put_u64((unsigned char *)seg + CHECKSUM_AT, crc);
 }
 
 /* The checksum of a segment: CRC-32C of header bytes 0..55, then the payload. */
 static uint32_t segment_crc(const unsigned char *seg, uint64_t p)
 {
-    return hx_kv_crc32c(hx_kv_crc32c(0, seg, CHECKSUM_AT), seg + HX_KV_SEGMENT_HEADER_BYTES,
+    return hx_kv_crc32c(hx_kv_segment_header_crc(seg), seg + HX_KV_SEGMENT_HEADER_BYTES,
                         (size_t)p);
 }
 
 static void seal(unsigned char *seg, uint64_t p)
 {
-    put_u64(seg + CHECKSUM_AT, segment_crc(seg, p));
+    hx_kv_segment_seal(seg, segment_crc(seg, p));
 }
 
 /* Checks an output buffer; returns the segment size in *need. */
@@ -655,8 +666,8 @@ hx_status hx_kvcache_pack(const hx_kvcache *c, int seq, int layer_first, int num
         return st;
     const uint64_t p = need - HX_KV_SEGMENT_HEADER_BYTES;
     unsigned char *seg = out;
-    write_header(seg, layer_first, num_layers, head_first, num_heads, s->tokens, c->head_dim,
-                 p);
+    hx_kv_segment_begin(seg, layer_first, num_layers, head_first, num_heads, s->tokens,
+                        c->head_dim);
     float *dst = (float *)(void *)(seg + HX_KV_SEGMENT_HEADER_BYTES);
     const size_t run = (size_t)s->tokens * (size_t)c->head_dim; /* one (layer, kv, head) */
     for (int l = 0; l < num_layers; l++)
@@ -693,7 +704,8 @@ hx_status hx_kv_pack_contiguous(const hx_kv_contiguous *src, int tokens, int lay
         return st;
     const uint64_t p = need - HX_KV_SEGMENT_HEADER_BYTES;
     unsigned char *seg = out;
-    write_header(seg, layer_first, num_layers, head_first, num_heads, tokens, src->head_dim, p);
+    hx_kv_segment_begin(seg, layer_first, num_layers, head_first, num_heads, tokens,
+                        src->head_dim);
     float *dst = (float *)(void *)(seg + HX_KV_SEGMENT_HEADER_BYTES);
     const size_t d = (size_t)src->head_dim, run = (size_t)tokens * d;
     for (int l = 0; l < num_layers; l++) {

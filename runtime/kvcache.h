@@ -270,6 +270,20 @@ uint32_t hx_kv_crc32c(uint32_t crc, const void *data, size_t n);
 size_t hx_kv_segment_bytes(int num_layers, int num_heads, int tokens, int head_dim);
 
 /*
+ * A segment written in pieces, by an engine that fills the payload itself
+ * (a GPU copying it out): hx_kv_segment_begin writes the header of a
+ * segment of these counts (checksum 0) into seg (hx_kv_segment_bytes of
+ * room); once the payload is there, hx_kv_segment_seal stores the checksum
+ * crc, which is hx_kv_crc32c over the payload continued from
+ * hx_kv_segment_header_crc(seg) (so the payload may be checksummed in
+ * pieces, on several threads).
+ */
+void hx_kv_segment_begin(void *seg, int layer_first, int num_layers, int head_first,
+                         int num_heads, int tokens, int head_dim);
+uint32_t hx_kv_segment_header_crc(const void *seg);
+void hx_kv_segment_seal(void *seg, uint32_t crc);
+
+/*
  * Decodes and validates the segment in seg[0..size) (borrowed) as described
  * above, into *out. HX_EPARSE for a bad magic, header size, dtype, count,
  * size or checksum; HX_ENOTSUP for another version or a big-endian host.
