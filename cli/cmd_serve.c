@@ -151,13 +151,13 @@ int hx_cmd_worker(int argc, char **argv)
         }
         case 'T': {
             hx_err e = {0};
-            if (hx_tp_transport_parse(optarg, &o.tp_transport, &e) != HX_OK)
+            if (hx_transport_parse(optarg, &o.tp_transport, &e) != HX_OK)
                 return hx_cli_usage_error("worker", "--tp-transport: %s", e.msg);
             break;
         }
         case 'K': {
             hx_err e = {0};
-            if (hx_tp_transport_parse(optarg, &o.kv_transport, &e) != HX_OK)
+            if (hx_transport_parse(optarg, &o.kv_transport, &e) != HX_OK)
                 return hx_cli_usage_error("worker", "--kv-transport: %s", e.msg);
             break;
         }

@@ -365,11 +365,6 @@ uint32_t hx_backend_nccl_host(void)
     return h;
 }
 
-int hx_backend_uses_nccl(const hx_backend *b)
-{
-    return b->nccl != NULL;
-}
-
 /* ---- NCCL links for KV between a prefill rank and a decode rank ---- */
 
 #ifdef HX_HAVE_CUDA

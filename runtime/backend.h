@@ -115,7 +115,6 @@ hx_status hx_backend_nccl_join(hx_backend *b, const uint8_t id[HX_BACKEND_NCCL_I
                                double timeout_s, double step_timeout_s, hx_err *err);
 /* Leaves the communicator (back to the comm's allreduce); no-op when not joined. */
 void hx_backend_nccl_leave(hx_backend *b);
-int hx_backend_uses_nccl(const hx_backend *b);
 /*
  * This host as NCCL tells hosts apart (a hash of NCCL_HOSTID when set, else
  * of the host name): NCCL refuses two ranks of one communicator with the

@@ -151,14 +151,14 @@ static int64_t deadline_peer(const worker *w)
     return hx_proto_deadline_in(w->opt.peer_timeout_s);
 }
 
-hx_status hx_tp_transport_parse(const char *s, hx_tp_transport *out, hx_err *err)
+hx_status hx_transport_parse(const char *s, hx_transport *out, hx_err *err)
 {
     if (strcmp(s, "auto") == 0)
-        *out = HX_TP_TRANSPORT_AUTO;
+        *out = HX_TRANSPORT_AUTO;
     else if (strcmp(s, "nccl") == 0)
-        *out = HX_TP_TRANSPORT_NCCL;
+        *out = HX_TRANSPORT_NCCL;
     else if (strcmp(s, "tcp") == 0)
-        *out = HX_TP_TRANSPORT_TCP;
+        *out = HX_TRANSPORT_TCP;
     else
         return hx_err_set(err, HX_EINVAL, "unknown transport '%s' (auto, nccl or tcp)", s);
     return HX_OK;
@@ -642,7 +642,7 @@ static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
         hx_backend_link_close(link);
         return st;
     }
-    if (!link && w->opt.kv_transport == HX_TP_TRANSPORT_NCCL)
+    if (!link && w->opt.kv_transport == HX_TRANSPORT_NCCL)
         return hx_err_set(err, HX_ENOTSUP,
                           "KV to %s cannot go over NCCL (--kv-transport nccl): %s", device, why);
     w->kv_link[wi] = link;
@@ -662,7 +662,7 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
     *out = NULL;
     hx_proto_group_setup mine;
     int able = 0;
-    if (w->ready && w->opt.kv_transport != HX_TP_TRANSPORT_TCP) {
+    if (w->ready && w->opt.kv_transport != HX_TRANSPORT_TCP) {
         link_offer_of(w, &mine);
         able = offer->nccl && mine.nccl &&
                !(strcmp(offer->device_uuid, mine.device_uuid) == 0 &&
@@ -722,8 +722,8 @@ static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
                         "", SOFTWARE_VERSION};
     snprintf(h.group_id, sizeof h.group_id, "%s", w->grp->id);
     st = hx_proto_send_hello(c, &h, hx_proto_deadline_in(10.0), err);
-    if (st == HX_OK && (w->opt.kv_transport == HX_TP_TRANSPORT_NCCL ||
-                        (w->opt.kv_transport == HX_TP_TRANSPORT_AUTO &&
+    if (st == HX_OK && (w->opt.kv_transport == HX_TRANSPORT_NCCL ||
+                        (w->opt.kv_transport == HX_TRANSPORT_AUTO &&
                          hx_backend_link_capable(w->eng))))
         st = kv_link_offer(w, wi, c, err);
     if (st != HX_OK) {
@@ -1641,7 +1641,7 @@ static int stage_nccl(worker *w, const hx_proto_group_setup *offers, int s, cons
 {
     *why = NULL;
     const hx_plan_stage *ps = &w->grp->stages[s];
-    if (ps->ndevices < 2 || w->opt.tp_transport == HX_TP_TRANSPORT_TCP)
+    if (ps->ndevices < 2 || w->opt.tp_transport == HX_TRANSPORT_TCP)
         return 0;
     for (int r = 0; r < ps->ndevices; r++) {
         int j = hx_deploy_worker_at(&w->dep, w->me->group, s, r) - w->gfirst;
@@ -1678,7 +1678,7 @@ static hx_status setup_plan(worker *w, const hx_proto_group_setup *mine, int *st
     for (int s = 0; s < w->grp->nstages && st == HX_OK; s++) {
         const char *why = NULL;
         stage_plan[s] = stage_nccl(w, offers, s, &why);
-        if (!stage_plan[s] && w->opt.tp_transport == HX_TP_TRANSPORT_NCCL &&
+        if (!stage_plan[s] && w->opt.tp_transport == HX_TRANSPORT_NCCL &&
             w->grp->stages[s].ndevices > 1)
             st = hx_err_set(err, HX_ENOTSUP,
                             "group '%s' stage %d cannot sum over NCCL (--tp-transport nccl): %s",
@@ -1793,7 +1793,7 @@ static hx_status group_setup(worker *w, hx_err *err)
                 lost = s;
             }
         }
-        if (st == HX_OK && lost >= 0 && w->opt.tp_transport == HX_TP_TRANSPORT_NCCL) {
+        if (st == HX_OK && lost >= 0 && w->opt.tp_transport == HX_TRANSPORT_NCCL) {
             st = hx_err_set(err, HX_ECONN,
                             "group '%s' stage %d: a rank failed to join NCCL "
                             "(--tp-transport nccl; its log says why)",

@@ -46,14 +46,16 @@
 #include "runtime/backend.h"
 #include "runtime/proto.h"
 
-typedef enum hx_tp_transport {
-    HX_TP_TRANSPORT_AUTO = 0,
-    HX_TP_TRANSPORT_NCCL = 1,
-    HX_TP_TRANSPORT_TCP = 2
-} hx_tp_transport;
+/* How a worker moves TP partial sums and KV between GPUs: over NCCL where it can (auto),
+   only over NCCL (nccl: fail otherwise), or never (tcp). */
+typedef enum hx_transport {
+    HX_TRANSPORT_AUTO = 0,
+    HX_TRANSPORT_NCCL = 1,
+    HX_TRANSPORT_TCP = 2
+} hx_transport;
 
 /* "auto", "nccl", "tcp"; HX_EINVAL naming the choices otherwise. */
-hx_status hx_tp_transport_parse(const char *s, hx_tp_transport *out, hx_err *err);
+hx_status hx_transport_parse(const char *s, hx_transport *out, hx_err *err);
 
 typedef struct hx_worker_options {
     const char *plan_path;        /* borrowed */
@@ -67,9 +69,9 @@ typedef struct hx_worker_options {
     const char *bind_address;     /* NULL: the host's address in the plan */
     hx_backend_kind backend;      /* default auto: cuda when a GPU is there (device host:N
                                      runs on CUDA device N), else cpu; one kind per group */
-    hx_tp_transport kv_transport; /* KV to decode workers: auto (default) NCCL where both are
+    hx_transport kv_transport;    /* KV to decode workers: auto (default) NCCL where both are
                                      GPUs that NCCL can join, else TCP; nccl (or fail); tcp */
-    hx_tp_transport tp_transport; /* the leader's decides for its group: auto (default) NCCL
+    hx_transport tp_transport;    /* the leader's decides for its group: auto (default) NCCL
                                      where a TP stage's ranks are GPUs that NCCL can join, else
                                      TCP; nccl (or fail); tcp */
 } hx_worker_options;
