@@ -880,7 +880,15 @@ typedef struct state {
     json_t *root;
     char path[PATH_MAX];
     char abs_plan[PATH_MAX];
+    hx_plan *plan; /* the plan as it is now (SSH settings), NULL when it no longer loads:
+                      the state file suffices otherwise */
 } state;
+
+static void state_release(state *s)
+{
+    hx_plan_free(s->plan);
+    json_decref(s->root);
+}
 
 static hx_status state_load(const char *plan_path, const char *state_dir, state *s,
                             hx_err *err)
@@ -893,7 +901,11 @@ static hx_status state_load(const char *plan_path, const char *state_dir, state 
     if (!hx_file_is_regular(s->path))
         return hx_err_set(err, HX_ENOENT, "plan '%s' is not launched (no state file %s)",
                           plan_path, s->path);
-    return hx_json_load_file(s->path, "state file", &s->root, err);
+    if ((st = hx_json_load_file(s->path, "state file", &s->root, err)) != HX_OK)
+        return st;
+    hx_err ignored = {0};
+    hx_plan_load_err(s->abs_plan, &s->plan, &ignored);
+    return HX_OK;
 }
 
 /* Opens the host named `name` as the state file recorded it (plan for SSH settings). */
@@ -925,9 +937,7 @@ hx_status hx_launch_stop(const char *plan_path, const char *state_dir, double gr
         return HX_OK; /* nothing running */
     if (st != HX_OK)
         return st;
-    hx_plan *plan = NULL;
-    hx_err perr = {0};
-    hx_plan_load_err(s.abs_plan, &plan, &perr); /* SSH settings; the state file suffices otherwise */
+    const hx_plan *plan = s.plan;
     json_t *hosts = json_object_get(s.root, "hosts"), *procs = json_object_get(s.root, "processes");
     size_t i;
     json_t *hj;
@@ -972,8 +982,7 @@ hx_status hx_launch_stop(const char *plan_path, const char *state_dir, double gr
             unlink(secret);
         unlink(s.path);
     }
-    hx_plan_free(plan);
-    json_decref(s.root);
+    state_release(&s);
     return first;
 }
 
@@ -1021,7 +1030,7 @@ hx_status hx_launch_restart(const hx_launch_options *o, const char *const *group
                         "state file %s lacks what a restart needs (a launch of an older "
                         "hexflow?): 'hexflow stop --plan %s', then launch again",
                         s.path, o->plan_path);
-        json_decref(s.root);
+        state_release(&s);
         return st;
     }
     hx_launch_options oo = *o;
@@ -1162,7 +1171,7 @@ hx_status hx_launch_restart(const hx_launch_options *o, const char *const *group
 out:
     free(dead);
     launch_release(L);
-    json_decref(s.root);
+    state_release(&s);
     return st;
 }
 
@@ -1192,9 +1201,8 @@ hx_status hx_launch_status(const char *plan_path, const char *state_dir, int jso
     hx_status st = state_load(plan_path, state_dir, &s, err);
     if (st != HX_OK)
         return st;
-    hx_plan *plan = NULL;
+    const hx_plan *plan = s.plan;
     hx_err perr = {0};
-    hx_plan_load_err(s.abs_plan, &plan, &perr);
     hx_proto_secret secret;
     const char *sf = json_string_value(json_object_get(s.root, "secret_file"));
     int have_secret = sf && hx_proto_secret_load_file(sf, &secret, &perr) == HX_OK;
@@ -1270,8 +1278,7 @@ hx_status hx_launch_status(const char *plan_path, const char *state_dir, int jso
     json_decref(rows);
     if (have_secret)
         hx_proto_secret_release(&secret);
-    hx_plan_free(plan);
-    json_decref(s.root);
+    state_release(&s);
     return HX_OK;
 }
 
@@ -1321,9 +1328,7 @@ hx_status hx_launch_logs(const char *plan_path, const char *state_dir, const cha
     hx_status st = state_load(plan_path, state_dir, &s, err);
     if (st != HX_OK)
         return st;
-    hx_plan *plan = NULL;
-    hx_err perr = {0};
-    hx_plan_load_err(s.abs_plan, &plan, &perr);
+    const hx_plan *plan = s.plan;
     json_t *hosts = json_object_get(s.root, "hosts"), *procs = json_object_get(s.root, "processes");
     size_t nh = json_array_size(hosts), np = json_array_size(procs);
     hx_host **sessions = calloc(nh ? nh : 1, sizeof *sessions);
@@ -1406,7 +1411,6 @@ out:
         hx_host_close(sessions[h]);
     free(sessions);
     free(logs);
-    hx_plan_free(plan);
-    json_decref(s.root);
+    state_release(&s);
     return st;
 }
