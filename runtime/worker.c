@@ -576,15 +576,22 @@ static double link_op_s(const worker *w)
 }
 
 /* This worker's OFFER of a link (GROUP_SETUP's frame on a KV connection). */
-static void link_offer_of(worker *w, hx_proto_group_setup *m)
+/*
+ * This worker's OFFER (GROUP_SETUP, proto.h): its engine, and nccl as given
+ * (TP all-reduce for a group's setup, a KV link on a KV connection).
+ */
+static hx_status offer_of(worker *w, int nccl, hx_proto_group_setup *m, hx_err *err)
 {
     memset(m, 0, sizeof *m);
     m->phase = HX_PROTO_SETUP_OFFER;
     m->backend = (uint32_t)hx_backend_kind_of(w->eng);
-    m->nccl = (uint32_t)hx_backend_link_capable(w->eng);
+    m->step_rows = (uint32_t)hx_backend_step_rows(w->eng);
+    m->nccl = (uint32_t)(nccl != 0);
+    m->max_seqs = (uint32_t)hx_backend_max_seqs(w->eng);
+    m->block_tokens = (uint32_t)hx_backend_block_tokens(w->eng);
+    m->kv_tokens = (uint32_t)hx_backend_max_tokens(w->eng);
     m->nccl_host = hx_backend_nccl_host();
-    hx_err ignored = {0};
-    hx_backend_device_uuid(w->eng, m->device_uuid, sizeof m->device_uuid, &ignored);
+    return hx_backend_device_uuid(w->eng, m->device_uuid, sizeof m->device_uuid, err);
 }
 
 /*
@@ -598,9 +605,10 @@ static void link_offer_of(worker *w, hx_proto_group_setup *m)
 static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
 {
     hx_proto_group_setup m;
-    link_offer_of(w, &m);
-    const int able = (int)m.nccl;
-    hx_status st = hx_proto_send_group_setup(c, &m, hx_proto_deadline_in(LINK_SETUP_S), err);
+    const int able = hx_backend_link_capable(w->eng);
+    hx_status st = offer_of(w, able, &m, err);
+    if (st == HX_OK)
+        st = hx_proto_send_group_setup(c, &m, hx_proto_deadline_in(LINK_SETUP_S), err);
     if (st == HX_OK)
         st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_PLAN, &m,
                                        hx_proto_deadline_in(LINK_SETUP_S), err);
@@ -662,8 +670,9 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
     *out = NULL;
     hx_proto_group_setup mine;
     int able = 0;
-    if (w->ready && w->opt.kv_transport != HX_TRANSPORT_TCP) {
-        link_offer_of(w, &mine);
+    hx_err ignored = {0};
+    if (w->ready && w->opt.kv_transport != HX_TRANSPORT_TCP &&
+        offer_of(w, hx_backend_link_capable(w->eng), &mine, &ignored) == HX_OK) {
         able = offer->nccl && mine.nccl &&
                !(strcmp(offer->device_uuid, mine.device_uuid) == 0 &&
                  offer->nccl_host == mine.nccl_host);
@@ -1742,15 +1751,8 @@ static hx_status group_setup(worker *w, hx_err *err)
 {
     if (w->gsize == 1)
         return HX_OK;
-    hx_proto_group_setup mine = {.phase = HX_PROTO_SETUP_OFFER,
-                                 .backend = (uint32_t)hx_backend_kind_of(w->eng),
-                                 .step_rows = (uint32_t)hx_backend_step_rows(w->eng),
-                                 .nccl = (uint32_t)hx_backend_nccl_capable(w->eng),
-                                 .max_seqs = (uint32_t)hx_backend_max_seqs(w->eng),
-                                 .block_tokens = (uint32_t)hx_backend_block_tokens(w->eng),
-                                 .kv_tokens = (uint32_t)hx_backend_max_tokens(w->eng),
-                                 .nccl_host = hx_backend_nccl_host()};
-    hx_status st = hx_backend_device_uuid(w->eng, mine.device_uuid, sizeof mine.device_uuid, err);
+    hx_proto_group_setup mine;
+    hx_status st = offer_of(w, hx_backend_nccl_capable(w->eng), &mine, err);
     if (st != HX_OK)
         return st;
     int *plan = calloc((size_t)w->grp->nstages, sizeof *plan);
