@@ -614,6 +614,29 @@ static void seal(unsigned char *seg, uint64_t p)
     hx_kv_segment_seal(seg, segment_crc(seg, p));
 }
 
+/* [first, first + n) within [lo, lo + count)? (int64 arithmetic: no overflow) */
+static int range_within(int64_t first, int64_t n, int64_t lo, int64_t count)
+{
+    return n >= 1 && first >= lo && first + n <= lo + count;
+}
+
+/* Whether the layers and heads to pack lie within a cache's; err says why not. */
+static int pack_ranges(int layer_first, int num_layers, int head_first, int num_heads,
+                       int c_layer_first, int c_layers, int c_head_first, int c_heads,
+                       hx_err *err)
+{
+    if (range_within(layer_first, num_layers, c_layer_first, c_layers) &&
+        range_within(head_first, num_heads, c_head_first, c_heads))
+        return 1;
+    hx_err_set(err, HX_EINVAL,
+               "KV pack: layers [%d, %lld), heads [%d, %lld) are not within the cache's layers "
+               "[%d, %d), heads [%d, %d)",
+               layer_first, (long long)layer_first + num_layers, head_first,
+               (long long)head_first + num_heads, c_layer_first, c_layer_first + c_layers,
+               c_head_first, c_head_first + c_heads);
+    return 0;
+}
+
 /* Checks an output buffer; returns the segment size in *need. */
 static hx_status check_out(const char *what, int num_layers, int num_heads, int tokens,
                            int head_dim, const void *out, size_t out_size, size_t *need,
@@ -635,12 +658,6 @@ static hx_status check_out(const char *what, int num_layers, int num_heads, int 
     return HX_OK;
 }
 
-/* [first, first + n) within [lo, lo + count)? (int64 arithmetic: no overflow) */
-static int range_within(int64_t first, int64_t n, int64_t lo, int64_t count)
-{
-    return n >= 1 && first >= lo && first + n <= lo + count;
-}
-
 hx_status hx_kvcache_pack(const hx_kvcache *c, int seq, int layer_first, int num_layers,
                           int head_first, int num_heads, void *out, size_t out_size,
                           size_t *out_bytes, hx_err *err)
@@ -650,15 +667,9 @@ hx_status hx_kvcache_pack(const hx_kvcache *c, int seq, int layer_first, int num
         return hx_err_set(err, HX_EINVAL, "KV pack: no sequence %d", seq);
     if (s->tokens < 1)
         return hx_err_set(err, HX_EINVAL, "KV pack: sequence %d holds no positions", seq);
-    if (!range_within(layer_first, num_layers, c->layer_first, c->layers) ||
-        !range_within(head_first, num_heads, c->head_first, c->kv_heads))
-        return hx_err_set(err, HX_EINVAL,
-                          "KV pack: layers [%d, %lld), heads [%d, %lld) are not within the "
-                          "cache's layers [%d, %d), heads [%d, %d)",
-                          layer_first, (long long)layer_first + num_layers, head_first,
-                          (long long)head_first + num_heads, c->layer_first,
-                          c->layer_first + c->layers, c->head_first,
-                          c->head_first + c->kv_heads);
+    if (!pack_ranges(layer_first, num_layers, head_first, num_heads, c->layer_first, c->layers,
+                     c->head_first, c->kv_heads, err))
+        return HX_EINVAL;
     size_t need;
     hx_status st = check_out("KV pack", num_layers, num_heads, s->tokens, c->head_dim, out,
                              out_size, &need, err);
@@ -688,15 +699,9 @@ hx_status hx_kv_pack_contiguous(const hx_kv_contiguous *src, int tokens, int lay
     if (tokens < 1 || tokens > src->max_tokens)
         return hx_err_set(err, HX_EINVAL, "KV pack: %d tokens of a cache of %d", tokens,
                           src->max_tokens);
-    if (!range_within(layer_first, num_layers, src->layer_first, src->layers) ||
-        !range_within(head_first, num_heads, src->head_first, src->kv_heads))
-        return hx_err_set(err, HX_EINVAL,
-                          "KV pack: layers [%d, %lld), heads [%d, %lld) are not within the "
-                          "cache's layers [%d, %d), heads [%d, %d)",
-                          layer_first, (long long)layer_first + num_layers, head_first,
-                          (long long)head_first + num_heads, src->layer_first,
-                          src->layer_first + src->layers, src->head_first,
-                          src->head_first + src->kv_heads);
+    if (!pack_ranges(layer_first, num_layers, head_first, num_heads, src->layer_first,
+                     src->layers, src->head_first, src->kv_heads, err))
+        return HX_EINVAL;
     size_t need;
     hx_status st = check_out("KV pack", num_layers, num_heads, tokens, src->head_dim, out,
                              out_size, &need, err);
