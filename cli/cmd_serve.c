@@ -149,16 +149,13 @@ int hx_cmd_worker(int argc, char **argv)
                 return hx_cli_usage_error("worker", "--backend: %s", e.msg);
             break;
         }
-        case 'T': {
-            hx_err e = {0};
-            if (hx_transport_parse(optarg, &o.tp_transport, &e) != HX_OK)
-                return hx_cli_usage_error("worker", "--tp-transport: %s", e.msg);
-            break;
-        }
+        case 'T':
         case 'K': {
             hx_err e = {0};
-            if (hx_transport_parse(optarg, &o.kv_transport, &e) != HX_OK)
-                return hx_cli_usage_error("worker", "--kv-transport: %s", e.msg);
+            if (hx_transport_parse(optarg, c == 'T' ? &o.tp_transport : &o.kv_transport, &e) !=
+                HX_OK)
+                return hx_cli_usage_error("worker", "%s: %s",
+                                          c == 'T' ? "--tp-transport" : "--kv-transport", e.msg);
             break;
         }
         case 't':
