@@ -271,12 +271,11 @@ hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx
                                     hx_err *err);
 
 /*
- * Which prefill attention kernel runs: 0 (default) the WMMA kernel above,
- * verified against the CPU on an H100 (about 32 TFLOP/s there: its softmax
- * goes through shared memory); 1 a FlashAttention-2 kernel on mma.sync with
- * the softmax in registers, written to be several times faster but NOT yet
- * run on a GPU (test_cuda checks both; flip the default once it passes).
- * $HX_CUDA_ATTN_MMA=1 selects it too. Later launches only.
+ * Which prefill attention kernel runs: 1 (the default) the FlashAttention-2
+ * kernel on mma.sync with the softmax in registers (checked against the
+ * wmma kernel and the CPU on an H200: 2.3x faster at 2048 tokens); 0 the
+ * WMMA kernel, whose softmax goes through shared memory. $HX_CUDA_ATTN_MMA=0
+ * selects the WMMA kernel too. Later launches only.
  */
 void hx_cuda_set_prefill_mma(int on);
 
@@ -355,7 +354,8 @@ hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_
  *
  * A peer process may die at any time, so no call here waits on a peer
  * without a bound: communicators are NCCL's non-blocking kind, each call
- * polls (from 5 us up to every millisecond) until NCCL has done its part, and a
+ * polls (yielding the CPU for 200 us, then every 20 us, after 10 ms every
+ * millisecond) until NCCL has done its part, and a
  * deadline that passes or an asynchronous error (a peer gone, the network
  * down) aborts the communicator (ncclCommAbort, which also stops its
  * kernels on the GPU). HX_ETIMEDOUT and HX_ECONN (HX_EIO for NCCL's internal
@@ -369,6 +369,7 @@ hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_
  * (a decode worker receives KV while its engine all-reduces): the calls
  * that queue, create or free are serialized process-wide (the waits are not).
  */
+/* NCCL 2.19 or later, at build and at run time (else unavailable: HX_ENOTSUP). */
 #define HX_CUDA_NCCL_ID_BYTES 128
 typedef struct hx_cuda_nccl hx_cuda_nccl; /* opaque: one rank's communicator */
 
@@ -421,7 +422,7 @@ hx_status hx_cuda_nccl_group_start(hx_err *err);
 hx_status hx_cuda_nccl_group_end(hx_err *err);
 /*
  * Waits until all the work queued on stream s (NCCL's and anything else)
- * is done, polling the stream (every 50 us to 1 ms) and the communicator's
+ * is done, polling the stream (as above) and the communicator's
  * asynchronous state. An asynchronous NCCL error aborts the communicator
  * and returns HX_ECONN (HX_EIO for NCCL's internal errors); when timeout_s
  * (> 0, else HX_EINVAL) passes first, the communicator is aborted (so that

@@ -12,13 +12,23 @@
 #ifdef HX_HAVE_NCCL
 #include <nccl.h>
 #include <pthread.h>
+#include <sched.h>
+
+// 2.19 fixed aborting communicators from several threads; the non-blocking
+// calls this file relies on (ncclCommInitRankConfig, ncclCommFinalize) came in 2.14.
+#if NCCL_VERSION_CODE < NCCL_VERSION(2, 19, 0)
+#error "hexflow needs NCCL 2.19 or later"
+#endif
 
 // NCCL does not promise that operations issued at the same time from several
 // threads to different communicators of one device are safe (a decode worker
 // receives KV on connection threads while its engine thread all-reduces):
-// every NCCL call that queues, creates or frees is made under this lock, held
-// for the call only, never while waiting for completion. Recursive, as an
-// abort may follow a failed call.
+// every NCCL call that queues or creates is made under this lock, held for
+// the call only, never while waiting for completion. Aborts and destroys are
+// not: they may wait for the GPU (a cudaFree inside them waits for another
+// communicator's kernel), and an abort must be able to stop a communicator
+// while another thread is inside NCCL. Recursive, as a failed call may be
+// followed by another under it.
 static pthread_mutex_t api_mu;
 static pthread_once_t api_once = PTHREAD_ONCE_INIT;
 
@@ -88,7 +98,9 @@ static void sleep_s(double s)
 
 static hx_status nccl_code(ncclResult_t r)
 {
-    return r == ncclSystemError || r == ncclRemoteError ? HX_ECONN : HX_EIO;
+    return r == ncclSystemError || r == ncclRemoteError                ? HX_ECONN
+           : r == ncclInvalidArgument || r == ncclInvalidUsage ? HX_EINVAL
+                                                                        : HX_EIO;
 }
 
 static hx_status nccl_err(ncclResult_t r, hx_err *err, const char *what)
@@ -98,33 +110,45 @@ static hx_status nccl_err(ncclResult_t r, hx_err *err, const char *what)
     return hx_err_set(err, nccl_code(r), "nccl: %s: %s", what, ncclGetErrorString(r));
 }
 
-// NCCL's own text of its last error (", detail"), or "" when it has none.
+// NCCL's own text of its last error, or "" when it has none. NCCL keeps
+// one such text per process, never cleared: with several communicators it
+// may be another one's (hence the wording).
 static void last_error(char *out, size_t size)
 {
     const char *m = ncclGetLastError(NULL);
     if (m && m[0])
-        snprintf(out, size, " (%s)", m);
+        snprintf(out, size, " (NCCL's last message: %s)", m);
     else if (size)
         out[0] = '\0';
+}
+
+// Between two polls of something that is usually done within microseconds
+// (an operation handed to its stream: a step makes two per layer), having
+// waited `waited` seconds: yields the CPU for the first 200 us (a sleep
+// would last at least the timer slack, 50 us), then sleeps 20 us until
+// 10 ms, then 1 ms (a peer connecting, a slow join).
+static void pause_after(double waited)
+{
+    if (waited < 200e-6)
+        sched_yield();
+    else
+        sleep_s(waited < 10e-3 ? 20e-6 : 1e-3);
 }
 
 // Polls the communicator until its state is no longer ncclInProgress or
 // `deadline` (now_s()) passes: returns that state (ncclInProgress on timeout).
 static ncclResult_t poll_comm(ncclComm_t comm, double deadline)
 {
-    // an operation on a non-blocking communicator is usually queued within
-    // microseconds: start with short sleeps (a step makes two per layer)
-    double pause = 5e-6;
+    const double t0 = now_s();
     for (;;) {
         ncclResult_t state = ncclSuccess;
         ncclResult_t r = ncclCommGetAsyncError(comm, &state);
         if (r != ncclSuccess)
             return r;
-        if (state != ncclInProgress || now_s() >= deadline)
+        const double t = now_s();
+        if (state != ncclInProgress || t >= deadline)
             return state;
-        sleep_s(pause);
-        if (pause < 1e-3)
-            pause *= 2;
+        pause_after(t - t0);
     }
 }
 
@@ -135,11 +159,8 @@ static void abort_comm(hx_cuda_nccl *c, const char *why)
     if (c->aborted)
         return;
     snprintf(c->why, sizeof c->why, "%s", why);
-    if (c->comm) {
-        api_lock();
-        (void)ncclCommAbort(c->comm);
-        api_unlock();
-    }
+    if (c->comm)
+        (void)ncclCommAbort(c->comm); // not under api_mu (see there)
     c->comm = NULL;
     c->aborted = 1;
 }
@@ -198,14 +219,19 @@ static hx_status op_begin(hx_cuda_nccl *c, hx_err *err)
     return group_depth > 0 ? group_add(c, err) : HX_OK;
 }
 
-// After an operation on c answered r. Outside a group, ncclInProgress
-// means NCCL is still handing it to the stream: wait for that (bounded).
-// Inside one, group_end does. An error that left the communicator broken
-// (its state is an error) aborts it; one that did not (a bad argument) is
-// just reported.
+// After an operation on c answered r. Outside a group, NCCL may still be
+// handing it to the stream, whether the call said ncclInProgress or (as
+// single sends and receives on non-blocking communicators may)
+// ncclSuccess: wait until the communicator's state leaves ncclInProgress
+// (bounded); before that the stream may not hold the operation yet, and
+// waiting for the stream would see nothing to wait for. Inside a group,
+// group_end does this, and aborts: NCCL defers an abort inside a group, so
+// an error here is only reported. Outside, an error that left the
+// communicator broken (its state is an error) aborts it; one that did not
+// (a bad argument) is just reported.
 static hx_status op_end(hx_cuda_nccl *c, ncclResult_t r, const char *what, hx_err *err)
 {
-    if (r == ncclInProgress) {
+    if (r == ncclInProgress || r == ncclSuccess) {
         if (group_depth > 0)
             return HX_OK;
         ncclResult_t state = poll_comm(c->comm, now_s() + HX_NCCL_ENQUEUE_S);
@@ -215,10 +241,9 @@ static hx_status op_end(hx_cuda_nccl *c, ncclResult_t r, const char *what, hx_er
         snprintf(doing, sizeof doing, "queueing %s", what);
         return fail_comm(c, state, doing, HX_NCCL_ENQUEUE_S, err);
     }
-    if (r == ncclSuccess)
-        return HX_OK;
     ncclResult_t state = ncclSuccess;
-    if (ncclCommGetAsyncError(c->comm, &state) == ncclSuccess && state != ncclSuccess &&
+    if (group_depth == 0 && ncclCommGetAsyncError(c->comm, &state) == ncclSuccess &&
+        state != ncclSuccess &&
         state != ncclInProgress)
         return fail_comm(c, state, what, 0, err);
     char detail[300];
@@ -227,13 +252,29 @@ static hx_status op_end(hx_cuda_nccl *c, ncclResult_t r, const char *what, hx_er
                       ncclGetErrorString(r), detail);
 }
 
+// The library loaded at run time may be older than the headers.
+static int runtime_version(void)
+{
+    int v = 0;
+    return ncclGetVersion(&v) == ncclSuccess ? v : 0;
+}
+
+static hx_status old_nccl(hx_err *err)
+{
+    int v = runtime_version();
+    return hx_err_set(err, HX_ENOTSUP, "nccl: the library loaded is %d.%d.%d; hexflow needs 2.19 "
+                      "or later", v / 10000, v / 100 % 100, v % 100);
+}
+
 extern "C" int hx_cuda_nccl_available(void)
 {
-    return 1;
+    return runtime_version() >= NCCL_VERSION(2, 19, 0);
 }
 
 extern "C" hx_status hx_cuda_nccl_unique_id(uint8_t id[HX_CUDA_NCCL_ID_BYTES], hx_err *err)
 {
+    if (!hx_cuda_nccl_available())
+        return old_nccl(err);
     ncclUniqueId u;
     hx_status st = nccl_err(ncclGetUniqueId(&u), err, "ncclGetUniqueId");
     if (st == HX_OK)
@@ -251,6 +292,8 @@ extern "C" hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], i
     if (!(timeout_s > 0) || timeout_s > 1e9)
         return hx_err_set(err, HX_EINVAL, "nccl: rank %d of %d: bad timeout %g s", rank, n_ranks,
                           timeout_s);
+    if (!hx_cuda_nccl_available())
+        return old_nccl(err);
     hx_status st = hx_cuda_set_device(device, err);
     if (st != HX_OK)
         return st;
@@ -276,11 +319,8 @@ extern "C" hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], i
     }
     char detail[300];
     last_error(detail, sizeof detail);
-    if (c->comm) {
-        api_lock();
-        (void)ncclCommAbort(c->comm);
-        api_unlock();
-    }
+    if (c->comm)
+        (void)ncclCommAbort(c->comm); // not under api_mu (see there)
     free(c);
     if (r == ncclInProgress)
         return hx_err_set(err, HX_ETIMEDOUT,
@@ -302,12 +342,10 @@ extern "C" void hx_cuda_nccl_free(hx_cuda_nccl *c)
         api_unlock();
         if (r == ncclSuccess || r == ncclInProgress)
             r = poll_comm(c->comm, now_s() + HX_NCCL_FINALIZE_S);
-        api_lock();
-        if (r == ncclSuccess)
+        if (r == ncclSuccess) // neither under api_mu (see there)
             (void)ncclCommDestroy(c->comm);
         else
             (void)ncclCommAbort(c->comm);
-        api_unlock();
     }
     for (int i = 0; i < group_n; i++) // a group left open by an error
         if (group_comms[i] == c)
@@ -422,7 +460,7 @@ extern "C" hx_status hx_cuda_nccl_wait(hx_cuda_nccl *c, hx_cuda_stream *s, doubl
     if (!(timeout_s > 0))
         return hx_err_set(err, HX_EINVAL, "nccl: rank %d of %d: bad timeout %g s", c->rank,
                           c->size, timeout_s);
-    double deadline = now_s() + timeout_s, nap_s = 50e-6;
+    const double t0 = now_s(), deadline = t0 + timeout_s;
     for (;;) {
         ncclResult_t state = ncclSuccess;
         ncclResult_t r = ncclCommGetAsyncError(c->comm, &state);
@@ -430,16 +468,16 @@ extern "C" hx_status hx_cuda_nccl_wait(hx_cuda_nccl *c, hx_cuda_stream *s, doubl
             state = r;
         if (state != ncclSuccess && state != ncclInProgress)
             return fail_comm(c, state, "waiting for the stream", 0, err);
-        cudaError_t e = cudaStreamQuery(HX_STREAM(s));
+        // while NCCL still hands work to the stream, the stream may look done
+        cudaError_t e = state == ncclInProgress ? cudaErrorNotReady : cudaStreamQuery(HX_STREAM(s));
         if (e == cudaSuccess)
             return HX_OK;
         if (e != cudaErrorNotReady)
             return hx_cuda_err(e, err, "cudaStreamQuery");
-        if (now_s() >= deadline)
+        const double t = now_s();
+        if (t >= deadline)
             return fail_comm(c, ncclInProgress, "the work on the stream", timeout_s, err);
-        sleep_s(nap_s);
-        if (nap_s < 1e-3)
-            nap_s *= 2;
+        pause_after(t - t0);
     }
 }
 
