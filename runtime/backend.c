@@ -1,6 +1,7 @@
 /* backend.c - the cpu and cuda engines behind one table; see backend.h. */
 #include "runtime/backend.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -30,7 +31,23 @@ struct hx_backend {
     void *cuda;          /* hx_cuda_engine */
     void *nccl;          /* hx_cuda_nccl: the stage's TP all-reduce, when joined */
     int device;          /* CUDA device ordinal */
+    /*
+     * Device buffers that KV payloads arrived in over NCCL, kept for reuse:
+     * a cudaFree waits for the whole GPU, so freeing each payload would make
+     * the engine's step wait for transfers in flight on other threads.
+     */
+    pthread_mutex_t pool_mu;
+    struct dev_buf {
+        void *p;
+        size_t cap;
+        int in_use;
+    } pool[16];
+    int n_pool;
+    size_t pool_bytes;
 };
+
+/* The pool holds at most this much device memory (a bigger payload is allocated apart). */
+#define DEV_POOL_BYTES ((size_t)1 << 30)
 
 hx_status hx_backend_parse(const char *s, hx_backend_kind *out, hx_err *err)
 {
@@ -177,6 +194,7 @@ hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm
     hx_backend *b = calloc(1, sizeof *b);
     if (!b)
         return hx_err_set(err, HX_ENOMEM, "out of memory");
+    pthread_mutex_init(&b->pool_mu, NULL);
     b->kind = o->kind;
     if (b->kind == HX_BACKEND_AUTO)
         b->kind = cuda_usable() ? HX_BACKEND_CUDA : HX_BACKEND_CPU;
@@ -216,7 +234,10 @@ void hx_backend_close(hx_backend *b)
 #ifdef HX_HAVE_CUDA
     hx_cuda_engine_free(b->cuda); /* waits for its stream: the communicator goes after */
     hx_cuda_nccl_free(b->nccl);
+    for (int i = 0; i < b->n_pool; i++)
+        hx_cuda_free(b->pool[i].p);
 #endif
+    pthread_mutex_destroy(&b->pool_mu);
     free(b);
 }
 
@@ -511,7 +532,59 @@ hx_status hx_backend_link_send(hx_backend_link *l, hx_err *err)
 #endif
 }
 
-hx_status hx_backend_link_recv(hx_backend_link *l, size_t bytes, void **out, hx_err *err)
+#ifdef HX_HAVE_CUDA
+/*
+ * A device buffer of at least `bytes` from b's pool (the smallest free one
+ * that fits), or a new one (rounded up), kept in the pool while it has room (entries and
+ * DEV_POOL_BYTES), else apart. The current device must be b's.
+ */
+static hx_status dev_get(hx_backend *b, size_t bytes, void **out, hx_err *err)
+{
+    *out = NULL;
+    /* sizes in steps of a quarter of their power of two (at least 256 KiB): reusable */
+    size_t step = (size_t)1 << 18;
+    while (step * 4 < bytes)
+        step *= 2;
+    bytes = (bytes + step - 1) / step * step;
+    pthread_mutex_lock(&b->pool_mu);
+    int best = -1;
+    for (int i = 0; i < b->n_pool; i++)
+        if (!b->pool[i].in_use && b->pool[i].cap >= bytes &&
+            (best < 0 || b->pool[i].cap < b->pool[best].cap))
+            best = i;
+    if (best >= 0) {
+        b->pool[best].in_use = 1;
+        *out = b->pool[best].p;
+        pthread_mutex_unlock(&b->pool_mu);
+        return HX_OK;
+    }
+    /* a new entry: reserve its room now, allocate outside the lock */
+    const int room = b->n_pool < (int)(sizeof b->pool / sizeof b->pool[0]) &&
+                     b->pool_bytes + bytes <= DEV_POOL_BYTES;
+    int slot = -1;
+    if (room) {
+        slot = b->n_pool++;
+        b->pool[slot] = (struct dev_buf){NULL, bytes, 1};
+        b->pool_bytes += bytes;
+    }
+    pthread_mutex_unlock(&b->pool_mu);
+    hx_status st = hx_cuda_malloc(out, bytes, err);
+    if (slot >= 0) {
+        pthread_mutex_lock(&b->pool_mu);
+        if (st == HX_OK) {
+            b->pool[slot].p = *out;
+        } else { /* give the room back: the last entry moves into the slot */
+            b->pool_bytes -= bytes;
+            b->pool[slot] = b->pool[--b->n_pool];
+        }
+        pthread_mutex_unlock(&b->pool_mu);
+    }
+    return st;
+}
+#endif
+
+hx_status hx_backend_link_recv(hx_backend *b, hx_backend_link *l, size_t bytes, void **out,
+                               hx_err *err)
 {
     *out = NULL;
 #ifdef HX_HAVE_CUDA
@@ -520,29 +593,42 @@ hx_status hx_backend_link_recv(hx_backend_link *l, size_t bytes, void **out, hx_
     void *d = NULL;
     hx_status st = hx_cuda_set_device(l->device, err);
     if (st == HX_OK)
-        st = hx_cuda_malloc(&d, bytes ? bytes : 16, err);
+        st = dev_get(b, bytes ? bytes : 16, &d, err);
     if (st == HX_OK)
         st = hx_cuda_nccl_recv(l->comm, d, bytes, 0, l->stream, err);
     if (st == HX_OK)
         st = hx_cuda_nccl_wait(l->comm, l->stream, l->op_timeout_s, err);
     if (st != HX_OK) {
-        hx_cuda_free(d);
+        hx_backend_device_free(b, d);
         return st;
     }
     *out = d;
     return HX_OK;
 #else
+    (void)b;
     (void)l;
     (void)bytes;
     return hx_err_set(err, HX_ENOTSUP, "this hexflow was built without CUDA (no NCCL)");
 #endif
 }
 
-void hx_backend_device_free(void *p)
+void hx_backend_device_free(hx_backend *b, void *p)
 {
 #ifdef HX_HAVE_CUDA
+    if (!p)
+        return;
+    pthread_mutex_lock(&b->pool_mu);
+    for (int i = 0; i < b->n_pool; i++)
+        if (b->pool[i].p == p) {
+            b->pool[i].in_use = 0;
+            pthread_mutex_unlock(&b->pool_mu);
+            return;
+        }
+    pthread_mutex_unlock(&b->pool_mu);
+    (void)hx_cuda_set_device(b->device, NULL);
     hx_cuda_free(p);
 #else
+    (void)b;
     (void)p;
 #endif
 }

@@ -149,9 +149,14 @@ void hx_backend_host_free(const hx_backend *b, void *p);
  * on the device (the payload of hx_backend_pack_kv's segment, bytes long:
  * no header, no checksum); send then sends it (so a failure to pack is
  * known before the peer is told a payload follows). recv (rank 1, any one
- * thread per link): receives bytes into new device memory (*out), freed
- * with hx_backend_device_free on the engine's thread; hx_backend_add_prefilled
- * takes it as a segment's payload (the copy into the cache stays on the GPU).
+ * thread per link): receives bytes into device memory (*out) of b, the
+ * backend the link was opened on, given back with hx_backend_device_free
+ * once the payload was taken (hx_backend_add_prefilled takes it as a
+ * segment's payload: the copy into the cache stays on the GPU, done when it
+ * returns) or dropped, before hx_backend_close. The buffers are kept for
+ * reuse (up to 16 and 1 GiB): a free would wait for the whole GPU,
+ * transfers on other threads included. Beyond that they are freed, which
+ * should happen on the engine's thread (the worker queues them there).
  */
 typedef struct hx_backend_link hx_backend_link; /* opaque */
 int hx_backend_link_capable(const hx_backend *b);
@@ -163,7 +168,8 @@ hx_status hx_backend_link_pack(hx_backend *b, hx_backend_link *l, uint64_t id, i
                                int num_layers, int head_first, int num_heads, size_t bytes,
                                hx_err *err);
 hx_status hx_backend_link_send(hx_backend_link *l, hx_err *err);
-hx_status hx_backend_link_recv(hx_backend_link *l, size_t bytes, void **out, hx_err *err);
-void hx_backend_device_free(void *p); /* NULL is a no-op */
+hx_status hx_backend_link_recv(hx_backend *b, hx_backend_link *l, size_t bytes, void **out,
+                               hx_err *err);
+void hx_backend_device_free(hx_backend *b, void *p); /* any thread; p NULL is a no-op */
 
 #endif /* HX_BACKEND_H */

@@ -28,6 +28,7 @@
 #define KV_CHECK_S 10.0      /* a decode rank waits this long for its segments when asked */
 #define NCCL_JOIN_S 20.0     /* a stage's ranks join their NCCL communicator within this */
 #define LINK_SETUP_S 10.0    /* each message of a KV link's handshake, join time apart */
+#define LINK_RETRY_S 60.0    /* after a KV link failed, its decode worker gets TCP this long */
 #define KV_SPARE_MAX 16      /* received-segment buffers kept for reuse ... */
 #define KV_SPARE_BYTES ((size_t)1 << 30) /* ... holding at most this much */
 
@@ -90,6 +91,7 @@ typedef struct worker {
     atomic_int quitting;
     atomic_int router_lost; /* the router went away: the leader cancels what it held */
     atomic_int ready;       /* the engine is loaded (eng, cfg set) */
+    atomic_int set_up;      /* and the group's GROUP_SETUP is done (its NCCL joined) */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -115,6 +117,7 @@ typedef struct worker {
     /* prefill ranks: connections to decode workers, by worker index */
     hx_proto_conn **kv_out;
     hx_backend_link **kv_link; /* [nworkers]: KV over NCCL to that decode worker, when agreed */
+    int64_t *link_retry_ns;    /* [nworkers]: no link offered to it before (a link failed) */
     unsigned char *pack;
     size_t pack_cap;
 
@@ -400,7 +403,7 @@ static void kv_in_free(worker *w, kv_in *k)
             int cap = w->cap_trash ? 2 * w->cap_trash : 16;
             void **g = realloc(w->dev_trash, (size_t)cap * sizeof *g);
             if (!g) { /* out of memory: free it here, slow but right */
-                hx_backend_device_free(k->data);
+                hx_backend_device_free(w->eng, k->data);
                 free(k);
                 return;
             }
@@ -424,7 +427,7 @@ static void dev_trash_flush(worker *w)
     w->n_trash = w->cap_trash = 0;
     pthread_mutex_unlock(&w->mu);
     for (int i = 0; i < n; i++)
-        hx_backend_device_free(t[i]);
+        hx_backend_device_free(w->eng, t[i]);
     free(t);
 }
 
@@ -441,7 +444,7 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m, void 
     if (!k || !data) {
         free(k);
         if (device)
-            hx_backend_device_free(device);
+            hx_backend_device_free(w->eng, device);
         else
             hx_backend_host_free(NULL, data);
         HX_ERROR("worker %s: out of memory for a KV segment", w->me->device);
@@ -650,6 +653,8 @@ static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
         hx_backend_link_close(link);
         return st;
     }
+    if (m.nccl && !link) /* tried and failed: not again for a while (each try costs time) */
+        w->link_retry_ns[wi] = hx_proto_now_ns() + (int64_t)(LINK_RETRY_S * 1e9);
     if (!link && w->opt.kv_transport == HX_TRANSPORT_NCCL)
         return hx_err_set(err, HX_ENOTSUP,
                           "KV to %s cannot go over NCCL (--kv-transport nccl): %s", device, why);
@@ -671,7 +676,11 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
     hx_proto_group_setup mine;
     int able = 0;
     hx_err ignored = {0};
-    if (w->ready && w->opt.kv_transport != HX_TRANSPORT_TCP &&
+    /* not while the group's own NCCL joins (two communicators made at once on one GPU):
+       a link offered before then waits a little for it, or goes without */
+    for (int i = 0; i < 250 && !w->set_up && !w->quitting; i++)
+        sleep_ms(20);
+    if (w->set_up && w->opt.kv_transport != HX_TRANSPORT_TCP &&
         offer_of(w, hx_backend_link_capable(w->eng), &mine, &ignored) == HX_OK) {
         able = offer->nccl && mine.nccl &&
                !(strcmp(offer->device_uuid, mine.device_uuid) == 0 &&
@@ -733,7 +742,8 @@ static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
     st = hx_proto_send_hello(c, &h, hx_proto_deadline_in(10.0), err);
     if (st == HX_OK && (w->opt.kv_transport == HX_TRANSPORT_NCCL ||
                         (w->opt.kv_transport == HX_TRANSPORT_AUTO &&
-                         hx_backend_link_capable(w->eng))))
+                         hx_backend_link_capable(w->eng) &&
+                         hx_proto_now_ns() >= w->link_retry_ns[wi])))
         st = kv_link_offer(w, wi, c, err);
     if (st != HX_OK) {
         hx_proto_close(c);
@@ -802,7 +812,9 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
             st = hx_proto_send_kv_segment(c, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S), err);
         if (st == HX_OK && link)
             st = hx_backend_link_send(link, err);
-        if (st != HX_OK) { /* the next request reconnects (and offers a link again) */
+        if (st != HX_OK) { /* the next request reconnects (and offers a link, later) */
+            if (link)
+                w->link_retry_ns[wi] = hx_proto_now_ns() + (int64_t)(LINK_RETRY_S * 1e9);
             hx_backend_link_close(link);
             w->kv_link[wi] = NULL;
             hx_proto_close(c);
@@ -1472,7 +1484,7 @@ static void *conn_main(void *arg)
             continue;
         }
         void *dev = NULL;
-        if (!link || hx_backend_link_recv(link, (size_t)m.data_bytes, &dev, &err) != HX_OK) {
+        if (!link || hx_backend_link_recv(w->eng, link, (size_t)m.data_bytes, &dev, &err) != HX_OK) {
             HX_WARN("worker %s: KV over NCCL from %s: %s", w->me->device, hx_proto_peer(c),
                     link ? err.msg : "no link was agreed");
             break; /* the link is aborted: the prefill side reconnects */
@@ -1875,7 +1887,8 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     w->peers = calloc((size_t)w->gsize, sizeof *w->peers);
     w->kv_out = calloc((size_t)w->dep.nworkers, sizeof *w->kv_out);
     w->kv_link = calloc((size_t)w->dep.nworkers, sizeof *w->kv_link);
-    if (!w->peers || !w->kv_out || !w->kv_link) {
+    w->link_retry_ns = calloc((size_t)w->dep.nworkers, sizeof *w->link_retry_ns);
+    if (!w->peers || !w->kv_out || !w->kv_link || !w->link_retry_ns) {
         st = hx_err_set(err, HX_ENOMEM, "out of memory");
         goto out;
     }
@@ -1924,6 +1937,7 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
         goto out;
     if ((st = group_setup(w, err)) != HX_OK)
         goto out;
+    w->set_up = 1;
     HX_INFO("worker %s: group '%s' (%s) stage %d rank %d of %d: layers %d-%d on %s, "
                 "listening on %s:%d, ready",
                 w->me->device, w->grp->id, hx_role_name(w->grp->role), w->me->stage,
@@ -1970,6 +1984,7 @@ out:
     free(w->peers);
     free(w->kv_out);
     free(w->kv_link);
+    free(w->link_retry_ns);
     for (op_item *o = w->q_head; o;) {
         op_item *n = o->next;
         op_free(o);
@@ -1983,7 +1998,7 @@ out:
     for (kv_in *k = w->kv; k;) {
         kv_in *n = k->next;
         if (k->on_device)
-            hx_backend_device_free(k->data);
+            hx_backend_device_free(w->eng, k->data);
         else
             hx_backend_host_free(NULL, k->data);
         free(k);
