@@ -2,17 +2,20 @@
 #   make        build (build/hexflow)
 #   make test   install missing Debian packages, build, run the tests
 #   make demo   install missing Debian packages, build, run the shipped example
+#               (and the cuda backend's host code over the host emulation of its
+#               kernels: test_cuda and the serving test's GPU cases, in build-emu)
 #   make asan   the tests again under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench  the planner's benchmarks (bench/plan_bench.c; prints numbers)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
+EMU_BUILD ?= build-emu
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 WERROR ?= OFF
 CMAKE_FLAGS ?=
 
 HEXFLOW = $(BUILD)/hexflow
 
-.PHONY: all build deps test demo bench asan clean
+.PHONY: all build deps test emu-test demo bench asan clean
 
 all: build
 
@@ -25,12 +28,23 @@ build:
 
 test: deps build
 	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+	@$(MAKE) --no-print-directory emu-test EMU_DIR=$(EMU_BUILD) EMU_FLAGS=
+
+# The cuda backend's host code (engine, backend, worker) over kernels/cuda_emu.
+EMU_TESTS = '^(test_cuda|serve)$$'
+emu-test:
+	@cmake -S . -B $(EMU_DIR) -DHX_CUDA_EMU=ON -DHX_WERROR=$(WERROR) $(EMU_FLAGS) \
+	    $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(EMU_DIR) -j $(JOBS) --target hexflow test_cuda
+	@HX_SERVE_GPU_ONLY=1 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    ctest --test-dir $(EMU_DIR) --output-on-failure -j $(JOBS) -R $(EMU_TESTS)
 
 asan: deps
 	@cmake -S . -B $(ASAN_BUILD) -DHX_SANITIZE=ON -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null
 	@cmake --build $(ASAN_BUILD) -j $(JOBS)
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	    ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
+	@$(MAKE) --no-print-directory emu-test EMU_DIR=$(EMU_BUILD)-asan EMU_FLAGS=-DHX_SANITIZE=ON
 
 demo: deps build
 	@echo '$$ hexflow inventory show inventories/mixed.yaml'
@@ -54,4 +68,4 @@ bench: deps
 	@$(BUILD)/batch_bench
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(EMU_BUILD) $(EMU_BUILD)-asan

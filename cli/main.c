@@ -86,7 +86,10 @@ static void usage(FILE *fp)
 static void version(void)
 {
     printf("hexflow %s\n", HX_VERSION);
-#ifdef HX_HAVE_CUDA
+#if defined HX_HAVE_CUDA && defined HX_CUDA_EMU
+    printf("backends: cpu, cuda (host emulation for tests: no GPU code, %s)\n",
+           hx_cuda_nccl_available() ? "NCCL emulated over Unix sockets" : "no NCCL");
+#elif defined HX_HAVE_CUDA
     int v = hx_cuda_build_version();
     printf("backends: cpu, cuda (CUDA %d.%d, %s)\n", v / 1000, (v % 1000) / 10,
            hx_cuda_nccl_available() ? "NCCL for TP and KV" : "no NCCL: TP and KV over TCP");

@@ -1,7 +1,10 @@
-# CUDA kernels and backend: built when the toolkit was found (HX_HAVE_CUDA).
+# CUDA kernels and backend: built when the toolkit was found (HX_HAVE_CUDA), or over
+# the host emulation of the kernels (HX_CUDA_EMU, for tests on machines without a GPU).
 #
 #   hx_kernels_cuda  kernels/cuda: bf16 kernels (.cu), cuBLAS GEMMs, CUDA graphs, NCCL
 #                    wrappers (when nccl.h and libnccl are found). Header: kernels/cuda.h.
+#                    With HX_CUDA_EMU: kernels/cuda_emu, the same functions in plain C on
+#                    the host (device memory is host memory; NCCL over Unix sockets).
 #   the cuda backend runtime/cuda_engine.c (plain C over kernels/cuda.h), added to
 #                    hx_runtime. Header: runtime/cuda_engine.h.
 #   test_cuda        unit tests (cmocka); every test skips, saying so, without a GPU.
@@ -12,9 +15,6 @@ if(HX_HAVE_CUDA)
     kernels/cuda/attention.cu kernels/cuda/sample.cu kernels/cuda/nccl.cu)
   target_include_directories(hx_kernels_cuda PUBLIC ${CMAKE_SOURCE_DIR})
   target_link_libraries(hx_kernels_cuda PUBLIC hx_common CUDA::cudart_static CUDA::cublas)
-  target_sources(hx_runtime PRIVATE ${CMAKE_SOURCE_DIR}/runtime/cuda_engine.c)
-  target_link_libraries(hx_runtime PUBLIC hx_kernels_cuda)
-  target_compile_definitions(hx_runtime PRIVATE HX_HAVE_CUDA=1)
   set_target_properties(hx_kernels_cuda PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)
   target_compile_options(hx_kernels_cuda PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter>)
@@ -36,18 +36,37 @@ if(HX_HAVE_CUDA)
   else()
     message(STATUS "hexflow: NCCL: not found (the NCCL wrappers report HX_ENOTSUP)")
   endif()
-
-  target_link_libraries(hexflow PRIVATE hx_kernels_cuda)
-  target_compile_definitions(hexflow PRIVATE HX_HAVE_CUDA=1)
-  set_target_properties(hexflow PROPERTIES LINKER_LANGUAGE CUDA)
-
-  if(CMOCKA_FOUND)
-    hx_unit_test(test_cuda)
-    target_link_libraries(test_cuda PRIVATE hx_kernels_cuda)
-    set_target_properties(test_cuda PROPERTIES LINKER_LANGUAGE CUDA)
-  endif()
-
-  add_executable(gpu_bench EXCLUDE_FROM_ALL bench/gpu_bench.c)
-  target_link_libraries(gpu_bench PRIVATE hx_kernels_cuda hx_runtime)
-  set_target_properties(gpu_bench PROPERTIES LINKER_LANGUAGE CUDA)
+  set(HX_CUDA_LINKER CUDA)
+elseif(HX_CUDA_EMU)
+  add_library(hx_kernels_cuda STATIC kernels/cuda_emu/emu.c kernels/cuda_emu/nccl.c)
+  target_include_directories(hx_kernels_cuda PUBLIC ${CMAKE_SOURCE_DIR})
+  target_compile_definitions(hx_kernels_cuda PRIVATE _GNU_SOURCE)
+  target_link_libraries(hx_kernels_cuda PUBLIC hx_common hx_kernels_cpu Threads::Threads
+                                               ${HX_LIBM})
+  set(HX_CUDA_LINKER C)
+else()
+  return()
 endif()
+
+target_sources(hx_runtime PRIVATE ${CMAKE_SOURCE_DIR}/runtime/cuda_engine.c)
+target_link_libraries(hx_runtime PUBLIC hx_kernels_cuda)
+target_compile_definitions(hx_runtime PRIVATE HX_HAVE_CUDA=1)
+target_link_libraries(hexflow PRIVATE hx_kernels_cuda)
+target_compile_definitions(hexflow PRIVATE HX_HAVE_CUDA=1)
+if(HX_CUDA_EMU)
+  target_compile_definitions(hexflow PRIVATE HX_CUDA_EMU=1)
+endif()
+set_target_properties(hexflow PROPERTIES LINKER_LANGUAGE ${HX_CUDA_LINKER})
+
+if(CMOCKA_FOUND)
+  hx_unit_test(test_cuda)
+  target_link_libraries(test_cuda PRIVATE hx_kernels_cuda)
+  if(HX_CUDA_EMU)
+    target_compile_definitions(test_cuda PRIVATE HX_CUDA_EMU=1)
+  endif()
+  set_target_properties(test_cuda PROPERTIES LINKER_LANGUAGE ${HX_CUDA_LINKER})
+endif()
+
+add_executable(gpu_bench EXCLUDE_FROM_ALL bench/gpu_bench.c)
+target_link_libraries(gpu_bench PRIVATE hx_kernels_cuda hx_runtime)
+set_target_properties(gpu_bench PROPERTIES LINKER_LANGUAGE ${HX_CUDA_LINKER})

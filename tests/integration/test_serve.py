@@ -159,7 +159,7 @@ def alive(pid):
 def sanitizer_reports():
     """Lines of AddressSanitizer / UBSan / LeakSanitizer reports in any process log."""
     found = []
-    for root, _, files in os.walk(ENV["HEXFLOW_STATE_DIR"]):
+    for root, _, files in os.walk(TMP):  # launched workers, and those started by hand
         for name in files:
             if name.endswith(".log"):
                 with open(os.path.join(root, name), errors="replace") as f:
@@ -359,6 +359,37 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
         check("sums its TP partial results over NCCL" in text,
               "GPU NCCL: the decode stage sums over NCCL")
         check("goes over NCCL" in text, "GPU NCCL: KV goes over NCCL")
+        # a decode TP rank killed while requests decode: its partner's all-reduce fails
+        # (a closed connection, or the peer timeout), the requests fail naming the group,
+        # nothing hangs, and the partner exits
+        results = [None] * 4
+        started = threading.Semaphore(0)
+
+        def long(i):
+            results[i] = stream(addr, PROMPTS[i % 4], 1000, on_first=started.release,
+                                timeout=150)
+        threads = [threading.Thread(target=long, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(4):
+            started.acquire(timeout=60)
+        procs[2].kill()
+        t0 = time.time()
+        for t in threads:
+            t.join(150)
+        check(not any(t.is_alive() for t in threads),
+              "GPU NCCL: no request hangs after a decode TP rank is killed (%.1f s)" %
+              (time.time() - t0))
+        errors = [r[1] for r in results if r and r[1]]
+        check(len(errors) == 4 and all("d0" in e for e in errors),
+              "GPU NCCL: the requests on it fail naming the group (%s)" % errors[:1])
+        try:
+            procs[1].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        check(procs[1].poll() is not None and procs[0].poll() is None,
+              "GPU NCCL: the killed rank's partner exits, the prefill worker stays (%s, %s)" %
+              (procs[1].poll(), procs[0].poll()))
     finally:
         for pr in procs:
             if pr.poll() is None:
@@ -374,39 +405,12 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
             log.close()
 
 
-def main():
-    r = hx("model", "make-tiny", "--out", MODEL, "--layers", "4", "--hidden", "64", "--heads",
-           "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "7")
-    assert r.returncode == 0, r.stderr
-    expected = {p: reference(p) for p in PROMPTS}
-
-    port = PORT
-    for i, (name, (groups, routes)) in enumerate(layouts().items()):
-        plan = write_plan("plan%d" % i, port, groups, routes)
-        port += 20
-        addr = launch(plan)
-        if not check(addr is not None, "%s: launch" % name):
-            continue
-        try:
-            for p in PROMPTS:
-                status, got = complete(addr, p)
-                check(status == 200 and got == expected[p],
-                      "%s: greedy '%s' equals generate (%s)" % (name, p,
-                                                                  got if got != expected[p] else "ok"))
-        finally:
-            check(stop(plan), "%s: stop" % name)
-
-    group_setup_refusals(port)
-    port += 20
-    smallest_cache_admits(port)
-    port += 20
-    kv_transport_nccl_refused(port)
-    port += 20
-
-    # GPU prefill -> GPU decode, two processes on one GPU (skipped without one)
+def gpu_cases(port):
+    """GPU prefill -> GPU decode, stages and TP slices, NCCL: on a GPU, or on the host
+    emulation of the CUDA kernels (a build with -DHX_CUDA_EMU=ON, for the host code)."""
     version = hx("--version").stdout
-    gpu = shutil.which("nvidia-smi") and subprocess.run(
-        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    gpu = "host emulation" in version or (shutil.which("nvidia-smi") and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0)
     if "cuda" in version and gpu:
         # the GPU kernels take head_dim 64 or 128: a model of that shape, its own reference
         gpu_model = os.path.join(TMP, "gpu-model")
@@ -479,6 +483,45 @@ def main():
     else:
         print("skip GPU prefill -> GPU decode: %s" %
               ("no CUDA backend in this build" if "cuda" not in version else "no GPU here"))
+
+
+def main():
+    r = hx("model", "make-tiny", "--out", MODEL, "--layers", "4", "--hidden", "64", "--heads",
+           "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    if os.environ.get("HX_SERVE_GPU_ONLY"):
+        # the emulation build's pass: only what the CPU build cannot run
+        gpu_cases(PORT)
+        reports = sanitizer_reports()
+        check(not reports, "no sanitizer report in any worker or router log %s" % reports[:3])
+        return
+    expected = {p: reference(p) for p in PROMPTS}
+
+    port = PORT
+    for i, (name, (groups, routes)) in enumerate(layouts().items()):
+        plan = write_plan("plan%d" % i, port, groups, routes)
+        port += 20
+        addr = launch(plan)
+        if not check(addr is not None, "%s: launch" % name):
+            continue
+        try:
+            for p in PROMPTS:
+                status, got = complete(addr, p)
+                check(status == 200 and got == expected[p],
+                      "%s: greedy '%s' equals generate (%s)" % (name, p,
+                                                                  got if got != expected[p] else "ok"))
+        finally:
+            check(stop(plan), "%s: stop" % name)
+
+    group_setup_refusals(port)
+    port += 20
+    smallest_cache_admits(port)
+    port += 20
+    kv_transport_nccl_refused(port)
+    port += 20
+
+    gpu_cases(port)
+    port += 80
 
     # one deployment for concurrency, bad requests and a killed decode worker
     plan = write_plan("fault", port, [
