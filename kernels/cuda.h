@@ -184,7 +184,8 @@ hx_status hx_cuda_gemm_swiglu(hx_cuda_blas *b, float *d_y, const hx_bf16 *d_gate
  *   d_y: [rows][out] fp32   d_x: [rows][in] fp32 (read only)   d_norm_w: [in] fp32
  *   d_w: [out][in] bf16     d_h: [rows][in] bf16 workspace (written only where the
  *   GEMV path does not apply: then a norm kernel and the GEMM run)
- * At 1 row (the GEMV's, rows * in * 2 <= 44 KB) one kernel does both.
+ * At 1 row, where the GEMV applies (gemv_max_rows >= 1, `in` a multiple of
+ * 8, rows * in * 2 <= 44 KB), one kernel does both.
  */
 hx_status hx_cuda_gemm_rmsnorm(hx_cuda_blas *b, float *d_y, float *d_x, const float *d_norm_w,
                                float eps, hx_bf16 *d_h, const hx_bf16 *d_w, int rows, int in,

@@ -494,7 +494,10 @@ static hx_status attn_check(const hx_cuda_kv_layout *kv, int layer, int heads, h
     if (kv->head_dim != 64 && kv->head_dim != 128)
         return hx_err_set(err, HX_ENOTSUP, "cuda attention: head_dim %d (64 or 128 supported)",
                           kv->head_dim);
-    if (kv->kv_heads < 1 || heads % kv->kv_heads || heads / kv->kv_heads > 8)
+    if (kv->block_tokens < 1 || kv->max_blocks_per_seq < 1)
+        return hx_err_set(err, HX_EINVAL, "cuda attention: %d-token blocks, %d per sequence",
+                          kv->block_tokens, kv->max_blocks_per_seq);
+    if (heads < 1 || kv->kv_heads < 1 || heads % kv->kv_heads || heads / kv->kv_heads > 8)
         return hx_err_set(err, HX_ENOTSUP,
                           "cuda attention: %d heads over %d KV heads (at most 8 per KV head)",
                           heads, kv->kv_heads);

@@ -137,8 +137,9 @@ extern "C" hx_status hx_cuda_malloc(void **ptr, size_t bytes, hx_err *err)
 
 extern "C" void hx_cuda_free(void *ptr)
 {
-    if (ptr)
-        (void)cudaFree(ptr);
+    // a failed free must not surface as the next launch's error (hx_cuda_launched)
+    if (ptr && cudaFree(ptr) != cudaSuccess)
+        (void)cudaGetLastError();
 }
 
 extern "C" hx_status hx_cuda_host_alloc(void **ptr, size_t bytes, hx_err *err)
@@ -158,8 +159,8 @@ extern "C" hx_status hx_cuda_host_alloc(void **ptr, size_t bytes, hx_err *err)
 
 extern "C" void hx_cuda_host_free(void *ptr)
 {
-    if (ptr)
-        (void)cudaFreeHost(ptr);
+    if (ptr && cudaFreeHost(ptr) != cudaSuccess)
+        (void)cudaGetLastError(); // as hx_cuda_free
 }
 
 extern "C" hx_status hx_cuda_memcpy(void *dst, const void *src, size_t bytes, hx_err *err)
@@ -217,8 +218,8 @@ extern "C" hx_status hx_cuda_stream_new(hx_cuda_stream **out, hx_err *err)
 
 extern "C" void hx_cuda_stream_free(hx_cuda_stream *s)
 {
-    if (s)
-        (void)cudaStreamDestroy(HX_STREAM(s));
+    if (s && cudaStreamDestroy(HX_STREAM(s)) != cudaSuccess)
+        (void)cudaGetLastError(); // as hx_cuda_free
 }
 
 extern "C" hx_status hx_cuda_stream_sync(hx_cuda_stream *s, hx_err *err)
@@ -266,8 +267,8 @@ extern "C" hx_status hx_cuda_graph_launch(hx_cuda_graph *g, hx_cuda_stream *s, h
 
 extern "C" void hx_cuda_graph_free(hx_cuda_graph *g)
 {
-    if (g)
-        (void)cudaGraphExecDestroy(reinterpret_cast<cudaGraphExec_t>(g));
+    if (g && cudaGraphExecDestroy(reinterpret_cast<cudaGraphExec_t>(g)) != cudaSuccess)
+        (void)cudaGetLastError(); // as hx_cuda_free
 }
 
 extern "C" hx_status hx_cuda_mem_info(size_t *free_bytes, size_t *total_bytes, hx_err *err)

@@ -246,7 +246,7 @@ extern "C" hx_status hx_cuda_rope_kv(hx_bf16 *d_q, hx_bf16 *d_cache, const float
                                      hx_err *err)
 {
     if (rows < 1 || heads < 1 || kv->head_dim < 2 || kv->head_dim % 2 || layer < 0 ||
-        layer >= kv->layers)
+        layer >= kv->layers || kv->block_tokens < 1)
         return hx_err_set(err, HX_EINVAL, "cuda rope_kv: bad sizes");
     hx_launch(rope_kv_kernel, rows, 128, 0, HX_STREAM(stream),
               reinterpret_cast<__nv_bfloat16 *>(d_q), reinterpret_cast<__nv_bfloat16 *>(d_cache),
@@ -361,7 +361,8 @@ static hx_status kv_seg_check(const hx_cuda_kv_layout *kv, int layer_first, int 
                               int head_first, int num_heads, int token_first, int tokens,
                               hx_err *err)
 {
-    if (kv->head_dim % 8 || num_layers < 1 || num_heads < 1 || tokens < 1 || layer_first < 0 ||
+    if (kv->head_dim < 8 || kv->head_dim % 8 || kv->block_tokens < 1 || num_layers < 1 ||
+        num_heads < 1 || tokens < 1 || layer_first < 0 ||
         head_first < 0 || token_first < 0 || layer_first + num_layers > kv->layers ||
         head_first + num_heads > kv->kv_heads ||
         (token_first + tokens + kv->block_tokens - 1) / kv->block_tokens > kv->max_blocks_per_seq)
