@@ -451,6 +451,8 @@ hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_
     /* a first transfer of a few bytes: the ranks connect now, not on the first request */
     if (st == HX_OK)
         st = hx_cuda_malloc(&l->buf, 16, err);
+    if (st == HX_OK)
+        st = hx_cuda_memset(l->buf, 0, 16, err); /* no uninitialised bytes on the wire */
     if (st == HX_OK) {
         l->cap = 16;
         st = rank == 0 ? hx_cuda_nccl_send(l->comm, l->buf, 16, 1, l->stream, err)

@@ -80,7 +80,7 @@ typedef struct worker {
     int last_stage;
     int is_leader;
     int max_seq_tokens; /* positions one request may use in the engine */
-    int group_kv_tokens; /* leader: KV positions of the group's smallest cache */
+    atomic_int group_kv_tokens; /* leader: KV positions of the group's smallest cache */
     hx_backend *eng;
     const hx_model *cfg;
     int eos_default;
@@ -123,6 +123,7 @@ typedef struct worker {
 
     req_info *reqs;
     int n_reqs, cap_reqs;
+    atomic_int n_active; /* n_reqs, for health reports from other threads */
 
     float *red;
     size_t red_cap;
@@ -196,6 +197,7 @@ static hx_status req_add(worker *w, const req_info *r, hx_err *err)
         w->cap_reqs = cap;
     }
     w->reqs[w->n_reqs++] = *r;
+    w->n_active = w->n_reqs;
     return HX_OK;
 }
 
@@ -204,6 +206,7 @@ static void req_drop(worker *w, uint64_t id)
     for (int i = 0; i < w->n_reqs; i++)
         if (w->reqs[i].id == id) {
             w->reqs[i] = w->reqs[--w->n_reqs];
+            w->n_active = w->n_reqs;
             return;
         }
 }
@@ -1275,14 +1278,15 @@ static void fill_health(worker *w, hx_proto_health *h)
         q++;
     h->requests_queued = (uint64_t)q;
     pthread_mutex_unlock(&w->mu);
-    /* read without the engine's lock: a gauge, racy by a step at most */
+    /* gauges of the engine thread, a step old at most */
     if (w->ready) {
         int bt = w->opt.block_tokens > 0 ? w->opt.block_tokens : 16;
         h->kv_blocks_total = (uint64_t)(hx_backend_max_tokens(w->eng) / bt);
-        h->requests_active = (uint64_t)w->n_reqs;
-        h->max_request_tokens = (uint64_t)(w->max_seq_tokens < w->group_kv_tokens
-                                               ? w->max_seq_tokens
-                                               : w->group_kv_tokens);
+        h->requests_active = (uint64_t)w->n_active;
+    }
+    if (w->set_up) { /* the group's smallest cache is known */
+        const int kv = w->group_kv_tokens;
+        h->max_request_tokens = (uint64_t)(w->max_seq_tokens < kv ? w->max_seq_tokens : kv);
     }
 }
 
