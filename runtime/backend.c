@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -440,6 +441,8 @@ hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_
     hx_backend_link *l = calloc(1, sizeof *l);
     if (!l)
         return hx_err_set(err, HX_ENOMEM, "out of memory");
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     l->device = b->device;
     l->rank = rank;
     l->op_timeout_s = op_timeout_s > 0 ? op_timeout_s : 60.0;
@@ -458,8 +461,12 @@ hx_status hx_backend_link_open(const hx_backend *b, const uint8_t id[HX_BACKEND_
         st = rank == 0 ? hx_cuda_nccl_send(l->comm, l->buf, 16, 1, l->stream, err)
                        : hx_cuda_nccl_recv(l->comm, l->buf, 16, 0, l->stream, err);
     }
-    if (st == HX_OK)
-        st = hx_cuda_nccl_wait(l->comm, l->stream, timeout_s, err);
+    if (st == HX_OK) { /* one deadline for the join and the first transfer */
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double left = timeout_s - (double)(t1.tv_sec - t0.tv_sec) -
+                      1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+        st = hx_cuda_nccl_wait(l->comm, l->stream, left > 1.0 ? left : 1.0, err);
+    }
     if (st != HX_OK) {
         hx_backend_link_close(l);
         return st;

@@ -138,7 +138,9 @@ void hx_backend_host_free(const hx_backend *b, void *p);
  * engine (rank 0) and a decode rank's (rank 1), both cuda engines on GPUs
  * NCCL can join (hx_backend_link_capable: a cuda engine in a build with
  * NCCL). Its id travels over their KV connection; opening is collective
- * (HX_ETIMEDOUT after timeout_s); a send or receive gives up after
+ * (HX_ETIMEDOUT when the join and a first transfer take more than
+ * timeout_s; handing that transfer to NCCL is bounded apart, by 20 s,
+ * see kernels/cuda.h); a send or receive gives up after
  * op_timeout_s, aborting the link (which is then only good for closing).
  *
  * Opening ends with a first transfer of a few bytes, so the ranks have

@@ -28,7 +28,14 @@
 #define KV_CHECK_S 10.0      /* a decode rank waits this long for its segments when asked */
 #define NCCL_JOIN_S 20.0     /* a stage's ranks join their NCCL communicator within this */
 #define LINK_SETUP_S 10.0    /* each message of a KV link's handshake, join time apart */
+#define LINK_JOIN_S 10.0     /* a KV link's join and first transfer: the prefill side's engine
+                                thread waits for the whole handshake, which must end well
+                                inside its group's peer timeout (10 s for the PLAN, then
+                                20 s, or 30 s when NCCL is slow to take the first transfer) */
 #define LINK_RETRY_S 60.0    /* after a KV link failed, its decode worker gets TCP this long */
+#define LINK_DECLINED_S 5.0  /* after a decline (e.g. still joining its group's NCCL), at first;
+                                doubling up to LINK_RETRY_MAX_S */
+#define LINK_RETRY_MAX_S 300.0
 #define KV_SPARE_MAX 16      /* received-segment buffers kept for reuse ... */
 #define KV_SPARE_BYTES ((size_t)1 << 30) /* ... holding at most this much */
 
@@ -117,7 +124,11 @@ typedef struct worker {
     /* prefill ranks: connections to decode workers, by worker index */
     hx_proto_conn **kv_out;
     hx_backend_link **kv_link; /* [nworkers]: KV over NCCL to that decode worker, when agreed */
-    int64_t *link_retry_ns;    /* [nworkers]: no link offered to it before (a link failed) */
+    struct link_try {          /* [nworkers]: offering that decode worker a link */
+        int64_t next_ns;       /* not before (a link failed, or was declined) */
+        double backoff_s;      /* the wait after the last try without a link */
+        int logged;            /* the transport last logged: 0 none, 1 TCP, 2 NCCL */
+    } *link_try;
     unsigned char *pack;
     size_t pack_cap;
 
@@ -581,6 +592,19 @@ static double link_op_s(const worker *w)
     return t < SEND_TIMEOUT_S ? t : SEND_TIMEOUT_S;
 }
 
+/*
+ * The deadline for the peer's answer after a link's join, which began at
+ * start_ns (both sides begin about together): the peer may still be joining
+ * when our join failed at once, so it has its whole join time and a
+ * message's; at least half a message's from now, if ours overran.
+ */
+static int64_t link_answer_by(int64_t start_ns)
+{
+    const int64_t by = start_ns + (int64_t)((LINK_JOIN_S + LINK_SETUP_S) * 1e9);
+    const int64_t least = hx_proto_deadline_in(LINK_SETUP_S / 2);
+    return by > least ? by : least;
+}
+
 /* This worker's OFFER of a link (GROUP_SETUP's frame on a KV connection). */
 /*
  * This worker's OFFER (GROUP_SETUP, proto.h): its engine, and nccl as given
@@ -633,15 +657,15 @@ static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
         if ((st = hx_proto_send_group_setup(c, &idm, hx_proto_deadline_in(LINK_SETUP_S),
                                             err)) != HX_OK)
             return st;
-        if (idm.nccl && hx_backend_link_open(w->eng, idm.nccl_id, 0, NCCL_JOIN_S,
+        const int64_t start_ns = hx_proto_now_ns();
+        if (idm.nccl && hx_backend_link_open(w->eng, idm.nccl_id, 0, LINK_JOIN_S,
                                              link_op_s(w), &link, &e) != HX_OK)
             HX_WARN("worker %s: KV link to %s: %s", w->me->device, device, e.msg);
         else if (!idm.nccl)
             HX_WARN("worker %s: KV link to %s: no NCCL id: %s", w->me->device, device, e.msg);
-        /* the peer began its join as we began ours (it had the id first), so it answers
-           soon after ours has ended; the whole handshake stays within the peer timeout */
+        /* the whole handshake stays well within the peer timeout */
         if ((st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_JOINED, &m,
-                                            hx_proto_deadline_in(LINK_SETUP_S), err)) ==
+                                            link_answer_by(start_ns), err)) ==
             HX_OK) {
             hx_proto_group_setup fin = {.phase = HX_PROTO_SETUP_FINAL,
                                         .nccl = (uint32_t)(link && m.nccl)};
@@ -656,14 +680,27 @@ static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
         hx_backend_link_close(link);
         return st;
     }
-    if (m.nccl && !link) /* tried and failed: not again for a while (each try costs time) */
-        w->link_retry_ns[wi] = hx_proto_now_ns() + (int64_t)(LINK_RETRY_S * 1e9);
+    /* no link: offered again on this connection later; after a failed join (which
+       costs both sides time) a minute later, after a decline sooner (the decode rank may
+       only have been busy joining its own group's NCCL), backing off */
+    struct link_try *t = &w->link_try[wi];
+    if (link)
+        t->backoff_s = 0;
+    else if (m.nccl)
+        t->backoff_s = LINK_RETRY_S;
+    else
+        t->backoff_s = t->backoff_s <= 0                      ? LINK_DECLINED_S
+                       : 2 * t->backoff_s > LINK_RETRY_MAX_S ? LINK_RETRY_MAX_S
+                                                              : 2 * t->backoff_s;
+    t->next_ns = hx_proto_now_ns() + (int64_t)(t->backoff_s * 1e9);
     if (!link && w->opt.kv_transport == HX_TRANSPORT_NCCL)
         return hx_err_set(err, HX_ENOTSUP,
                           "KV to %s cannot go over NCCL (--kv-transport nccl): %s", device, why);
     w->kv_link[wi] = link;
-    HX_INFO("worker %s: KV to %s goes over %s", w->me->device, device,
-            link ? "NCCL" : "TCP (page-locked staging)");
+    if (t->logged != (link ? 2 : 1))
+        HX_INFO("worker %s: KV to %s goes over %s", w->me->device, device,
+                link ? "NCCL" : "TCP (page-locked staging)");
+    t->logged = link ? 2 : 1;
     return HX_OK;
 }
 
@@ -680,9 +717,7 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
     int able = 0;
     hx_err ignored = {0};
     /* not while the group's own NCCL joins (two communicators made at once on one GPU):
-       a link offered before then waits a little for it, or goes without */
-    for (int i = 0; i < 250 && !w->set_up && !w->quitting; i++)
-        sleep_ms(20);
+       declined then, the prefill rank offers again a few seconds later */
     if (w->set_up && w->opt.kv_transport != HX_TRANSPORT_TCP &&
         offer_of(w, hx_backend_link_capable(w->eng), &mine, &ignored) == HX_OK) {
         able = offer->nccl && mine.nccl &&
@@ -699,15 +734,15 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
         return st;
     hx_backend_link *link = NULL;
     hx_err e = {0};
-    if (m.nccl && hx_backend_link_open(w->eng, m.nccl_id, 1, NCCL_JOIN_S, link_op_s(w), &link,
+    const int64_t start_ns = hx_proto_now_ns();
+    if (m.nccl && hx_backend_link_open(w->eng, m.nccl_id, 1, LINK_JOIN_S, link_op_s(w), &link,
                                        &e) != HX_OK)
         HX_WARN("worker %s: KV link from %s: %s", w->me->device, hx_proto_peer(c), e.msg);
-    /* deadlines from here on: the join above may have taken its whole time */
     hx_proto_group_setup joined = {.phase = HX_PROTO_SETUP_JOINED, .nccl = link != NULL};
     st = hx_proto_send_group_setup(c, &joined, hx_proto_deadline_in(LINK_SETUP_S), err);
     if (st == HX_OK)
-        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_FINAL, &m,
-                                       hx_proto_deadline_in(LINK_SETUP_S), err);
+        st = hx_proto_recv_group_setup(c, HX_PROTO_SETUP_FINAL, &m, link_answer_by(start_ns),
+                                       err);
     if (st != HX_OK || !m.nccl) {
         hx_backend_link_close(link);
         return st;
@@ -716,18 +751,32 @@ static hx_status kv_link_accept(worker *w, hx_proto_conn *c, const hx_proto_grou
     return HX_OK;
 }
 
+/* Whether to offer decode worker wi a link now (--kv-transport auto; nccl always does). */
+static int link_due(const worker *w, int wi)
+{
+    return w->opt.kv_transport == HX_TRANSPORT_AUTO && hx_backend_link_capable(w->eng) &&
+           hx_proto_now_ns() >= w->link_try[wi].next_ns;
+}
+
 static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
 {
     if (w->kv_out[wi]) {
         /* the decode side never writes on this connection once it is set up: anything
            readable is its end of file (it exited, or was restarted): connect again */
         struct pollfd pf = {hx_proto_fd(w->kv_out[wi]), POLLIN, 0};
-        if (poll(&pf, 1, 0) == 0) {
+        hx_status st = HX_OK;
+        if (poll(&pf, 1, 0) == 0 &&
+            (w->kv_link[wi] || !link_due(w, wi) ||
+             (st = kv_link_offer(w, wi, w->kv_out[wi], err)) == HX_OK)) {
             *out = w->kv_out[wi];
             return HX_OK;
         }
-        HX_INFO("worker %s: the KV connection to %s was closed: connecting again",
-                w->me->device, w->dep.workers[wi].device);
+        if (st != HX_OK)
+            HX_INFO("worker %s: offering %s a KV link again: %s: connecting again",
+                    w->me->device, w->dep.workers[wi].device, err->msg);
+        else
+            HX_INFO("worker %s: the KV connection to %s was closed: connecting again",
+                    w->me->device, w->dep.workers[wi].device);
         hx_backend_link_close(w->kv_link[wi]);
         w->kv_link[wi] = NULL;
         hx_proto_close(w->kv_out[wi]);
@@ -743,10 +792,7 @@ static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
                         "", SOFTWARE_VERSION};
     snprintf(h.group_id, sizeof h.group_id, "%s", w->grp->id);
     st = hx_proto_send_hello(c, &h, hx_proto_deadline_in(10.0), err);
-    if (st == HX_OK && (w->opt.kv_transport == HX_TRANSPORT_NCCL ||
-                        (w->opt.kv_transport == HX_TRANSPORT_AUTO &&
-                         hx_backend_link_capable(w->eng) &&
-                         hx_proto_now_ns() >= w->link_retry_ns[wi])))
+    if (st == HX_OK && (w->opt.kv_transport == HX_TRANSPORT_NCCL || link_due(w, wi)))
         st = kv_link_offer(w, wi, c, err);
     if (st != HX_OK) {
         hx_proto_close(c);
@@ -816,8 +862,10 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
         if (st == HX_OK && link)
             st = hx_backend_link_send(link, err);
         if (st != HX_OK) { /* the next request reconnects (and offers a link, later) */
-            if (link)
-                w->link_retry_ns[wi] = hx_proto_now_ns() + (int64_t)(LINK_RETRY_S * 1e9);
+            if (link) {
+                w->link_try[wi].backoff_s = LINK_RETRY_S;
+                w->link_try[wi].next_ns = hx_proto_now_ns() + (int64_t)(LINK_RETRY_S * 1e9);
+            }
             hx_backend_link_close(link);
             w->kv_link[wi] = NULL;
             hx_proto_close(c);
@@ -1891,8 +1939,8 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     w->peers = calloc((size_t)w->gsize, sizeof *w->peers);
     w->kv_out = calloc((size_t)w->dep.nworkers, sizeof *w->kv_out);
     w->kv_link = calloc((size_t)w->dep.nworkers, sizeof *w->kv_link);
-    w->link_retry_ns = calloc((size_t)w->dep.nworkers, sizeof *w->link_retry_ns);
-    if (!w->peers || !w->kv_out || !w->kv_link || !w->link_retry_ns) {
+    w->link_try = calloc((size_t)w->dep.nworkers, sizeof *w->link_try);
+    if (!w->peers || !w->kv_out || !w->kv_link || !w->link_try) {
         st = hx_err_set(err, HX_ENOMEM, "out of memory");
         goto out;
     }
@@ -1988,7 +2036,7 @@ out:
     free(w->peers);
     free(w->kv_out);
     free(w->kv_link);
-    free(w->link_retry_ns);
+    free(w->link_try);
     for (op_item *o = w->q_head; o;) {
         op_item *n = o->next;
         op_free(o);

@@ -32,6 +32,9 @@
  * Buffers go through the emulated device first (emu_need): one that is not
  * its memory is a sticky fault, reported by the next call, as on a GPU.
  *
+ * $HX_CUDA_EMU_NCCL_JOIN=fail makes every join of the process fail at once
+ * (HX_ECONN; its peers time out), for tests of the callers' fallbacks.
+ *
  * Not emulated: send/recv between two ranks other than 0 (HX_ENOTSUP);
  * operations on a stream being captured (they run at the call); free
  * waiting for the peers; speed.
@@ -585,6 +588,14 @@ hx_status hx_cuda_nccl_new(const uint8_t id[HX_CUDA_NCCL_ID_BYTES], int n_ranks,
     if (memcmp(id, ID_MAGIC, sizeof ID_MAGIC) != 0)
         return hx_err_set(err, HX_EINVAL,
                           "nccl: rank %d of %d: not an id of hx_cuda_nccl_unique_id (emulated)",
+                          rank, n_ranks);
+    /* fault injection for the callers' fallbacks: this process never joins (the others
+       then time out, as with a rank that cannot reach them) */
+    const char *join = getenv("HX_CUDA_EMU_NCCL_JOIN");
+    if (join && strcmp(join, "fail") == 0)
+        return hx_err_set(err, HX_ECONN,
+                          "nccl: rank %d of %d: ncclCommInitRankConfig: remote process exited "
+                          "or there was a network error (emulated: HX_CUDA_EMU_NCCL_JOIN=fail)",
                           rank, n_ranks);
     hx_status st = hx_cuda_set_device(device, err);
     if (st != HX_OK)

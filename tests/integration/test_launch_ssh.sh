@@ -33,7 +33,7 @@ hxt_netns_up 3 "$DIR/net" || { echo "cannot create the namespaces"; exit 1; }
 
 "$HX" model make-tiny --out "$DIR/model" --layers 4 --heads 4 --kv-heads 2 --seed 11 >/dev/null
 
-PORT=$((21000 + ($$ % 20000)))
+PORT=$((21000 + ($$ % 11000))) # below the ephemeral ports (32768-60999)
 plan() { # plan FILE PORT: p0 prefill on h1, d0 decode on h2, d1 decode on h3, router on h1
     cat >"$1" <<EOF
 {"schema": "hexflow.plan/1",

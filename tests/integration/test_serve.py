@@ -21,7 +21,8 @@ HX = os.path.abspath(sys.argv[1])
 TMP = tempfile.mkdtemp(prefix="hx-serve-")
 ENV = dict(os.environ, HEXFLOW_STATE_DIR=os.path.join(TMP, "state"), HEXFLOW_LOG="warn")
 MODEL = os.path.join(TMP, "model")
-PORT = 20000 + (os.getpid() * 7) % 30000
+# below the kernel's ephemeral ports (32768-60999), which outgoing connections take
+PORT = 20000 + (os.getpid() * 7) % 12000
 PROMPTS = ["The quick brown fox", "hello world", "a", "Once upon a time, in a land far away"]
 MAX_TOKENS = 24
 passed = failed = 0
@@ -282,51 +283,86 @@ def kv_transport_nccl_refused(port):
         check(stop(plan), "--kv-transport nccl: stop")
 
 
-def nccl_on_one_gpu(port, gpu_model, gpu_expected):
-    """NCCL for the TP all-reduce and for KV, on one GPU: NCCL refuses two ranks of one GPU
-    on one host, and tells hosts apart by NCCL_HOSTID, so each worker gets its own (they
-    then talk over NCCL's socket transport on loopback). Started by hand, as launch gives
-    every worker the same environment: prefill p0 -> decode d0 at TP 2."""
-    plan = write_plan("gpu-nccl", port, [
-        {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
-        {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
-        [{"prefill": "p0", "decode": "d0", "rps": 1}])
-    secret = os.path.join(TMP, "nccl.secret")
+def start_by_hand(tag, plan, gpu_model, args, env_of=lambda d: {}):
+    """Starts the plan's workers (devices local:0..2) and its router by hand, each worker
+    with its own NCCL_HOSTID (NCCL refuses two ranks of one GPU on one host, and tells
+    hosts apart by it: they then talk over NCCL's socket transport on loopback) plus
+    env_of(device). Returns (processes, logs, router address, up)."""
+    secret = os.path.join(TMP, tag + ".secret")
     with open(secret, "w") as f:
         f.write(os.urandom(32).hex())
     os.chmod(secret, 0o600)
     procs, logs = [], []
-    try:
-        for d in range(3):
-            env = dict(ENV, HEXFLOW_LOG="info", NCCL_HOSTID="hx-serve-%d" % d,
-                       NCCL_SOCKET_IFNAME="lo", NCCL_IB_DISABLE="1", NCCL_NET="Socket")
-            log = open(os.path.join(TMP, "nccl-worker-%d.log" % d), "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [HX, "worker", "--plan", plan, "--model", gpu_model, "--device", "local:%d" % d,
-                 "--secret-file", secret, "--backend", "cuda", "--tp-transport", "nccl",
-                 "--kv-transport", "nccl"], env=env, stdout=log, stderr=subprocess.STDOUT))
-        rlog = open(os.path.join(TMP, "nccl-router.log"), "w+")
-        logs.append(rlog)
-        procs.append(subprocess.Popen([HX, "router", "--plan", plan, "--model", gpu_model,
-                                       "--secret-file", secret], env=ENV, stdout=rlog,
-                                      stderr=subprocess.STDOUT))
-        addr = ("127.0.0.1", port)
-        up = False
-        for _ in range(240):
-            try:
-                if request(addr, "GET", "/health", timeout=5)[0] == 200:
-                    up = True
-                    break
-            except OSError:
-                pass
-            if any(pr.poll() is not None for pr in procs):
+    for d in range(3):
+        env = dict(ENV, HEXFLOW_LOG="info", NCCL_HOSTID="hx-serve-%d" % d,
+                   NCCL_SOCKET_IFNAME="lo", NCCL_IB_DISABLE="1", NCCL_NET="Socket",
+                   **env_of(d))
+        log = open(os.path.join(TMP, "%s-worker-%d.log" % (tag, d)), "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [HX, "worker", "--plan", plan, "--model", gpu_model, "--device", "local:%d" % d,
+             "--secret-file", secret, "--backend", "cuda"] + args, env=env, stdout=log,
+            stderr=subprocess.STDOUT))
+    rlog = open(os.path.join(TMP, tag + "-router.log"), "w+")
+    logs.append(rlog)
+    procs.append(subprocess.Popen([HX, "router", "--plan", plan, "--model", gpu_model,
+                                   "--secret-file", secret], env=ENV, stdout=rlog,
+                                  stderr=subprocess.STDOUT))
+    with open(plan) as f:
+        addr = ("127.0.0.1", json.load(f)["router"]["port"])
+    up = False
+    for _ in range(240):
+        try:
+            if request(addr, "GET", "/health", timeout=5)[0] == 200:
+                up = True
                 break
-            time.sleep(0.5)
+        except OSError:
+            pass
+        if any(pr.poll() is not None for pr in procs):
+            break
+        time.sleep(0.5)
+    if not up:
+        for log in logs:
+            log.seek(0)
+            print(log.read()[-1500:])
+    return procs, logs, addr, up
+
+
+def end_by_hand(procs, logs):
+    """Stops what start_by_hand started; True when every process ended."""
+    for pr in procs:
+        if pr.poll() is None:
+            pr.terminate()
+    for pr in procs:
+        try:
+            pr.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pr.kill()
+            pr.wait()
+    for log in logs:
+        log.close()
+    return all(pr.returncode is not None for pr in procs)
+
+
+def log_text(logs):
+    text = ""
+    for log in logs:
+        log.seek(0)
+        text += log.read()
+    return text
+
+
+def nccl_on_one_gpu(port, gpu_model, gpu_expected):
+    """NCCL for the TP all-reduce and for KV, on one GPU (start_by_hand): prefill p0 ->
+    decode d0 at TP 2, --tp-transport nccl --kv-transport nccl."""
+    plan = write_plan("gpu-nccl", port, [
+        {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+        {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
+        [{"prefill": "p0", "decode": "d0", "rps": 1}])
+    procs, logs, addr, up = start_by_hand("nccl", plan, gpu_model,
+                                          ["--tp-transport", "nccl", "--kv-transport", "nccl"])
+    try:
         if not check(up, "GPU NCCL: workers and router up"):
-            for log in logs:
-                log.seek(0)
-                print(log.read()[-1500:])
             return
         whole = 0
         for prompt in PROMPTS:
@@ -352,10 +388,7 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
                        len(r[1]) == MAX_TOKENS and
                        r[1][:1] == (gpu_expected[PROMPTS[i % 4]] or [])[:1])
         check(first_ok == 16, "GPU NCCL: 16 concurrent requests complete (%d)" % first_ok)
-        text = ""
-        for log in logs[:3]:
-            log.seek(0)
-            text += log.read()
+        text = log_text(logs[:3])
         check("sums its TP partial results over NCCL" in text,
               "GPU NCCL: the decode stage sums over NCCL")
         check("goes over NCCL" in text, "GPU NCCL: KV goes over NCCL")
@@ -391,18 +424,42 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
               "GPU NCCL: the killed rank's partner exits, the prefill worker stays (%s, %s)" %
               (procs[1].poll(), procs[0].poll()))
     finally:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.terminate()
-        for pr in procs:
-            try:
-                pr.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-                pr.wait()
-        check(all(pr.returncode is not None for pr in procs), "GPU NCCL: every process ended")
-        for log in logs:
-            log.close()
+        check(end_by_hand(procs, logs), "GPU NCCL: every process ended")
+
+
+def nccl_fallback_emulated(port, gpu_model, gpu_expected):
+    """Where a rank cannot join NCCL (the emulation's HX_CUDA_EMU_NCCL_JOIN=fail on decode
+    rank local:2), --tp-transport/--kv-transport auto fall back to TCP for what involves
+    it: d0's stage sums over TCP, KV to local:2 goes over TCP, to local:1 over NCCL; the
+    answers stay right."""
+    plan = write_plan("gpu-fallback", port, [
+        {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+        {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
+        [{"prefill": "p0", "decode": "d0", "rps": 1}])
+    procs, logs, addr, up = start_by_hand(
+        "fallback", plan, gpu_model, [],
+        lambda d: {"HX_CUDA_EMU_NCCL_JOIN": "fail"} if d == 2 else {})
+    try:
+        if not check(up, "NCCL fallback: workers and router up"):
+            return
+        # the first requests may find d0 still joining (20 s until its join times out):
+        # its ranks decline links then, and p0 offers again 5 s later
+        for round_ in range(2):
+            if round_:
+                time.sleep(6)
+            got = [complete(addr, p) for p in PROMPTS]
+            check(all(st == 200 and ids[:1] == (gpu_expected[p] or [])[:1] and
+                      len(ids) == MAX_TOKENS for p, (st, ids) in zip(PROMPTS, got)),
+                  "NCCL fallback: every prompt completes, the first token equal to "
+                  "generate's (round %d)" % (round_ + 1))
+        text = log_text(logs[:3])
+        check("stage 0 sums its TP partial results over TCP" in text,
+              "NCCL fallback: d0's stage sums over TCP after a rank failed to join")
+        check("KV to local:2 goes over TCP" in text and "KV to local:1 goes over NCCL" in text,
+              "NCCL fallback: KV to the rank that cannot join goes over TCP, to the other "
+              "over NCCL")
+    finally:
+        check(end_by_hand(procs, logs), "NCCL fallback: every process ended")
 
 
 def gpu_cases(port):
@@ -480,6 +537,9 @@ def gpu_cases(port):
                 check(stop(plan), "GPU PP2 -> TP2: stop")
         nccl_on_one_gpu(port, gpu_model, gpu_expected)
         port += 20
+        if "host emulation" in version:
+            nccl_fallback_emulated(port, gpu_model, gpu_expected)
+            port += 20
     else:
         print("skip GPU prefill -> GPU decode: %s" %
               ("no CUDA backend in this build" if "cuda" not in version else "no GPU here"))
