@@ -198,6 +198,16 @@ static hx_status dalloc(void *pp, size_t bytes, hx_err *err)
     return hx_cuda_malloc((void **)pp, bytes, err);
 }
 
+/* Drops the captured graphs (they hold the communicator's all-reduces); later steps capture anew. */
+static void drop_graphs(hx_cuda_engine *e)
+{
+    for (int b = 0; b < MAX_BUCKETS; b++) {
+        hx_cuda_graph_free(e->graph[b]);
+        e->graph[b] = NULL;
+        e->bucket_uses[b] = 0;
+    }
+}
+
 void hx_cuda_engine_free(hx_cuda_engine *e)
 {
     if (!e)
@@ -207,8 +217,7 @@ void hx_cuda_engine_free(hx_cuda_engine *e)
        aborts it when it does not finish; then its kernels have exited */
     if (e->stream && (!e->nccl || hx_cuda_nccl_wait(e->nccl, e->stream, 10.0, NULL) != HX_OK))
         (void)hx_cuda_stream_sync(e->stream, NULL);
-    for (int b = 0; b < MAX_BUCKETS; b++)
-        hx_cuda_graph_free(e->graph[b]);
+    drop_graphs(e);
     if (e->layers) {
         for (int l = 0; l < e->L; l++) {
             layer_w *w = &e->layers[l];
@@ -846,6 +855,8 @@ hx_status hx_cuda_engine_set_nccl(hx_cuda_engine *e, hx_cuda_nccl *tp_comm, doub
                           "rank %d of %d",
                           e->opt.tp_rank, e->tp, hx_cuda_nccl_rank(tp_comm),
                           hx_cuda_nccl_size(tp_comm));
+    if (e->nccl != tp_comm)
+        drop_graphs(e);
     e->nccl = tp_comm;
     e->nccl_timeout_s = timeout_s > 0 ? timeout_s : 60.0;
     if (!tp_comm && e->tp > 1 && e->has_comm && !e->comm.allreduce) {
@@ -1573,8 +1584,10 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
                           "cuda engine: layers %d-%d at TP rank %d of %d need a comm "
                           "(hx_cuda_engine_set_comm) to step",
                           e->l0, e->l0 + e->L - 1, e->opt.tp_rank, e->tp);
-    /* graphs hold no host work: only a whole model at TP 1 replays them */
-    const int graphs = e->opt.graphs && e->tp == 1 && e->has_embed && e->has_head;
+    /* graphs hold no host work: only a whole model, at TP 1 or summing over NCCL, replays
+       them (the tokens reach the other TP ranks after the step, outside the graph) */
+    const int graphs =
+        e->opt.graphs && e->has_embed && e->has_head && (e->tp == 1 || e->nccl != NULL);
     int used_graph = 0;
     if (n_pf == 0 && graphs) {
         int bi = 0;

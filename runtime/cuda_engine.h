@@ -55,7 +55,10 @@
  * (hx_cuda_engine_set_nccl), which the comm's allreduce then never sees.
  * Every rank of a group must be a cuda engine with the same options: the
  * schedules (rows per step) must agree. A step of a sliced engine waits
- * for the device at each comm call, and never replays a graph.
+ * for the device at each comm call, and never replays a graph, except a
+ * whole model's TP slice summing over NCCL: its decode steps replay graphs
+ * with the all-reduces in them (NCCL kernels captured like the others; every
+ * rank captures and replays in the same steps, as they step in lockstep).
  *
  * Limits: llama-family models as runtime/llama.h supports, head_dim 64 or
  * 128, at most 8 query heads per KV head, hidden / intermediate sizes (and

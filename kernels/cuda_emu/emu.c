@@ -535,6 +535,17 @@ hx_status emu_launch(hx_cuda_stream *s, emu_kernel fn, const void *args, size_t 
     return launch(s, fn, args, size, what, 0, err);
 }
 
+int emu_capturing(const hx_cuda_stream *s)
+{
+    if (!s)
+        return 0;
+    init();
+    lock();
+    const int c = s->capturing;
+    unlock();
+    return c;
+}
+
 /* ---- bf16 and friends ------------------------------------------------------------------------ */
 
 static inline float bf2f(hx_bf16 h)

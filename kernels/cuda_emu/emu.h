@@ -36,6 +36,9 @@ typedef void (*emu_kernel)(const void *args);
 hx_status emu_launch(hx_cuda_stream *s, emu_kernel fn, const void *args, size_t size,
                      const char *what, hx_err *err);
 
+/* Whether stream s has a capture open (launches on it are recorded, not run). */
+int emu_capturing(const hx_cuda_stream *s);
+
 /* This thread's current device (hx_cuda_set_device; 0 at first). */
 int emu_device(void);
 

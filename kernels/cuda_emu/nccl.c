@@ -35,8 +35,11 @@
  * $HX_CUDA_EMU_NCCL_JOIN=fail makes every join of the process fail at once
  * (HX_ECONN; its peers time out), for tests of the callers' fallbacks.
  *
+ * An operation outside a group on a stream being captured is recorded into
+ * the graph and runs at each replay (grouped ones run at group_end).
+ *
  * Not emulated: send/recv between two ranks other than 0 (HX_ENOTSUP);
- * operations on a stream being captured (they run at the call); free
+ * grouped operations on a stream being captured (they run at the call); free
  * waiting for the peers; speed.
  */
 #include <errno.h>
@@ -1477,10 +1480,11 @@ static void check_kernel(const void *args)
  * call, as on a GPU, and the operation is not done); an error when the
  * device refuses the launch.
  */
+static const char *const buf_name[] = {"ncclAllReduce buffer", "ncclSend buffer",
+                                       "ncclRecv buffer"};
+
 static hx_status device_check(const op *o, int *faulted, hx_err *err)
 {
-    static const char *const buf_name[] = {"ncclAllReduce buffer", "ncclSend buffer",
-                                           "ncclRecv buffer"};
     *faulted = 0;
     const int was = emu_device();
     hx_status st = was == o->c->device ? HX_OK : hx_cuda_set_device(o->c->device, err);
@@ -1493,6 +1497,22 @@ static hx_status device_check(const op *o, int *faulted, hx_err *err)
     if (was != o->c->device)
         (void)hx_cuda_set_device(was, NULL);
     return st;
+}
+
+/*
+ * An operation captured into a CUDA graph (NCCL's kernel is a node of it):
+ * it runs at each replay, numbered then, as every rank replays its graph in
+ * the same order; a failure aborts the communicator (run_batch), which the
+ * next call or hx_cuda_nccl_wait reports, as an asynchronous NCCL error.
+ */
+static void replay_kernel(const void *args)
+{
+    op o = *(const op *)args;
+    if (o.c->aborted || !emu_need(o.buf, o.bytes, buf_name[o.kind]) || o.bytes == 0)
+        return;
+    o.no = ++o.c->n_ops;
+    hx_err ignored = {0};
+    (void)run_batch(&o, 1, 0, &ignored);
 }
 
 static hx_status issue(hx_cuda_nccl *c, int kind, void *buf, size_t n, int bf16, int peer,
@@ -1523,6 +1543,10 @@ static hx_status issue(hx_cuda_nccl *c, int kind, void *buf, size_t n, int bf16,
                           "nccl emulation: %s between ranks %d and %d of %d is not emulated "
                           "(only rank 0 talks to the others)",
                           kind == OP_SEND ? "send" : "recv", c->rank, peer, c->size);
+    if (group_depth == 0 && emu_capturing(stream)) {
+        op o = {c, kind, bf16 != 0, peer, buf, n * esz, stream, 0};
+        return emu_launch(stream, replay_kernel, &o, sizeof o, OP_NAME[kind], err);
+    }
     op o = {c, kind, bf16 != 0, peer, buf, n * esz, stream, ++c->n_ops};
     if (group_depth > 0) {
         if (group_n_ops == group_cap) {

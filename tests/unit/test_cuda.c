@@ -1700,7 +1700,9 @@ typedef struct gs_group gs_group;
 typedef struct gs_member {
     gs_group *g;
     int stage, rank;
+    int device;
     hx_cuda_engine *e;
+    hx_cuda_nccl *nccl; /* the stage's TP communicator (gs_group nccl) */
     gs_queue rows, toks;
     int got[N_REQ][GEN_STEPS], n_got[N_REQ];
     hx_status st;
@@ -1714,6 +1716,8 @@ typedef struct gs_member {
  */
 struct gs_group {
     int stages, tp;
+    int nccl; /* the TP ranks sum over NCCL (one stage), joined on their threads */
+    uint8_t nccl_id[HX_CUDA_NCCL_ID_BYTES];
     gs_member mem[GS_MAX][GS_MAX];
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -1856,6 +1860,11 @@ static void *gs_run(void *arg)
 /* The four requests, then steps until every one has finished. */
 static void *gs_work(gs_member *me)
 {
+    if (me->g->nccl &&
+        ((me->st = hx_cuda_nccl_new(me->g->nccl_id, me->g->tp, me->rank, me->device, 60.0,
+                                    &me->nccl, &me->err)) != HX_OK ||
+         (me->st = hx_cuda_engine_set_nccl(me->e, me->nccl, 60.0, &me->err)) != HX_OK))
+        return NULL;
     for (int i = 0; i < N_REQ; i++) {
         const gen_case *c = &me->g->cases[i];
         hx_batch_request r = greedy_req((uint64_t)i, c->prompt, c->n, GEN_STEPS);
@@ -1886,15 +1895,20 @@ static void *gs_work(gs_member *me)
  * the one GPU and its own thread, with 16-row steps (chunked prompts beside
  * decode rows): every engine sees the CPU's greedy tokens. Stages change no
  * arithmetic; TP slices sum the o and down projections in another order,
- * which the picked prompts' logit gaps (>= 0.05) absorb.
+ * which the picked prompts' logit gaps (>= 0.05) absorb. With nccl (one
+ * stage) the ranks sum over NCCL, rank r on GPU r, and their decode steps
+ * replay CUDA graphs with the all-reduces in them.
  */
-static void gs_case(const gen_case *cases, int stages, int tp)
+static void gs_case(const gen_case *cases, int stages, int tp, int nccl)
 {
     gs_group *g = calloc(1, sizeof *g);
     assert_non_null(g);
     g->stages = stages;
     g->tp = tp;
     g->cases = cases;
+    g->nccl = nccl;
+    if (nccl)
+        CHECK(hx_cuda_nccl_unique_id(g->nccl_id, E));
     const int L = 2; /* the tiny model's layers */
     pthread_mutex_init(&g->mu, NULL);
     pthread_cond_init(&g->cv, NULL);
@@ -1906,8 +1920,10 @@ static void gs_case(const gen_case *cases, int stages, int tp)
             me->g = g;
             me->stage = s;
             me->rank = r;
+            me->device = nccl && hx_cuda_device_count() > r ? r : 0;
             hx_cuda_options o;
             hx_cuda_options_init(&o);
+            o.device = me->device;
             o.max_seqs = 8;
             o.max_step_tokens = 16;
             o.max_seq_tokens = 256;
@@ -1963,7 +1979,15 @@ static void gs_case(const gen_case *cases, int stages, int tp)
                                  "%d, the CPU's %d",
                                  stages, tp, s, r, i, t, me->got[i][t], cases[i].tokens[t]);
             }
+            if (nccl) {
+                int64_t steps = 0, graph_steps = 0;
+                hx_cuda_engine_stats(me->e, &steps, &graph_steps);
+                if (graph_steps == 0)
+                    fail_msg("TP %d over NCCL, rank %d: none of %lld steps replayed a graph", tp,
+                             r, (long long)steps);
+            }
             hx_cuda_engine_free(me->e);
+            hx_cuda_nccl_free(me->nccl);
             assert_null(me->rows.head); /* nothing left unread */
             assert_null(me->toks.head);
         }
@@ -1971,8 +1995,8 @@ static void gs_case(const gen_case *cases, int stages, int tp)
         free(g->sum[s]);
     pthread_mutex_destroy(&g->mu);
     pthread_cond_destroy(&g->cv);
-    printf("test_cuda: %d stages x TP %d on threads: the CPU's greedy tokens on every engine\n",
-           stages, tp);
+    printf("test_cuda: %d stages x TP %d%s on threads: the CPU's greedy tokens on every engine\n",
+           stages, tp, nccl ? " over NCCL" : "");
     free(g);
 }
 
@@ -1984,9 +2008,17 @@ static void test_engine_stages_and_tp(void **state)
     gen_case cases[N_REQ];
     pick_cases(m, cases);
     hx_llama_free(m);
-    gs_case(cases, 2, 1);
-    gs_case(cases, 1, 2);
-    gs_case(cases, 2, 2);
+    gs_case(cases, 2, 1, 0);
+    gs_case(cases, 1, 2, 0);
+    gs_case(cases, 2, 2, 0);
+    /* NCCL refuses two ranks of one GPU in one process: two GPUs, or the emulation */
+#ifndef HX_CUDA_EMU
+    if (!hx_cuda_nccl_available() || hx_cuda_device_count() < 2)
+        printf("test_cuda: %s: TP 2 over NCCL skipped: %s\n", __func__,
+               hx_cuda_nccl_available() ? "one GPU here" : "no NCCL in this build");
+    else
+#endif
+        gs_case(cases, 1, 2, 1);
 
     /* slices the kernels cannot take, and layouts the model cannot take */
     hx_cuda_options o;
