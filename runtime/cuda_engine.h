@@ -82,7 +82,8 @@ typedef struct hx_cuda_options {
     int block_tokens;    /* KV block size in positions; default 16 */
     int max_seq_tokens;  /* positions per sequence; default min(max_position_embeddings, 4096) */
     int max_blocks;      /* KV blocks; default enough for max_seqs sequences of max_seq_tokens */
-    int graphs;          /* 1 (default): CUDA graphs for decode-only steps; 0: never */
+    int graphs;          /* 1 (default; 0 when $HX_CUDA_GRAPHS is "0"): CUDA graphs for
+                            decode-only steps; 0: never */
     int gemv_max_rows;   /* GEMMs of at most this many rows use the GEMV kernel; default 8 */
     int logits;          /* 1: events carry their logits (copied to the host each step);
                             default 0 (events' logits are NULL; always NULL before the last
