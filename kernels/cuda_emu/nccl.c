@@ -1138,6 +1138,24 @@ static void x_landed(batch *b, xcomm *x, int l)
     xl->target = NULL;
 }
 
+/*
+ * A read or write on link l failed (errno): 1 to try again (EINTR), else 0,
+ * having noted a peer gone or failed the batch (EAGAIN: nothing to do now).
+ */
+static int x_io_failed(batch *b, xcomm *x, int l, const char *doing)
+{
+    if (errno == EINTR)
+        return 1;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return 0;
+    if (errno == ECONNRESET || errno == EPIPE)
+        x_gone(b, x, l);
+    else
+        x_fail(b, x, HX_ECONN, "%s failed: %s rank %d: %s", x->what, doing, peer_of(x, l),
+               strerror(errno));
+    return 0;
+}
+
 /* Reads on link l what there is, as long as the batch wants it. */
 static void x_read(batch *b, xcomm *x, int l)
 {
@@ -1159,15 +1177,8 @@ static void x_read(batch *b, xcomm *x, int l)
             return;
         }
         if (r < 0) {
-            if (errno == EINTR)
+            if (x_io_failed(b, x, l, "reading from"))
                 continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return;
-            if (errno == ECONNRESET || errno == EPIPE)
-                x_gone(b, x, l);
-            else
-                x_fail(b, x, HX_ECONN, "%s failed: reading from rank %d: %s", x->what,
-                       peer_of(x, l), strerror(errno));
             return;
         }
         if (!xl->reading || xl->h_got < sizeof xl->h) {
@@ -1212,15 +1223,8 @@ static void x_write(batch *b, xcomm *x, int l)
         m.msg_iovlen = (size_t)n;
         ssize_t r = sendmsg(lnk->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (r < 0) {
-            if (errno == EINTR)
+            if (x_io_failed(b, x, l, "writing to"))
                 continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return;
-            if (errno == EPIPE || errno == ECONNRESET)
-                x_gone(b, x, l);
-            else
-                x_fail(b, x, HX_ECONN, "%s failed: writing to rank %d: %s", x->what,
-                       peer_of(x, l), strerror(errno));
             return;
         }
         if (o->done == 0)
