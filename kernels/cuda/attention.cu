@@ -1,7 +1,7 @@
 // attention.cu - causal grouped-query attention over the paged bf16 KV cache:
 // a FlashAttention-2 style prefill kernel (64x64 tiles, bf16 tensor cores
 // through WMMA, online softmax in fp32) and a split-sequence decode kernel
-// with its reduction.
+// with its reduction (and an opt-in second one that waits on memory fewer times).
 #include <stdlib.h>
 
 #include <mma.h>
@@ -730,6 +730,445 @@ __global__ void __launch_bounds__(DC_THREADS)
         *counter = 0; // ready for the next call (a later kernel)
 }
 
+/* ---- decode, second kernel: fewer dependent memory round trips ----
+ *
+ * decode_attn_kernel waits on memory many times in a row: a thread walks
+ * its key's K row a few uint4 at a time, then the P V loop walks V a few
+ * rows at a time. At batch 1 (64 CTAs) that chain, not bandwidth, sets its
+ * time. This kernel keeps its contract (grid, decode_chunk's chunking, the
+ * workspace, the merge by the last chunk to arrive) and orders the loads so
+ * that a CTA waits on memory about three times before it computes:
+ *   round 1  the sequence's len, row and block-table row (together: see
+ *            dc2_ld_now)
+ *   round 2  the chunk's block-table entries (-> K row offsets in shared
+ *            memory) and the thread's slice of q (registers)
+ *   round 3  the chunk's K and V rows, by cp.async into a ring of 32-key
+ *            tiles in shared memory (64 KB: 8 tiles at head_dim 128, 16 at
+ *            64): K tiles, then V tiles, as many at once as the ring holds
+ *            (a chunk of up to 128 keys at head_dim 128, 256 at 64: all of
+ *            it), a slot refilled as soon as its tile is consumed; the
+ *            scores of K tile 0 start while the rest are still coming.
+ * The grid (parts x KV heads x sequences) and 256 threads: at batch 1 one
+ * CTA per SM does its chunk's work with 8 warps. 64 KB of dynamic shared
+ * memory (opt-in) plus ~10 KB static: 2 CTAs per SM at large batch, where
+ * 2 x 64 KB in flight per SM is more than HBM needs.
+ * Scores: a group of LPK = D/8 lanes per key, each with a uint4 of K and
+ * q's 8 dimensions for every head in registers; the G dot products are
+ * summed across the group by a butterfly that halves the values each step
+ * (GP - 1 + log2(LPK / GP) shuffles a key, not G log2(LPK)). Softmax per
+ * chunk, as decode_attn_kernel. P V: a thread per (4 dimensions, key
+ * group), V from the ring; the key groups are summed through the ring's
+ * memory. The merge issues the loads of up to 8 partials at once.
+ * Templated on GP, the query heads per KV head rounded up to a power of 2,
+ * so that G = 4 does no work for 8. Numerics: those of decode_attn_kernel
+ * up to fp32 summation order (q scaled in fp32, fmaf on fp32, exp2f).
+ */
+
+#define DC2_THREADS 256
+#define DC2_TILE 32     // keys per cp.async tile
+#define DC2_RING 65536  // bytes of K/V tiles in flight (dynamic shared memory)
+#define DC2_MERGE 8     // partials whose loads the merge issues together
+
+template <int D> struct Dc2Shape {
+    static constexpr int LPK = D / 8;             // scores: lanes per key, 8 dimensions each
+    static constexpr int KPP = DC2_THREADS / LPK; // scores: keys per pass (16 or 32)
+    static constexpr int TPK = D / 4;             // P V: threads per key, 4 dimensions each
+    static constexpr int NG = DC2_THREADS / TPK;  // P V: key groups (8 or 16)
+    static constexpr int TILE = DC2_TILE * D;     // bf16 elements of a tile
+    static constexpr int NS = DC2_RING / (TILE * 2);        // ring slots (8 or 16)
+    static constexpr int CPT = TILE / 8 / DC2_THREADS;      // 16-byte copies a thread a tile
+    static_assert(NS >= 2 && CPT >= 1 && TILE / 8 % DC2_THREADS == 0, "tile shape");
+    static_assert(DC2_TILE % KPP == 0 && DC2_TILE % NG == 0, "tile shape");
+    static_assert(NG * DC_MAX_G * D * 4 <= DC2_RING, "P V partial sums fit the ring");
+};
+
+// 16 bytes global -> shared, asynchronously (L2 only); !ok: 16 zero bytes, src not read.
+// No "memory" clobber, so that the compiler may hoist the shared-memory reads of the
+// addresses above a run of these: the ring's slots are ordered by the barriers (and
+// dc2_cp_wait's clobber) around every read and refill.
+__device__ __forceinline__ void dc2_cp_async16(void *dst, const void *src, bool ok)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                     (unsigned)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(ok ? 16 : 0));
+#else
+    *reinterpret_cast<uint4 *>(dst) = ok ? *reinterpret_cast<const uint4 *>(src)
+                                         : make_uint4(0, 0, 0, 0);
+#endif
+}
+// A load that the compiler keeps where it is written (it would sink a plain one past the
+// branches that first use it, making it a round trip of its own)
+__device__ __forceinline__ int dc2_ld_now(const int *p)
+{
+    int v;
+    asm volatile("ld.volatile.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void dc2_cp_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void dc2_cp_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Tile tt of the chunk into a ring slot: tiles 0 .. T-1 are K, keys
+// 32 tt .. 32 tt + 31; tiles T .. 2T-1 are V, keys 32 (tt - T) ... Copy
+// i = tid + u * DC2_THREADS is row r = i / (D/8), 16 bytes cc = i % (D/8):
+// slot[r][8 cc ..] = row jj = 32 kt + r, at krow[jj] (K; + vstride: V).
+// Rows at or past nk, and tiles at or past 2T, are zero-filled instead
+// (never read): no branch, so the krow reads of a thread's copies go out
+// together.
+template <int D>
+__device__ __forceinline__ void dc2_issue(__nv_bfloat16 *slot, const __nv_bfloat16 *cache,
+                                          const size_t *krow, size_t vstride, int nk, int tt,
+                                          int T, int tid)
+{
+    using S = Dc2Shape<D>;
+    const bool is_v = tt >= T;
+    const int kt = is_v ? tt - T : tt;
+    const __nv_bfloat16 *base = cache + (is_v ? vstride : 0);
+#pragma unroll
+    for (int u = 0; u < S::CPT; u++) {
+        const int i = tid + u * DC2_THREADS, r = i / (D / 8), cc = i % (D / 8);
+        const int jj = kt * DC2_TILE + r;
+        const bool ok = tt < 2 * T && jj < nk;
+        dc2_cp_async16(slot + r * D + cc * 8, base + krow[ok ? jj : 0] + cc * 8, ok);
+    }
+}
+
+// One step of the ring, at tile tt (of 2T): wait for tile tt, then refill
+// the slot of tile tt - 1 (which every thread has finished, past the
+// barrier) with tile tt - 1 + NS. cp.async groups: the prologue commits NS
+// groups (tiles 0 .. NS-1, some empty); step tt >= 1 commits one more, tile
+// tt - 1 + NS (perhaps empty): tile t is group t. Before step tt's wait,
+// NS + max(tt - 1, 0) groups are committed and groups 0 .. tt must be
+// complete: at most NS - 1 pending at tt = 0, NS - 2 later. Returns tile
+// tt's slot.
+template <int D>
+__device__ __forceinline__ const __nv_bfloat16 *
+dc2_ring_step(__nv_bfloat16 *ring, int tt, int T, const __nv_bfloat16 *cache,
+              const size_t *krow, size_t vstride, int nk, int tid)
+{
+    using S = Dc2Shape<D>;
+    if (tt == 0)
+        dc2_cp_wait<S::NS - 1>();
+    else
+        dc2_cp_wait<S::NS - 2>();
+    __syncthreads(); // tile tt is in for every thread's copies; tile tt-1's slot is free
+    if (tt >= 1) {
+        const int nt = tt - 1 + S::NS;
+        if (nt < 2 * T)
+            dc2_issue<D>(ring + (size_t)(nt % S::NS) * S::TILE, cache, krow, vstride, nk, nt, T,
+                         tid);
+        dc2_cp_commit();
+    }
+    return ring + (size_t)(tt % S::NS) * S::TILE;
+}
+
+// a[0 .. GP-1]: this lane's partial dot products for the heads; the lanes
+// of a key's group (LPK of them, aligned) all hold such. Returns the sum
+// over the group of head c / (LPK / GP), c = lane % LPK. Halving step st
+// (offset o = LPK >> (st + 1), n = GP >> st values): a lane whose bit o is
+// set keeps the upper n/2 values (and sends the lower), its partner the
+// lower; each adds what it receives. Then plain xor sums over the bits
+// below LPK / GP.
+template <int GP, int LPK> __device__ __forceinline__ float dc2_group_sum(float *a, int lane)
+{
+    constexpr int LOG_GP = GP == 8 ? 3 : GP == 4 ? 2 : GP == 2 ? 1 : 0;
+    static_assert(GP <= LPK, "a head per lane at most");
+#pragma unroll
+    for (int st = 0; st < LOG_GP; st++) {
+        const int o = LPK >> (st + 1), half = (GP >> st) / 2;
+        const bool up = (lane & o) != 0;
+#pragma unroll
+        for (int i = 0; i < half; i++) {
+            const float send = up ? a[i] : a[i + half];
+            const float keep = up ? a[i + half] : a[i];
+            a[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+    }
+    float v = a[0];
+#pragma unroll
+    for (int o = LPK / (2 * GP); o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <int D, int GP>
+__global__ void __launch_bounds__(DC2_THREADS, 2)
+    decode2_attn_kernel(__nv_bfloat16 *out, float *work, const __nv_bfloat16 *q,
+                        const __nv_bfloat16 *cache, hx_cuda_kv_layout kv, int layer,
+                        const int *block_tables, const int *seq_slot, const int *seq_row,
+                        const int *seq_len, int heads, float scale_log2, int min_chunk)
+{
+    hx_pdl_begin();
+    using S = Dc2Shape<D>;
+    extern __shared__ __align__(16) unsigned char dc2_smem[];
+    // [NS][DC2_TILE][D] bf16 tiles; after P V, [NG][GP][D] fp32 partial sums
+    __nv_bfloat16 *ring = reinterpret_cast<__nv_bfloat16 *>(dc2_smem);
+    __shared__ __align__(16) float sc[DC_CHUNK * GP]; // [key][GP]: scores, then exp2
+    __shared__ size_t krow[DC_CHUNK]; // element offset of key jj's K row (V: + vstride)
+    __shared__ int is_last;
+    const int parts = gridDim.x, p = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // round 1
+    const int len = dc2_ld_now(seq_len + s), row = dc2_ld_now(seq_row + s),
+              slot = dc2_ld_now(seq_slot + s);
+    const int G = heads / kv.kv_heads;
+    __nv_bfloat16 *orow = out + (size_t)row * heads * D + (size_t)g * G * D;
+    if (len <= 0) { // nothing to attend: zeros, as the merge writes for an empty sum
+        if (p == 0)
+            for (int i = tid; i < G * D; i += DC2_THREADS)
+                orow[i] = __float2bfloat16_rn(0.0f);
+        return;
+    }
+    const int chunk = decode_chunk(len, parts, min_chunk);
+    const int start = p * chunk;
+    if (start >= len)
+        return;
+    // the chunks that run (and arrive); more than parts only past the contract's lengths
+    const int np = min((len + chunk - 1) / chunk, parts);
+    const int nk = min(chunk, len - start); // 1 .. DC_CHUNK
+    float *rec = work + (size_t)s * decode_rec_floats(heads, D, parts);
+    int *counter = reinterpret_cast<int *>(rec) + g;
+    float *o_part = rec + ((heads + 3) & ~3);
+    float *ml_part = o_part + (size_t)heads * parts * D;
+
+    // round 2: row offsets of the chunk's keys (nk <= DC_CHUNK <= DC2_THREADS: one each) and
+    // q: thread c = lane % LPK of a key group holds dimensions 8c .. 8c+7 of every head
+    static_assert(DC_CHUNK <= DC2_THREADS, "a thread per key's block-table entry");
+    if (tid < nk) {
+        const int j = start + tid;
+        krow[tid] = hx_kv_offset(kv, block_tables[(size_t)slot * kv.max_blocks_per_seq +
+                                                  j / kv.block_tokens],
+                                 layer, 0, g) +
+                    (size_t)(j % kv.block_tokens) * D;
+    }
+    const int c = lane % S::LPK;
+    uint4 qraw[GP];
+#pragma unroll
+    for (int h = 0; h < GP; h++)
+        qraw[h] = h < G ? *reinterpret_cast<const uint4 *>(
+                              q + ((size_t)row * heads + (size_t)g * G + h) * D + c * 8)
+                        : make_uint4(0, 0, 0, 0);
+    __syncthreads();
+
+    // round 3: K tiles, then V tiles, as many as the ring holds (tile t: slot t % NS)
+    const int T = (nk + DC2_TILE - 1) / DC2_TILE; // tiles of K, and as many of V
+    const size_t vstride = (size_t)kv.kv_heads * kv.block_tokens * D; // K row -> V row
+#pragma unroll
+    for (int t = 0; t < S::NS; t++) {
+        dc2_issue<D>(ring + (size_t)t * S::TILE, cache, krow, vstride, nk, t, T, tid);
+        dc2_cp_commit();
+    }
+    float qf[GP][8]; // q * scale_log2, as decode_attn_kernel's qs
+#pragma unroll
+    for (int h = 0; h < GP; h++) {
+        hx_unpack8(qraw[h], qf[h]);
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            qf[h][e] *= scale_log2;
+    }
+
+    // scores: pass ps, key r = tid / LPK + ps * KPP of the tile, its 16 bytes c
+    for (int tt = 0; tt < T; tt++) {
+        const __nv_bfloat16 *ks = dc2_ring_step<D>(ring, tt, T, cache, krow, vstride, nk, tid);
+#pragma unroll
+        for (int ps = 0; ps < DC2_TILE / S::KPP; ps++) {
+            const int r = tid / S::LPK + ps * S::KPP, jj = tt * DC2_TILE + r;
+            float kf[8];
+            hx_unpack8(*reinterpret_cast<const uint4 *>(ks + r * D + c * 8), kf);
+            float a[GP];
+#pragma unroll
+            for (int h = 0; h < GP; h++) {
+                a[h] = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    a[h] = fmaf(kf[e], qf[h][e], a[h]);
+            }
+            // rows past nk are zeros (dc2_issue): summed within their own group, never stored
+            const float v = dc2_group_sum<GP, S::LPK>(a, lane);
+            const int hh = c / (S::LPK / GP);
+            if (c % (S::LPK / GP) == 0 && hh < G && jj < nk)
+                sc[jj * GP + hh] = v;
+        }
+    }
+
+    // P V: a thread per (4 dimensions 4 c4 .., key group kg): rows kg, kg + NG, .. of a tile
+    const int c4 = tid % S::TPK, kg = tid / S::TPK;
+    const size_t pidx0 = (size_t)g * G * parts + p;
+    float acc[GP][4];
+#pragma unroll
+    for (int h = 0; h < GP; h++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            acc[h][e] = 0.0f;
+    for (int tt = T; tt < 2 * T; tt++) {
+        const __nv_bfloat16 *vs = dc2_ring_step<D>(ring, tt, T, cache, krow, vstride, nk, tid);
+        if (tt == T) { // every score is in (the step's barrier): per query head, max and exp
+            for (int gq = warp; gq < G; gq += DC2_THREADS / 32) {
+                float mx = -INFINITY;
+                for (int jj = lane; jj < nk; jj += 32)
+                    mx = fmaxf(mx, sc[jj * GP + gq]);
+                mx = hx_warp_max(mx);
+                float sum = 0.0f;
+                for (int jj = lane; jj < nk; jj += 32) {
+                    const float e = exp2f(sc[jj * GP + gq] - mx);
+                    sc[jj * GP + gq] = e;
+                    sum += e;
+                }
+                sum = hx_warp_sum(sum);
+                if (lane == 0) {
+                    const size_t pi = pidx0 + (size_t)gq * parts;
+                    ml_part[pi * 2] = mx;
+                    ml_part[pi * 2 + 1] = sum;
+                }
+            }
+            __syncthreads();
+        }
+        const int kt = tt - T;
+#pragma unroll
+        for (int i = 0; i < DC2_TILE / S::NG; i++) {
+            const int r = kg + i * S::NG, jj = kt * DC2_TILE + r;
+            if (jj < nk) {
+                const uint2 vv = *reinterpret_cast<const uint2 *>(vs + r * D + c4 * 4);
+                const float v[4] = {hx_bf16_lo(vv.x), hx_bf16_hi(vv.x), hx_bf16_lo(vv.y),
+                                    hx_bf16_hi(vv.y)};
+                float pr[GP];
+                if constexpr (GP >= 4) {
+#pragma unroll
+                    for (int h = 0; h < GP; h += 4) {
+                        const float4 t4 = *reinterpret_cast<const float4 *>(sc + jj * GP + h);
+                        pr[h] = t4.x;
+                        pr[h + 1] = t4.y;
+                        pr[h + 2] = t4.z;
+                        pr[h + 3] = t4.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int h = 0; h < GP; h++)
+                        pr[h] = sc[jj * GP + h];
+                }
+#pragma unroll
+                for (int h = 0; h < GP; h++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        acc[h][e] = fmaf(pr[h], v[e], acc[h][e]);
+            }
+        }
+    }
+    // the key groups' sums, through the ring. The last step waited for tile 2T - 1 (no
+    // later tile is issued); the prologue's zero-fills of slots 2T .. NS-1 may still be
+    // pending, and those slots overlap red: wait for every group.
+    dc2_cp_wait<0>();
+    __syncthreads();
+    float *red = reinterpret_cast<float *>(dc2_smem); // [NG][GP][D]
+#pragma unroll
+    for (int h = 0; h < GP; h++)
+        *reinterpret_cast<float4 *>(red + (kg * GP + h) * D + 4 * c4) =
+            make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+    __syncthreads();
+    for (int i = tid; i < G * D; i += DC2_THREADS) {
+        const int gq = i / D, d = i % D;
+        float v = 0.0f;
+#pragma unroll
+        for (int k = 0; k < S::NG; k++)
+            v += red[(k * GP + gq) * D + d];
+        o_part[(pidx0 + (size_t)gq * parts) * D + d] = v;
+    }
+
+    // the last chunk of this (sequence, KV head) to arrive merges them all
+    __threadfence();
+    __syncthreads();
+    if (tid == 0)
+        is_last = atomicAdd(counter, 1) == np - 1;
+    __syncthreads();
+    if (!is_last)
+        return;
+    __threadfence();
+    // a thread per (head gq, 4 dimensions d ..): G D / 4 <= DC2_THREADS. (m, l) pairs and
+    // o are 8-byte aligned: every offset into the workspace is even.
+    if (tid < G * D / 4) {
+        const int gq = tid / (D / 4), d = 4 * (tid % (D / 4));
+        const size_t base = (size_t)(g * G + gq) * parts;
+        const float2 *mlp = reinterpret_cast<const float2 *>(ml_part) + base; // (m, l)
+        const float *op = o_part + base * D + d;
+        float2 ml0[DC2_MERGE], oa[DC2_MERGE], ob[DC2_MERGE]; // the first DC2_MERGE partials
+#pragma unroll
+        for (int k = 0; k < DC2_MERGE; k++) {
+            ml0[k] = oa[k] = ob[k] = make_float2(0.0f, 0.0f);
+            if (k < np) {
+                ml0[k] = __ldcg(mlp + k);
+                oa[k] = __ldcg(reinterpret_cast<const float2 *>(op + (size_t)k * D));
+                ob[k] = __ldcg(reinterpret_cast<const float2 *>(op + (size_t)k * D + 2));
+            }
+        }
+        float M = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < DC2_MERGE; k++)
+            if (k < np)
+                M = fmaxf(M, ml0[k].x);
+        for (int p0 = DC2_MERGE; p0 < np; p0 += DC2_MERGE) {
+            float m[DC2_MERGE];
+#pragma unroll
+            for (int k = 0; k < DC2_MERGE; k++)
+                m[k] = p0 + k < np ? __ldcg(&mlp[p0 + k].x) : -INFINITY;
+#pragma unroll
+            for (int k = 0; k < DC2_MERGE; k++)
+                M = fmaxf(M, m[k]);
+        }
+        float L = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < DC2_MERGE; k++) {
+            if (k < np) {
+                const float wgt = exp2f(ml0[k].x - M);
+                L += wgt * ml0[k].y;
+                a0 += wgt * oa[k].x;
+                a1 += wgt * oa[k].y;
+                a2 += wgt * ob[k].x;
+                a3 += wgt * ob[k].y;
+            }
+        }
+        for (int p0 = DC2_MERGE; p0 < np; p0 += DC2_MERGE) {
+            float2 mlb[DC2_MERGE], oab[DC2_MERGE], obb[DC2_MERGE];
+#pragma unroll
+            for (int k = 0; k < DC2_MERGE; k++) {
+                mlb[k] = oab[k] = obb[k] = make_float2(0.0f, 0.0f);
+                if (p0 + k < np) {
+                    mlb[k] = __ldcg(mlp + p0 + k);
+                    oab[k] = __ldcg(reinterpret_cast<const float2 *>(op + (size_t)(p0 + k) * D));
+                    obb[k] =
+                        __ldcg(reinterpret_cast<const float2 *>(op + (size_t)(p0 + k) * D + 2));
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < DC2_MERGE; k++) {
+                if (p0 + k < np) {
+                    const float wgt = exp2f(mlb[k].x - M);
+                    L += wgt * mlb[k].y;
+                    a0 += wgt * oab[k].x;
+                    a1 += wgt * oab[k].y;
+                    a2 += wgt * obb[k].x;
+                    a3 += wgt * obb[k].y;
+                }
+            }
+        }
+        uint2 o;
+        o.x = hx_pack2(L > 0.0f ? a0 / L : 0.0f, L > 0.0f ? a1 / L : 0.0f);
+        o.y = hx_pack2(L > 0.0f ? a2 / L : 0.0f, L > 0.0f ? a3 / L : 0.0f);
+        *reinterpret_cast<uint2 *>(orow + gq * D + d) = o;
+    }
+    if (tid == 0)
+        *counter = 0; // ready for the next call (a later kernel)
+}
+
 extern "C" size_t hx_cuda_decode_attention_workspace(int n_seqs, int heads, int head_dim,
                                                      int max_parts)
 {
@@ -752,6 +1191,83 @@ static hx_status decode_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
     return hx_cuda_launched(err, "decode_attention");
 }
 
+// Which decode kernel runs: 1 decode_attn_kernel, 2 decode2_attn_kernel (the default: on
+// an H200 11.8 -> 7.8 us at batch 1, 60.4 -> 56.6 us at batch 64, context 512).
+static int decode_variant = -1; // -1: $HX_CUDA_DECODE_ATTN decides on first use (default 2)
+
+extern "C" void hx_cuda_set_decode_attention_variant(int v)
+{
+    decode_variant = v == 1 ? 1 : 2;
+}
+
+static int decode_variant_now(void)
+{
+    if (decode_variant < 0) {
+        const char *env = getenv("HX_CUDA_DECODE_ATTN");
+        decode_variant = env && env[0] == '1' && env[1] == '\0' ? 1 : 2;
+    }
+    return decode_variant;
+}
+
+template <int D, int GP>
+static hx_status decode2_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
+                                const __nv_bfloat16 *cache, const hx_cuda_kv_layout *kv,
+                                int layer, const int *bt, const int *slot, const int *row,
+                                const int *len, int n_seqs, int parts, int heads, float *part,
+                                cudaStream_t s, hx_err *err)
+{
+    // 64 KB of dynamic shared memory needs the opt-in, which is per device: a bit per device
+    // (devices past 31 set it every launch; the attribute holds for graphs captured after)
+    static unsigned configured = 0;
+    int dev = 0;
+    hx_status st = hx_cuda_err(cudaGetDevice(&dev), err, "decode_attention2");
+    if (st != HX_OK)
+        return st;
+    const unsigned bit = dev >= 0 && dev < 32 ? 1u << dev : 0u;
+    if (!bit || !(__atomic_load_n(&configured, __ATOMIC_RELAXED) & bit)) {
+        st = hx_cuda_err(cudaFuncSetAttribute(decode2_attn_kernel<D, GP>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              DC2_RING),
+                         err, "decode_attention2");
+        if (st != HX_OK)
+            return st;
+        // a hint: shared memory over L1 (this kernel reads K and V through cp.async.cg)
+        (void)cudaFuncSetAttribute(decode2_attn_kernel<D, GP>,
+                                   cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   cudaSharedmemCarveoutMaxShared);
+        (void)cudaGetLastError();
+        __atomic_fetch_or(&configured, bit, __ATOMIC_RELAXED);
+    }
+    const float scale_log2 = LOG2E / sqrtf((float)D);
+    // the same chunking as decode_launch (the emulation and the workspace follow it)
+    const int min_chunk = n_seqs * kv->kv_heads >= 256 ? DC_CHUNK : 32;
+    dim3 grid((unsigned)parts, (unsigned)kv->kv_heads, (unsigned)n_seqs);
+    hx_launch(decode2_attn_kernel<D, GP>, grid, DC2_THREADS, DC2_RING, s, out, part, q, cache,
+              *kv, layer, bt, slot, row, len, heads, scale_log2, min_chunk);
+    return hx_cuda_launched(err, "decode_attention2");
+}
+
+template <int D>
+static hx_status decode2_launch_g(__nv_bfloat16 *out, const __nv_bfloat16 *q,
+                                  const __nv_bfloat16 *cache, const hx_cuda_kv_layout *kv,
+                                  int layer, const int *bt, const int *slot, const int *row,
+                                  const int *len, int n_seqs, int parts, int heads, float *part,
+                                  cudaStream_t s, hx_err *err)
+{
+    const int G = heads / kv->kv_heads; // 1 .. DC_MAX_G (attn_check)
+    if (G <= 1)
+        return decode2_launch<D, 1>(out, q, cache, kv, layer, bt, slot, row, len, n_seqs, parts,
+                                    heads, part, s, err);
+    if (G <= 2)
+        return decode2_launch<D, 2>(out, q, cache, kv, layer, bt, slot, row, len, n_seqs, parts,
+                                    heads, part, s, err);
+    if (G <= 4)
+        return decode2_launch<D, 4>(out, q, cache, kv, layer, bt, slot, row, len, n_seqs, parts,
+                                    heads, part, s, err);
+    return decode2_launch<D, 8>(out, q, cache, kv, layer, bt, slot, row, len, n_seqs, parts,
+                                heads, part, s, err);
+}
+
 extern "C" hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q,
                                               const hx_bf16 *d_cache, const hx_cuda_kv_layout *kv,
                                               int layer, const int *d_block_tables,
@@ -768,6 +1284,13 @@ extern "C" hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q
     __nv_bfloat16 *out = reinterpret_cast<__nv_bfloat16 *>(d_out);
     const __nv_bfloat16 *q = reinterpret_cast<const __nv_bfloat16 *>(d_q);
     const __nv_bfloat16 *c = reinterpret_cast<const __nv_bfloat16 *>(d_cache);
+    if (decode_variant_now() == 2) {
+        if (kv->head_dim == 64)
+            return decode2_launch_g<64>(out, q, c, kv, layer, d_block_tables, d_slot, d_row, d_len,
+                                        n_seqs, max_parts, heads, d_part, HX_STREAM(stream), err);
+        return decode2_launch_g<128>(out, q, c, kv, layer, d_block_tables, d_slot, d_row, d_len,
+                                     n_seqs, max_parts, heads, d_part, HX_STREAM(stream), err);
+    }
     if (kv->head_dim == 64)
         return decode_launch<64>(out, q, c, kv, layer, d_block_tables, d_slot, d_row, d_len, n_seqs,
                                  max_parts, heads, d_part, HX_STREAM(stream), err);
