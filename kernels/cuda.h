@@ -119,6 +119,27 @@ hx_status hx_cuda_stream_sync(hx_cuda_stream *s, hx_err *err);
  */
 void hx_cuda_set_pdl(int on);
 
+/*
+ * Which weight-streaming GEMV kernels serve hx_cuda_gemm (and so
+ * hx_cuda_gemm_swiglu) and the fused hx_cuda_gemm_rmsnorm /
+ * hx_cuda_gemm_rmsnorm_swiglu, for the same shapes and rows either way:
+ * 1 (the default) the kernels of one warp per output row; 2 persistent
+ * blocks (2 an SM) whose 16 warps split each 8-row tile's columns, keep 3
+ * steps of 32 B a thread in flight across rows and tiles (96 KB an SM),
+ * multiply on the tensor cores (fp32 accumulation, sums in a fixed order)
+ * and, for the fused norm, normalize once per block. Other values mean 1.
+ * $HX_CUDA_GEMV=2, read on first use when this was not called, selects 2.
+ * Later launches only (graphs keep what they captured).
+ * Variant 2 passed test_cuda (both variants, and the engine against the
+ * CPU) and compute-sanitizer memcheck on an H200, but is NOT faster where it
+ * matters most: alone, a batch-1 decode step took 1.127 ms against 1.092
+ * (batch 8: 1.404 against 1.533), and 1.135 against 1.099 in gpu_bench; at
+ * 1 row only the down projection (in 8192) and the fused qkv norm gain.
+ * A per-shape choice (2 for 2-8 rows and long rows) is the next step; the
+ * whole-step numbers move by a few percent between runs, so measure it.
+ */
+void hx_cuda_set_gemv_variant(int v);
+
 /* ---- element conversion and initialisation ------------------------------------------------ */
 
 #define HX_CUDA_DTYPE_F32 0
@@ -299,6 +320,18 @@ hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_
                                    const int *d_row, const int *d_len, int n_seqs,
                                    int max_parts, int heads, float *d_part,
                                    hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * Which decode attention kernel runs (same contract, results equal up to
+ * fp32 summation order): 2 (the default) a kernel that waits on memory
+ * fewer times (K and V of a chunk fetched at once by cp.async, 256 threads,
+ * 64 KB of shared memory); 1 the first kernel; other values mean 2.
+ * $HX_CUDA_DECODE_ATTN=1, read on first use when this was not called,
+ * selects 1. On an H200 (context 512) 2 took 7.8 us against 11.8 at batch 1
+ * and 56.6 against 60.4 at batch 64, and passed test_cuda (both kernels).
+ * Later launches only; graphs keep what they captured.
+ */
+void hx_cuda_set_decode_attention_variant(int v);
 
 /* Keys that one decode-attention chunk covers at most: max_parts = ceil(max_len / this). */
 #define HX_CUDA_DECODE_CHUNK_MAX 256

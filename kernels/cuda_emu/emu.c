@@ -685,6 +685,16 @@ void hx_cuda_set_pdl(int on)
     (void)on; /* the same maths either way */
 }
 
+void hx_cuda_set_gemv_variant(int v)
+{
+    (void)v; /* the same maths either way (up to fp32 summation order) */
+}
+
+void hx_cuda_set_decode_attention_variant(int v)
+{
+    (void)v; /* as hx_cuda_set_gemv_variant */
+}
+
 static const char *bad_device(int device)
 {
     init();
