@@ -189,10 +189,12 @@ fi
 
 rc_serve=-1
 if [ -n "$BIN" ] && [ -x "$BIN/hexflow" ] && command -v python3 >/dev/null; then
-    # the whole deployment: CPU layouts, and a GPU prefill group feeding a GPU decode
-    # group in two processes on this GPU, each compared with `hexflow generate`
+    # GPU prefill groups feeding GPU decode groups in processes on this GPU (stages, TP
+    # slices, NCCL), each compared with `hexflow generate`
+    # (its CPU cases run in CI: only the GPU ones here, unless HX_SERVE_GPU_ONLY=0)
     section "serving: tests/integration/test_serve.py (GPU prefill -> GPU decode)"
-    timeout 300 python3 "$SRC/tests/integration/test_serve.py" "$BIN/hexflow" 2>&1 |
+    HX_SERVE_GPU_ONLY=${HX_SERVE_GPU_ONLY-1} \
+        timeout 300 python3 "$SRC/tests/integration/test_serve.py" "$BIN/hexflow" 2>&1 |
         tee "$OUT/serve.txt"
     rc_serve=${PIPESTATUS[0]}
 fi

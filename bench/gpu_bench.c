@@ -301,6 +301,30 @@ static void bench_micro(const hx_model *c)
              hx_cuda_gemm_rmsnorm_swiglu(gemv, act, gu, xf, nw, 1e-5f, x, w, rows, hid, F, NULL,
                                          &err));
     }
+    /* the second GEMV kernels (hx_cuda_set_gemv_variant(2)), a decode step's shapes */
+    hx_cuda_set_gemv_variant(2);
+    for (int ri = 0; ri < 2; ri++) {
+        const int rows = rows_list[ri];
+        for (int m = 0; m < 4; m++) {
+            snprintf(label, sizeof label, "gemm %s rows %d (gemv2)", mats[m].name, rows);
+            TIME(label, (double)mats[m].in * mats[m].out * 2,
+                 2.0 * rows * mats[m].in * mats[m].out,
+                 hx_cuda_gemm(gemv, y, 0, x, w, rows, mats[m].in, mats[m].out, 0.0f, NULL,
+                              &err));
+        }
+        snprintf(label, sizeof label, "down+swiglu rows %d (gemv2)", rows);
+        TIME(label, (double)F * hid * 2, 2.0 * rows * F * hid,
+             hx_cuda_gemm_swiglu(gemv, y, gu, w, act, rows, F, hid, NULL, &err));
+        snprintf(label, sizeof label, "rmsnorm+gemm qkv rows %d (gemv2)", rows);
+        TIME(label, (double)hid * qkv_n * 2, 2.0 * rows * hid * qkv_n,
+             hx_cuda_gemm_rmsnorm(gemv, delta, xf, nw, 1e-5f, x, w, rows, hid, qkv_n, NULL,
+                                  &err));
+        snprintf(label, sizeof label, "rmsnorm+gemm gate_up+swiglu rows %d (gemv2)", rows);
+        TIME(label, (double)hid * 2 * F * 2, 4.0 * rows * hid * F,
+             hx_cuda_gemm_rmsnorm_swiglu(gemv, act, gu, xf, nw, 1e-5f, x, w, rows, hid, F, NULL,
+                                         &err));
+    }
+    hx_cuda_set_gemv_variant(1);
     /* attention on a paged cache: 64 sequences of 2048 positions, 16-token blocks */
     const int bt = 16, seqs = 64, ctx = 2048, mb = ctx / bt;
     hx_cuda_kv_layout kv = {1, K, D, bt, mb};
@@ -334,13 +358,17 @@ static void bench_micro(const hx_model *c)
     TRY("copy", hx_cuda_memcpy(meta, hm, sizeof hm, &err));
     const int *m_slot = meta, *m_row = (int *)meta + 64, *m_len = (int *)meta + 128,
               *m_pos0 = (int *)meta + 192, *m_n = (int *)meta + 256;
-    for (int bi = 0; bi < 2; bi++) {
-        const int B = bi ? 64 : 1;
-        snprintf(label, sizeof label, "decode attention batch %d ctx 512", B);
-        TIME(label, (double)B * 512 * 2 * K * D * 2, 4.0 * B * H * D * 512,
-             hx_cuda_decode_attention(out, q, cache, &kv, 0, tables, m_slot, m_row, m_len, B,
-                                      parts, H, part, NULL, &err));
+    for (int v = 1; v <= 2; v++) { /* hx_cuda_set_decode_attention_variant */
+        hx_cuda_set_decode_attention_variant(v);
+        for (int bi = 0; bi < 2; bi++) {
+            const int B = bi ? 64 : 1;
+            snprintf(label, sizeof label, "decode attention (v%d) batch %d ctx 512", v, B);
+            TIME(label, (double)B * 512 * 2 * K * D * 2, 4.0 * B * H * D * 512,
+                 hx_cuda_decode_attention(out, q, cache, &kv, 0, tables, m_slot, m_row, m_len,
+                                          B, parts, H, part, NULL, &err));
+        }
     }
+    hx_cuda_set_decode_attention_variant(2); /* the default */
     for (int mma = 0; mma <= 1; mma++) {
         hx_cuda_set_prefill_mma(mma);
         snprintf(label, sizeof label, "prefill attention %d tokens (%s)", ctx,
@@ -422,6 +450,21 @@ int main(int argc, char **argv)
         printf("        (%lld steps, %lld replayed from CUDA graphs)\n", (long long)steps,
                (long long)gsteps);
         hx_cuda_engine_free(e);
+        /* the other GEMV and decode attention kernels (defaults: GEMV 1, attention 2),
+           each alone and both */
+        static const char *label[3] = {"graphs+gemv2", "graphs+attn1", "graphs+gemv2+attn1"};
+        for (int v = 0; v < 3; v++) {
+            hx_cuda_set_gemv_variant(v != 1 ? 2 : 1);
+            hx_cuda_set_decode_attention_variant(v != 0 ? 1 : 2);
+            e = make_engine(&cfg, 64, 2048, 1, 8);
+            for (int i = 0; i < 3; i++) {
+                decode_result d = bench_decode(e, batches[i], 512, 5, timed, peak_bw);
+                report_decode(label[v], batches[i], &d, peak_bw);
+            }
+            hx_cuda_engine_free(e);
+        }
+        hx_cuda_set_gemv_variant(1);
+        hx_cuda_set_decode_attention_variant(2);
     }
     if (!quick) {
         hx_cuda_engine *e = make_engine(&cfg, 8, 512, 1, 0);

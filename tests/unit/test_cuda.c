@@ -310,24 +310,44 @@ static void test_gemm(void **state)
 {
     (void)state;
     NEED_GPU();
-    for (int gemv = 0; gemv <= 1; gemv++) {
-        hx_cuda_blas *blas = NULL;
-        CHECK(hx_cuda_blas_new(gemv ? 8 : 0, &blas, E));
-        const int rows[] = {1, 3, 8, 33};
-        for (int i = 0; i < 4; i++) {
-            gemm_case(blas, rows[i], 264, 200, 0, 0); /* 264: a partial last GEMV sweep */
-            gemm_case(blas, rows[i], 512, 96, 1, 0);
-            gemm_case(blas, rows[i], 128, 64, 0, 1);
+    for (int variant = 1; variant <= 2; variant++) { /* hx_cuda_set_gemv_variant */
+        hx_cuda_set_gemv_variant(variant);
+        for (int gemv = 0; gemv <= 1; gemv++) {
+            hx_cuda_blas *blas = NULL;
+            CHECK(hx_cuda_blas_new(gemv ? 8 : 0, &blas, E));
+            const int rows[] = {1, 3, 8, 33};
+            for (int i = 0; i < 4; i++) {
+                gemm_case(blas, rows[i], 264, 200, 0, 0); /* 264: a partial last GEMV sweep */
+                gemm_case(blas, rows[i], 512, 96, 1, 0);
+                gemm_case(blas, rows[i], 128, 64, 0, 1);
+            }
+            gemm_case(blas, 2, 2048, 4096, 0, 0);
+            /* many rows per warp or block, with ragged ends */
+            gemm_case(blas, 1, 2048, 5003, 0, 0);
+            gemm_case(blas, 5, 1032, 3001, 1, 1);
+            gemm_case(blas, 8, 8192, 520, 0, 1);
+            hx_cuda_blas_free(blas);
         }
-        gemm_case(blas, 2, 2048, 4096, 0, 0);
-        hx_cuda_blas_free(blas);
     }
+    hx_cuda_set_gemv_variant(1);
 }
+
+static void gemm_swiglu_cases(void);
 
 static void test_gemm_swiglu(void **state)
 {
     (void)state;
     NEED_GPU();
+    for (int variant = 1; variant <= 2; variant++) {
+        hx_cuda_set_gemv_variant(variant);
+        gemm_swiglu_cases();
+    }
+    hx_cuda_set_gemv_variant(1);
+}
+
+/* hx_cuda_gemm_swiglu at a few row counts against the CPU. */
+static void gemm_swiglu_cases(void)
+{
     const int ff = 320, out = 72;
     hx_cuda_blas *blas = NULL;
     CHECK(hx_cuda_blas_new(8, &blas, E));
@@ -447,7 +467,9 @@ static void test_gemm_rmsnorm(void **state)
 {
     (void)state;
     NEED_GPU();
-    for (int gemv = 0; gemv <= 1; gemv++) {
+    for (int v = 0; v < 4; v++) { /* GEMV variant 1 then 2 (hx_cuda_set_gemv_variant) */
+        const int gemv = v % 2;
+        hx_cuda_set_gemv_variant(1 + v / 2);
         hx_cuda_blas *blas = NULL;
         CHECK(hx_cuda_blas_new(gemv ? 8 : 0, &blas, E));
         const int rows[] = {1, 2, 8, 20};
@@ -458,8 +480,12 @@ static void test_gemm_rmsnorm(void **state)
         }
         gemm_rmsnorm_case(blas, 1, 32768, 64, 0); /* 64 KB of normed rows: two kernels */
         gemm_rmsnorm_case(blas, 1, 2048, 1536, 1);
+        gemm_rmsnorm_case(blas, 1, 2048, 3001, 0); /* many outputs a block, a ragged end */
+        gemm_rmsnorm_case(blas, 2, 2048, 4104, 0);
+        gemm_rmsnorm_case(blas, 1, 256, 12000, 1); /* SwiGLU over many outputs a warp */
         hx_cuda_blas_free(blas);
     }
+    hx_cuda_set_gemv_variant(1);
 }
 
 /* ---- per-row kernels --------------------------------------------------------------------- */
@@ -906,14 +932,26 @@ static void test_decode_attention(void **state)
 {
     (void)state;
     NEED_GPU();
-    const int lens[3] = {1, 300, 1000}; /* 1000 keys over 8 parts: 128-key chunks */
-    decode_case(64, 8, 2, 3, lens, 8);
-    decode_case(128, 8, 2, 3, lens, 8);
-    /* 32 sequences x 8 KV heads: 256-key chunks, a partial last one */
-    int many[32];
-    for (int s = 0; s < 32; s++)
-        many[s] = 1 + (s * 97) % 1024;
-    decode_case(64, 32, 8, 32, many, 4);
+    for (int variant = 1; variant <= 2; variant++) { /* hx_cuda_set_decode_attention_variant */
+        hx_cuda_set_decode_attention_variant(variant);
+        const int lens[3] = {1, 300, 1000}; /* 1000 keys over 8 parts: 128-key chunks */
+        decode_case(64, 8, 2, 3, lens, 8);
+        decode_case(128, 8, 2, 3, lens, 8);
+        /* query heads per KV head: 1, 2, 3, 6, 8 */
+        const int more[2] = {77, 513};
+        decode_case(128, 4, 4, 2, more, 8);
+        decode_case(64, 4, 2, 2, more, 8);
+        decode_case(128, 6, 2, 2, more, 8);
+        decode_case(64, 12, 2, 2, more, 8);
+        decode_case(128, 16, 2, 2, more, 8);
+        /* 32 sequences x 8 KV heads: 256-key chunks, a partial last one */
+        int many[32];
+        for (int s = 0; s < 32; s++)
+            many[s] = 1 + (s * 97) % 1024;
+        decode_case(64, 32, 8, 32, many, 4);
+        decode_case(128, 32, 8, 32, many, 4);
+    }
+    hx_cuda_set_decode_attention_variant(2); /* the default again */
 }
 
 /* ---- sampling ---------------------------------------------------------------------------- */
@@ -1370,6 +1408,13 @@ static void test_engine_greedy_vs_cpu(void **state)
     engine_vs_cpu(cases, 256, 1, 8); /* whole prompts in one step, graphs, GEMV */
     engine_vs_cpu(cases, 16, 1, 8);  /* chunked prefill mixed with decode rows */
     engine_vs_cpu(cases, 64, 0, 0);  /* no graphs, cuBLAS everywhere */
+    /* the other GEMV and decode attention kernels (the defaults are 1 and 2) */
+    hx_cuda_set_gemv_variant(2);
+    hx_cuda_set_decode_attention_variant(1);
+    engine_vs_cpu(cases, 256, 1, 8);
+    engine_vs_cpu(cases, 16, 1, 8);
+    hx_cuda_set_gemv_variant(1);
+    hx_cuda_set_decode_attention_variant(2);
     hx_llama_free(m);
 }
 
