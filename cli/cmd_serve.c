@@ -89,7 +89,7 @@ static void worker_usage(FILE *fp)
             "                      [--threads N] [--max-seqs N] [--block-tokens N]\n"
             "                      [--bind ADDRESS] [--backend auto|cpu|cuda]\n"
             "                      [--tp-transport auto|nccl|tcp]\n"
-            "                      [--kv-transport auto|nccl|tcp]\n"
+            "                      [--kv-transport auto|nccl|tcp] [--peer-timeout S]\n"
             "\n"
             "Runs the worker of one device of a plan: its stage's layers and its\n"
             "tensor-parallel slice of the model, listening on the router's port + 1 +\n"
@@ -115,6 +115,10 @@ static void worker_usage(FILE *fp)
             "                      (default) NCCL from GPU to GPU where both are GPUs NCCL\n"
             "                      can join, else TCP from page-locked memory; nccl (or\n"
             "                      fail the request); tcp\n"
+            "  --peer-timeout S    how long the group's ranks wait for each other, at start\n"
+            "                      and in each step (default 60); a GPU step that has not\n"
+            "                      ended after 1.5 times this (at least 10 s more) ends the\n"
+            "                      worker, so that the router fails its requests\n"
             "  -h, --help          show this help\n");
 }
 
@@ -128,6 +132,7 @@ int hx_cmd_worker(int argc, char **argv)
         {"backend", required_argument, NULL, 'k'},
         {"tp-transport", required_argument, NULL, 'T'},
         {"kv-transport", required_argument, NULL, 'K'},
+        {"peer-timeout", required_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0}};
     hx_worker_options o;
     hx_worker_options_init(&o);
@@ -162,6 +167,11 @@ int hx_cmd_worker(int argc, char **argv)
             if (!hx_cli_number("worker", "--threads", optarg, 1, 1024, &v))
                 return 2;
             o.threads = (int)v;
+            break;
+        case 'P':
+            if (!hx_cli_number("worker", "--peer-timeout", optarg, 1, 86400, &v))
+                return 2;
+            o.peer_timeout_s = v;
             break;
         case 'q':
             if (!hx_cli_number("worker", "--max-seqs", optarg, 1, 4096, &v))

@@ -99,6 +99,7 @@ typedef struct worker {
     atomic_int router_lost; /* the router went away: the leader cancels what it held */
     atomic_int ready;       /* the engine is loaded (eng, cfg set) */
     atomic_int set_up;      /* and the group's GROUP_SETUP is done (its NCCL joined) */
+    _Atomic int64_t step_since_ns; /* when the engine's step in progress began; 0: none */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -977,7 +978,9 @@ static hx_status do_step(worker *w, hx_err *err)
     dev_trash_flush(w); /* segments dropped since the last step, freed on this thread */
     const hx_batch_event *ev;
     int n_ev = 0;
+    w->step_since_ns = hx_proto_now_ns(); /* watched by step_watchdog */
     hx_status st = hx_backend_step(w->eng, &ev, &n_ev, err);
+    w->step_since_ns = 0;
     if (st != HX_OK)
         return st;
     for (int i = 0; i < n_ev; i++) {
@@ -1562,10 +1565,35 @@ out:
     return NULL;
 }
 
+/*
+ * A GPU step that outlives every bound inside it (a kernel or an NCCL
+ * operation that no abort stops: a dead peer on some transports, a wedged
+ * device) would hold the group's requests for ever: past 1.5 times the peer
+ * timeout (at least 10 s more), the worker exits, which stops the device's
+ * work with it; the router then fails the group's requests ("group ... was
+ * lost") and the other ranks fail their next step. A CPU step is left
+ * alone: it cannot hang on a peer without its comm's timeout.
+ */
+static void step_watchdog(worker *w)
+{
+    const int64_t since = w->step_since_ns;
+    if (!since || !w->ready || hx_backend_kind_of(w->eng) != HX_BACKEND_CUDA)
+        return;
+    const double extra = w->opt.peer_timeout_s / 2 > 10 ? w->opt.peer_timeout_s / 2 : 10;
+    const double s = (double)(hx_proto_now_ns() - since) / 1e9;
+    if (s > w->opt.peer_timeout_s + extra) {
+        HX_ERROR("worker %s: a step has not ended after %.0f s (the GPU or an NCCL peer hangs): "
+                 "exiting, so that its requests fail instead of waiting for ever",
+                 w->me->device, s);
+        _exit(1);
+    }
+}
+
 static void *accept_main(void *arg)
 {
     worker *w = arg;
     while (!w->quitting) {
+        step_watchdog(w);
         hx_proto_conn *c = NULL;
         hx_err err = {0};
         struct pollfd pl = {hx_proto_listener_fd(w->lis), POLLIN, 0};

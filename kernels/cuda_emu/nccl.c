@@ -33,7 +33,9 @@
  * its memory is a sticky fault, reported by the next call, as on a GPU.
  *
  * $HX_CUDA_EMU_NCCL_JOIN=fail makes every join of the process fail at once
- * (HX_ECONN; its peers time out), for tests of the callers' fallbacks.
+ * (HX_ECONN; its peers time out), for tests of the callers' fallbacks;
+ * $HX_CUDA_EMU_NCCL_HANG=1 makes an operation whose peer has gone hang for
+ * good (a wedged NCCL kernel), for tests of the callers' last resort.
  *
  * An operation outside a group on a stream being captured is recorded into
  * the graph and runs at each replay (grouped ones run at group_end).
@@ -1020,6 +1022,12 @@ static short x_events(const xcomm *x, int l)
 /* The peer of link l is gone (end of file, a reset, EPIPE): it may have said why first. */
 static void x_gone(batch *b, xcomm *x, int l)
 {
+    /* fault injection: as an NCCL kernel that waits for data that will never come and that
+       no abort stops (the callers' last resort, the worker's step watchdog, is tested so) */
+    const char *hang = getenv("HX_CUDA_EMU_NCCL_HANG");
+    if (hang && strcmp(hang, "1") == 0)
+        for (;;)
+            pause();
     const int peer = peer_of(x, l);
     peer_link *lnk = &x->c->links[l];
     xlink *xl = &x->lk[l];

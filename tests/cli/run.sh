@@ -308,6 +308,8 @@ expect "worker unknown backend" 2 "unknown backend 'gpu'" -- "$HX" worker --back
 expect "worker unknown TP transport" 2 "--tp-transport: unknown transport 'ib'" -- "$HX" worker --tp-transport ib
 expect "worker unknown KV transport" 2 "--kv-transport: unknown transport 'rdma'" -- "$HX" worker --kv-transport rdma
 expect "worker help names the TP transport" 0 "--tp-transport NAME" -- "$HX" worker --help
+expect "worker peer timeout out of range" 2 "--peer-timeout: '0' is not a number from 1 to 86400" -- "$HX" worker --peer-timeout 0
+expect "worker help names the peer timeout" 0 "--peer-timeout S" -- "$HX" worker --help
 expect "router needs its options" 2 "--plan, --model and --secret-file are required" -- "$HX" router --plan "$TMP/p.json"
 printf 'short' >"$TMP/weak.secret"
 chmod 600 "$TMP/weak.secret"

@@ -352,6 +352,47 @@ def log_text(logs):
     return text
 
 
+def kill_tp_rank(what, addr, procs, logs):
+    """Kills decode TP rank local:2 (procs[2]) while 4 requests decode on d0: its partner's
+    all-reduce fails (a closed connection, the peer timeout, or at last the step watchdog),
+    the requests fail naming the group, none hangs, the partner exits and the prefill
+    worker stays."""
+    results = [None] * 4
+    started = threading.Semaphore(0)
+
+    def long(i):
+        try:
+            results[i] = stream(addr, PROMPTS[i % 4], 1000, on_first=started.release,
+                                timeout=150)
+        except OSError as e:
+            results[i] = ([], "hung: %s" % e)
+    threads = [threading.Thread(target=long, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(4):
+        started.acquire(timeout=60)
+    procs[2].kill()
+    t0 = time.time()
+    for t in threads:
+        t.join(160)
+    hung = sum(1 for t, r in zip(threads, results) if t.is_alive() or not r or
+               (r[1] or "").startswith("hung"))
+    check(hung == 0, "%s: no request hangs after a decode TP rank is killed (%d hung; %.1f s)" %
+          (what, hung, time.time() - t0))
+    errors = [r[1] for r in results if r and r[1]]
+    check(len(errors) == 4 and all("d0" in e for e in errors),
+          "%s: the requests on it fail naming the group (%s)" % (what, errors[:1]))
+    try:
+        procs[1].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pass
+    if not check(procs[1].poll() is not None and procs[0].poll() is None,
+                 "%s: the killed rank's partner exits, the prefill worker stays (%s, %s)" %
+                 (what, procs[1].poll(), procs[0].poll())) or hung:
+        print(log_text(logs[1:2])[-3000:])
+    return log_text(logs[1:2])
+
+
 def nccl_on_one_gpu(port, gpu_model, gpu_expected):
     """NCCL for the TP all-reduce and for KV, on one GPU (start_by_hand): prefill p0 ->
     decode d0 at TP 2, --tp-transport nccl --kv-transport nccl."""
@@ -392,39 +433,30 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
         check("sums its TP partial results over NCCL" in text,
               "GPU NCCL: the decode stage sums over NCCL")
         check("goes over NCCL" in text, "GPU NCCL: KV goes over NCCL")
-        # a decode TP rank killed while requests decode: its partner's all-reduce fails
-        # (a closed connection, or the peer timeout), the requests fail naming the group,
-        # nothing hangs, and the partner exits
-        results = [None] * 4
-        started = threading.Semaphore(0)
-
-        def long(i):
-            results[i] = stream(addr, PROMPTS[i % 4], 1000, on_first=started.release,
-                                timeout=150)
-        threads = [threading.Thread(target=long, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for _ in range(4):
-            started.acquire(timeout=60)
-        procs[2].kill()
-        t0 = time.time()
-        for t in threads:
-            t.join(150)
-        check(not any(t.is_alive() for t in threads),
-              "GPU NCCL: no request hangs after a decode TP rank is killed (%.1f s)" %
-              (time.time() - t0))
-        errors = [r[1] for r in results if r and r[1]]
-        check(len(errors) == 4 and all("d0" in e for e in errors),
-              "GPU NCCL: the requests on it fail naming the group (%s)" % errors[:1])
-        try:
-            procs[1].wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            pass
-        check(procs[1].poll() is not None and procs[0].poll() is None,
-              "GPU NCCL: the killed rank's partner exits, the prefill worker stays (%s, %s)" %
-              (procs[1].poll(), procs[0].poll()))
+        kill_tp_rank("GPU NCCL", addr, procs, logs)
     finally:
         check(end_by_hand(procs, logs), "GPU NCCL: every process ended")
+
+
+def nccl_hang_emulated(port, gpu_model):
+    """The last resort: an NCCL all-reduce whose peer died and that nothing stops (the
+    emulation's HX_CUDA_EMU_NCCL_HANG=1, as a wedged kernel). With --peer-timeout 4 the
+    partner's step watchdog ends it after 14 s, and the requests fail naming the group."""
+    plan = write_plan("gpu-hang", port, [
+        {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+        {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
+        [{"prefill": "p0", "decode": "d0", "rps": 1}])
+    procs, logs, addr, up = start_by_hand("hang", plan, gpu_model,
+                                          ["--tp-transport", "nccl", "--peer-timeout", "4"],
+                                          lambda d: {"HX_CUDA_EMU_NCCL_HANG": "1"})
+    try:
+        if not check(up, "NCCL hang: workers and router up"):
+            return
+        text = kill_tp_rank("NCCL hang", addr, procs, logs)
+        check("a step has not ended" in text and procs[1].returncode == 1,
+              "NCCL hang: the partner's step watchdog ended it (exit %s)" % procs[1].returncode)
+    finally:
+        check(end_by_hand(procs, logs), "NCCL hang: every process ended")
 
 
 def nccl_fallback_emulated(port, gpu_model, gpu_expected):
@@ -540,6 +572,8 @@ def gpu_cases(port):
         if "host emulation" in version:
             nccl_fallback_emulated(port, gpu_model, gpu_expected)
             port += 20
+            nccl_hang_emulated(port, gpu_model)
+            port += 20
     else:
         print("skip GPU prefill -> GPU decode: %s" %
               ("no CUDA backend in this build" if "cuda" not in version else "no GPU here"))
@@ -549,7 +583,7 @@ def main():
     r = hx("model", "make-tiny", "--out", MODEL, "--layers", "4", "--hidden", "64", "--heads",
            "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "7")
     assert r.returncode == 0, r.stderr
-    if os.environ.get("HX_SERVE_GPU_ONLY"):
+    if os.environ.get("HX_SERVE_GPU_ONLY", "") not in ("", "0"):
         # the emulation build's pass: only what the CPU build cannot run
         gpu_cases(PORT)
         reports = sanitizer_reports()
