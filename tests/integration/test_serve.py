@@ -400,8 +400,10 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
         {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
         {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
         [{"prefill": "p0", "decode": "d0", "rps": 1}])
+    # a short peer timeout: a hung all-reduce ends by the step watchdog after 25 s
     procs, logs, addr, up = start_by_hand("nccl", plan, gpu_model,
-                                          ["--tp-transport", "nccl", "--kv-transport", "nccl"])
+                                          ["--tp-transport", "nccl", "--kv-transport", "nccl",
+                                           "--peer-timeout", "15"])
     try:
         if not check(up, "GPU NCCL: workers and router up"):
             return
