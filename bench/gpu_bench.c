@@ -289,40 +289,34 @@ static void bench_micro(const hx_model *c)
         TIME(label, (double)rows * hid * 14, 0,
              hx_cuda_add_rmsnorm(xf, delta, nw, x, NULL, rows, hid, 1e-5f, NULL, &err));
     }
-    /* the norm inside the following GEMV (and SwiGLU after gate/up): a decode step's pair */
-    for (int ri = 0; ri < 2; ri++) {
-        const int rows = rows_list[ri];
-        snprintf(label, sizeof label, "rmsnorm+gemm qkv rows %d (gemv)", rows);
-        TIME(label, (double)hid * qkv_n * 2, 2.0 * rows * hid * qkv_n,
-             hx_cuda_gemm_rmsnorm(gemv, delta, xf, nw, 1e-5f, x, w, rows, hid, qkv_n, NULL,
+    /* the norm inside the following GEMV (and SwiGLU after gate/up): a decode step's pair;
+       then the same and the plain GEMVs with the second GEMV kernels (hx_cuda_set_gemv_variant) */
+    for (int v = 1; v <= 2; v++) {
+        hx_cuda_set_gemv_variant(v);
+        const char *k = v == 1 ? "gemv" : "gemv2";
+        for (int ri = 0; ri < 2; ri++) {
+            const int rows = rows_list[ri];
+            for (int m = 0; v == 2 && m < 4; m++) { /* variant 1's are above */
+                snprintf(label, sizeof label, "gemm %s rows %d (%s)", mats[m].name, rows, k);
+                TIME(label, (double)mats[m].in * mats[m].out * 2,
+                     2.0 * rows * mats[m].in * mats[m].out,
+                     hx_cuda_gemm(gemv, y, 0, x, w, rows, mats[m].in, mats[m].out, 0.0f, NULL,
                                   &err));
-        snprintf(label, sizeof label, "rmsnorm+gemm gate_up+swiglu rows %d (gemv)", rows);
-        TIME(label, (double)hid * 2 * F * 2, 4.0 * rows * hid * F,
-             hx_cuda_gemm_rmsnorm_swiglu(gemv, act, gu, xf, nw, 1e-5f, x, w, rows, hid, F, NULL,
-                                         &err));
-    }
-    /* the second GEMV kernels (hx_cuda_set_gemv_variant(2)), a decode step's shapes */
-    hx_cuda_set_gemv_variant(2);
-    for (int ri = 0; ri < 2; ri++) {
-        const int rows = rows_list[ri];
-        for (int m = 0; m < 4; m++) {
-            snprintf(label, sizeof label, "gemm %s rows %d (gemv2)", mats[m].name, rows);
-            TIME(label, (double)mats[m].in * mats[m].out * 2,
-                 2.0 * rows * mats[m].in * mats[m].out,
-                 hx_cuda_gemm(gemv, y, 0, x, w, rows, mats[m].in, mats[m].out, 0.0f, NULL,
-                              &err));
+            }
+            if (v == 2) {
+                snprintf(label, sizeof label, "down+swiglu rows %d (%s)", rows, k);
+                TIME(label, (double)F * hid * 2, 2.0 * rows * F * hid,
+                     hx_cuda_gemm_swiglu(gemv, y, gu, w, act, rows, F, hid, NULL, &err));
+            }
+            snprintf(label, sizeof label, "rmsnorm+gemm qkv rows %d (%s)", rows, k);
+            TIME(label, (double)hid * qkv_n * 2, 2.0 * rows * hid * qkv_n,
+                 hx_cuda_gemm_rmsnorm(gemv, delta, xf, nw, 1e-5f, x, w, rows, hid, qkv_n, NULL,
+                                      &err));
+            snprintf(label, sizeof label, "rmsnorm+gemm gate_up+swiglu rows %d (%s)", rows, k);
+            TIME(label, (double)hid * 2 * F * 2, 4.0 * rows * hid * F,
+                 hx_cuda_gemm_rmsnorm_swiglu(gemv, act, gu, xf, nw, 1e-5f, x, w, rows, hid, F,
+                                             NULL, &err));
         }
-        snprintf(label, sizeof label, "down+swiglu rows %d (gemv2)", rows);
-        TIME(label, (double)F * hid * 2, 2.0 * rows * F * hid,
-             hx_cuda_gemm_swiglu(gemv, y, gu, w, act, rows, F, hid, NULL, &err));
-        snprintf(label, sizeof label, "rmsnorm+gemm qkv rows %d (gemv2)", rows);
-        TIME(label, (double)hid * qkv_n * 2, 2.0 * rows * hid * qkv_n,
-             hx_cuda_gemm_rmsnorm(gemv, delta, xf, nw, 1e-5f, x, w, rows, hid, qkv_n, NULL,
-                                  &err));
-        snprintf(label, sizeof label, "rmsnorm+gemm gate_up+swiglu rows %d (gemv2)", rows);
-        TIME(label, (double)hid * 2 * F * 2, 4.0 * rows * hid * F,
-             hx_cuda_gemm_rmsnorm_swiglu(gemv, act, gu, xf, nw, 1e-5f, x, w, rows, hid, F, NULL,
-                                         &err));
     }
     hx_cuda_set_gemv_variant(1);
     /* attention on a paged cache: 64 sequences of 2048 positions, 16-token blocks */

@@ -593,6 +593,13 @@ static double link_op_s(const worker *w)
     return t < SEND_TIMEOUT_S ? t : SEND_TIMEOUT_S;
 }
 
+/* The next link offer to decode worker wi: backoff_s from now (0: at once). */
+static void link_retry_after(worker *w, int wi, double backoff_s)
+{
+    w->link_try[wi].backoff_s = backoff_s;
+    w->link_try[wi].next_ns = hx_proto_now_ns() + (int64_t)(backoff_s * 1e9);
+}
+
 /*
  * The deadline for the peer's answer after a link's join, which began at
  * start_ns (both sides begin about together): the peer may still be joining
@@ -685,15 +692,11 @@ static hx_status kv_link_offer(worker *w, int wi, hx_proto_conn *c, hx_err *err)
        costs both sides time) a minute later, after a decline sooner (the decode rank may
        only have been busy joining its own group's NCCL), backing off */
     struct link_try *t = &w->link_try[wi];
-    if (link)
-        t->backoff_s = 0;
-    else if (m.nccl)
-        t->backoff_s = LINK_RETRY_S;
-    else
-        t->backoff_s = t->backoff_s <= 0                      ? LINK_DECLINED_S
-                       : 2 * t->backoff_s > LINK_RETRY_MAX_S ? LINK_RETRY_MAX_S
-                                                              : 2 * t->backoff_s;
-    t->next_ns = hx_proto_now_ns() + (int64_t)(t->backoff_s * 1e9);
+    const double declined = t->backoff_s <= 0 ? LINK_DECLINED_S : 2 * t->backoff_s;
+    link_retry_after(w, wi,
+                     link     ? 0
+                     : m.nccl ? LINK_RETRY_S
+                              : (declined < LINK_RETRY_MAX_S ? declined : LINK_RETRY_MAX_S));
     if (!link && w->opt.kv_transport == HX_TRANSPORT_NCCL)
         return hx_err_set(err, HX_ENOTSUP,
                           "KV to %s cannot go over NCCL (--kv-transport nccl): %s", device, why);
@@ -863,10 +866,8 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
         if (st == HX_OK && link)
             st = hx_backend_link_send(link, err);
         if (st != HX_OK) { /* the next request reconnects (and offers a link, later) */
-            if (link) {
-                w->link_try[wi].backoff_s = LINK_RETRY_S;
-                w->link_try[wi].next_ns = hx_proto_now_ns() + (int64_t)(LINK_RETRY_S * 1e9);
-            }
+            if (link)
+                link_retry_after(w, wi, LINK_RETRY_S);
             hx_backend_link_close(link);
             w->kv_link[wi] = NULL;
             hx_proto_close(c);
