@@ -140,8 +140,8 @@ static hx_status open_cuda(const hx_backend_options *o, const hx_batch_comm *com
         return st;
     const int tp = o->tp_size > 1 ? o->tp_size : 1;
     const int nl = o->num_layers > 0 ? o->num_layers : b->cfg.num_layers - o->first_layer;
-    int kh0 = 0, kv_heads = 0;
-    if ((st = hx_kv_rank_heads(b->cfg.num_kv_heads, tp, o->tp_rank, &kh0, &kv_heads, err)))
+    hx_llama_slice sl; /* the engine's slice, for the KV budget in blocks */
+    if ((st = hx_llama_slice_plan(&b->cfg, "cuda backend", o->tp_rank, tp, &sl, err)) != HX_OK)
         return st;
     int n = hx_cuda_device_count();
     hx_cuda_options co;
@@ -158,7 +158,7 @@ static hx_status open_cuda(const hx_backend_options *o, const hx_batch_comm *com
         co.max_step_tokens = co.max_seqs;
     co.block_tokens = o->block_tokens > 0 ? o->block_tokens : 16;
     co.max_seq_tokens = o->max_seq_tokens;
-    double per_token = 2.0 * nl * kv_heads * b->cfg.head_dim * 2;
+    double per_token = 2.0 * nl * sl.kv_heads * b->cfg.head_dim * 2;
     co.max_blocks = blocks_for(o, per_token, co.block_tokens, co.max_seqs, co.max_seq_tokens);
     if (co.max_blocks < 1)
         return hx_err_set(err, HX_EINVAL, "a KV budget of %.0f bytes holds no block of %d "
@@ -172,7 +172,7 @@ static hx_status open_cuda(const hx_backend_options *o, const hx_batch_comm *com
     const int whole = o->first_layer == 0 && nl == b->cfg.num_layers && tp == 1;
     if (!whole && (st = hx_cuda_engine_set_comm(e, comm, err)) != HX_OK)
         return st;
-    b->kv_heads = kv_heads;
+    b->kv_heads = sl.kv_heads;
     b->tp = tp;
     b->tp_rank = o->tp_rank;
     b->step_rows = co.max_step_tokens;

@@ -20,6 +20,7 @@
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda.h"
 #include "runtime/cuda_engine.h"
+#include "runtime/llama_weights.h"
 #include "runtime/kvcache.h"
 #include "runtime/safetensors.h"
 
@@ -306,13 +307,8 @@ static hx_status setup_sizes(hx_cuda_engine *e, const hx_cuda_options *opt, hx_e
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: layers %d-%d are outside the model's 0-%d",
                           o->first_layer, o->first_layer + nl - 1, c->num_layers - 1);
-    if (o->tp_size < 1 || o->tp_rank < 0 || o->tp_rank >= o->tp_size ||
-        c->num_heads % o->tp_size)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda engine: TP rank %d of %d: the tp degree must divide the model's "
-                          "%d attention heads",
-                          o->tp_rank, o->tp_size, c->num_heads);
-    hx_status st = hx_kv_rank_heads(c->num_kv_heads, o->tp_size, o->tp_rank, &e->kh0, &e->K, err);
+    hx_llama_slice sl;
+    hx_status st = hx_llama_slice_plan(c, "cuda engine", o->tp_rank, o->tp_size, &sl, err);
     if (st != HX_OK)
         return st;
     e->tp = o->tp_size;
@@ -321,23 +317,18 @@ static hx_status setup_sizes(hx_cuda_engine *e, const hx_cuda_options *opt, hx_e
     e->has_embed = e->l0 == 0;
     e->has_head = e->l0 + e->L == c->num_layers;
     e->hid = c->hidden_size;
-    e->H = c->num_heads / o->tp_size;
-    e->qh0 = o->tp_rank * e->H;
+    e->H = sl.q_heads;
+    e->qh0 = sl.q_head_first;
+    e->K = sl.kv_heads;
+    e->kh0 = sl.kv_head_first;
     e->D = c->head_dim;
-    e->f0 = (int)((int64_t)o->tp_rank * c->intermediate_size / o->tp_size);
-    e->F = (int)((int64_t)(o->tp_rank + 1) * c->intermediate_size / o->tp_size) - e->f0;
+    e->f0 = sl.ff_first;
+    e->F = sl.ff_size;
     if (e->F % 8)
         return hx_err_set(err, HX_ENOTSUP,
                           "cuda engine: TP rank %d of %d holds %d intermediate rows; the GPU "
                           "kernels need a multiple of 8",
                           o->tp_rank, o->tp_size, e->F);
-    if (e->qh0 / (c->num_heads / c->num_kv_heads) < e->kh0 ||
-        (e->qh0 + e->H - 1) / (c->num_heads / c->num_kv_heads) >= e->kh0 + e->K)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda engine: TP rank %d of %d: query heads %d-%d do not map onto KV "
-                          "heads %d-%d",
-                          o->tp_rank, o->tp_size, e->qh0, e->qh0 + e->H - 1, e->kh0,
-                          e->kh0 + e->K - 1);
     e->V = c->vocab_size;
     e->qkv_n = (e->H + 2 * e->K) * e->D;
     e->eps = (float)c->norm_eps;

@@ -274,31 +274,26 @@ static hx_status load_weights(hx_llama *m, hx_err *err)
     return HX_OK;
 }
 
-/*
- * Rank tp_rank's slice of a stage of degree tp_size (see llama.h); HX_EINVAL
- * naming the model directory, tp and the head counts when the model does not
- * split that way.
- */
-static hx_status plan_slice(const hx_model *c, const char *dir, int tp_rank, int tp_size,
-                            hx_llama_slice *out, hx_err *err)
+hx_status hx_llama_slice_plan(const hx_model *c, const char *who, int tp_rank, int tp_size,
+                              hx_llama_slice *out, hx_err *err)
 {
     const int H = c->num_heads, K = c->num_kv_heads, f = c->intermediate_size;
     if (tp_size < 1 || tp_rank < 0 || tp_rank >= tp_size)
         return hx_err_set(err, HX_EINVAL,
-                          "model '%s': tensor-parallel rank %d of tp %d (the rank must be in "
+                          "%s: tensor-parallel rank %d of tp %d (the rank must be in "
                           "[0, tp), tp >= 1)",
-                          dir, tp_rank, tp_size);
+                          who, tp_rank, tp_size);
     int kf = 0, kn = K;
     if (tp_size > 1) {
         if (H % tp_size != 0 || (K % tp_size != 0 && tp_size % K != 0))
             return hx_err_set(err, HX_EINVAL,
-                              "model '%s': tp %d does not split its %d attention heads and %d "
+                              "%s: tp %d does not split its %d attention heads and %d "
                               "KV heads (tp must divide the heads, and divide or be a multiple "
                               "of the KV heads)",
-                              dir, tp_size, H, K);
+                              who, tp_size, H, K);
         if (f < tp_size)
             return hx_err_set(err, HX_EINVAL,
-                              "model '%s': tp %d exceeds its intermediate size %d", dir,
+                              "%s: tp %d exceeds its intermediate size %d", who,
                               tp_size, f);
         hx_status st = hx_kv_rank_heads(K, tp_size, tp_rank, &kf, &kn, err);
         if (st != HX_OK)
@@ -354,8 +349,10 @@ hx_status hx_llama_load(const char *dir, const hx_llama_options *opt, hx_llama *
     }
     m->has_embedding = m->first_layer == 0;
     m->has_head = m->first_layer + m->num_layers == total;
-    if ((st = plan_slice(&m->cfg, dir, opt->tp_rank, opt->tp_size ? opt->tp_size : 1,
-                         &m->slice, err)) != HX_OK)
+    char who[64 + 16];
+    snprintf(who, sizeof who, "model '%.64s'", dir);
+    if ((st = hx_llama_slice_plan(&m->cfg, who, opt->tp_rank, opt->tp_size ? opt->tp_size : 1,
+                                  &m->slice, err)) != HX_OK)
         goto out_free;
     m->layers = calloc((size_t)m->num_layers, sizeof *m->layers);
     if (!m->layers) {

@@ -34,6 +34,15 @@ typedef struct hx_llama_slice {
 void hx_llama_slice_of(const hx_llama *m, hx_llama_slice *out);
 
 /*
+ * The slice rank tp_rank of a stage of degree tp_size holds of model c (the
+ * rule above, for every engine): HX_EINVAL naming `who` ("model 'dir'"),
+ * tp and the head counts when the model does not split that way (tp must
+ * divide the heads, and divide or be a multiple of the KV heads).
+ */
+hx_status hx_llama_slice_plan(const hx_model *c, const char *who, int tp_rank, int tp_size,
+                              hx_llama_slice *out, hx_err *err);
+
+/*
  * One decoder layer's weights (fp32, Linear weights [out][in]). Plain value,
  * borrowed. For a TP slice the shapes are the slice's: heads = q_heads,
  * kv_heads = the slice's kv_heads, intermediate = ff_size.
