@@ -2,6 +2,7 @@
 #include "runtime/backend.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -45,7 +46,16 @@ struct hx_backend {
     } pool[16];
     int n_pool;
     size_t pool_bytes;
+    /* (pool_mu) given back from any thread but outside the pool: freed by the next step,
+       on the engine's thread, outside the caller's locks */
+    void **trash;
+    int cap_trash;
+    atomic_int n_trash;
 };
+
+#ifdef HX_HAVE_CUDA
+static void trash_flush(hx_backend *b);
+#endif
 
 /* The pool holds at most this much device memory (a bigger payload is allocated apart). */
 #define DEV_POOL_BYTES ((size_t)1 << 30)
@@ -235,6 +245,7 @@ void hx_backend_close(hx_backend *b)
 #ifdef HX_HAVE_CUDA
     hx_cuda_engine_free(b->cuda); /* waits for its stream: the communicator goes after */
     hx_cuda_nccl_free(b->nccl);
+    trash_flush(b);
     for (int i = 0; i < b->n_pool; i++)
         hx_cuda_free(b->pool[i].p);
 #endif
@@ -633,14 +644,44 @@ void hx_backend_device_free(hx_backend *b, void *p)
             pthread_mutex_unlock(&b->pool_mu);
             return;
         }
+    if (b->n_trash == b->cap_trash) {
+        const int cap = b->cap_trash ? 2 * b->cap_trash : 16;
+        void **g = realloc(b->trash, (size_t)cap * sizeof *g);
+        if (!g) { /* out of memory: free it here, slow but right */
+            pthread_mutex_unlock(&b->pool_mu);
+            (void)hx_cuda_set_device(b->device, NULL);
+            hx_cuda_free(p);
+            return;
+        }
+        b->trash = g;
+        b->cap_trash = cap;
+    }
+    b->trash[b->n_trash++] = p;
     pthread_mutex_unlock(&b->pool_mu);
-    (void)hx_cuda_set_device(b->device, NULL);
-    hx_cuda_free(p);
 #else
     (void)b;
     (void)p;
 #endif
 }
+
+#ifdef HX_HAVE_CUDA
+/* Frees what hx_backend_device_free queued (the engine's thread, no lock of the caller's). */
+static void trash_flush(hx_backend *b)
+{
+    if (b->n_trash == 0)
+        return;
+    pthread_mutex_lock(&b->pool_mu);
+    void **t = b->trash;
+    const int n = b->n_trash;
+    b->trash = NULL;
+    b->n_trash = b->cap_trash = 0;
+    pthread_mutex_unlock(&b->pool_mu);
+    (void)hx_cuda_set_device(b->device, NULL);
+    for (int i = 0; i < n; i++)
+        hx_cuda_free(t[i]);
+    free(t);
+}
+#endif
 
 /* 64 bytes in front of each block say how it was allocated */
 #define HOST_HEADER 64
@@ -728,6 +769,9 @@ hx_status hx_backend_remove(hx_backend *b, uint64_t id, hx_err *err)
 hx_status hx_backend_step(hx_backend *b, const hx_batch_event **events, int *n_events,
                           hx_err *err)
 {
+#ifdef HX_HAVE_CUDA
+    trash_flush(b);
+#endif
     return CUDA_OR(b, hx_cuda_engine_step(b->cuda, events, n_events, err),
                    hx_batch_step(b->eng, events, n_events, err));
 }

@@ -155,10 +155,10 @@ void hx_backend_host_free(const hx_backend *b, void *p);
  * backend the link was opened on, given back with hx_backend_device_free
  * once the payload was taken (hx_backend_add_prefilled takes it as a
  * segment's payload: the copy into the cache stays on the GPU, done when it
- * returns) or dropped, before hx_backend_close. The buffers are kept for
- * reuse (up to 16 and 1 GiB): a free would wait for the whole GPU,
- * transfers on other threads included. Beyond that they are freed, which
- * should happen on the engine's thread (the worker queues them there).
+ * returns) or dropped, before hx_backend_close, from any thread. The
+ * buffers are kept for reuse (up to 16 and 1 GiB): a free would wait for the
+ * whole GPU, transfers on other threads included. Beyond that they are
+ * freed by the next hx_backend_step, on the engine's thread.
  */
 typedef struct hx_backend_link hx_backend_link; /* opaque */
 int hx_backend_link_capable(const hx_backend *b);

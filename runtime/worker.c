@@ -117,8 +117,6 @@ typedef struct worker {
     /* decode ranks */
     kv_in *kv;
     kv_spare spare[KV_SPARE_MAX]; /* (mu) received-segment buffers kept for reuse */
-    void **dev_trash; /* (mu) device buffers of dropped segments: the engine thread frees them */
-    int n_trash, cap_trash;
     int n_spare;
     size_t spare_bytes;
 
@@ -405,45 +403,14 @@ static void kv_buf_put(worker *w, float *p, size_t cap)
     hx_backend_host_free(NULL, p);
 }
 
-/*
- * Frees a received segment (w->mu held). Device memory is only queued: its
- * free waits for the whole GPU, which must not happen under w->mu or on a
- * thread that never chose the engine's device; the engine thread frees it
- * (dev_trash_flush).
- */
+/* Frees a received segment (w->mu held; device memory goes back to the backend). */
 static void kv_in_free(worker *w, kv_in *k)
 {
-    if (k->on_device) {
-        if (w->n_trash == w->cap_trash) {
-            int cap = w->cap_trash ? 2 * w->cap_trash : 16;
-            void **g = realloc(w->dev_trash, (size_t)cap * sizeof *g);
-            if (!g) { /* out of memory: free it here, slow but right */
-                hx_backend_device_free(w->eng, k->data);
-                free(k);
-                return;
-            }
-            w->dev_trash = g;
-            w->cap_trash = cap;
-        }
-        w->dev_trash[w->n_trash++] = k->data;
-    } else {
+    if (k->on_device)
+        hx_backend_device_free(w->eng, k->data);
+    else
         kv_buf_put(w, k->data, k->cap);
-    }
     free(k);
-}
-
-/* Frees the queued device buffers (the engine thread, w->mu not held). */
-static void dev_trash_flush(worker *w)
-{
-    pthread_mutex_lock(&w->mu);
-    void **t = w->dev_trash;
-    int n = w->n_trash;
-    w->dev_trash = NULL;
-    w->n_trash = w->cap_trash = 0;
-    pthread_mutex_unlock(&w->mu);
-    for (int i = 0; i < n; i++)
-        hx_backend_device_free(w->eng, t[i]);
-    free(t);
 }
 
 /*
@@ -976,7 +943,6 @@ static hx_status broadcast(worker *w, uint64_t id, const hx_proto_group_op *op, 
 /* One engine step on this rank, then what its events mean for this rank. */
 static hx_status do_step(worker *w, hx_err *err)
 {
-    dev_trash_flush(w); /* segments dropped since the last step, freed on this thread */
     const hx_batch_event *ev;
     int n_ev = 0;
     w->step_since_ns = hx_proto_now_ns(); /* watched by step_watchdog */
@@ -2087,7 +2053,6 @@ out:
     }
     for (int i = 0; i < w->n_spare; i++)
         hx_backend_host_free(NULL, w->spare[i].data);
-    dev_trash_flush(w);
     hx_backend_host_free(NULL, w->pack);
     hx_backend_close(w->eng);
     hx_proto_listener_free(w->lis);

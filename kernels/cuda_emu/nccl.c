@@ -34,8 +34,9 @@
  *
  * $HX_CUDA_EMU_NCCL_JOIN=fail makes every join of the process fail at once
  * (HX_ECONN; its peers time out), for tests of the callers' fallbacks;
- * $HX_CUDA_EMU_NCCL_HANG=1 makes an operation whose peer has gone hang for
- * good (a wedged NCCL kernel), for tests of the callers' last resort.
+ * $HX_CUDA_EMU_NCCL_HANG=N makes the process's N-th operation hang for good
+ * (a wedged NCCL kernel that no abort stops), for tests of the callers'
+ * last resort.
  *
  * An operation outside a group on a stream being captured is recorded into
  * the graph and runs at each replay (grouped ones run at group_end).
@@ -45,6 +46,7 @@
  * waiting for the peers; speed.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <math.h>
 #include <poll.h>
 #include <stdarg.h>
@@ -1022,12 +1024,6 @@ static short x_events(const xcomm *x, int l)
 /* The peer of link l is gone (end of file, a reset, EPIPE): it may have said why first. */
 static void x_gone(batch *b, xcomm *x, int l)
 {
-    /* fault injection: as an NCCL kernel that waits for data that will never come and that
-       no abort stops (the callers' last resort, the worker's step watchdog, is tested so) */
-    const char *hang = getenv("HX_CUDA_EMU_NCCL_HANG");
-    if (hang && strcmp(hang, "1") == 0)
-        for (;;)
-            pause();
     const int peer = peer_of(x, l);
     peer_link *lnk = &x->c->links[l];
     xlink *xl = &x->lk[l];
@@ -1275,8 +1271,21 @@ static void x_waiting(const xcomm *x, char *out, size_t n)
 }
 
 /* Runs ops[0..n) together: one op outside a group, a group's ops at its end. */
+/* $HX_CUDA_EMU_NCCL_HANG: the operation (counted over the process) that never ends; 0: none. */
+static atomic_llong ops_run;
+
+static void maybe_hang(void)
+{
+    const char *s = getenv("HX_CUDA_EMU_NCCL_HANG");
+    const long long n = s ? atoll(s) : 0;
+    if (n > 0 && atomic_fetch_add(&ops_run, 1) + 1 >= n)
+        for (;;)
+            pause();
+}
+
 static hx_status run_batch(op *ops, int n, int grouped, hx_err *err)
 {
+    maybe_hang();
     batch b;
     memset(&b, 0, sizeof b);
     b.err = err;

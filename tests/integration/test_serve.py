@@ -352,11 +352,11 @@ def log_text(logs):
     return text
 
 
-def kill_tp_rank(what, addr, procs, logs):
-    """Kills decode TP rank local:2 (procs[2]) while 4 requests decode on d0: its partner's
-    all-reduce fails (a closed connection, the peer timeout, or at last the step watchdog),
-    the requests fail naming the group, none hangs, the partner exits and the prefill
-    worker stays."""
+def kill_tp_rank(what, addr, procs, logs, kill=True):
+    """Kills decode TP rank local:2 (procs[2]) while 4 requests decode on d0 (kill False:
+    the fault is already armed): its partner's all-reduce fails (a closed connection, the
+    peer timeout, or at last the step watchdog), the requests fail naming the group, none
+    hangs, the partner exits and the prefill worker stays."""
     results = [None] * 4
     started = threading.Semaphore(0)
 
@@ -371,14 +371,15 @@ def kill_tp_rank(what, addr, procs, logs):
         t.start()
     for _ in range(4):
         started.acquire(timeout=60)
-    procs[2].kill()
+    if kill:
+        procs[2].kill()
     t0 = time.time()
     for t in threads:
         t.join(160)
     hung = sum(1 for t, r in zip(threads, results) if t.is_alive() or not r or
                (r[1] or "").startswith("hung"))
-    check(hung == 0, "%s: no request hangs after a decode TP rank is killed (%d hung; %.1f s)" %
-          (what, hung, time.time() - t0))
+    check(hung == 0, "%s: no request hangs after a decode TP rank is %s (%d hung; %.1f s)" %
+          (what, "killed" if kill else "wedged", hung, time.time() - t0))
     errors = [r[1] for r in results if r and r[1]]
     check(len(errors) == 4 and all("d0" in e for e in errors),
           "%s: the requests on it fail naming the group (%s)" % (what, errors[:1]))
@@ -387,7 +388,7 @@ def kill_tp_rank(what, addr, procs, logs):
     except subprocess.TimeoutExpired:
         pass
     if not check(procs[1].poll() is not None and procs[0].poll() is None,
-                 "%s: the killed rank's partner exits, the prefill worker stays (%s, %s)" %
+                 "%s: d0's rank 0 exits, the prefill worker stays (%s, %s)" %
                  (what, procs[1].poll(), procs[0].poll())) or hung:
         print(log_text(logs[1:2])[-3000:])
     return log_text(logs[1:2])
@@ -441,22 +442,24 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
 
 
 def nccl_hang_emulated(port, gpu_model):
-    """The last resort: an NCCL all-reduce whose peer died and that nothing stops (the
-    emulation's HX_CUDA_EMU_NCCL_HANG=1, as a wedged kernel). With --peer-timeout 4 the
-    partner's step watchdog ends it after 14 s, and the requests fail naming the group."""
+    """The last resort: an NCCL all-reduce that nothing stops (the emulation's
+    HX_CUDA_EMU_NCCL_HANG=400 on d0's rank 0: its 400th operation, as a wedged kernel, a
+    few dozen decode steps in). With --peer-timeout 4 its step watchdog ends it after 14 s,
+    and the requests fail naming the group."""
     plan = write_plan("gpu-hang", port, [
         {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
         {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
         [{"prefill": "p0", "decode": "d0", "rps": 1}])
     procs, logs, addr, up = start_by_hand("hang", plan, gpu_model,
                                           ["--tp-transport", "nccl", "--peer-timeout", "4"],
-                                          lambda d: {"HX_CUDA_EMU_NCCL_HANG": "1"})
+                                          lambda d: {"HX_CUDA_EMU_NCCL_HANG": "400"} if d == 1
+                                          else {})
     try:
         if not check(up, "NCCL hang: workers and router up"):
             return
-        text = kill_tp_rank("NCCL hang", addr, procs, logs)
+        text = kill_tp_rank("NCCL hang", addr, procs, logs, kill=False)
         check("a step has not ended" in text and procs[1].returncode == 1,
-              "NCCL hang: the partner's step watchdog ended it (exit %s)" % procs[1].returncode)
+              "NCCL hang: its step watchdog ended d0's rank 0 (exit %s)" % procs[1].returncode)
     finally:
         check(end_by_hand(procs, logs), "NCCL hang: every process ended")
 
