@@ -712,9 +712,8 @@ void *hx_backend_host_alloc(const hx_backend *b, size_t bytes)
     return base + HOST_HEADER;
 }
 
-void hx_backend_host_free(const hx_backend *b, void *p)
+void hx_backend_host_free(void *p)
 {
-    (void)b;
     if (!p)
         return;
     unsigned char *base = (unsigned char *)p - HOST_HEADER;
@@ -726,7 +725,6 @@ void hx_backend_host_free(const hx_backend *b, void *p)
 #endif
     free(base);
 }
-
 
 int hx_backend_seq_count(const hx_backend *b)
 {

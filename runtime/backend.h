@@ -127,11 +127,11 @@ uint32_t hx_backend_nccl_host(void);
  * Host memory for KV segments (64-byte aligned): page-locked for a cuda
  * engine, so its copies to and from the device are direct; plain memory for
  * cpu, for b NULL, or when page-locked memory runs out. NULL when out of
- * memory. hx_backend_host_free frees either kind (b is not needed: NULL
- * will do), also after the backend is closed.
+ * memory. hx_backend_host_free frees either kind, also after the backend
+ * is closed (NULL is a no-op).
  */
 void *hx_backend_host_alloc(const hx_backend *b, size_t bytes);
-void hx_backend_host_free(const hx_backend *b, void *p);
+void hx_backend_host_free(void *p);
 
 /*
  * KV over NCCL: a link is a communicator of two ranks, a prefill rank's

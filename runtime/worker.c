@@ -349,8 +349,6 @@ static hx_status comm_tokens(void *ctx, int *tokens, int n, int is_source, hx_er
     if (!is_source)
         return hx_proto_recv_step_tokens(peer_at(w, w->last_stage, 0), tokens, n,
                                          deadline_peer(w), err);
-    if (w->me->rank != 0)
-        return HX_OK; /* never the source: the engines make only rank 0 of the last stage one */
     for (int s = 0; s <= w->last_stage; s++)
         for (int r = s == w->last_stage ? 1 : 0; r < w->grp->stages[s].ndevices; r++) {
             hx_status st =
@@ -400,7 +398,7 @@ static void kv_buf_put(worker *w, float *p, size_t cap)
         w->spare_bytes += cap;
         return;
     }
-    hx_backend_host_free(NULL, p);
+    hx_backend_host_free(p);
 }
 
 /* Frees a received segment (w->mu held; device memory goes back to the backend). */
@@ -428,7 +426,7 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m, void 
         if (device)
             hx_backend_device_free(w->eng, device);
         else
-            hx_backend_host_free(NULL, data);
+            hx_backend_host_free(data);
         HX_ERROR("worker %s: out of memory for a KV segment", w->me->device);
         return;
     }
@@ -580,7 +578,6 @@ static int64_t link_answer_by(int64_t start_ns)
     return by > least ? by : least;
 }
 
-/* This worker's OFFER of a link (GROUP_SETUP's frame on a KV connection). */
 /*
  * This worker's OFFER (GROUP_SETUP, proto.h): its engine, and nccl as given
  * (TP all-reduce for a group's setup, a KV link on a KV connection).
@@ -794,7 +791,7 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
             break;
         hx_backend_link *link = w->kv_link[wi];
         if (!link && bytes > w->pack_cap) { /* page-locked for a GPU engine: direct copies */
-            hx_backend_host_free(w->eng, w->pack);
+            hx_backend_host_free(w->pack);
             w->pack = hx_backend_host_alloc(w->eng, bytes);
             w->pack_cap = w->pack ? bytes : 0;
             if (!w->pack) {
@@ -1298,7 +1295,7 @@ static void fill_health(worker *w, hx_proto_health *h)
     pthread_mutex_unlock(&w->mu);
     /* gauges of the engine thread, a step old at most */
     if (w->ready) {
-        int bt = w->opt.block_tokens > 0 ? w->opt.block_tokens : 16;
+        const int bt = hx_backend_block_tokens(w->eng);
         h->kv_blocks_total = (uint64_t)(hx_backend_max_tokens(w->eng) / bt);
         h->requests_active = (uint64_t)w->n_active;
     }
@@ -1730,6 +1727,27 @@ static int stage_nccl(worker *w, const hx_proto_group_setup *offers, int s, cons
 }
 
 /* The leader: collects the offers, decides, and tells every rank its stage's plan. */
+/* The leader tells every other rank of the group why the group cannot run (best effort). */
+static void setup_fail_all(worker *w, hx_status st, const hx_err *err)
+{
+    for (int j = 1; j < w->gsize; j++) {
+        hx_err ignored = {0};
+        hx_proto_send_error(w->peers[j], 0, st, err->msg, hx_proto_deadline_in(5.0), &ignored);
+    }
+}
+
+/* The leader sends every other rank `phase` with nccl = stage_plan[that rank's stage]. */
+static hx_status setup_send_plan(worker *w, uint32_t phase, const int *stage_plan, hx_err *err)
+{
+    hx_status st = HX_OK;
+    for (int j = 1; j < w->gsize && st == HX_OK; j++) {
+        hx_proto_group_setup m = {.phase = phase,
+                                  .nccl = (uint32_t)stage_plan[w->dep.workers[w->gfirst + j].stage]};
+        st = hx_proto_send_group_setup(w->peers[j], &m, deadline_peer(w), err);
+    }
+    return st;
+}
+
 static hx_status setup_plan(worker *w, const hx_proto_group_setup *mine, int *stage_plan,
                             hx_err *err)
 {
@@ -1752,22 +1770,12 @@ static hx_status setup_plan(worker *w, const hx_proto_group_setup *mine, int *st
                             "group '%s' stage %d cannot sum over NCCL (--tp-transport nccl): %s",
                             w->grp->id, s, why);
     }
+    free(offers);
     if (st != HX_OK) { /* every rank learns why the group cannot run */
-        for (int j = 1; j < w->gsize; j++) {
-            hx_err ignored = {0};
-            hx_proto_send_error(w->peers[j], 0, st, err->msg, hx_proto_deadline_in(5.0),
-                                &ignored);
-        }
-        free(offers);
+        setup_fail_all(w, st, err);
         return st;
     }
-    for (int j = 1; j < w->gsize && st == HX_OK; j++) {
-        hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_PLAN,
-                                  .nccl = (uint32_t)stage_plan[w->dep.workers[w->gfirst + j].stage]};
-        st = hx_proto_send_group_setup(w->peers[j], &m, deadline_peer(w), err);
-    }
-    free(offers);
-    return st;
+    return setup_send_plan(w, HX_PROTO_SETUP_PLAN, stage_plan, err);
 }
 
 /* A stage planned for NCCL: rank 0 makes the id and hands it on; every rank joins. */
@@ -1859,17 +1867,10 @@ static hx_status group_setup(worker *w, hx_err *err)
                             "group '%s' stage %d: a rank failed to join NCCL "
                             "(--tp-transport nccl; its log says why)",
                             w->grp->id, lost);
-            for (int j = 1; j < w->gsize; j++) {
-                hx_err ignored = {0};
-                hx_proto_send_error(w->peers[j], 0, st, err->msg, hx_proto_deadline_in(5.0),
-                                    &ignored);
-            }
+            setup_fail_all(w, st, err);
         }
-        for (int j = 1; j < w->gsize && st == HX_OK; j++) {
-            hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_FINAL,
-                                      .nccl = (uint32_t)plan[w->dep.workers[w->gfirst + j].stage]};
-            st = hx_proto_send_group_setup(w->peers[j], &m, deadline_peer(w), err);
-        }
+        if (st == HX_OK)
+            st = setup_send_plan(w, HX_PROTO_SETUP_FINAL, plan, err);
         final = plan[w->me->stage];
     } else if (st == HX_OK) {
         hx_proto_group_setup m = {.phase = HX_PROTO_SETUP_JOINED, .nccl = (uint32_t)me_joined};
@@ -2047,13 +2048,13 @@ out:
         if (k->on_device)
             hx_backend_device_free(w->eng, k->data);
         else
-            hx_backend_host_free(NULL, k->data);
+            hx_backend_host_free(k->data);
         free(k);
         k = n;
     }
     for (int i = 0; i < w->n_spare; i++)
-        hx_backend_host_free(NULL, w->spare[i].data);
-    hx_backend_host_free(NULL, w->pack);
+        hx_backend_host_free(w->spare[i].data);
+    hx_backend_host_free(w->pack);
     hx_backend_close(w->eng);
     hx_proto_listener_free(w->lis);
     hx_deploy_release(&w->dep);
