@@ -6,9 +6,10 @@
  *   decode    tokens/s at batch 1, 8 and 64 (prompts of 512 tokens), and the
  *             achieved memory bandwidth: (weight + KV bytes read per step) /
  *             step time, against the device's peak (read from its name);
- *             batch 1 also without CUDA graphs, with cuBLAS instead of the GEMV
- *             kernel, and with programmatic dependent launch, to show what
- *             each is worth
+ *             with the defaults, then with each GEMV kernel for every shape and
+ *             with the other decode attention kernel; batch 1 also without
+ *             CUDA graphs, with cuBLAS instead of the GEMV kernels, and with
+ *             programmatic dependent launch, to show what each is worth
  *   prefill   TFLOP/s of one 2048-token prompt (one step), against the dense
  *             BF16 peak, with each prefill attention kernel (WMMA, mma.sync)
  *   KV pack   GB/s of hx_cuda_engine_pack_kv of that prompt (2048 positions,
@@ -248,6 +249,7 @@ static void bench_micro(const hx_model *c)
     TRY("fill", hx_cuda_fill_uniform_bf16(x, (int64_t)T * F, 2, -1, 1, NULL, &err));
     TRY("fill", hx_cuda_fill_uniform_bf16(gu, (int64_t)T * 2 * F, 3, -1, 1, NULL, &err));
     jadd("\"micro\": [");
+    hx_cuda_set_gemv_variant(1); /* "gemv": variant 1; "gemv2" below */
     struct {
         const char *name;
         int in, out;
@@ -318,7 +320,7 @@ static void bench_micro(const hx_model *c)
                                              NULL, &err));
         }
     }
-    hx_cuda_set_gemv_variant(1);
+    hx_cuda_set_gemv_variant(0);
     /* attention on a paged cache: 64 sequences of 2048 positions, 16-token blocks */
     const int bt = 16, seqs = 64, ctx = 2048, mb = ctx / bt;
     hx_cuda_kv_layout kv = {1, K, D, bt, mb};
@@ -437,27 +439,30 @@ int main(int argc, char **argv)
         const int batches[3] = {1, 8, 64};
         for (int i = 0; i < 3; i++) {
             decode_result d = bench_decode(e, batches[i], 512, 5, timed, peak_bw);
-            report_decode("graphs+gemv", batches[i], &d, peak_bw);
+            report_decode("graphs (defaults)", batches[i], &d, peak_bw);
         }
         int64_t steps = 0, gsteps = 0;
         hx_cuda_engine_stats(e, &steps, &gsteps);
         printf("        (%lld steps, %lld replayed from CUDA graphs)\n", (long long)steps,
                (long long)gsteps);
         hx_cuda_engine_free(e);
-        /* the other GEMV and decode attention kernels (defaults: GEMV 1, attention 2),
-           each alone and both */
-        static const char *label[3] = {"graphs+gemv2", "graphs+attn1", "graphs+gemv2+attn1"};
+        /* the defaults: GEMV kernel by shape (0), decode attention 2; then each GEMV kernel
+           for every shape, and the other attention kernel */
+        static const struct {
+            const char *label;
+            int gemv, attn;
+        } alt[3] = {{"graphs+gemv1", 1, 2}, {"graphs+gemv2", 2, 2}, {"graphs+attn1", 0, 1}};
         for (int v = 0; v < 3; v++) {
-            hx_cuda_set_gemv_variant(v != 1 ? 2 : 1);
-            hx_cuda_set_decode_attention_variant(v != 0 ? 1 : 2);
+            hx_cuda_set_gemv_variant(alt[v].gemv);
+            hx_cuda_set_decode_attention_variant(alt[v].attn);
             e = make_engine(&cfg, 64, 2048, 1, 8);
             for (int i = 0; i < 3; i++) {
                 decode_result d = bench_decode(e, batches[i], 512, 5, timed, peak_bw);
-                report_decode(label[v], batches[i], &d, peak_bw);
+                report_decode(alt[v].label, batches[i], &d, peak_bw);
             }
             hx_cuda_engine_free(e);
         }
-        hx_cuda_set_gemv_variant(1);
+        hx_cuda_set_gemv_variant(0);
         hx_cuda_set_decode_attention_variant(2);
     }
     if (!quick) {

@@ -123,20 +123,18 @@ void hx_cuda_set_pdl(int on);
  * Which weight-streaming GEMV kernels serve hx_cuda_gemm (and so
  * hx_cuda_gemm_swiglu) and the fused hx_cuda_gemm_rmsnorm /
  * hx_cuda_gemm_rmsnorm_swiglu, for the same shapes and rows either way:
- * 1 (the default) the kernels of one warp per output row; 2 persistent
- * blocks (2 an SM) whose 16 warps split each 8-row tile's columns, keep 3
- * steps of 32 B a thread in flight across rows and tiles (96 KB an SM),
- * multiply on the tensor cores (fp32 accumulation, sums in a fixed order)
- * and, for the fused norm, normalize once per block. Other values mean 1.
- * $HX_CUDA_GEMV=2, read on first use when this was not called, selects 2.
- * Later launches only (graphs keep what they captured).
- * Variant 2 passed test_cuda (both variants, and the engine against the
- * CPU) and compute-sanitizer memcheck on an H200, but is NOT faster where it
- * matters most: alone, a batch-1 decode step took 1.127 ms against 1.092
- * (batch 8: 1.404 against 1.533), and 1.135 against 1.099 in gpu_bench; at
- * 1 row only the down projection (in 8192) and the fused qkv norm gain.
- * A per-shape choice (2 for 2-8 rows and long rows) is the next step; the
- * whole-step numbers move by a few percent between runs, so measure it.
+ * 1 the kernels of one warp per output row; 2 persistent blocks (2 an SM)
+ * whose 16 warps split each 8-row tile's columns, keep 3 steps of 32 B a
+ * thread in flight across rows and tiles (96 KB an SM), multiply on the
+ * tensor cores (fp32 accumulation, sums in a fixed order) and, for the fused
+ * norm, normalize once per block; 0 (the default; other values mean 0) the
+ * faster of the two for each call's shape as measured on an H200: 2 at 2-8
+ * rows, for rows of at least twice the outputs (the down projection) and for
+ * the norm in front of q/k/v; 1 for the other single rows. Both passed
+ * test_cuda (each kernel, and the engine against the CPU) and
+ * compute-sanitizer memcheck on an H200. $HX_CUDA_GEMV=1 or 2, read on first
+ * use when this was not called, forces one. Later launches only (graphs keep
+ * what they captured).
  */
 void hx_cuda_set_gemv_variant(int v);
 

@@ -674,20 +674,39 @@ __global__ void __launch_bounds__(GEMV2_THREADS, GEMV2_BLOCKS_PER_SM)
 #undef GEMV2_FILL
 }
 
-static int gemv_variant_wanted = -1; // -1: not decided yet ($HX_CUDA_GEMV, default 1)
+static int gemv_variant_wanted = -1; // -1: not decided yet ($HX_CUDA_GEMV, default 0: by shape)
 
 extern "C" void hx_cuda_set_gemv_variant(int v)
 {
-    gemv_variant_wanted = v == 2 ? 2 : 1;
+    gemv_variant_wanted = v == 1 || v == 2 ? v : 0;
 }
 
-static int gemv_variant(void)
+#define GEMV_PLAIN 0 // hx_cuda_gemm
+#define GEMV_NORM 1  // hx_cuda_gemm_rmsnorm
+#define GEMV_NORM_SWIGLU 2 // hx_cuda_gemm_rmsnorm_swiglu
+
+// The kernel (1 or 2) for rows x [in] -> out. By shape (variant 0), from
+// single-kernel timings on an H200 (bench/gpu_bench --micro, 1B-class
+// matrices; variant 1 / 2 in us): at 2-8 rows variant 2 is as fast or faster
+// everywhere (8 rows: q/k/v 10.4 / 8.3, o 9.3 / 6.7, lm_head 36.6 / 36.0,
+// gate_up and down even); at 1 row it wins on long rows (down, in 8192:
+// 16.7 / 12.3 with the SwiGLU kernel) and with the norm in front of q/k/v
+// (9.3 / 8.2), and loses on the rest (q/k/v 5.8 / 7.7, o 5.1 / 5.5, gate_up
+// 19.4 / 21.6, lm_head 32.8 / 37.2, norm + gate_up + SwiGLU 23.0 / 25.1).
+static int gemv_variant(int kind, int rows, int in, int out)
 {
     if (gemv_variant_wanted < 0) {
         const char *env = getenv("HX_CUDA_GEMV");
-        gemv_variant_wanted = env && atoi(env) == 2 ? 2 : 1;
+        const int v = env ? atoi(env) : 0;
+        gemv_variant_wanted = v == 1 || v == 2 ? v : 0;
     }
-    return gemv_variant_wanted;
+    if (gemv_variant_wanted)
+        return gemv_variant_wanted;
+    switch (kind) {
+    case GEMV_NORM: return 2;
+    case GEMV_NORM_SWIGLU: return 1;
+    default: return rows >= 2 || in >= 2 * out ? 2 : 1;
+    }
 }
 
 // The SM count of the current device, asked once (the grid of variant 2).
@@ -781,7 +800,7 @@ extern "C" hx_status hx_cuda_gemm(hx_cuda_blas *b, void *d_y, int y_bf16, const 
     const __nv_bfloat16 *x = reinterpret_cast<const __nv_bfloat16 *>(d_x);
     const __nv_bfloat16 *w = reinterpret_cast<const __nv_bfloat16 *>(d_w);
     if (use_gemv(b, rows, in, out)) {
-        if (gemv_variant() == 2) {
+        if (gemv_variant(GEMV_PLAIN, rows, in, out) == 2) {
             if (y_bf16)
                 gemv2_launch<GEMV2_BF16>(rows, d_y, x, NULL, 0.0f, w, in, out, out, beta, s);
             else
@@ -842,7 +861,7 @@ extern "C" hx_status hx_cuda_gemm_rmsnorm(hx_cuda_blas *b, float *d_y, float *d_
         return st;
     const __nv_bfloat16 *w = reinterpret_cast<const __nv_bfloat16 *>(d_w);
     if (use_gemv_norm(b, rows, in, out, 1)) {
-        if (gemv_variant() == 2) {
+        if (gemv_variant(GEMV_NORM, rows, in, out) == 2) {
             gemv2_launch<GEMV2_NORM_F32>(rows, d_y, d_x, d_norm_w, eps, w, in, out, out, 0.0f,
                                          HX_STREAM(stream));
             return hx_cuda_launched(err, "gemv2_rmsnorm");
@@ -871,7 +890,7 @@ extern "C" hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act
     if (st != HX_OK)
         return st;
     if (use_gemv_norm(b, rows, in, 2 * ff, 2)) { // SwiGLU's kernel saved too: 2 rows
-        if (gemv_variant() == 2) {
+        if (gemv_variant(GEMV_NORM_SWIGLU, rows, in, 2 * ff) == 2) {
             gemv2_launch<GEMV2_NORM_SWIGLU>(rows, d_act, d_x, d_norm_w, eps,
                                             reinterpret_cast<const __nv_bfloat16 *>(d_w), in, ff,
                                             ff, 0.0f, HX_STREAM(stream));

@@ -310,7 +310,7 @@ static void test_gemm(void **state)
 {
     (void)state;
     NEED_GPU();
-    for (int variant = 1; variant <= 2; variant++) { /* hx_cuda_set_gemv_variant */
+    for (int variant = 0; variant <= 2; variant++) { /* by shape, 1, 2 (hx_cuda_set_gemv_variant) */
         hx_cuda_set_gemv_variant(variant);
         for (int gemv = 0; gemv <= 1; gemv++) {
             hx_cuda_blas *blas = NULL;
@@ -329,7 +329,7 @@ static void test_gemm(void **state)
             hx_cuda_blas_free(blas);
         }
     }
-    hx_cuda_set_gemv_variant(1);
+    hx_cuda_set_gemv_variant(0);
 }
 
 static void gemm_swiglu_cases(void);
@@ -342,7 +342,7 @@ static void test_gemm_swiglu(void **state)
         hx_cuda_set_gemv_variant(variant);
         gemm_swiglu_cases();
     }
-    hx_cuda_set_gemv_variant(1);
+    hx_cuda_set_gemv_variant(0);
 }
 
 /* hx_cuda_gemm_swiglu at a few row counts against the CPU. */
@@ -485,7 +485,7 @@ static void test_gemm_rmsnorm(void **state)
         gemm_rmsnorm_case(blas, 1, 256, 12000, 1); /* SwiGLU over many outputs a warp */
         hx_cuda_blas_free(blas);
     }
-    hx_cuda_set_gemv_variant(1);
+    hx_cuda_set_gemv_variant(0);
 }
 
 /* ---- per-row kernels --------------------------------------------------------------------- */
@@ -1408,12 +1408,13 @@ static void test_engine_greedy_vs_cpu(void **state)
     engine_vs_cpu(cases, 256, 1, 8); /* whole prompts in one step, graphs, GEMV */
     engine_vs_cpu(cases, 16, 1, 8);  /* chunked prefill mixed with decode rows */
     engine_vs_cpu(cases, 64, 0, 0);  /* no graphs, cuBLAS everywhere */
-    /* the other GEMV and decode attention kernels (the defaults are 1 and 2) */
+    /* each GEMV kernel for every shape (the default picks by shape), and the other
+       decode attention kernel (the default is 2) */
     hx_cuda_set_gemv_variant(2);
     hx_cuda_set_decode_attention_variant(1);
     engine_vs_cpu(cases, 256, 1, 8);
     engine_vs_cpu(cases, 16, 1, 8);
-    hx_cuda_set_gemv_variant(1);
+    hx_cuda_set_gemv_variant(0);
     hx_cuda_set_decode_attention_variant(2);
     hx_llama_free(m);
 }
