@@ -131,6 +131,7 @@ typedef struct proc {
     long pid;            /* 0 until started */
     char log[PATH_MAX];
     int restart;         /* restart: this one is (re)started */
+    int dead;            /* its pid is no longer ours (mark_dead; restart: or it has none) */
 } proc;
 
 typedef struct host_job {
@@ -537,6 +538,13 @@ static hx_status write_state(launch *L, const char *url, hx_err *err)
 
 /* ---- stopping ----------------------------------------------------------------------------- */
 
+/*
+ * The shell function `ours PID`: whether PID is still one of our processes, by its command
+ * line. Not `kill -0`: after a reboot or a long run the number may belong to anything, and
+ * an exited child that nobody has reaped yet (a zombie) still answers kill -0.
+ */
+#define OURS_SH "ours() { tr '\\0' ' ' < /proc/$1/cmdline 2>/dev/null | grep -q hexflow; }; "
+
 /* Stops pids[0..n) on host s: TERM, wait up to grace_s, KILL. *alive: how many were running. */
 static hx_status stop_pids(hx_host *s, const long *pids, int n, double grace_s, int *alive,
                            hx_err *err)
@@ -551,10 +559,9 @@ static hx_status stop_pids(hx_host *s, const long *pids, int n, double grace_s, 
     }
     char cmd[MAX_CMD * 2 + 512];
     int waits = (int)(grace_s * 10);
-    /* a pid is signalled only while it is still a hexflow process (after a reboot the
-     * number may belong to anything) */
+    /* a pid is signalled only while it is still ours */
     snprintf(cmd, sizeof cmd,
-             "ours() { tr '\\0' ' ' < /proc/$1/cmdline 2>/dev/null | grep -q hexflow; }; "
+             OURS_SH
              "n=0; for p in%s; do ours $p && n=$((n+1)) && kill -TERM $p 2>/dev/null; done; "
              "echo $n; i=0; while [ $i -lt %d ]; do left=0; for p in%s; do "
              "ours $p && left=1; done; [ $left = 0 ] && exit 0; sleep 0.1; "
@@ -672,24 +679,34 @@ static size_t pid_list(const launch *L, int h, char *list, size_t cap)
     return k;
 }
 
-/* Which of host h's processes died: index into procs, or -1. */
-static int dead_process(launch *L, int h)
+/*
+ * Asks host h which of its started processes are no longer ours (they exited, or their pid
+ * now names another program): procs[i].dead of each of host h's processes is set to that
+ * answer (0 for one never started, and for all of them on failure). timeout_s bounds the
+ * query.
+ */
+static hx_status mark_dead(launch *L, int h, double timeout_s, hx_err *err)
 {
+    for (int i = 0; i < L->nprocs; i++)
+        if (L->procs[i].host == h)
+            L->procs[i].dead = 0;
     char list[MAX_CMD];
     if (!pid_list(L, h, list, sizeof list))
-        return -1;
-    char cmd[MAX_CMD + 128];
-    snprintf(cmd, sizeof cmd, "for p in%s; do kill -0 $p 2>/dev/null || echo $p; done", list);
+        return HX_OK;
+    char cmd[MAX_CMD + 256];
+    snprintf(cmd, sizeof cmd, OURS_SH "for p in%s; do ours $p || echo $p; done", list);
     char *out = NULL;
-    hx_err e = {0};
-    if (hx_host_run(L->jobs[h].session, cmd, NULL, 0, &out, NULL, NULL, 20, &e) != HX_OK)
-        return -1;
-    long dead = out ? strtol(out, NULL, 10) : 0;
+    hx_status st = hx_host_run_checked(L->jobs[h].session, cmd, NULL, 0, &out, timeout_s, err);
+    if (st != HX_OK)
+        return st;
+    for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+        long pid = strtol(line, NULL, 10);
+        for (int i = 0; pid > 0 && i < L->nprocs; i++)
+            if (L->procs[i].host == h && L->procs[i].pid == pid)
+                L->procs[i].dead = 1;
+    }
     free(out);
-    for (int i = 0; dead > 0 && i < L->nprocs; i++)
-        if (L->procs[i].host == h && L->procs[i].pid == dead)
-            return i;
-    return -1;
+    return HX_OK;
 }
 
 static hx_status wait_healthy(launch *L, const char *url_host, hx_err *err)
@@ -702,14 +719,18 @@ static hx_status wait_healthy(launch *L, const char *url_host, hx_err *err)
             return HX_OK;
         if (now_s() >= next_check) {
             for (int h = 0; h < L->plan->nhosts; h++) {
-                int i = dead_process(L, h);
-                if (i >= 0) {
-                    char tail[1024];
-                    log_tail(L->jobs[h].session, L->procs[i].log, tail, sizeof tail);
-                    return hx_err_set(err, HX_EIO, "host '%s': %s exited during start-up: %s",
-                                      L->plan->hosts[h].name, L->procs[i].name,
-                                      tail[0] ? tail : "(no log)");
-                }
+                hx_err e = {0};
+                if (mark_dead(L, h, 20, &e) != HX_OK)
+                    continue; /* no answer this time: ask again at the next check */
+                for (int i = 0; i < L->nprocs; i++)
+                    if (L->procs[i].host == h && L->procs[i].dead) {
+                        char tail[1024];
+                        log_tail(L->jobs[h].session, L->procs[i].log, tail, sizeof tail);
+                        return hx_err_set(err, HX_EIO,
+                                          "host '%s': %s exited during start-up: %s",
+                                          L->plan->hosts[h].name, L->procs[i].name,
+                                          tail[0] ? tail : "(no log)");
+                    }
             }
             next_check = now_s() + 1.0;
         }
@@ -988,30 +1009,6 @@ hx_status hx_launch_stop(const char *plan_path, const char *state_dir, double gr
 
 /* ---- restart ------------------------------------------------------------------------------ */
 
-/* The pids of host h's processes that are no longer hexflow processes (exited). */
-static hx_status dead_pids(launch *L, int h, int *dead, hx_err *err)
-{
-    char list[MAX_CMD];
-    if (!pid_list(L, h, list, sizeof list))
-        return HX_OK;
-    char cmd[MAX_CMD + 256];
-    snprintf(cmd, sizeof cmd,
-             "for p in%s; do tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null | grep -q hexflow || "
-             "echo $p; done",
-             list);
-    char *out = NULL;
-    hx_status st = hx_host_run_checked(L->jobs[h].session, cmd, NULL, 0, &out, CMD_TIMEOUT_S,
-                                       err);
-    for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
-        long pid = strtol(line, NULL, 10);
-        for (int i = 0; i < L->nprocs; i++)
-            if (L->procs[i].host == h && L->procs[i].pid == pid)
-                dead[i] = 1;
-    }
-    free(out);
-    return st;
-}
-
 hx_status hx_launch_restart(const hx_launch_options *o, const char *const *groups, int n_groups,
                             int *restarted, hx_err *err)
 {
@@ -1042,7 +1039,6 @@ hx_status hx_launch_restart(const hx_launch_options *o, const char *const *group
     launch *L = &L_;
     memset(L, 0, sizeof *L);
     pthread_mutex_init(&L->mu, NULL);
-    int *dead = NULL;
     if ((st = launch_setup(L, &oo, err)) != HX_OK)
         goto out;
     for (int k = 0; k < n_groups; k++)
@@ -1069,13 +1065,6 @@ hx_status hx_launch_restart(const hx_launch_options *o, const char *const *group
         L->procs[i].pid = (long)json_integer_value(json_object_get(pj, "pid"));
         snprintf(L->procs[i].log, sizeof L->procs[i].log, "%s", log ? log : "");
     }
-    dead = calloc((size_t)L->nprocs, sizeof *dead);
-    if (!dead) {
-        st = hx_err_set(err, HX_ENOMEM, "out of memory");
-        goto out;
-    }
-    for (int i = 0; i < L->nprocs; i++)
-        dead[i] = L->procs[i].pid <= 0; /* not in the state file: never started */
     for (int h = 0; h < L->plan->nhosts && st == HX_OK; h++) {
         host_job *J = &L->jobs[h];
         J->L = L;
@@ -1087,14 +1076,16 @@ hx_status hx_launch_restart(const hx_launch_options *o, const char *const *group
         if (!used)
             continue;
         if ((st = open_host(J, &J->err)) == HX_OK)
-            st = dead_pids(L, h, dead, &J->err);
+            st = mark_dead(L, h, CMD_TIMEOUT_S, &J->err);
         if (st != HX_OK)
             hx_err_set(err, st, "host '%s': %s", L->plan->hosts[h].name, J->err.msg);
     }
     if (st != HX_OK)
         goto out;
-    /* the groups to restart: those named, else those with a process down; the router too
-       when it is down */
+    /* the groups to restart: those named, else those with a process down (dead, or not in
+       the state file: never started); the router too when it is down */
+    for (int i = 0; i < L->nprocs; i++)
+        L->procs[i].dead |= L->procs[i].pid <= 0;
     int n = 0;
     for (int i = 0; i < L->dep.nworkers; i++) {
         const int g = L->dep.workers[i].group;
@@ -1104,12 +1095,12 @@ hx_status hx_launch_restart(const hx_launch_options *o, const char *const *group
                 pick |= strcmp(L->plan->groups[g].id, groups[q]) == 0;
         else
             for (int j = 0; j < L->dep.nworkers; j++)
-                pick |= L->dep.workers[j].group == g && dead[j];
+                pick |= L->dep.workers[j].group == g && L->procs[j].dead;
         L->procs[i].restart = pick;
         n += pick;
     }
-    L->procs[L->dep.nworkers].restart = dead[L->dep.nworkers];
-    n += dead[L->dep.nworkers];
+    L->procs[L->dep.nworkers].restart = L->procs[L->dep.nworkers].dead;
+    n += L->procs[L->dep.nworkers].dead;
     if (!n) {
         progress(L, "restart", "every process of '%s' is up: nothing to restart",
                  o->plan_path);
@@ -1169,7 +1160,6 @@ hx_status hx_launch_restart(const hx_launch_options *o, const char *const *group
     if (st == HX_OK)
         *restarted = n;
 out:
-    free(dead);
     launch_release(L);
     state_release(&s);
     return st;
