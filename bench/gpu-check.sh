@@ -179,6 +179,17 @@ if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
                 --print-limit 10 ./test_cuda) 2>&1 | tail -40 | tee -a "$OUT/test_cuda.txt"
         fi
     done
+    # the kernels not yet checked on a GPU before this run: shared-memory races and
+    # barrier misuse of their pipelines (small cases, seconds each)
+    if command -v compute-sanitizer >/dev/null; then
+        for t in test_prefill_attention_fa; do
+            for tool in racecheck synccheck; do
+                section "compute-sanitizer $tool: $t"
+                (cd "$BIN" && HX_CUDA_TEST_FILTER=$t timeout 60 compute-sanitizer --tool $tool \
+                    --print-limit 10 ./test_cuda) 2>&1 | tail -15 | tee -a "$OUT/test_cuda.txt"
+            done
+        done
+    fi
 fi
 if [ -n "$BIN" ] && [ -x "$BIN/gpu_bench" ]; then
     section "benchmarks: gpu_bench"

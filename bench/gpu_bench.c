@@ -11,7 +11,8 @@
  *             CUDA graphs, with cuBLAS instead of the GEMV kernels, and with
  *             programmatic dependent launch, to show what each is worth
  *   prefill   TFLOP/s of one 2048-token prompt (one step), against the dense
- *             BF16 peak, with each prefill attention kernel (WMMA, mma.sync)
+ *             BF16 peak, with each prefill attention kernel (mma.sync, the
+ *             pipelined mma.sync, WMMA)
  *   KV pack   GB/s of hx_cuda_engine_pack_kv of that prompt (2048 positions,
  *             all layers, fp32 segment, checksummed): into pinned memory, into
  *             pageable memory; and for scale a CRC-32C on one thread and a raw
@@ -228,6 +229,9 @@ static double kernel_us(void)
              (double)(flops) / us_ / 1e6);                                                     \
     } while (0)
 
+/* the prefill attention kernels by variant (hx_cuda_set_prefill_attention_variant) */
+static const char *const prefill_kernel[4] = {"", "wmma", "mma.sync", "mma.sync pipelined"};
+
 static void bench_micro(const hx_model *c)
 {
     hx_err err = {0};
@@ -365,15 +369,14 @@ static void bench_micro(const hx_model *c)
         }
     }
     hx_cuda_set_decode_attention_variant(2); /* the default */
-    for (int mma = 0; mma <= 1; mma++) {
-        hx_cuda_set_prefill_mma(mma);
-        snprintf(label, sizeof label, "prefill attention %d tokens (%s)", ctx,
-                 mma ? "mma.sync" : "wmma");
+    for (int v = 1; v <= 3; v++) { /* hx_cuda_set_prefill_attention_variant */
+        hx_cuda_set_prefill_attention_variant(v);
+        snprintf(label, sizeof label, "prefill attention %d tokens (%s)", ctx, prefill_kernel[v]);
         TIME(label, 0, 4.0 * H * D * ((double)ctx * (ctx + 1) / 2),
              hx_cuda_prefill_attention(out, q, cache, &kv, 0, tables, m_slot, m_pos0, m_pos0, m_n,
                                        1, ctx, H, NULL, &err));
     }
-    hx_cuda_set_prefill_mma(0);
+    hx_cuda_set_prefill_attention_variant(2); /* the default */
     int *toks = NULL;
     TRY("malloc", hx_cuda_malloc((void **)&toks, 64 * 4, &err));
     TIME("argmax 64 rows x 32000", 64.0 * V * 4, 0,
@@ -505,9 +508,12 @@ int main(int argc, char **argv)
     const double mm_params = L * (h * (qd + 2 * kd) + qd * h + 3 * h * f);
     const double attn_flops = L * 4.0 * cfg.num_heads * cfg.head_dim * ((double)T * (T + 1) / 2);
     const double flops = 2.0 * mm_params * T + attn_flops + 2.0 * h * cfg.vocab_size;
-    /* the default (WMMA) attention kernel, then the mma.sync one (hx_cuda_set_prefill_mma) */
-    for (int mma = 0; mma <= 1; mma++) {
-        hx_cuda_set_prefill_mma(mma);
+    /* the default attention kernel (2), then the pipelined one, then WMMA */
+    static const int variants[3] = {2, 3, 1};
+    static const char *const key[4] = {"", "prefill_wmma", "prefill", "prefill_fa"};
+    for (int vi = 0; vi < 3; vi++) {
+        const int v = variants[vi];
+        hx_cuda_set_prefill_attention_variant(v);
         double best = 1e30, total = 0;
         for (int i = 0; i < 2 + runs; i++) {
             r.id = (uint64_t)(1000 + i);
@@ -528,16 +534,16 @@ int main(int argc, char **argv)
         const double mean = total / runs;
         printf("prefill %d tokens (%s attention): %.3f ms mean, %.3f ms best: %.1f TFLOP/s mean, "
                "%.1f best (%.1f%% of %.0f peak; %.2f TFLOP per prompt, %.1f%% attention)\n",
-               T, mma ? "mma.sync" : "wmma", mean * 1e3, best * 1e3, flops / mean / 1e12,
+               T, prefill_kernel[v], mean * 1e3, best * 1e3, flops / mean / 1e12,
                flops / best / 1e12, peak_flops > 0 ? flops / mean / peak_flops * 100 : 0,
                peak_flops / 1e12, flops / 1e12, attn_flops / flops * 100);
         jadd("\"%s\": {\"tokens\": %d, \"mean_ms\": %.4f, \"best_ms\": %.4f, \"flops\": %.6g, "
              "\"tflops_mean\": %.2f, \"tflops_best\": %.2f, \"fraction_of_peak\": %.4f}, ",
-             mma ? "prefill_mma" : "prefill", T, mean * 1e3, best * 1e3, flops,
+             key[v], T, mean * 1e3, best * 1e3, flops,
              flops / mean / 1e12, flops / best / 1e12,
              peak_flops > 0 ? flops / mean / peak_flops : 0);
     }
-    hx_cuda_set_prefill_mma(0);
+    hx_cuda_set_prefill_attention_variant(2);
 
     /* ---- KV pack + transfer ---- */
     r.id = 7;

@@ -291,13 +291,17 @@ hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx
                                     hx_err *err);
 
 /*
- * Which prefill attention kernel runs: 1 (the default) the FlashAttention-2
- * kernel on mma.sync with the softmax in registers (checked against the
- * wmma kernel and the CPU on an H200: 2.3x faster at 2048 tokens); 0 the
- * WMMA kernel, whose softmax goes through shared memory. $HX_CUDA_ATTN_MMA=0
- * selects the WMMA kernel too. Later launches only.
+ * Which prefill attention kernel runs: 2 (the default; other values mean 2)
+ * the FlashAttention-2 kernel on mma.sync with the softmax in registers
+ * (checked against the WMMA kernel and the CPU on an H200: 2.3x faster at
+ * 2048 tokens); 1 the WMMA kernel, whose softmax goes through shared memory;
+ * 3 kernel 2's maths with 128 query rows a block, K/V tiles double-buffered
+ * by cp.async and fragments by ldmatrix (NOT yet run on a GPU: checked on
+ * the CPU emulation only, whose maths are kernel 2's).
+ * $HX_CUDA_PREFILL_ATTN, read on first use when this was not called, selects
+ * one too. Later launches only.
  */
-void hx_cuda_set_prefill_mma(int on);
+void hx_cuda_set_prefill_attention_variant(int v);
 
 /*
  * Decode attention: one query per sequence (row d_row[s], attending keys

@@ -1,7 +1,8 @@
 // attention.cu - causal grouped-query attention over the paged bf16 KV cache:
-// a FlashAttention-2 style prefill kernel (64x64 tiles, bf16 tensor cores
-// through WMMA, online softmax in fp32) and a split-sequence decode kernel
-// with its reduction (and an opt-in second one that waits on memory fewer times).
+// FlashAttention-2 style prefill kernels (64-key tiles, bf16 tensor cores,
+// online softmax in fp32: through WMMA, on mma.sync with the softmax in
+// registers, and the latter pipelined with cp.async and ldmatrix) and two
+// split-sequence decode kernels.
 #include <stdlib.h>
 
 #include <mma.h>
@@ -194,12 +195,14 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
 }
 
-// Launches a prefill attention kernel (either of the two below) with `bytes` of dynamic
-// shared memory, raising the kernel's limit the first time (*configured: one flag per
-// kernel; per device in practice, all ours are alike).
+// Launches a prefill attention kernel (any of the three) of `threads` threads a block of
+// `bq` query rows, with `bytes` of dynamic shared memory, raising the kernel's limit the
+// first time (*configured: one flag per kernel; per device in practice, all ours are
+// alike).
 template <typename Kernel>
-static hx_status prefill_launch_kernel(Kernel kernel, size_t bytes, bool *configured,
-                                       const char *what, int D, __nv_bfloat16 *out,
+static hx_status prefill_launch_kernel(Kernel kernel, int bq, int threads, size_t bytes,
+                                       bool *configured, const char *what, int D,
+                                       __nv_bfloat16 *out,
                                        const __nv_bfloat16 *q, const __nv_bfloat16 *cache,
                                        const hx_cuda_kv_layout *kv, int layer, const int *bt,
                                        const int *slot, const int *row0, const int *pos0,
@@ -215,9 +218,9 @@ static hx_status prefill_launch_kernel(Kernel kernel, size_t bytes, bool *config
             return st;
         *configured = true;
     }
-    dim3 grid((unsigned)((max_n + PF_BQ - 1) / PF_BQ), (unsigned)heads, (unsigned)n_seqs);
+    dim3 grid((unsigned)((max_n + bq - 1) / bq), (unsigned)heads, (unsigned)n_seqs);
     const float scale_log2 = LOG2E / sqrtf((float)D);
-    hx_launch(kernel, grid, PF_THREADS, bytes, s, out, q, cache, *kv, layer, bt, slot, row0, pos0,
+    hx_launch(kernel, grid, threads, bytes, s, out, q, cache, *kv, layer, bt, slot, row0, pos0,
               n, heads, scale_log2);
     return hx_cuda_launched(err, what);
 }
@@ -230,9 +233,9 @@ static hx_status prefill_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                 hx_err *err)
 {
     static bool configured = false;
-    return prefill_launch_kernel(prefill_attn_kernel<D>, PfSmem<D>::bytes, &configured,
-                                 "prefill_attention", D, out, q, cache, kv, layer, bt, slot, row0,
-                                 pos0, n, n_seqs, max_n, heads, s, err);
+    return prefill_launch_kernel(prefill_attn_kernel<D>, PF_BQ, PF_THREADS, PfSmem<D>::bytes,
+                                 &configured, "prefill_attention", D, out, q, cache, kv, layer, bt,
+                                 slot, row0, pos0, n, n_seqs, max_n, heads, s, err);
 }
 
 /* ---- prefill, second kernel: mma.sync with register-resident softmax ----
@@ -248,8 +251,8 @@ static hx_status prefill_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
  *   C (16x8, f32):  c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
  * (two bf16 per 32-bit register, the lower index in the low half).
  * The default (checked against the wmma kernel and the CPU on an H200: 2.3x
- * faster at 2048 tokens); hx_cuda_set_prefill_mma(0) / $HX_CUDA_ATTN_MMA=0
- * selects the wmma kernel.
+ * faster at 2048 tokens); hx_cuda_set_prefill_attention_variant(1) /
+ * $HX_CUDA_PREFILL_ATTN=1 selects the wmma kernel.
  */
 
 __device__ __forceinline__ void mma_bf16_16816(float *c, uint32_t a0, uint32_t a1, uint32_t a2,
@@ -461,19 +464,277 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
 }
 
-static int prefill_mma_wanted = -1; // -1: $HX_CUDA_ATTN_MMA decides (default on)
+/* ---- prefill, third kernel: the same maths, pipelined ----
+ *
+ * prefill_mma_kernel's fragments and online softmax, with what
+ * FlashAttention-2 adds around them:
+ * - 128 query rows a block (8 warps of 16), so each K/V tile read from L2
+ *   serves twice the rows;
+ * - K/V tiles double-buffered with cp.async: tile kt + 1 loads while tile kt
+ *   is multiplied (one barrier a tile); Q goes through the second buffer
+ *   once, into registers, before the first tile lands there;
+ * - fragments of K (and of Q) by ldmatrix, of V by ldmatrix.trans (4 matrices
+ *   a load) instead of 32-bit and 16-bit shared loads;
+ * - the causal mask only on the tiles that cross a warp's diagonal.
+ * Tiles and rounding are those of prefill_mma_kernel (64-key tiles, bf16
+ * probabilities summed as rounded): the same results up to the fp32
+ * rounding of the tensor cores' sums.
+ */
 
-extern "C" void hx_cuda_set_prefill_mma(int on)
+#define FA_BQ 128
+#define FA_BK 64
+#define FA_THREADS 256 // 8 warps x 16 query rows
+
+template <int D> struct FaSmem {
+    static constexpr int LD = D + 8;              // bf16 row stride: conflict-free ldmatrix
+    static constexpr int STAGE = 2 * FA_BK * LD;  // a stage: K rows, then V rows
+    static constexpr size_t bytes = (size_t)2 * STAGE * 2;
+    static_assert(FA_BQ * LD <= STAGE, "Q fits a stage");
+    static_assert(FA_BK * (D / 8) % FA_THREADS == 0, "whole copies a thread");
+};
+
+// Four 8x8 bf16 matrices from shared memory: lanes 8i .. 8i+7 give the row
+// addresses of matrix i; register i holds this lane's pair of matrix i
+// (row lane / 4, columns 2 (lane % 4) ..). trans: of the transposed matrices.
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const __nv_bfloat16 *p)
 {
-    prefill_mma_wanted = on != 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(p)));
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t *r, const __nv_bfloat16 *p)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(p)));
+#endif
 }
 
-static int prefill_mma_on(void)
+// Copies of keys k0 .. k0 + FA_BK - 1 into a stage: K rows [FA_BK][LD], then V
+// rows; keys at or past n_keys are zero-filled (their P is 0, and 0 x V must not
+// be NaN).
+template <int D>
+__device__ __forceinline__ void fa_issue(__nv_bfloat16 *stage, const __nv_bfloat16 *cache,
+                                         const hx_cuda_kv_layout &kv, const int *bt, int layer,
+                                         int kvh, int k0, int n_keys, int tid)
 {
-    if (prefill_mma_wanted >= 0)
-        return prefill_mma_wanted;
-    const char *env = getenv("HX_CUDA_ATTN_MMA");
-    return !(env && env[0] == '0');
+    constexpr int LD = FaSmem<D>::LD, CH = D / 8;
+    const size_t vstride = (size_t)kv.kv_heads * kv.block_tokens * D;
+#pragma unroll
+    for (int u = 0; u < FA_BK * CH / FA_THREADS; u++) {
+        const int i = tid + u * FA_THREADS, r = i / CH, c = i % CH;
+        const int j = k0 + r;
+        const bool ok = j < n_keys;
+        size_t off = 0;
+        if (ok)
+            off = hx_kv_offset(kv, bt[j / kv.block_tokens], layer, 0, kvh) +
+                  (size_t)(j % kv.block_tokens) * D + c * 8;
+        hx_cp_async16(stage + r * LD + c * 8, cache + off, ok);
+        hx_cp_async16(stage + (FA_BK + r) * LD + c * 8, cache + off + (ok ? vstride : 0), ok);
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
+    prefill_fa_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *q, const __nv_bfloat16 *cache,
+                      hx_cuda_kv_layout kv, int layer, const int *block_tables, const int *seq_slot,
+                      const int *seq_row0, const int *seq_pos0, const int *seq_n, int heads,
+                      float scale_log2)
+{
+    hx_pdl_begin();
+    using S = FaSmem<D>;
+    constexpr int LD = S::LD;
+    constexpr int NT = FA_BK / 8; // key n-tiles of S
+    constexpr int DT = D / 8;     // dimension n-tiles of O
+    constexpr int CH = D / 8;     // 16-byte chunks per row
+    extern __shared__ __align__(128) unsigned char smem[];
+    __nv_bfloat16 *stage0 = reinterpret_cast<__nv_bfloat16 *>(smem);
+    __nv_bfloat16 *stage1 = stage0 + S::STAGE;
+
+    const int s = blockIdx.z, h = blockIdx.y;
+    const int n = seq_n[s];
+    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; // longest tiles first
+    const int q_begin = qt * FA_BQ;
+    if (q_begin >= n)
+        return;
+    const int slot = seq_slot[s], row0 = seq_row0[s], pos0 = seq_pos0[s];
+    const int kvh = h / (heads / kv.kv_heads);
+    const int *bt = block_tables + (size_t)slot * kv.max_blocks_per_seq;
+    const int q_rows = min(FA_BQ, n - q_begin);
+    const int n_keys = pos0 + q_begin + q_rows;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const size_t qstride = (size_t)heads * D;
+
+    // Q [FA_BQ][LD] into stage 1 (rows past q_rows zero), key tile 0 into stage 0
+    for (int i = tid; i < FA_BQ * CH; i += FA_THREADS) {
+        const int r = i / CH, c = i % CH;
+        const bool ok = r < q_rows;
+        hx_cp_async16(stage1 + r * LD + c * 8,
+                      q + (ok ? (size_t)(row0 + q_begin + r) * qstride + (size_t)h * D + c * 8 : 0),
+                      ok);
+    }
+    fa_issue<D>(stage0, cache, kv, bt, layer, kvh, 0, n_keys, tid);
+    hx_cp_commit();
+    hx_cp_wait<0>();
+    __syncthreads();
+    const int wrow0 = warp * 16;
+    // the warp's Q as A fragments [D/16][4], for the whole kernel: matrices
+    // (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) of each 16x16
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+        ldsm_x4(qa[kk], stage1 + (wrow0 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+    float o[DT][4]; // O [16][D] as C fragments
+#pragma unroll
+    for (int j = 0; j < DT; j++)
+        o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m_lo = -INFINITY, m_hi = -INFINITY; // running max of rows g and g + 8 (log2 units)
+    float l_lo = 0.0f, l_hi = 0.0f;           // this lane's part of the running sums
+    const bool warp_live = wrow0 < q_rows;
+    const int qpos_first = pos0 + q_begin + wrow0; // the warp's first row's position
+    const int qpos_lo = qpos_first + g, qpos_hi = qpos_lo + 8;
+    const int qpos_last = pos0 + q_begin + min(wrow0 + 15, q_rows - 1);
+
+    const int n_kt = (n_keys + FA_BK - 1) / FA_BK;
+    for (int kt = 0; kt < n_kt; kt++) {
+        // tile kt has landed, and every warp is done with tile kt - 1 (and with Q)
+        hx_cp_wait<0>();
+        __syncthreads();
+        if (kt + 1 < n_kt)
+            fa_issue<D>((kt & 1) ? stage0 : stage1, cache, kv, bt, layer, kvh, (kt + 1) * FA_BK,
+                        n_keys, tid);
+        hx_cp_commit();
+        const int k0 = kt * FA_BK;
+        if (!warp_live || k0 > qpos_last)
+            continue; // no row of this warp sees a key of this tile
+        const __nv_bfloat16 *Ks = (kt & 1) ? stage1 : stage0;
+        const __nv_bfloat16 *Vs = Ks + FA_BK * LD;
+        // S [16][FA_BK] = Q K^T: B fragments of keys 8j.. over dims 16kk.., two kk a load
+        float sc[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                uint32_t b[4];
+                ldsm_x4(b, Ks + (j * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+                mma_bf16_16816(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+                mma_bf16_16816(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3],
+                               b[2], b[3]);
+            }
+        }
+        // scale; the causal mask where the tile crosses the warp's diagonal; row maxima
+        const bool diag = k0 + FA_BK - 1 > qpos_first;
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int key = k0 + j * 8 + 2 * t + e;
+                float vlo = sc[j][e] * scale_log2, vhi = sc[j][2 + e] * scale_log2;
+                if (diag && key > qpos_lo)
+                    vlo = -INFINITY;
+                if (diag && key > qpos_hi)
+                    vhi = -INFINITY;
+                sc[j][e] = vlo;
+                sc[j][2 + e] = vhi;
+                mx_lo = fmaxf(mx_lo, vlo);
+                mx_hi = fmaxf(mx_hi, vhi);
+            }
+        }
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        // a row with no key yet keeps 0 as its base: exp2(-inf - 0) = 0, never NaN
+        const float base_lo = mn_lo == -INFINITY ? 0.0f : mn_lo;
+        const float base_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
+        const float a_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - base_lo);
+        const float a_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - base_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        // P (bf16, as the A operand of P V) and this lane's share of the row sums
+        uint32_t pa[NT][2];
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            const __nv_bfloat16 p0 = __float2bfloat16_rn(exp2f(sc[j][0] - base_lo));
+            const __nv_bfloat16 p1 = __float2bfloat16_rn(exp2f(sc[j][1] - base_lo));
+            const __nv_bfloat16 p2 = __float2bfloat16_rn(exp2f(sc[j][2] - base_hi));
+            const __nv_bfloat16 p3 = __float2bfloat16_rn(exp2f(sc[j][3] - base_hi));
+            sum_lo += __bfloat162float(p0) + __bfloat162float(p1);
+            sum_hi += __bfloat162float(p2) + __bfloat162float(p3);
+            pa[j][0] = pack_bf16(p0, p1); // row g
+            pa[j][1] = pack_bf16(p2, p3); // row g + 8
+        }
+        l_lo = l_lo * a_lo + sum_lo;
+        l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+        for (int j = 0; j < DT; j++) {
+            o[j][0] *= a_lo;
+            o[j][1] *= a_lo;
+            o[j][2] *= a_hi;
+            o[j][3] *= a_hi;
+        }
+        // O += P V: keys 16kk.. are S tiles 2kk and 2kk + 1; V's B fragments of
+        // dims 8j.. and 8(j + 1).. in one transposed load
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; kk++) {
+#pragma unroll
+            for (int j = 0; j < DT; j += 2) {
+                uint32_t b[4];
+                ldsm_x4_trans(b, Vs + (kk * 16 + (lane & 15)) * LD + j * 8 + (lane >> 4) * 8);
+                mma_bf16_16816(o[j], pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0],
+                               pa[2 * kk + 1][1], b[0], b[1]);
+                mma_bf16_16816(o[j + 1], pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0],
+                               pa[2 * kk + 1][1], b[2], b[3]);
+            }
+        }
+    }
+    if (!warp_live)
+        return;
+    // the rows' sums over the quad, then out = O / l
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    const bool lo_valid = wrow0 + g < q_rows, hi_valid = wrow0 + g + 8 < q_rows;
+    __nv_bfloat16 *o_lo = out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D;
+    __nv_bfloat16 *o_hi = o_lo + 8 * qstride;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        if (lo_valid)
+            *reinterpret_cast<uint32_t *>(o_lo + j * 8 + 2 * t) =
+                hx_pack2(o[j][0] * inv_lo, o[j][1] * inv_lo);
+        if (hi_valid)
+            *reinterpret_cast<uint32_t *>(o_hi + j * 8 + 2 * t) =
+                hx_pack2(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
+}
+
+// 1: WMMA, 2: mma.sync, 3: pipelined mma.sync; -1: $HX_CUDA_PREFILL_ATTN decides on first
+// use (default 2)
+static int prefill_variant = -1;
+
+extern "C" void hx_cuda_set_prefill_attention_variant(int v)
+{
+    prefill_variant = v == 1 || v == 3 ? v : 2;
+}
+
+static int prefill_variant_now(void)
+{
+    if (prefill_variant < 0) {
+        const char *env = getenv("HX_CUDA_PREFILL_ATTN");
+        hx_cuda_set_prefill_attention_variant(env ? atoi(env) : 2);
+    }
+    return prefill_variant;
 }
 
 template <int D>
@@ -483,10 +744,16 @@ static hx_status prefill_mma_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                     const int *pos0, const int *n, int n_seqs, int max_n, int heads,
                                     cudaStream_t s, hx_err *err)
 {
+    if (prefill_variant_now() == 3) {
+        static bool fa_configured = false;
+        return prefill_launch_kernel(prefill_fa_kernel<D>, FA_BQ, FA_THREADS, FaSmem<D>::bytes,
+                                     &fa_configured, "prefill_attention_fa", D, out, q, cache, kv,
+                                     layer, bt, slot, row0, pos0, n, n_seqs, max_n, heads, s, err);
+    }
     static bool configured = false;
-    return prefill_launch_kernel(prefill_mma_kernel<D>, MmaSmem<D>::bytes, &configured,
-                                 "prefill_attention_mma", D, out, q, cache, kv, layer, bt, slot,
-                                 row0, pos0, n, n_seqs, max_n, heads, s, err);
+    return prefill_launch_kernel(prefill_mma_kernel<D>, PF_BQ, PF_THREADS, MmaSmem<D>::bytes,
+                                 &configured, "prefill_attention_mma", D, out, q, cache, kv, layer,
+                                 bt, slot, row0, pos0, n, n_seqs, max_n, heads, s, err);
 }
 
 static hx_status attn_check(const hx_cuda_kv_layout *kv, int layer, int heads, hx_err *err)
@@ -521,7 +788,7 @@ hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_c
     __nv_bfloat16 *out = reinterpret_cast<__nv_bfloat16 *>(d_out);
     const __nv_bfloat16 *q = reinterpret_cast<const __nv_bfloat16 *>(d_q);
     const __nv_bfloat16 *c = reinterpret_cast<const __nv_bfloat16 *>(d_cache);
-    if (prefill_mma_on()) {
+    if (prefill_variant_now() != 1) {
         if (kv->head_dim == 64)
             return prefill_mma_launch<64>(out, q, c, kv, layer, d_block_tables, d_slot, d_row0,
                                           d_pos0, d_n, n_seqs, max_n, heads, HX_STREAM(stream),
@@ -782,21 +1049,6 @@ template <int D> struct Dc2Shape {
     static_assert(NG * DC_MAX_G * D * 4 <= DC2_RING, "P V partial sums fit the ring");
 };
 
-// 16 bytes global -> shared, asynchronously (L2 only); !ok: 16 zero bytes, src not read.
-// No "memory" clobber, so that the compiler may hoist the shared-memory reads of the
-// addresses above a run of these: the ring's slots are ordered by the barriers (and
-// dc2_cp_wait's clobber) around every read and refill.
-__device__ __forceinline__ void dc2_cp_async16(void *dst, const void *src, bool ok)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                     (unsigned)__cvta_generic_to_shared(dst)),
-                 "l"(src), "r"(ok ? 16 : 0));
-#else
-    *reinterpret_cast<uint4 *>(dst) = ok ? *reinterpret_cast<const uint4 *>(src)
-                                         : make_uint4(0, 0, 0, 0);
-#endif
-}
 // A load that the compiler keeps where it is written (it would sink a plain one past the
 // branches that first use it, making it a round trip of its own)
 __device__ __forceinline__ int dc2_ld_now(const int *p)
@@ -805,19 +1057,6 @@ __device__ __forceinline__ int dc2_ld_now(const int *p)
     asm volatile("ld.volatile.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
     return v;
 }
-__device__ __forceinline__ void dc2_cp_commit()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N> __device__ __forceinline__ void dc2_cp_wait()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
 // Tile tt of the chunk into a ring slot: tiles 0 .. T-1 are K, keys
 // 32 tt .. 32 tt + 31; tiles T .. 2T-1 are V, keys 32 (tt - T) ... Copy
 // i = tid + u * DC2_THREADS is row r = i / (D/8), 16 bytes cc = i % (D/8):
@@ -839,7 +1078,7 @@ __device__ __forceinline__ void dc2_issue(__nv_bfloat16 *slot, const __nv_bfloat
         const int i = tid + u * DC2_THREADS, r = i / (D / 8), cc = i % (D / 8);
         const int jj = kt * DC2_TILE + r;
         const bool ok = tt < 2 * T && jj < nk;
-        dc2_cp_async16(slot + r * D + cc * 8, base + krow[ok ? jj : 0] + cc * 8, ok);
+        hx_cp_async16(slot + r * D + cc * 8, base + krow[ok ? jj : 0] + cc * 8, ok);
     }
 }
 
@@ -858,16 +1097,16 @@ dc2_ring_step(__nv_bfloat16 *ring, int tt, int T, const __nv_bfloat16 *cache,
 {
     using S = Dc2Shape<D>;
     if (tt == 0)
-        dc2_cp_wait<S::NS - 1>();
+        hx_cp_wait<S::NS - 1>();
     else
-        dc2_cp_wait<S::NS - 2>();
+        hx_cp_wait<S::NS - 2>();
     __syncthreads(); // tile tt is in for every thread's copies; tile tt-1's slot is free
     if (tt >= 1) {
         const int nt = tt - 1 + S::NS;
         if (nt < 2 * T)
             dc2_issue<D>(ring + (size_t)(nt % S::NS) * S::TILE, cache, krow, vstride, nk, nt, T,
                          tid);
-        dc2_cp_commit();
+        hx_cp_commit();
     }
     return ring + (size_t)(tt % S::NS) * S::TILE;
 }
@@ -966,7 +1205,7 @@ __global__ void __launch_bounds__(DC2_THREADS, 2)
 #pragma unroll
     for (int t = 0; t < S::NS; t++) {
         dc2_issue<D>(ring + (size_t)t * S::TILE, cache, krow, vstride, nk, t, T, tid);
-        dc2_cp_commit();
+        hx_cp_commit();
     }
     float qf[GP][8]; // q * scale_log2, as decode_attn_kernel's qs
 #pragma unroll
@@ -1067,7 +1306,7 @@ __global__ void __launch_bounds__(DC2_THREADS, 2)
     // the key groups' sums, through the ring. The last step waited for tile 2T - 1 (no
     // later tile is issued); the prologue's zero-fills of slots 2T .. NS-1 may still be
     // pending, and those slots overlap red: wait for every group.
-    dc2_cp_wait<0>();
+    hx_cp_wait<0>();
     __syncthreads();
     float *red = reinterpret_cast<float *>(dc2_smem); // [NG][GP][D]
 #pragma unroll

@@ -148,6 +148,35 @@ __device__ __forceinline__ float hx_block_max(float v, float *red)
     return hx_warp_max(t);
 }
 
+// ---- asynchronous copies (sm_80+) ----
+// 16 bytes global -> shared, asynchronously (L2 only); !ok: 16 zero bytes, src not read.
+// No "memory" clobber, so that the compiler may hoist the shared-memory reads of the
+// addresses above a run of these: a kernel orders its buffers' reads and refills
+// with barriers (and hx_cp_wait's clobber).
+__device__ __forceinline__ void hx_cp_async16(void *dst, const void *src, bool ok)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                     (unsigned)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(ok ? 16 : 0));
+#else
+    *reinterpret_cast<uint4 *>(dst) = ok ? *reinterpret_cast<const uint4 *>(src)
+                                         : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void hx_cp_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void hx_cp_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Element offset of (block, layer, kv, head, position-in-block 0) in the paged cache.
 __device__ __forceinline__ size_t hx_kv_offset(const hx_cuda_kv_layout &kv, int block, int layer,
                                                int which, int head)

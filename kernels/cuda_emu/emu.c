@@ -143,7 +143,7 @@ static struct {
 } emu = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static pthread_once_t emu_once = PTHREAD_ONCE_INIT;
-static atomic_int prefill_mma_wanted = -1; /* -1: $HX_CUDA_ATTN_MMA decides (default on) */
+static atomic_int prefill_variant = -1; /* -1: $HX_CUDA_PREFILL_ATTN decides (default 2) */
 
 static _Thread_local int tl_device;       /* cudaSetDevice's, per thread as CUDA's */
 static _Thread_local const char *tl_last; /* an error not yet taken by cudaGetLastError */
@@ -1737,7 +1737,7 @@ typedef struct prefill_args {
     int layer;
     const int *bt, *slot, *row0, *pos0, *n;
     int n_seqs, max_n, heads;
-    int mma; /* the mma.sync kernel (32-bit stores of the output) */
+    int mma; /* an mma.sync kernel (32-bit stores of the output) */
 } prefill_args;
 
 /*
@@ -1859,18 +1859,19 @@ static void run_prefill(const void *p)
     }
 }
 
-static int prefill_mma_on(void)
+/* 1: WMMA, 2: mma.sync, 3: pipelined mma.sync (whose maths are 2's) */
+static int prefill_variant_now(void)
 {
-    const int wanted = atomic_load(&prefill_mma_wanted);
-    if (wanted >= 0)
-        return wanted;
-    const char *env = getenv("HX_CUDA_ATTN_MMA");
-    return !(env && env[0] == '0');
+    if (atomic_load(&prefill_variant) < 0) {
+        const char *env = getenv("HX_CUDA_PREFILL_ATTN");
+        hx_cuda_set_prefill_attention_variant(env ? atoi(env) : 2);
+    }
+    return atomic_load(&prefill_variant);
 }
 
-void hx_cuda_set_prefill_mma(int on)
+void hx_cuda_set_prefill_attention_variant(int v)
 {
-    atomic_store(&prefill_mma_wanted, on != 0); /* the same maths either way */
+    atomic_store(&prefill_variant, v == 1 || v == 3 ? v : 2);
 }
 
 hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_cache,
@@ -1886,11 +1887,12 @@ hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx
     if (n_seqs < 1 || max_n < 1 || n_seqs > 65535)
         return hx_err_set(err, HX_EINVAL, "cuda prefill attention: %d sequences, max_n %d", n_seqs,
                           max_n);
-    const int mma = prefill_mma_on();
+    static const char *const name[4] = {"", "prefill_attention", "prefill_attention_mma",
+                                        "prefill_attention_fa"};
+    const int v = prefill_variant_now();
     prefill_args a = {d_out, d_q, d_cache, *kv, layer, d_block_tables, d_slot, d_row0, d_pos0,
-                      d_n, n_seqs, max_n, heads, mma};
-    return emu_launch(stream, run_prefill, &a, sizeof a,
-                      mma ? "prefill_attention_mma" : "prefill_attention", err);
+                      d_n, n_seqs, max_n, heads, v != 1};
+    return emu_launch(stream, run_prefill, &a, sizeof a, name[v], err);
 }
 
 #define DC_THREADS 128

@@ -848,20 +848,32 @@ static void test_prefill_attention(void **state)
 {
     (void)state;
     NEED_GPU();
-    hx_cuda_set_prefill_mma(0); /* the WMMA kernel */
+    hx_cuda_set_prefill_attention_variant(1); /* the WMMA kernel */
     prefill_case(64);
     prefill_case(128);
-    hx_cuda_set_prefill_mma(1); /* the default again */
+    hx_cuda_set_prefill_attention_variant(2); /* the default again */
 }
 
-/* The mma.sync kernel (hx_cuda_set_prefill_mma(1), the default); the engines below run it. */
+/* The mma.sync kernel (the default); the engines below run it. */
 static void test_prefill_attention_mma(void **state)
 {
     (void)state;
     NEED_GPU();
-    hx_cuda_set_prefill_mma(1);
+    hx_cuda_set_prefill_attention_variant(2);
     prefill_case(64);
     prefill_case(128);
+}
+
+/* The pipelined mma.sync kernel (128-row blocks: both of prefill_case's sequences end
+   in a partial block, and the second starts after cached positions). */
+static void test_prefill_attention_fa(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_cuda_set_prefill_attention_variant(3);
+    prefill_case(64);
+    prefill_case(128);
+    hx_cuda_set_prefill_attention_variant(2);
 }
 
 /*
@@ -1419,18 +1431,20 @@ static void test_engine_greedy_vs_cpu(void **state)
     hx_llama_free(m);
 }
 
-/* The engine with the WMMA prefill attention kernel (the other one): the same tokens. */
-static void test_engine_prefill_wmma(void **state)
+/* The engine with the other prefill attention kernels (WMMA, pipelined): the same tokens. */
+static void test_engine_prefill_others(void **state)
 {
     (void)state;
     NEED_GPU();
     hx_llama *m = cpu_model();
     gen_case cases[N_REQ];
     pick_cases(m, cases);
-    hx_cuda_set_prefill_mma(0);
-    engine_vs_cpu(cases, 256, 1, 8);
-    engine_vs_cpu(cases, 16, 1, 8);
-    hx_cuda_set_prefill_mma(1); /* the default again */
+    for (int v = 1; v <= 3; v += 2) {
+        hx_cuda_set_prefill_attention_variant(v);
+        engine_vs_cpu(cases, 256, 1, 8);
+        engine_vs_cpu(cases, 16, 1, 8);
+    }
+    hx_cuda_set_prefill_attention_variant(2); /* the default again */
     hx_llama_free(m);
 }
 
@@ -2175,13 +2189,14 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_rope_kv),
         cmocka_unit_test(test_prefill_attention),
         cmocka_unit_test(test_prefill_attention_mma),
+        cmocka_unit_test(test_prefill_attention_fa),
         cmocka_unit_test(test_decode_attention),
         cmocka_unit_test(test_sample_greedy),
         cmocka_unit_test(test_sample_seeded),
         cmocka_unit_test(test_nccl_one_rank),
         cmocka_unit_test(test_nccl_two_ranks),
         cmocka_unit_test(test_engine_greedy_vs_cpu),
-        cmocka_unit_test(test_engine_prefill_wmma),
+        cmocka_unit_test(test_engine_prefill_others),
         cmocka_unit_test(test_engine_kv_segments),
         cmocka_unit_test(test_engine_stages_and_tp),
         cmocka_unit_test(test_engine_sampling_and_admission),
