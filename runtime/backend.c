@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/bufpool.h"
 #include "common/log.h"
 #include "runtime/llama.h"
 #include "runtime/llama_weights.h"
@@ -38,22 +39,18 @@ struct hx_backend {
      * a cudaFree waits for the whole GPU, so freeing each payload would make
      * the engine's step wait for transfers in flight on other threads.
      */
-    pthread_mutex_t pool_mu;
-    struct dev_buf {
-        void *p;
-        size_t cap;
-        int in_use;
-    } pool[16];
-    int n_pool;
-    size_t pool_bytes;
-    /* (pool_mu) given back from any thread but outside the pool: freed by the next step,
+    hx_bufpool pool;
+    /* (trash_mu) given back from any thread but outside the pool: freed by the next step,
        on the engine's thread, outside the caller's locks */
+    pthread_mutex_t trash_mu;
     void **trash;
     int cap_trash;
     atomic_int n_trash;
 };
 
 #ifdef HX_HAVE_CUDA
+static hx_status dev_alloc(void *ctx, size_t bytes, void **out, hx_err *err);
+static void dev_free_later(void *ctx, void *p);
 static void trash_flush(hx_backend *b);
 #endif
 
@@ -205,7 +202,10 @@ hx_status hx_backend_open(const hx_backend_options *o, const hx_batch_comm *comm
     hx_backend *b = calloc(1, sizeof *b);
     if (!b)
         return hx_err_set(err, HX_ENOMEM, "out of memory");
-    pthread_mutex_init(&b->pool_mu, NULL);
+    pthread_mutex_init(&b->trash_mu, NULL);
+#ifdef HX_HAVE_CUDA
+    hx_bufpool_init(&b->pool, DEV_POOL_BYTES, dev_alloc, dev_free_later, b);
+#endif
     b->kind = o->kind;
     if (b->kind == HX_BACKEND_AUTO)
         b->kind = cuda_usable() ? HX_BACKEND_CUDA : HX_BACKEND_CPU;
@@ -245,11 +245,10 @@ void hx_backend_close(hx_backend *b)
 #ifdef HX_HAVE_CUDA
     hx_cuda_engine_free(b->cuda); /* waits for its stream: the communicator goes after */
     hx_cuda_nccl_free(b->nccl);
-    trash_flush(b);
-    for (int i = 0; i < b->n_pool; i++)
-        hx_cuda_free(b->pool[i].p);
+    hx_bufpool_release(&b->pool); /* into the trash, */
+    trash_flush(b);               /* freed here */
 #endif
-    pthread_mutex_destroy(&b->pool_mu);
+    pthread_mutex_destroy(&b->trash_mu);
     free(b);
 }
 
@@ -553,6 +552,13 @@ hx_status hx_backend_link_send(hx_backend_link *l, hx_err *err)
 }
 
 #ifdef HX_HAVE_CUDA
+/* b->pool's allocator; the current device must be b's. */
+static hx_status dev_alloc(void *ctx, size_t bytes, void **out, hx_err *err)
+{
+    (void)ctx;
+    return hx_cuda_malloc(out, bytes, err);
+}
+
 /*
  * A device buffer of at least `bytes` from b's pool (the smallest free one
  * that fits), or a new one (rounded up), kept in the pool while it has room (entries and
@@ -560,46 +566,12 @@ hx_status hx_backend_link_send(hx_backend_link *l, hx_err *err)
  */
 static hx_status dev_get(hx_backend *b, size_t bytes, void **out, hx_err *err)
 {
-    *out = NULL;
     /* sizes in steps of a quarter of their power of two (at least 256 KiB): reusable */
     size_t step = (size_t)1 << 18;
     while (step * 4 < bytes)
         step *= 2;
     bytes = (bytes + step - 1) / step * step;
-    pthread_mutex_lock(&b->pool_mu);
-    int best = -1;
-    for (int i = 0; i < b->n_pool; i++)
-        if (!b->pool[i].in_use && b->pool[i].cap >= bytes &&
-            (best < 0 || b->pool[i].cap < b->pool[best].cap))
-            best = i;
-    if (best >= 0) {
-        b->pool[best].in_use = 1;
-        *out = b->pool[best].p;
-        pthread_mutex_unlock(&b->pool_mu);
-        return HX_OK;
-    }
-    /* a new entry: reserve its room now, allocate outside the lock */
-    const int room = b->n_pool < (int)(sizeof b->pool / sizeof b->pool[0]) &&
-                     b->pool_bytes + bytes <= DEV_POOL_BYTES;
-    int slot = -1;
-    if (room) {
-        slot = b->n_pool++;
-        b->pool[slot] = (struct dev_buf){NULL, bytes, 1};
-        b->pool_bytes += bytes;
-    }
-    pthread_mutex_unlock(&b->pool_mu);
-    hx_status st = hx_cuda_malloc(out, bytes, err);
-    if (slot >= 0) {
-        pthread_mutex_lock(&b->pool_mu);
-        if (st == HX_OK) {
-            b->pool[slot].p = *out;
-        } else { /* give the room back: the last entry moves into the slot */
-            b->pool_bytes -= bytes;
-            b->pool[slot] = b->pool[--b->n_pool];
-        }
-        pthread_mutex_unlock(&b->pool_mu);
-    }
-    return st;
+    return hx_bufpool_get(&b->pool, bytes, out, err);
 }
 #endif
 
@@ -635,20 +607,24 @@ hx_status hx_backend_link_recv(hx_backend *b, hx_backend_link *l, size_t bytes, 
 void hx_backend_device_free(hx_backend *b, void *p)
 {
 #ifdef HX_HAVE_CUDA
-    if (!p)
-        return;
-    pthread_mutex_lock(&b->pool_mu);
-    for (int i = 0; i < b->n_pool; i++)
-        if (b->pool[i].p == p) {
-            b->pool[i].in_use = 0;
-            pthread_mutex_unlock(&b->pool_mu);
-            return;
-        }
+    hx_bufpool_put(&b->pool, p); /* outside the pool: dev_free_later */
+#else
+    (void)b;
+    (void)p;
+#endif
+}
+
+#ifdef HX_HAVE_CUDA
+/* b->pool's free: device memory given back outside the pool, into the trash (any thread). */
+static void dev_free_later(void *ctx, void *p)
+{
+    hx_backend *b = ctx;
+    pthread_mutex_lock(&b->trash_mu);
     if (b->n_trash == b->cap_trash) {
         const int cap = b->cap_trash ? 2 * b->cap_trash : 16;
         void **g = realloc(b->trash, (size_t)cap * sizeof *g);
         if (!g) { /* out of memory: free it here, slow but right */
-            pthread_mutex_unlock(&b->pool_mu);
+            pthread_mutex_unlock(&b->trash_mu);
             (void)hx_cuda_set_device(b->device, NULL);
             hx_cuda_free(p);
             return;
@@ -657,25 +633,20 @@ void hx_backend_device_free(hx_backend *b, void *p)
         b->cap_trash = cap;
     }
     b->trash[b->n_trash++] = p;
-    pthread_mutex_unlock(&b->pool_mu);
-#else
-    (void)b;
-    (void)p;
-#endif
+    pthread_mutex_unlock(&b->trash_mu);
 }
 
-#ifdef HX_HAVE_CUDA
 /* Frees what hx_backend_device_free queued (the engine's thread, no lock of the caller's). */
 static void trash_flush(hx_backend *b)
 {
     if (b->n_trash == 0)
         return;
-    pthread_mutex_lock(&b->pool_mu);
+    pthread_mutex_lock(&b->trash_mu);
     void **t = b->trash;
     const int n = b->n_trash;
     b->trash = NULL;
     b->n_trash = b->cap_trash = 0;
-    pthread_mutex_unlock(&b->pool_mu);
+    pthread_mutex_unlock(&b->trash_mu);
     (void)hx_cuda_set_device(b->device, NULL);
     for (int i = 0; i < n; i++)
         hx_cuda_free(t[i]);

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/bufpool.h"
 #include "common/log.h"
 #include "runtime/backend.h"
 #include "runtime/batch.h"
@@ -36,8 +37,7 @@
 #define LINK_DECLINED_S 5.0  /* after a decline (e.g. still joining its group's NCCL), at first;
                                 doubling up to LINK_RETRY_MAX_S */
 #define LINK_RETRY_MAX_S 300.0
-#define KV_SPARE_MAX 16      /* received-segment buffers kept for reuse ... */
-#define KV_SPARE_BYTES ((size_t)1 << 30) /* ... holding at most this much */
+#define KV_BUF_BYTES ((size_t)1 << 30) /* received-segment buffers kept hold at most this */
 
 /* A KV segment received for a request, waiting for its ADD_PREFILLED. */
 typedef struct kv_in {
@@ -46,15 +46,8 @@ typedef struct kv_in {
     int64_t t_ns;
     hx_kv_segment seg; /* payload points to data */
     float *data;       /* owned: from kv_buf_get, or device memory when on_device */
-    size_t cap;        /* data's size */
     int on_device;     /* received over NCCL: hx_backend_device_free */
 } kv_in;
-
-/* A buffer for received KV segments, free for the next one. */
-typedef struct kv_spare {
-    float *data;
-    size_t cap;
-} kv_spare;
 
 /* A decision the router asked of the leader, not yet applied. */
 typedef struct op_item {
@@ -116,9 +109,7 @@ typedef struct worker {
 
     /* decode ranks */
     kv_in *kv;
-    kv_spare spare[KV_SPARE_MAX]; /* (mu) received-segment buffers kept for reuse */
-    int n_spare;
-    size_t spare_bytes;
+    hx_bufpool kv_bufs; /* buffers for received segments, kept for reuse */
 
     /* prefill ranks: connections to decode workers, by worker index */
     hx_proto_conn **kv_out;
@@ -363,42 +354,30 @@ static hx_status comm_tokens(void *ctx, int *tokens, int n, int is_source, hx_er
 
 /*
  * Buffers for received segments come from the backend (page-locked for a
- * GPU engine, so its import copies straight from them) and go back to a
- * small free list: making page-locked memory costs more than the copy it
- * speeds up, so it is made once and reused. A buffer of at least `bytes`;
- * NULL when out of memory.
+ * GPU engine, so its import copies straight from them) through a small
+ * pool (w->kv_bufs): making page-locked memory costs more than the copy it
+ * speeds up, so it is made once and reused.
  */
-static float *kv_buf_get(worker *w, size_t bytes, size_t *cap)
+static hx_status kv_buf_alloc(void *ctx, size_t bytes, void **out, hx_err *err)
 {
-    pthread_mutex_lock(&w->mu);
-    int best = -1;
-    for (int i = 0; i < w->n_spare; i++)
-        if (w->spare[i].cap >= bytes && (best < 0 || w->spare[i].cap < w->spare[best].cap))
-            best = i;
-    if (best >= 0) {
-        float *p = w->spare[best].data;
-        *cap = w->spare[best].cap;
-        w->spare_bytes -= *cap;
-        w->spare[best] = w->spare[--w->n_spare];
-        pthread_mutex_unlock(&w->mu);
-        return p;
-    }
-    pthread_mutex_unlock(&w->mu);
-    *cap = bytes ? bytes : 1;
-    return hx_backend_host_alloc(w->ready ? w->eng : NULL, *cap);
+    worker *w = ctx;
+    *out = hx_backend_host_alloc(w->ready ? w->eng : NULL, bytes);
+    return *out ? HX_OK : hx_err_set(err, HX_ENOMEM, "out of memory");
 }
 
-/* Back to the free list (w->mu held), or freed when the list is full. */
-static void kv_buf_put(worker *w, float *p, size_t cap)
+static void kv_buf_free(void *ctx, void *p)
 {
-    if (!p)
-        return;
-    if (w->n_spare < KV_SPARE_MAX && w->spare_bytes + cap <= KV_SPARE_BYTES) {
-        w->spare[w->n_spare++] = (kv_spare){p, cap};
-        w->spare_bytes += cap;
-        return;
-    }
+    (void)ctx;
     hx_backend_host_free(p);
+}
+
+/* A buffer of at least `bytes`; NULL when out of memory. */
+static float *kv_buf_get(worker *w, size_t bytes)
+{
+    void *p = NULL;
+    hx_err e = {0};
+    (void)hx_bufpool_get(&w->kv_bufs, bytes ? bytes : 1, &p, &e);
+    return p;
 }
 
 /* Frees a received segment (w->mu held; device memory goes back to the backend). */
@@ -407,7 +386,7 @@ static void kv_in_free(worker *w, kv_in *k)
     if (k->on_device)
         hx_backend_device_free(w->eng, k->data);
     else
-        kv_buf_put(w, k->data, k->cap);
+        hx_bufpool_put(&w->kv_bufs, k->data);
     free(k);
 }
 
@@ -419,14 +398,13 @@ static void kv_in_free(worker *w, kv_in *k)
 static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m, void *device)
 {
     kv_in *k = calloc(1, sizeof *k);
-    size_t cap = device ? m->data_bytes : 0;
-    float *data = device ? device : k ? kv_buf_get(w, m->data_bytes, &cap) : NULL;
+    float *data = device ? device : k ? kv_buf_get(w, m->data_bytes) : NULL;
     if (!k || !data) {
         free(k);
         if (device)
             hx_backend_device_free(w->eng, device);
         else
-            hx_backend_host_free(data);
+            hx_bufpool_put(&w->kv_bufs, data);
         HX_ERROR("worker %s: out of memory for a KV segment", w->me->device);
         return;
     }
@@ -435,7 +413,6 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m, void 
     k->id = id;
     k->t_ns = hx_proto_now_ns();
     k->data = data;
-    k->cap = cap;
     k->on_device = device != NULL;
     k->seg = (hx_kv_segment){HX_KV_SEGMENT_VERSION, HX_KV_DTYPE_F32, (int)m->first_layer,
                              (int)m->num_layers, (int)m->first_kv_head, (int)m->num_kv_heads,
@@ -1914,6 +1891,7 @@ hx_status hx_worker_run(const hx_worker_options *opt, volatile sig_atomic_t *sto
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
     pthread_mutex_init(&w->router_send, NULL);
+    hx_bufpool_init(&w->kv_bufs, KV_BUF_BYTES, kv_buf_alloc, kv_buf_free, w);
     hx_status st;
     if ((st = hx_plan_load_err(opt->plan_path, &w->plan, err)) != HX_OK)
         goto out;
@@ -2045,15 +2023,10 @@ out:
     }
     for (kv_in *k = w->kv; k;) {
         kv_in *n = k->next;
-        if (k->on_device)
-            hx_backend_device_free(w->eng, k->data);
-        else
-            hx_backend_host_free(k->data);
-        free(k);
+        kv_in_free(w, k);
         k = n;
     }
-    for (int i = 0; i < w->n_spare; i++)
-        hx_backend_host_free(w->spare[i].data);
+    hx_bufpool_release(&w->kv_bufs);
     hx_backend_host_free(w->pack);
     hx_backend_close(w->eng);
     hx_proto_listener_free(w->lis);
