@@ -43,6 +43,7 @@ struct hx_batch {
     hx_llama_slice slice;               /* the TP slice m holds */
     int has_embedding, has_head;        /* first stage, last stage */
     hx_batch_comm comm;                 /* callbacks (borrowed); all NULL without a comm */
+    hx_batch_site site;                 /* "batch", the layers, the rank and the stages */
     hx_llama_layer_weights *layers;     /* owned, [layers] (the pointers are m's) */
     const float *embed;                 /* [vocab][hidden], m's */
     const float *final_norm;            /* [hidden], m's */
@@ -103,15 +104,14 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in,
     hx_llama_slice slice;
     hx_llama_slice_of(m, &slice);
     const int first = hx_llama_has_embedding(m), last = hx_llama_has_head(m);
-    const char *missing = NULL;
-    if (slice.tp_size > 1 && (!comm || !comm->allreduce))
-        missing = "allreduce";
-    else if (!first && (!comm || !comm->recv_rows))
-        missing = "recv_rows";
-    else if (!last && (!comm || !comm->send_rows))
-        missing = "send_rows";
-    else if ((!first || !last || slice.tp_size > 1) && (!comm || !comm->tokens))
-        missing = "tokens";
+    const hx_batch_site site = {.engine = "batch",
+                                .layer_first = hx_llama_first_layer(m),
+                                .num_layers = hx_llama_num_layers(m),
+                                .tp_rank = slice.tp_rank,
+                                .tp_size = slice.tp_size,
+                                .first_stage = first,
+                                .last_stage = last};
+    const char *missing = hx_batch_comm_missing(&site, comm, 0);
     if (missing)
         return hx_err_set(err, HX_EINVAL,
                           "batch engine: the model holds layers %d-%d of %d at TP rank %d of %d "
@@ -161,6 +161,7 @@ hx_status hx_batch_new(const hx_llama *m, const hx_batch_options *opt_in,
     b->has_head = last;
     if (comm)
         b->comm = *comm;
+    b->site = site;
     b->opt = opt;
     b->embed = hx_llama_weights_embed(m);
     b->final_norm = hx_llama_weights_final_norm(m);
@@ -289,24 +290,9 @@ int hx_batch_can_admit(const hx_batch *b, int n_prompt, int max_new_tokens)
 static hx_status admit(hx_batch *b, const hx_batch_request *r, int *slot_out, hx_err *err)
 {
     const int vocab = b->cfg->vocab_size;
-    if (r->n_prompt < 1 || r->max_new_tokens < 1)
-        return hx_err_set(err, HX_EINVAL,
-                          "batch: request %llu: %d prompt tokens, %d new (at least 1 each)",
-                          (unsigned long long)r->id, r->n_prompt, r->max_new_tokens);
-    if ((int64_t)r->n_prompt + r->max_new_tokens - 1 > b->opt.max_seq_tokens)
-        return hx_err_set(err, HX_ERANGE,
-                          "batch: request %llu: %d prompt tokens + %d new need %lld positions; "
-                          "a sequence may use %d",
-                          (unsigned long long)r->id, r->n_prompt, r->max_new_tokens,
-                          (long long)r->n_prompt + r->max_new_tokens - 1,
-                          b->opt.max_seq_tokens);
-    if (r->prompt)
-        for (int i = 0; i < r->n_prompt; i++)
-            if (r->prompt[i] < 0 || r->prompt[i] >= vocab)
-                return hx_err_set(err, HX_EINVAL,
-                                  "batch: request %llu: prompt token %d at index %d is outside "
-                                  "the vocabulary of %d",
-                                  (unsigned long long)r->id, r->prompt[i], i, vocab);
+    hx_status st = hx_batch_check_request("batch", r, vocab, b->opt.max_seq_tokens, err);
+    if (st != HX_OK)
+        return st;
     for (int i = 0; i < b->n_live; i++)
         if (b->seqs[b->order[i]].id == r->id)
             return hx_err_set(err, HX_EINVAL, "batch: request %llu is already in the engine",
@@ -323,7 +309,6 @@ static hx_status admit(hx_batch *b, const hx_batch_request *r, int *slot_out, hx
                           hx_kvcache_max_blocks(b->kv));
 
     hx_llama_sampler *sampler = NULL;
-    hx_status st;
     if (r->temperature != 0.0f &&
         (st = hx_llama_sampler_new(vocab, r->temperature, r->top_p, r->seed, &sampler, err)) !=
             HX_OK)
@@ -376,22 +361,14 @@ hx_status hx_batch_add_prefilled(hx_batch *b, const hx_batch_request *req, int f
 {
     const int L = hx_kvcache_layers(b->kv), K = hx_kvcache_kv_heads(b->kv);
     const int l0 = hx_kvcache_layer_first(b->kv), k0 = hx_kvcache_head_first(b->kv);
-    if (first_token < 0 || first_token >= b->cfg->vocab_size)
-        return hx_err_set(err, HX_EINVAL,
-                          "batch: request %llu: first token %d is outside the vocabulary of %d",
-                          (unsigned long long)req->id, first_token, b->cfg->vocab_size);
-    if (req->max_new_tokens < 2 || first_token == req->eos_id)
-        return hx_err_set(err, HX_EINVAL,
-                          "batch: request %llu: nothing is left to decode after its first token",
-                          (unsigned long long)req->id);
-    if (n_segs < 1)
-        return hx_err_set(err, HX_EINVAL, "batch: request %llu: no KV segments",
-                          (unsigned long long)req->id);
+    hx_status st = hx_batch_check_prefilled("batch", req, first_token, n_segs,
+                                            b->cfg->vocab_size, err);
+    if (st != HX_OK)
+        return st;
     hx_batch_request r = *req;
     r.prompt = NULL;
     int slot = -1;
-    hx_status st = admit(b, &r, &slot, err);
-    if (st != HX_OK)
+    if ((st = admit(b, &r, &slot, err)) != HX_OK)
         return st;
     batch_seq *s = &b->seqs[slot];
     memset(b->covered, 0, (size_t)L * (size_t)K);
@@ -535,10 +512,7 @@ static hx_status allreduce(hx_batch *b, float *x, size_t n, int layer, const cha
     hx_status st = b->comm.allreduce(b->comm.ctx, x, n, &inner);
     if (st == HX_OK)
         return HX_OK;
-    return hx_err_set(err, st, "batch: layer %d, TP rank %d of %d: all-reduce after the %s "
-                      "projection failed: %s",
-                      hx_kvcache_layer_first(b->kv) + layer, b->slice.tp_rank, b->slice.tp_size,
-                      what, inner.msg[0] ? inner.msg : hx_strerror(st));
+    return hx_batch_allreduce_failed(&b->site, layer, what, st, &inner, err);
 }
 
 /*
@@ -610,17 +584,6 @@ static hx_status run_layers(hx_batch *b, int n_sel, int rows, hx_err *err)
     return HX_OK;
 }
 
-/* A comm callback's failure, wrapped with what the step was doing. */
-static hx_status comm_failed(const hx_batch *b, hx_status st, const char *what,
-                             const hx_err *inner, hx_err *err)
-{
-    return hx_err_set(err, st, "batch: stage of layers %d-%d, TP rank %d of %d: %s failed: %s",
-                      hx_kvcache_layer_first(b->kv),
-                      hx_kvcache_layer_first(b->kv) + hx_kvcache_layers(b->kv) - 1,
-                      b->slice.tp_rank, b->slice.tp_size, what,
-                      inner->msg[0] ? inner->msg : hx_strerror(st));
-}
-
 hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_events,
                         hx_err *err)
 {
@@ -644,7 +607,7 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
             memcpy(b->w.x + (size_t)r * h, b->embed + (size_t)b->row_token[r] * h,
                    (size_t)h * sizeof(float));
     } else if ((st = b->comm.recv_rows(b->comm.ctx, b->w.x, rows, h, &inner)) != HX_OK) {
-        return comm_failed(b, st, "recv_rows", &inner, err);
+        return hx_batch_comm_failed(&b->site, st, "recv_rows", &inner, err);
     }
     if ((st = run_layers(b, n_sel, rows, err)) != HX_OK)
         return st;
@@ -673,20 +636,11 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
             b->step_tokens[e++] = s->sampler ? hx_llama_sample(s->sampler, lg) : argmax(lg, V);
         }
     } else if ((st = b->comm.send_rows(b->comm.ctx, b->w.x, rows, h, &inner)) != HX_OK) {
-        return comm_failed(b, st, "send_rows", &inner, err);
+        return hx_batch_comm_failed(&b->site, st, "send_rows", &inner, err);
     }
-    if (!b->has_embedding || !b->has_head || b->slice.tp_size > 1) {
-        /* the last stage's rank 0 publishes the tokens; every other engine takes them */
-        const int source = b->has_head && b->slice.tp_rank == 0;
-        if ((st = b->comm.tokens(b->comm.ctx, b->step_tokens, n_out, source, &inner)) != HX_OK)
-            return comm_failed(b, st, "tokens", &inner, err);
-        for (int e = 0; e < n_out; e++)
-            if (b->step_tokens[e] < 0 || b->step_tokens[e] >= V)
-                return hx_err_set(err, HX_EINVAL,
-                                  "batch: the tokens hook gave token %d (event %d of %d), "
-                                  "outside the vocabulary of %d",
-                                  b->step_tokens[e], e, n_out, V);
-    }
+    /* the last stage's rank 0 publishes the tokens; every other engine takes them */
+    if ((st = hx_batch_comm_tokens(&b->comm, &b->site, b->step_tokens, n_out, V, err)) != HX_OK)
+        return st;
 
     /* emit, and let finished sequences go (or hold them) */
     int e = 0;
@@ -716,5 +670,107 @@ hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_event
                 }
             }
     *n_events = e;
+    return HX_OK;
+}
+
+/* ---- the rules shared with the cuda engine --------------------------------------------------- */
+
+int hx_batch_site_alone(const hx_batch_site *at)
+{
+    return at->first_stage && at->last_stage && at->tp_size <= 1;
+}
+
+const char *hx_batch_comm_missing(const hx_batch_site *at, const hx_batch_comm *comm,
+                                  int device_allreduce)
+{
+    if (at->tp_size > 1 && !device_allreduce && (!comm || !comm->allreduce))
+        return "allreduce";
+    if (!at->first_stage && (!comm || !comm->recv_rows))
+        return "recv_rows";
+    if (!at->last_stage && (!comm || !comm->send_rows))
+        return "send_rows";
+    if (!hx_batch_site_alone(at) && (!comm || !comm->tokens))
+        return "tokens";
+    return NULL;
+}
+
+hx_status hx_batch_check_request(const char *engine, const hx_batch_request *r, int vocab,
+                                 int max_seq_tokens, hx_err *err)
+{
+    const unsigned long long id = (unsigned long long)r->id;
+    if (r->n_prompt < 1 || r->max_new_tokens < 1)
+        return hx_err_set(err, HX_EINVAL,
+                          "%s: request %llu: %d prompt tokens, %d new (at least 1 each)", engine,
+                          id, r->n_prompt, r->max_new_tokens);
+    if ((int64_t)r->n_prompt + r->max_new_tokens - 1 > max_seq_tokens)
+        return hx_err_set(err, HX_ERANGE,
+                          "%s: request %llu: %d prompt tokens + %d new need %lld positions; a "
+                          "sequence may use %d",
+                          engine, id, r->n_prompt, r->max_new_tokens,
+                          (long long)r->n_prompt + r->max_new_tokens - 1, max_seq_tokens);
+    if (r->prompt)
+        for (int i = 0; i < r->n_prompt; i++)
+            if (r->prompt[i] < 0 || r->prompt[i] >= vocab)
+                return hx_err_set(err, HX_EINVAL,
+                                  "%s: request %llu: prompt token %d at index %d is outside the "
+                                  "vocabulary of %d",
+                                  engine, id, r->prompt[i], i, vocab);
+    return HX_OK;
+}
+
+hx_status hx_batch_check_prefilled(const char *engine, const hx_batch_request *req,
+                                   int first_token, int n_segs, int vocab, hx_err *err)
+{
+    const unsigned long long id = (unsigned long long)req->id;
+    if (first_token < 0 || first_token >= vocab)
+        return hx_err_set(err, HX_EINVAL,
+                          "%s: request %llu: first token %d is outside the vocabulary of %d",
+                          engine, id, first_token, vocab);
+    if (req->max_new_tokens < 2 || first_token == req->eos_id)
+        return hx_err_set(err, HX_EINVAL,
+                          "%s: request %llu: nothing is left to decode after its first token",
+                          engine, id);
+    if (n_segs < 1)
+        return hx_err_set(err, HX_EINVAL, "%s: request %llu: no KV segments", engine, id);
+    return HX_OK;
+}
+
+hx_status hx_batch_comm_failed(const hx_batch_site *at, hx_status st, const char *what,
+                               const hx_err *inner, hx_err *err)
+{
+    return hx_err_set(err, st, "%s: stage of layers %d-%d, TP rank %d of %d: %s failed: %s",
+                      at->engine, at->layer_first, at->layer_first + at->num_layers - 1,
+                      at->tp_rank, at->tp_size, what,
+                      inner->msg[0] ? inner->msg : hx_strerror(st));
+}
+
+hx_status hx_batch_allreduce_failed(const hx_batch_site *at, int layer, const char *projection,
+                                    hx_status st, const hx_err *inner, hx_err *err)
+{
+    return hx_err_set(err, st,
+                      "%s: layer %d, TP rank %d of %d: all-reduce after the %s projection "
+                      "failed: %s",
+                      at->engine, at->layer_first + layer, at->tp_rank, at->tp_size, projection,
+                      inner->msg[0] ? inner->msg : hx_strerror(st));
+}
+
+hx_status hx_batch_comm_tokens(const hx_batch_comm *comm, const hx_batch_site *at, int *tokens,
+                               int n, int vocab, hx_err *err)
+{
+    if (hx_batch_site_alone(at))
+        return HX_OK;
+    /* the last stage's rank 0 publishes its tokens; every other engine takes them */
+    const int source = at->last_stage && at->tp_rank == 0;
+    hx_err inner;
+    inner.msg[0] = '\0';
+    hx_status st = comm->tokens(comm->ctx, tokens, n, source, &inner);
+    if (st != HX_OK)
+        return hx_batch_comm_failed(at, st, "tokens", &inner, err);
+    for (int e = 0; e < n; e++)
+        if (tokens[e] < 0 || tokens[e] >= vocab)
+            return hx_err_set(err, HX_EINVAL,
+                              "%s: the tokens hook gave token %d (event %d of %d), outside the "
+                              "vocabulary of %d",
+                              at->engine, tokens[e], e, n, vocab);
     return HX_OK;
 }

@@ -260,4 +260,80 @@ hx_status hx_batch_remove(hx_batch *b, uint64_t id, hx_err *err);
 hx_status hx_batch_step(hx_batch *b, const hx_batch_event **events, int *n_events,
                         hx_err *err);
 
+/*
+ * The rules every engine of this contract applies (this one, and
+ * runtime/cuda_engine.h's hx_cuda_engine), in one place. Messages start
+ * with the engine's name (`engine`, or the site's: "batch", "cuda engine").
+ */
+
+/* Where an engine sits in its group, for the checks below. Plain value; engine borrowed. */
+typedef struct hx_batch_site {
+    const char *engine; /* message prefix, without the colon: "batch", "cuda engine" */
+    int layer_first;    /* model-wide index of the engine's first layer */
+    int num_layers;     /* >= 1 */
+    int tp_rank;        /* its TP rank, of tp_size (1: no TP) */
+    int tp_size;
+    int first_stage;    /* 1: holds the embedding */
+    int last_stage;     /* 1: holds the final norm and lm_head */
+} hx_batch_site;
+
+/* 1 when the engine at `at` is a whole model at TP 1: it needs no comm and calls none. */
+int hx_batch_site_alone(const hx_batch_site *at);
+
+/*
+ * The name of the first callback ("allreduce", "recv_rows", "send_rows",
+ * "tokens", in that order) that the engine at `at` needs and comm lacks
+ * (a static string), or NULL when it has them all. comm may be NULL (every
+ * callback missing). device_allreduce 1: the engine sums its TP partial
+ * sums itself (NCCL), so it needs no allreduce.
+ */
+const char *hx_batch_comm_missing(const hx_batch_site *at, const hx_batch_comm *comm,
+                                  int device_allreduce);
+
+/*
+ * hx_batch_add's checks of a request's sizes, in this order: HX_EINVAL for
+ * n_prompt or max_new_tokens below 1, HX_ERANGE when n_prompt +
+ * max_new_tokens - 1 positions exceed max_seq_tokens, HX_EINVAL for a
+ * prompt token outside [0, vocab) (req->prompt, when not NULL, has
+ * n_prompt tokens). Sampling parameters, ids and room are the engine's to
+ * check.
+ */
+hx_status hx_batch_check_request(const char *engine, const hx_batch_request *req, int vocab,
+                                 int max_seq_tokens, hx_err *err);
+
+/*
+ * hx_batch_add_prefilled's checks before the segments' own, in this order:
+ * HX_EINVAL when first_token is outside [0, vocab), when nothing is left to
+ * decode (max_new_tokens < 2 or first_token == eos_id), or when n_segs < 1.
+ */
+hx_status hx_batch_check_prefilled(const char *engine, const hx_batch_request *req,
+                                   int first_token, int n_segs, int vocab, hx_err *err);
+
+/*
+ * A comm callback's failure (st, with inner's message, or hx_strerror(st)
+ * when inner's is empty) wrapped as "<engine>: stage of layers A-B, TP rank
+ * r of n: <what> failed: ..." into err; returns st.
+ */
+hx_status hx_batch_comm_failed(const hx_batch_site *at, hx_status st, const char *what,
+                               const hx_err *inner, hx_err *err);
+
+/*
+ * The same for the all-reduce after the `projection` ("o", "down") of the
+ * engine's layer `layer` (0-based within the engine; the message names the
+ * model-wide one): "<engine>: layer l, TP rank r of n: all-reduce after the
+ * <projection> projection failed: ...".
+ */
+hx_status hx_batch_allreduce_failed(const hx_batch_site *at, int layer, const char *projection,
+                                    hx_status st, const hx_err *inner, hx_err *err);
+
+/*
+ * Step part 4 of the contract (see the top of this file): unless the engine
+ * at `at` is alone, calls comm->tokens (which must be set) on the step's n
+ * tokens (the engine's, [n]), as the source on the last stage's rank 0;
+ * then every token must lie in [0, vocab). A failing hook's error comes
+ * back as hx_batch_comm_failed's ("tokens"), a token outside as HX_EINVAL.
+ */
+hx_status hx_batch_comm_tokens(const hx_batch_comm *comm, const hx_batch_site *at, int *tokens,
+                               int n, int vocab, hx_err *err);
+
 #endif /* HX_BATCH_H */

@@ -68,6 +68,7 @@ struct hx_cuda_engine {
     int l0, qh0, kh0, f0;
     int has_embed, has_head; /* first stage / last stage */
     int tp;                  /* opt.tp_size */
+    hx_batch_site site;      /* the above, for runtime/batch.h's shared checks */
     float eps;
     hx_batch_comm comm; /* set by hx_cuda_engine_set_comm; needed unless a whole model at TP 1 */
     int has_comm;
@@ -316,6 +317,13 @@ static hx_status setup_sizes(hx_cuda_engine *e, const hx_cuda_options *opt, hx_e
     e->L = nl;
     e->has_embed = e->l0 == 0;
     e->has_head = e->l0 + e->L == c->num_layers;
+    e->site = (hx_batch_site){.engine = "cuda engine",
+                              .layer_first = e->l0,
+                              .num_layers = e->L,
+                              .tp_rank = o->tp_rank,
+                              .tp_size = e->tp,
+                              .first_stage = e->has_embed,
+                              .last_stage = e->has_head};
     e->hid = c->hidden_size;
     e->H = sl.q_heads;
     e->qh0 = sl.q_head_first;
@@ -817,17 +825,8 @@ out_free:
 
 hx_status hx_cuda_engine_set_comm(hx_cuda_engine *e, const hx_batch_comm *comm, hx_err *err)
 {
-    const char *missing = NULL;
-    if (!comm)
-        missing = "the comm";
-    else if (e->tp > 1 && !comm->allreduce && !e->nccl)
-        missing = "allreduce";
-    else if (!e->has_embed && !comm->recv_rows)
-        missing = "recv_rows";
-    else if (!e->has_head && !comm->send_rows)
-        missing = "send_rows";
-    else if ((!e->has_embed || !e->has_head || e->tp > 1) && !comm->tokens)
-        missing = "tokens";
+    const char *missing =
+        !comm ? "the comm" : hx_batch_comm_missing(&e->site, comm, e->nccl != NULL);
     if (missing)
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: layers %d-%d at TP rank %d of %d: %s is missing",
@@ -958,24 +957,10 @@ static void release_slot(hx_cuda_engine *e, int slot)
 /* Checks a request (as runtime/batch.c's admit) and takes a slot and its blocks. */
 static hx_status admit(hx_cuda_engine *e, const hx_batch_request *r, int *slot_out, hx_err *err)
 {
-    const int vocab = e->V;
-    if (r->n_prompt < 1 || r->max_new_tokens < 1)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda engine: request %llu: %d prompt tokens, %d new (at least 1 each)",
-                          (unsigned long long)r->id, r->n_prompt, r->max_new_tokens);
-    if ((int64_t)r->n_prompt + r->max_new_tokens - 1 > e->opt.max_seq_tokens)
-        return hx_err_set(err, HX_ERANGE,
-                          "cuda engine: request %llu: %d prompt tokens + %d new need %lld "
-                          "positions; a sequence may use %d",
-                          (unsigned long long)r->id, r->n_prompt, r->max_new_tokens,
-                          (long long)r->n_prompt + r->max_new_tokens - 1, e->opt.max_seq_tokens);
-    if (r->prompt)
-        for (int i = 0; i < r->n_prompt; i++)
-            if (r->prompt[i] < 0 || r->prompt[i] >= vocab)
-                return hx_err_set(err, HX_EINVAL,
-                                  "cuda engine: request %llu: prompt token %d at index %d is "
-                                  "outside the vocabulary of %d",
-                                  (unsigned long long)r->id, r->prompt[i], i, vocab);
+    hx_status st = hx_batch_check_request("cuda engine", r, e->V, e->opt.max_seq_tokens, err);
+    if (st != HX_OK)
+        return st;
+    /* the device samples: the checks hx_llama_sampler_new makes on the CPU */
     if (!(r->temperature >= 0.0f) || !isfinite(r->temperature))
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: request %llu: temperature %g is not a number >= 0",
@@ -1016,8 +1001,8 @@ static hx_status admit(hx_cuda_engine *e, const hx_batch_request *r, int *slot_o
     s->n_blocks = need;
     e->order[e->n_live++] = slot;
     const uint64_t rng = hx_cuda_rng_init(r->seed);
-    hx_status st = hx_cuda_memcpy_async(e->d_bt + (size_t)slot * e->mbps, row,
-                                        (size_t)e->mbps * sizeof(int), e->stream, err);
+    st = hx_cuda_memcpy_async(e->d_bt + (size_t)slot * e->mbps, row,
+                              (size_t)e->mbps * sizeof(int), e->stream, err);
     if (st == HX_OK)
         st = hx_cuda_memcpy_async(e->d_rng + slot, &rng, sizeof rng, e->stream, err);
     if (st == HX_OK)
@@ -1094,22 +1079,12 @@ hx_status hx_cuda_engine_add_prefilled(hx_cuda_engine *e, const hx_batch_request
                                        hx_err *err)
 {
     const unsigned long long id = (unsigned long long)req->id;
-    if (first_token < 0 || first_token >= e->V)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda engine: request %llu: first token %d is outside the vocabulary "
-                          "of %d",
-                          id, first_token, e->V);
-    if (req->max_new_tokens < 2 || first_token == req->eos_id)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda engine: request %llu: nothing is left to decode after its first "
-                          "token",
-                          id);
-    if (n_segs < 1)
-        return hx_err_set(err, HX_EINVAL, "cuda engine: request %llu: no KV segments", id);
+    hx_status st = hx_batch_check_prefilled("cuda engine", req, first_token, n_segs, e->V, err);
+    if (st != HX_OK)
+        return st;
     unsigned char *covered = calloc((size_t)e->L * e->K, 1);
     if (!covered)
         return hx_err_set(err, HX_ENOMEM, "cuda engine: out of memory");
-    hx_status st = HX_OK;
     for (int i = 0; i < n_segs && st == HX_OK; i++) {
         const hx_kv_segment *g = &segs[i];
         if ((st = check_segment(e, req, i, g, err)) != HX_OK)
@@ -1371,15 +1346,6 @@ static void *dio(const hx_cuda_engine *e, const void *p)
     return e->d_io + ((const unsigned char *)p - e->h_io);
 }
 
-/* A comm callback's failure, wrapped with where the engine is and what it was doing. */
-static hx_status comm_failed(const hx_cuda_engine *e, hx_status st, const char *what,
-                             const hx_err *inner, hx_err *err)
-{
-    return hx_err_set(err, st, "cuda engine: stage of layers %d-%d, TP rank %d of %d: %s failed: %s",
-                      e->l0, e->l0 + e->L - 1, e->opt.tp_rank, e->tp, what,
-                      inner->msg[0] ? inner->msg : hx_strerror(st));
-}
-
 /*
  * x += the sum over the stage's TP ranks of the partial sums in y
  * ([rows][hidden]): NCCL on the device when set, otherwise the comm's host
@@ -1400,10 +1366,7 @@ static hx_status reduce_add(hx_cuda_engine *e, int rows, int layer, const char *
         hx_err inner;
         inner.msg[0] = '\0';
         if ((st = e->comm.allreduce(e->comm.ctx, e->h_rows, n, &inner)) != HX_OK)
-            return hx_err_set(err, st, "cuda engine: layer %d, TP rank %d of %d: all-reduce "
-                              "after the %s projection failed: %s",
-                              e->l0 + layer, e->opt.tp_rank, e->tp, what,
-                              inner.msg[0] ? inner.msg : hx_strerror(st));
+            return hx_batch_allreduce_failed(&e->site, layer, what, st, &inner, err);
         st = hx_cuda_memcpy_async(e->y, e->h_rows, n * 4, e->stream, err);
     }
     if (st == HX_OK)
@@ -1446,7 +1409,7 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
     } else if (st == HX_OK) {
         /* h_rows is free: the previous step ended with the stream synchronised */
         if ((st = e->comm.recv_rows(e->comm.ctx, e->h_rows, rows, hid, &inner)) != HX_OK)
-            return comm_failed(e, st, "recv_rows", &inner, err);
+            return hx_batch_comm_failed(&e->site, st, "recv_rows", &inner, err);
         st = hx_cuda_memcpy_async(e->x, e->h_rows, x_bytes, s, err);
     }
     for (int l = 0; l < e->L && st == HX_OK; l++) {
@@ -1484,7 +1447,7 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
             st = sync_stream(e, err);
         if (st == HX_OK &&
             (st = e->comm.send_rows(e->comm.ctx, e->h_rows, rows, hid, &inner)) != HX_OK)
-            return comm_failed(e, st, "send_rows", &inner, err);
+            return hx_batch_comm_failed(&e->site, st, "send_rows", &inner, err);
         return st;
     }
     if (n_out == 0) /* prompt chunks that finish no prompt: nothing to sample */
@@ -1571,7 +1534,7 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
     if (rows == 0)
         return HX_OK;
 
-    if (!e->has_comm && (e->tp > 1 || !e->has_embed || !e->has_head))
+    if (!e->has_comm && !hx_batch_site_alone(&e->site))
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: layers %d-%d at TP rank %d of %d need a comm "
                           "(hx_cuda_engine_set_comm) to step",
@@ -1634,20 +1597,9 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
             (void)hx_cuda_stream_sync(e->stream, NULL);
         return st;
     }
-    if (!e->has_embed || !e->has_head || e->tp > 1) {
-        /* the last stage's rank 0 publishes its tokens; every other engine takes them */
-        hx_err inner;
-        inner.msg[0] = '\0';
-        const int source = e->has_head && e->opt.tp_rank == 0;
-        if ((st = e->comm.tokens(e->comm.ctx, e->h_tok_out, n_out, source, &inner)) != HX_OK)
-            return comm_failed(e, st, "tokens", &inner, err);
-        for (int i = 0; i < n_out; i++)
-            if (e->h_tok_out[i] < 0 || e->h_tok_out[i] >= e->V)
-                return hx_err_set(err, HX_EINVAL,
-                                  "cuda engine: the tokens hook gave token %d (event %d of %d), "
-                                  "outside the vocabulary of %d",
-                                  e->h_tok_out[i], i, n_out, e->V);
-    }
+    /* the last stage's rank 0 publishes its tokens; every other engine takes them */
+    if ((st = hx_batch_comm_tokens(&e->comm, &e->site, e->h_tok_out, n_out, e->V, err)) != HX_OK)
+        return st;
     e->steps++;
     e->graph_steps += used_graph;
 

@@ -14,6 +14,10 @@
  * does (TP 2, TP 4 with replicated KV heads, PP 2 with uneven stages, PP x
  * TP); a prefill group holding its KV hands it as hx_kv_plan_segments'
  * pieces to a decode group of another layout; missing or failing callbacks.
+ *
+ * The rules shared with the cuda engine (hx_batch_comm_missing, the request
+ * and prefilled checks, the comm error wrappers, hx_batch_comm_tokens) on
+ * their own: every branch and message.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <setjmp.h>
@@ -1331,6 +1335,241 @@ static void test_group_errors(void **state)
     hx_llama_free(s1);
 }
 
+/* ---- the rules shared with the cuda engine (no model needed) --------------------------------- */
+
+/* A tokens hook that records its call and writes `give` (n of them) where it is not the source. */
+typedef struct tokens_hook {
+    int calls, last_n, last_source;
+    hx_status code;   /* returned; an error with msg ("" : none set) */
+    const char *msg;
+    int give[4];
+} tokens_hook;
+
+static hx_status rec_tokens(void *ctx, int *tokens, int n, int is_source, hx_err *err)
+{
+    tokens_hook *t = ctx;
+    t->calls++;
+    t->last_n = n;
+    t->last_source = is_source;
+    if (t->code != HX_OK)
+        return t->msg[0] ? hx_err_set(err, t->code, "%s", t->msg) : t->code;
+    if (!is_source)
+        for (int i = 0; i < n; i++)
+            tokens[i] = t->give[i];
+    return HX_OK;
+}
+
+static hx_batch_site site(int first_layer, int num_layers, int rank, int tp, int first,
+                          int last)
+{
+    return (hx_batch_site){"xeng", first_layer, num_layers, rank, tp, first, last};
+}
+
+static void expect_msg(const hx_err *err, const char *expected)
+{
+    if (strcmp(err->msg, expected) != 0)
+        fail_msg("got '%s', want '%s'", err->msg, expected);
+}
+
+static void test_shared_comm_missing(void **state)
+{
+    (void)state;
+    /* test_group_errors' callbacks: only whether they are set counts here */
+    const hx_batch_comm all = {NULL, f_allreduce, f_recv_rows, ok_send_rows, rec_tokens};
+    hx_batch_comm c;
+
+    /* a whole model at TP 1 needs nothing, and calls nothing */
+    hx_batch_site at = site(0, 4, 0, 1, 1, 1);
+    assert_true(hx_batch_site_alone(&at));
+    assert_null(hx_batch_comm_missing(&at, NULL, 0));
+    c = (hx_batch_comm){0};
+    assert_null(hx_batch_comm_missing(&at, &c, 0));
+
+    /* TP: allreduce first (unless summed on the device), then tokens */
+    at = site(0, 4, 1, 2, 1, 1);
+    assert_false(hx_batch_site_alone(&at));
+    assert_string_equal(hx_batch_comm_missing(&at, NULL, 0), "allreduce");
+    assert_string_equal(hx_batch_comm_missing(&at, NULL, 1), "tokens");
+    c = (hx_batch_comm){NULL, f_allreduce, NULL, NULL, NULL};
+    assert_string_equal(hx_batch_comm_missing(&at, &c, 0), "tokens");
+    c.tokens = rec_tokens;
+    assert_null(hx_batch_comm_missing(&at, &c, 0));
+    c.allreduce = NULL;
+    assert_string_equal(hx_batch_comm_missing(&at, &c, 0), "allreduce");
+    assert_null(hx_batch_comm_missing(&at, &c, 1));
+
+    /* a middle stage: recv_rows, then send_rows, then tokens; no allreduce at TP 1 */
+    at = site(2, 1, 0, 1, 0, 0);
+    assert_false(hx_batch_site_alone(&at));
+    assert_string_equal(hx_batch_comm_missing(&at, NULL, 0), "recv_rows");
+    c = all;
+    c.allreduce = NULL;
+    assert_null(hx_batch_comm_missing(&at, &c, 0));
+    c.recv_rows = NULL;
+    c.send_rows = NULL;
+    assert_string_equal(hx_batch_comm_missing(&at, &c, 0), "recv_rows");
+    c.recv_rows = f_recv_rows;
+    assert_string_equal(hx_batch_comm_missing(&at, &c, 0), "send_rows");
+    c.send_rows = ok_send_rows;
+    c.tokens = NULL;
+    assert_string_equal(hx_batch_comm_missing(&at, &c, 0), "tokens");
+
+    /* the first stage needs no recv_rows, the last no send_rows */
+    at = site(0, 2, 0, 1, 1, 0);
+    c = (hx_batch_comm){NULL, NULL, NULL, ok_send_rows, rec_tokens};
+    assert_null(hx_batch_comm_missing(&at, &c, 0));
+    at = site(2, 2, 0, 1, 0, 1);
+    c = (hx_batch_comm){NULL, NULL, f_recv_rows, NULL, rec_tokens};
+    assert_null(hx_batch_comm_missing(&at, &c, 0));
+}
+
+static void test_shared_request_checks(void **state)
+{
+    (void)state;
+    hx_err err = {0};
+    int p[3] = {1, 9, 2};
+    hx_batch_request r = {7, p, 3, 4, -1, 0.5f, 0.9f, 1, 0};
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_OK);
+
+    r.n_prompt = 0;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_EINVAL);
+    expect_msg(&err, "xeng: request 7: 0 prompt tokens, 4 new (at least 1 each)");
+    r.n_prompt = 3;
+    r.max_new_tokens = 0;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_EINVAL);
+    expect_msg(&err, "xeng: request 7: 3 prompt tokens, 0 new (at least 1 each)");
+
+    /* 3 + 5 - 1 = 7 positions: one too many (the last token is never fed back) */
+    r.max_new_tokens = 5;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_ERANGE);
+    expect_msg(&err, "xeng: request 7: 3 prompt tokens + 5 new need 7 positions; a sequence "
+                     "may use 6");
+    r.n_prompt = 2000000000; /* the sum must not wrap */
+    r.prompt = NULL;
+    r.max_new_tokens = 2000000000;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_ERANGE);
+    assert_non_null(strstr(err.msg, "need 3999999999 positions"));
+
+    r = (hx_batch_request){7, p, 3, 4, -1, 0, 1, 0, 0};
+    p[1] = 10;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_EINVAL);
+    expect_msg(&err, "xeng: request 7: prompt token 10 at index 1 is outside the vocabulary "
+                     "of 10");
+    p[1] = -1;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "prompt token -1 at index 1"));
+    /* without a prompt (added prefilled) only the sizes count */
+    r.prompt = NULL;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_OK);
+    /* sampling parameters are the engine's to check */
+    r.temperature = -1;
+    r.top_p = 5;
+    assert_int_equal(hx_batch_check_request("xeng", &r, 10, 6, &err), HX_OK);
+
+    /* prefilled: the first token, something left to decode, segments */
+    r = (hx_batch_request){8, NULL, 3, 2, 4, 0, 1, 0, 0};
+    assert_int_equal(hx_batch_check_prefilled("xeng", &r, 9, 1, 10, &err), HX_OK);
+    assert_int_equal(hx_batch_check_prefilled("xeng", &r, 10, 1, 10, &err), HX_EINVAL);
+    expect_msg(&err, "xeng: request 8: first token 10 is outside the vocabulary of 10");
+    assert_int_equal(hx_batch_check_prefilled("xeng", &r, -2, 1, 10, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "first token -2 is outside"));
+    assert_int_equal(hx_batch_check_prefilled("xeng", &r, 4, 1, 10, &err), HX_EINVAL);
+    expect_msg(&err, "xeng: request 8: nothing is left to decode after its first token");
+    r.max_new_tokens = 1;
+    assert_int_equal(hx_batch_check_prefilled("xeng", &r, 3, 1, 10, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "nothing is left to decode"));
+    r.max_new_tokens = 2;
+    assert_int_equal(hx_batch_check_prefilled("xeng", &r, 3, 0, 10, &err), HX_EINVAL);
+    expect_msg(&err, "xeng: request 8: no KV segments");
+    /* the first token is checked before the rest */
+    assert_int_equal(hx_batch_check_prefilled("xeng", &r, 10, 0, 10, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "first token 10"));
+}
+
+static void test_shared_comm_errors(void **state)
+{
+    (void)state;
+    hx_err err = {0}, inner = {0};
+    const hx_batch_site at = site(4, 3, 1, 2, 0, 1);
+    snprintf(inner.msg, sizeof inner.msg, "peer gone");
+    assert_int_equal(hx_batch_comm_failed(&at, HX_ECONN, "recv_rows", &inner, &err), HX_ECONN);
+    expect_msg(&err, "xeng: stage of layers 4-6, TP rank 1 of 2: recv_rows failed: peer gone");
+    inner.msg[0] = '\0'; /* no message: the code's */
+    assert_int_equal(hx_batch_comm_failed(&at, HX_ETIMEDOUT, "send_rows", &inner, &err),
+                     HX_ETIMEDOUT);
+    char line[256];
+    snprintf(line, sizeof line, "xeng: stage of layers 4-6, TP rank 1 of 2: send_rows failed: %s",
+             hx_strerror(HX_ETIMEDOUT));
+    expect_msg(&err, line);
+
+    /* the all-reduce names the model-wide layer */
+    snprintf(inner.msg, sizeof inner.msg, "rank 0 gone");
+    assert_int_equal(hx_batch_allreduce_failed(&at, 2, "down", HX_ECONN, &inner, &err), HX_ECONN);
+    expect_msg(&err, "xeng: layer 6, TP rank 1 of 2: all-reduce after the down projection "
+                     "failed: rank 0 gone");
+    inner.msg[0] = '\0';
+    assert_int_equal(hx_batch_allreduce_failed(&at, 0, "o", HX_EIO, &inner, &err), HX_EIO);
+    snprintf(line, sizeof line, "xeng: layer 4, TP rank 1 of 2: all-reduce after the o "
+             "projection failed: %s", hx_strerror(HX_EIO));
+    expect_msg(&err, line);
+}
+
+static void test_shared_comm_tokens(void **state)
+{
+    (void)state;
+    hx_err err = {0};
+    tokens_hook t = {0, -1, -1, HX_OK, "", {3, 0, 9, 1}};
+    const hx_batch_comm c = {&t, NULL, NULL, NULL, rec_tokens};
+    int tok[4] = {5, 5, 5, 5};
+
+    /* alone: no call (the comm may be empty) */
+    hx_batch_site at = site(0, 4, 0, 1, 1, 1);
+    const hx_batch_comm none = {0};
+    assert_int_equal(hx_batch_comm_tokens(&none, &at, tok, 4, 10, &err), HX_OK);
+    assert_int_equal(t.calls, 0);
+
+    /* the last stage's rank 0 is the source: its tokens stay */
+    at = site(2, 2, 0, 2, 0, 1);
+    assert_int_equal(hx_batch_comm_tokens(&c, &at, tok, 4, 10, &err), HX_OK);
+    assert_int_equal(t.calls, 1);
+    assert_int_equal(t.last_source, 1);
+    assert_int_equal(t.last_n, 4);
+    assert_int_equal(tok[0], 5);
+
+    /* another rank of the last stage, and an earlier stage, take the hook's */
+    at = site(2, 2, 1, 2, 0, 1);
+    assert_int_equal(hx_batch_comm_tokens(&c, &at, tok, 4, 10, &err), HX_OK);
+    assert_int_equal(t.last_source, 0);
+    assert_memory_equal(tok, t.give, sizeof tok);
+    at = site(0, 2, 0, 1, 1, 0);
+    /* n 0: still a call */
+    assert_int_equal(hx_batch_comm_tokens(&c, &at, tok, 0, 10, &err), HX_OK);
+    assert_int_equal(t.calls, 3);
+    assert_int_equal(t.last_n, 0);
+    assert_int_equal(t.last_source, 0);
+
+    /* a token outside the vocabulary */
+    t.give[2] = 10;
+    assert_int_equal(hx_batch_comm_tokens(&c, &at, tok, 4, 10, &err), HX_EINVAL);
+    expect_msg(&err, "xeng: the tokens hook gave token 10 (event 2 of 4), outside the "
+                     "vocabulary of 10");
+    t.give[2] = 9;
+    t.give[0] = -1;
+    assert_int_equal(hx_batch_comm_tokens(&c, &at, tok, 4, 10, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "gave token -1 (event 0 of 4)"));
+
+    /* the hook's failure, wrapped; with no message, the code's */
+    t.code = HX_EIO;
+    t.msg = "no tokens in time";
+    assert_int_equal(hx_batch_comm_tokens(&c, &at, tok, 4, 10, &err), HX_EIO);
+    expect_msg(&err, "xeng: stage of layers 0-1, TP rank 0 of 1: tokens failed: no tokens in "
+                     "time");
+    t.code = HX_ECONN;
+    t.msg = "";
+    assert_int_equal(hx_batch_comm_tokens(&c, &at, tok, 4, 10, &err), HX_ECONN);
+    assert_non_null(strstr(err.msg, hx_strerror(HX_ECONN)));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1344,6 +1583,10 @@ int main(void)
         cmocka_unit_test(test_group_pp_tp),
         cmocka_unit_test(test_prefill_to_decode),
         cmocka_unit_test(test_group_errors),
+        cmocka_unit_test(test_shared_comm_missing),
+        cmocka_unit_test(test_shared_request_checks),
+        cmocka_unit_test(test_shared_comm_errors),
+        cmocka_unit_test(test_shared_comm_tokens),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
