@@ -540,10 +540,13 @@ static hx_status write_state(launch *L, const char *url, hx_err *err)
 
 /*
  * The shell function `ours PID`: whether PID is still one of our processes, by its command
- * line. Not `kill -0`: after a reboot or a long run the number may belong to anything, and
- * an exited child that nobody has reaped yet (a zombie) still answers kill -0.
+ * line, which has the `--secret-file run/NAME.secret` that start_command gives every process it
+ * starts (whatever the binary is called). Not `kill -0`: after a reboot or a long run the
+ * number may belong to anything, and an exited child that nobody has reaped yet (a zombie)
+ * still answers kill -0 (its command line is empty).
  */
-#define OURS_SH "ours() { tr '\\0' ' ' < /proc/$1/cmdline 2>/dev/null | grep -q hexflow; }; "
+#define OURS_SH                                                                                    \
+    "ours() { tr '\\0' ' ' < /proc/$1/cmdline 2>/dev/null | grep -qF -- '--secret-file run/'; }; "
 
 /* Stops pids[0..n) on host s: TERM, wait up to grace_s, KILL. *alive: how many were running. */
 static hx_status stop_pids(hx_host *s, const long *pids, int n, double grace_s, int *alive,

@@ -65,10 +65,10 @@ def stage(first, n, devices):
     return {"first_layer": first, "num_layers": n, "devices": ["local:%d" % d for d in devices]}
 
 
-def launch(plan):
+def launch(plan, *extra):
     # the CPU backend explicitly: on a machine with a GPU, auto would take it
     r = hx("launch", "--plan", plan, "--model", MODEL, "--worker-args",
-           "--threads 1 --backend cpu", "--timeout", "120")
+           "--threads 1 --backend cpu", "--timeout", "120", *extra)
     if r.returncode != 0:
         print(r.stderr)
         return None
@@ -281,6 +281,26 @@ def kv_transport_nccl_refused(port):
         check(status == 200, "--kv-transport nccl: the groups stay up (%d)" % status)
     finally:
         check(stop(plan), "--kv-transport nccl: stop")
+
+
+def renamed_binary(port, expected):
+    """`launch --binary` with a copy of hexflow under another name: the launcher knows its
+    processes by their command line, not by the binary's name, when it checks them at
+    start-up and when it stops them."""
+    copy = os.path.join(TMP, "hxserve-copy")
+    shutil.copy(HX, copy)
+    plan = write_plan("renamed", port, [
+        {"id": "b0", "role": "both", "stages": [stage(0, 4, [0])]}], [])
+    addr = launch(plan, "--binary", copy)
+    if not check(addr is not None, "renamed binary: launch"):
+        return
+    pids = [p["pid"] for p in state_of(plan)["processes"]]
+    try:
+        status, got = complete(addr, PROMPTS[0])
+        check(status == 200 and got == expected[PROMPTS[0]], "renamed binary: serves")
+    finally:
+        check(stop(plan), "renamed binary: stop")
+    check(not [p for p in pids if alive(p)], "renamed binary: stop leaves no process")
 
 
 def start_by_hand(tag, plan, gpu_model, args, env_of=lambda d: {}):
@@ -612,6 +632,8 @@ def main():
         finally:
             check(stop(plan), "%s: stop" % name)
 
+    renamed_binary(port, expected)
+    port += 20
     group_setup_refusals(port)
     port += 20
     smallest_cache_admits(port)
