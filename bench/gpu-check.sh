@@ -127,7 +127,8 @@ if [ "$mode" = none ]; then
     CFLAGS="-std=c11 -O2 -D_POSIX_C_SOURCE=200809L -I$SRC -I$DEPS/usr/include -I/usr/local/cuda/include"
     C_SRCS="common/status.c common/file.c common/json.c common/text.c planner/model.c
             runtime/safetensors.c runtime/tiny.c runtime/llama.c runtime/kvcache.c
-            kernels/cpu/cpu.c kernels/cpu/paged.c runtime/cuda_engine.c"
+            kernels/cpu/cpu.c kernels/cpu/paged.c runtime/batch.c runtime/cuda_engine.c
+            topo/catalog.c"
     CU_SRCS="probe device gemm ops attention sample nccl"
     ok=1
     pids=()
@@ -193,7 +194,8 @@ if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
 fi
 if [ -n "$BIN" ] && [ -x "$BIN/gpu_bench" ]; then
     section "benchmarks: gpu_bench"
-    (cd "$BIN" && timeout 140 ./gpu_bench --micro --json "$OUT/gpu_bench.json") 2>&1 |
+    (cd "$BIN" && timeout 140 ./gpu_bench --micro --json "$OUT/gpu_bench.json" \
+        --calibration "$OUT/calibration.json") 2>&1 |
         tee "$OUT/gpu_bench.txt"
     rc_bench=${PIPESTATUS[0]}
 fi

@@ -20,9 +20,14 @@
  *
  *   micro     (--micro) each kernel alone at the model's shapes: time, GB/s, TFLOP/s
  *
- * Usage: gpu_bench [--json FILE] [--quick] [--micro]. Prints a table; --json writes
- * the same numbers as JSON. Exit status 1 when something fails, 0 otherwise
- * (also when there is no GPU: it says so and measures nothing).
+ * Usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro]. Prints a
+ * table; --json writes the same numbers as JSON; --calibration writes a calibration
+ * file for `hexflow plan --calibration` (docs/cost-model.md): this device type's
+ * compute efficiency (prefill at 2048 tokens, default kernels) and memory-bandwidth
+ * efficiency (decode at batch 1, default kernels), as fractions of its catalog
+ * figures. Exit status 1 when something fails (a device not in the catalog, with
+ * --calibration, too), 0 otherwise (also when there is no GPU: it says so and
+ * measures nothing).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -35,6 +40,7 @@
 #include "kernels/cuda.h"
 #include "runtime/cuda_engine.h"
 #include "runtime/kvcache.h"
+#include "topo/catalog.h"
 
 static double now_s(void)
 {
@@ -398,19 +404,76 @@ static void bench_micro(const hx_model *c)
     hx_cuda_blas_free(blas);
 }
 
+/* Writes `text` to path whole or not at all (a temporary file renamed over it). */
+static int write_whole(const char *path, const char *text, size_t len)
+{
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return 0;
+    FILE *f = fopen(tmp, "w");
+    const int ok = f && fwrite(text, 1, len, f) == len;
+    if ((f && fclose(f) != 0) || !ok || rename(tmp, path) != 0) {
+        remove(tmp);
+        return 0;
+    }
+    return 1;
+}
+
+/*
+ * The calibration file of this device: its catalog type's efficiencies, measured
+ * FLOP/s and bytes/s over the catalog's peaks (which the planner's roofline divides
+ * by), each within (0, 1]. 0 when the device is not in the catalog or writing fails.
+ */
+static int write_calibration(const char *path, const char *device, double flops_s,
+                             double bytes_s)
+{
+    const char *type = hx_catalog_match_device_name(device, 0);
+    const hx_gpu_spec *spec = type ? hx_catalog_find(type) : NULL;
+    if (!spec) {
+        fprintf(stderr,
+                "gpu_bench: cannot write calibration '%s': device '%s' is not in the GPU "
+                "catalog (add it to the inventory's gpu_types and calibrate by hand)\n",
+                path, device);
+        return 0;
+    }
+    double ec = flops_s / spec->bf16_flops, em = bytes_s / spec->hbm_bytes_per_s;
+    ec = ec > 1.0 ? 1.0 : ec;
+    em = em > 1.0 ? 1.0 : em;
+    if (!(ec > 0.0) || !(em > 0.0)) {
+        fprintf(stderr, "gpu_bench: cannot write calibration '%s': nothing measured\n", path);
+        return 0;
+    }
+    char text[512];
+    const int n = snprintf(text, sizeof text,
+                           "{\"types\": {\"%s\": {\"compute_efficiency\": %.3f, "
+                           "\"hbm_efficiency\": %.3f}}}\n",
+                           spec->name, ec, em);
+    if (!write_whole(path, text, (size_t)n)) {
+        fprintf(stderr, "gpu_bench: cannot write calibration '%s'\n", path);
+        return 0;
+    }
+    printf("calibration for %s: compute_efficiency %.3f, hbm_efficiency %.3f -> %s\n",
+           spec->name, ec, em, path);
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
-    const char *json_path = NULL;
+    const char *json_path = NULL, *cal_path = NULL;
     int quick = 0, micro = 0;
+    double cal_bytes_s = 0, cal_flops_s = 0; /* the defaults: decode batch 1, prefill 2048 */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
             json_path = argv[++i];
+        else if (!strcmp(argv[i], "--calibration") && i + 1 < argc)
+            cal_path = argv[++i];
         else if (!strcmp(argv[i], "--quick"))
             quick = 1;
         else if (!strcmp(argv[i], "--micro"))
             micro = 1;
         else {
-            fprintf(stderr, "usage: gpu_bench [--json FILE] [--quick] [--micro]\n");
+            fprintf(stderr,
+                    "usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro]\n");
             return 2;
         }
     }
@@ -443,6 +506,8 @@ int main(int argc, char **argv)
         for (int i = 0; i < 3; i++) {
             decode_result d = bench_decode(e, batches[i], 512, 5, timed, peak_bw);
             report_decode("graphs (defaults)", batches[i], &d, peak_bw);
+            if (batches[i] == 1)
+                cal_bytes_s = d.bytes_per_s;
         }
         int64_t steps = 0, gsteps = 0;
         hx_cuda_engine_stats(e, &steps, &gsteps);
@@ -532,6 +597,8 @@ int main(int argc, char **argv)
             }
         }
         const double mean = total / runs;
+        if (v == 2)
+            cal_flops_s = flops / mean;
         printf("prefill %d tokens (%s attention): %.3f ms mean, %.3f ms best: %.1f TFLOP/s mean, "
                "%.1f best (%.1f%% of %.0f peak; %.2f TFLOP per prompt, %.1f%% attention)\n",
                T, prefill_kernel[v], mean * 1e3, best * 1e3, flops / mean / 1e12,
@@ -602,12 +669,11 @@ int main(int argc, char **argv)
     free(prompt);
     hx_cuda_engine_free(e);
 
-    if (json_path) {
-        FILE *jf = fopen(json_path, "w");
-        if (!jf || fwrite(json, 1, json_len, jf) != json_len || fclose(jf) != 0) {
-            fprintf(stderr, "gpu_bench: cannot write '%s'\n", json_path);
-            return 1;
-        }
+    if (json_path && !write_whole(json_path, json, json_len)) {
+        fprintf(stderr, "gpu_bench: cannot write '%s'\n", json_path);
+        return 1;
     }
+    if (cal_path && !write_calibration(cal_path, name, cal_flops_s, cal_bytes_s))
+        return 1;
     return 0;
 }

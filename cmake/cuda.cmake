@@ -68,5 +68,5 @@ if(CMOCKA_FOUND)
 endif()
 
 add_executable(gpu_bench EXCLUDE_FROM_ALL bench/gpu_bench.c)
-target_link_libraries(gpu_bench PRIVATE hx_kernels_cuda hx_runtime)
+target_link_libraries(gpu_bench PRIVATE hx_kernels_cuda hx_runtime hx_topo)
 set_target_properties(gpu_bench PROPERTIES LINKER_LANGUAGE ${HX_CUDA_LINKER})
