@@ -271,10 +271,102 @@ __device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16 *p)
     return *reinterpret_cast<const uint32_t *>(p);
 }
 
+
 // Two bf16 from two places, the first in the low half.
 __device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi)
 {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+// One 64-key tile of the online softmax of a warp's 16 rows, in this lane's
+// registers (rows g and g + 8; S, O as C fragments, P as A fragments):
+// scales S to log2 units and, when mask, sets the keys above lim_lo / lim_hi
+// to -inf (key0 + 8j + e is the key of sc[j][e] and sc[j][2 + e]); then the
+// rows' running maxima m, the rescaling of O and of this lane's part of the
+// sums l, and P = exp2(S - m) rounded to bf16 into pa, whose rounded values
+// are what l sums. A row with no key yet keeps 0 as its base: exp2(-inf - 0)
+// = 0, never NaN.
+template <int NT, int DT>
+__device__ __forceinline__ void pf_softmax_tile(float (&sc)[NT][4], uint32_t (&pa)[NT][2],
+                                                float (&o)[DT][4], float &m_lo, float &m_hi,
+                                                float &l_lo, float &l_hi, float scale_log2,
+                                                bool mask, int key0, int lim_lo, int lim_hi)
+{
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int key = key0 + j * 8 + e;
+            float vlo = sc[j][e] * scale_log2, vhi = sc[j][2 + e] * scale_log2;
+            if (mask && key > lim_lo)
+                vlo = -INFINITY;
+            if (mask && key > lim_hi)
+                vhi = -INFINITY;
+            sc[j][e] = vlo;
+            sc[j][2 + e] = vhi;
+            mx_lo = fmaxf(mx_lo, vlo);
+            mx_hi = fmaxf(mx_hi, vhi);
+        }
+    }
+    // row maxima over the quad
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    const float base_lo = mn_lo == -INFINITY ? 0.0f : mn_lo;
+    const float base_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
+    const float a_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - base_lo);
+    const float a_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - base_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const __nv_bfloat16 p0 = __float2bfloat16_rn(exp2f(sc[j][0] - base_lo));
+        const __nv_bfloat16 p1 = __float2bfloat16_rn(exp2f(sc[j][1] - base_lo));
+        const __nv_bfloat16 p2 = __float2bfloat16_rn(exp2f(sc[j][2] - base_hi));
+        const __nv_bfloat16 p3 = __float2bfloat16_rn(exp2f(sc[j][3] - base_hi));
+        sum_lo += __bfloat162float(p0) + __bfloat162float(p1);
+        sum_hi += __bfloat162float(p2) + __bfloat162float(p3);
+        pa[j][0] = pack_bf16(p0, p1); // row g
+        pa[j][1] = pack_bf16(p2, p3); // row g + 8
+    }
+    l_lo = l_lo * a_lo + sum_lo;
+    l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        o[j][0] *= a_lo;
+        o[j][1] *= a_lo;
+        o[j][2] *= a_hi;
+        o[j][3] *= a_hi;
+    }
+}
+
+// The end of a warp's 16 rows: the sums over the quad, then rows g (at o_lo) and
+// g + 8 (o_lo + 8 qstride) = O / l in bf16, where valid.
+template <int DT>
+__device__ __forceinline__ void pf_store_rows(const float (&o)[DT][4], float l_lo, float l_hi,
+                                              __nv_bfloat16 *o_lo, size_t qstride, bool lo_valid,
+                                              bool hi_valid, int t)
+{
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    __nv_bfloat16 *o_hi = o_lo + 8 * qstride;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        if (lo_valid)
+            *reinterpret_cast<uint32_t *>(o_lo + j * 8 + 2 * t) =
+                hx_pack2(o[j][0] * inv_lo, o[j][1] * inv_lo);
+        if (hi_valid)
+            *reinterpret_cast<uint32_t *>(o_hi + j * 8 + 2 * t) =
+                hx_pack2(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
 }
 
 template <int D> struct MmaSmem {
@@ -377,59 +469,10 @@ __global__ void __launch_bounds__(PF_THREADS)
                 mma_bf16_16816(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3],
                                ld_u32(k_row + kk * 16), ld_u32(k_row + kk * 16 + 8));
         }
-        // scale, mask, row maxima (over the quad)
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int key = k0 + j * 8 + 2 * t + e;
-                float vlo = sc[j][e] * scale_log2, vhi = sc[j][2 + e] * scale_log2;
-                if (!lo_valid || key > qpos_lo)
-                    vlo = -INFINITY;
-                if (!hi_valid || key > qpos_hi)
-                    vhi = -INFINITY;
-                sc[j][e] = vlo;
-                sc[j][2 + e] = vhi;
-                mx_lo = fmaxf(mx_lo, vlo);
-                mx_hi = fmaxf(mx_hi, vhi);
-            }
-        }
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        const float a_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - mn_lo);
-        const float a_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - mn_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        // P (bf16, as the A operand of P V) and this lane's share of the row sums
+        // masks: every key past the row's position, and every key of a row past q_rows
         uint32_t pa[NT][2];
-        float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            __nv_bfloat16 p[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float m = e < 2 ? mn_lo : mn_hi;
-                const float v = sc[j][e];
-                p[e] = __float2bfloat16_rn(m == -INFINITY || v == -INFINITY ? 0.0f : exp2f(v - m));
-            }
-            sum_lo += __bfloat162float(p[0]) + __bfloat162float(p[1]);
-            sum_hi += __bfloat162float(p[2]) + __bfloat162float(p[3]);
-            pa[j][0] = pack_bf16(p[0], p[1]); // row g
-            pa[j][1] = pack_bf16(p[2], p[3]); // row g + 8
-        }
-        l_lo = l_lo * a_lo + sum_lo;
-        l_hi = l_hi * a_hi + sum_hi;
-#pragma unroll
-        for (int j = 0; j < DT; j++) {
-            o[j][0] *= a_lo;
-            o[j][1] *= a_lo;
-            o[j][2] *= a_hi;
-            o[j][3] *= a_hi;
-        }
+        pf_softmax_tile<NT, DT>(sc, pa, o, m_lo, m_hi, l_lo, l_hi, scale_log2, true, k0 + 2 * t,
+                                lo_valid ? qpos_lo : -1, hi_valid ? qpos_hi : -1);
         // O += P V: keys 16kk.. are S tiles 2kk and 2kk + 1
 #pragma unroll
         for (int kk = 0; kk < PF_BK / 16; kk++) {
@@ -444,24 +487,9 @@ __global__ void __launch_bounds__(PF_THREADS)
             }
         }
     }
-    // the rows' sums over the quad, then out = O / l
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
-    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-    __nv_bfloat16 *o_lo = out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D;
-    __nv_bfloat16 *o_hi = o_lo + 8 * qstride;
-#pragma unroll
-    for (int j = 0; j < DT; j++) {
-        if (lo_valid)
-            *reinterpret_cast<uint32_t *>(o_lo + j * 8 + 2 * t) =
-                hx_pack2(o[j][0] * inv_lo, o[j][1] * inv_lo);
-        if (hi_valid)
-            *reinterpret_cast<uint32_t *>(o_hi + j * 8 + 2 * t) =
-                hx_pack2(o[j][2] * inv_hi, o[j][3] * inv_hi);
-    }
+    pf_store_rows<DT>(o, l_lo, l_hi,
+                      out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D, qstride,
+                      lo_valid, hi_valid, t);
 }
 
 /* ---- prefill, third kernel: the same maths, pipelined ----
@@ -513,25 +541,42 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t *r, const __nv_bfloat16 *
 #endif
 }
 
-// Copies of keys k0 .. k0 + FA_BK - 1 into a stage: K rows [FA_BK][LD], then V
-// rows; keys at or past n_keys are zero-filled (their P is 0, and 0 x V must not
-// be NaN).
+// A thread's copies of a tile: FA_CPT rows (i = tid + u FA_THREADS: row i / (D/8),
+// 16 bytes i % (D/8)) of K and the same of V.
+#define FA_CPT(D) (FA_BK * ((D) / 8) / FA_THREADS)
+
+// The cache blocks of this thread's rows of the tile at k0 (-1: the key is at or past
+// n_keys). Loaded a tile ahead, before the barrier, so that the copies issued after it
+// need not wait for them.
+template <int D>
+__device__ __forceinline__ void fa_blocks(int *blk, const int *bt, int block_tokens, int k0,
+                                          int n_keys, int tid)
+{
+#pragma unroll
+    for (int u = 0; u < FA_CPT(D); u++) {
+        const int j = k0 + (tid + u * FA_THREADS) / (D / 8);
+        blk[u] = j < n_keys ? bt[j / block_tokens] : -1;
+    }
+}
+
+// Copies of keys k0 .. k0 + FA_BK - 1 into a stage: K rows [FA_BK][LD], then V rows;
+// blk from fa_blocks. Keys at or past n_keys are zero-filled (their P is 0, and 0 x V
+// must not be NaN).
 template <int D>
 __device__ __forceinline__ void fa_issue(__nv_bfloat16 *stage, const __nv_bfloat16 *cache,
-                                         const hx_cuda_kv_layout &kv, const int *bt, int layer,
-                                         int kvh, int k0, int n_keys, int tid)
+                                         const hx_cuda_kv_layout &kv, const int *blk, int layer,
+                                         int kvh, int k0, int tid)
 {
     constexpr int LD = FaSmem<D>::LD, CH = D / 8;
     const size_t vstride = (size_t)kv.kv_heads * kv.block_tokens * D;
 #pragma unroll
-    for (int u = 0; u < FA_BK * CH / FA_THREADS; u++) {
+    for (int u = 0; u < FA_CPT(D); u++) {
         const int i = tid + u * FA_THREADS, r = i / CH, c = i % CH;
-        const int j = k0 + r;
-        const bool ok = j < n_keys;
+        const bool ok = blk[u] >= 0;
         size_t off = 0;
         if (ok)
-            off = hx_kv_offset(kv, bt[j / kv.block_tokens], layer, 0, kvh) +
-                  (size_t)(j % kv.block_tokens) * D + c * 8;
+            off = hx_kv_offset(kv, blk[u], layer, 0, kvh) +
+                  (size_t)((k0 + r) % kv.block_tokens) * D + c * 8;
         hx_cp_async16(stage + r * LD + c * 8, cache + off, ok);
         hx_cp_async16(stage + (FA_BK + r) * LD + c * 8, cache + off + (ok ? vstride : 0), ok);
     }
@@ -577,7 +622,9 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
                       q + (ok ? (size_t)(row0 + q_begin + r) * qstride + (size_t)h * D + c * 8 : 0),
                       ok);
     }
-    fa_issue<D>(stage0, cache, kv, bt, layer, kvh, 0, n_keys, tid);
+    int blk[FA_CPT(D)];
+    fa_blocks<D>(blk, bt, kv.block_tokens, 0, n_keys, tid);
+    fa_issue<D>(stage0, cache, kv, blk, layer, kvh, 0, tid);
     hx_cp_commit();
     hx_cp_wait<0>();
     __syncthreads();
@@ -601,12 +648,14 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
 
     const int n_kt = (n_keys + FA_BK - 1) / FA_BK;
     for (int kt = 0; kt < n_kt; kt++) {
+        if (kt + 1 < n_kt) // the next tile's blocks: no shared memory, so before the barrier
+            fa_blocks<D>(blk, bt, kv.block_tokens, (kt + 1) * FA_BK, n_keys, tid);
         // tile kt has landed, and every warp is done with tile kt - 1 (and with Q)
         hx_cp_wait<0>();
         __syncthreads();
         if (kt + 1 < n_kt)
-            fa_issue<D>((kt & 1) ? stage0 : stage1, cache, kv, bt, layer, kvh, (kt + 1) * FA_BK,
-                        n_keys, tid);
+            fa_issue<D>((kt & 1) ? stage0 : stage1, cache, kv, blk, layer, kvh, (kt + 1) * FA_BK,
+                        tid);
         hx_cp_commit();
         const int k0 = kt * FA_BK;
         if (!warp_live || k0 > qpos_last)
@@ -627,60 +676,11 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
                                b[2], b[3]);
             }
         }
-        // scale; the causal mask where the tile crosses the warp's diagonal; row maxima
-        const bool diag = k0 + FA_BK - 1 > qpos_first;
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int key = k0 + j * 8 + 2 * t + e;
-                float vlo = sc[j][e] * scale_log2, vhi = sc[j][2 + e] * scale_log2;
-                if (diag && key > qpos_lo)
-                    vlo = -INFINITY;
-                if (diag && key > qpos_hi)
-                    vhi = -INFINITY;
-                sc[j][e] = vlo;
-                sc[j][2 + e] = vhi;
-                mx_lo = fmaxf(mx_lo, vlo);
-                mx_hi = fmaxf(mx_hi, vhi);
-            }
-        }
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        // a row with no key yet keeps 0 as its base: exp2(-inf - 0) = 0, never NaN
-        const float base_lo = mn_lo == -INFINITY ? 0.0f : mn_lo;
-        const float base_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
-        const float a_lo = mn_lo == -INFINITY ? 1.0f : exp2f(m_lo - base_lo);
-        const float a_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - base_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        // P (bf16, as the A operand of P V) and this lane's share of the row sums
+        // the causal mask only where the tile crosses the warp's diagonal (rows past
+        // q_rows see every key: Q is zero there, and they are not stored)
         uint32_t pa[NT][2];
-        float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            const __nv_bfloat16 p0 = __float2bfloat16_rn(exp2f(sc[j][0] - base_lo));
-            const __nv_bfloat16 p1 = __float2bfloat16_rn(exp2f(sc[j][1] - base_lo));
-            const __nv_bfloat16 p2 = __float2bfloat16_rn(exp2f(sc[j][2] - base_hi));
-            const __nv_bfloat16 p3 = __float2bfloat16_rn(exp2f(sc[j][3] - base_hi));
-            sum_lo += __bfloat162float(p0) + __bfloat162float(p1);
-            sum_hi += __bfloat162float(p2) + __bfloat162float(p3);
-            pa[j][0] = pack_bf16(p0, p1); // row g
-            pa[j][1] = pack_bf16(p2, p3); // row g + 8
-        }
-        l_lo = l_lo * a_lo + sum_lo;
-        l_hi = l_hi * a_hi + sum_hi;
-#pragma unroll
-        for (int j = 0; j < DT; j++) {
-            o[j][0] *= a_lo;
-            o[j][1] *= a_lo;
-            o[j][2] *= a_hi;
-            o[j][3] *= a_hi;
-        }
+        pf_softmax_tile<NT, DT>(sc, pa, o, m_lo, m_hi, l_lo, l_hi, scale_log2,
+                                k0 + FA_BK - 1 > qpos_first, k0 + 2 * t, qpos_lo, qpos_hi);
         // O += P V: keys 16kk.. are S tiles 2kk and 2kk + 1; V's B fragments of
         // dims 8j.. and 8(j + 1).. in one transposed load
 #pragma unroll
@@ -696,27 +696,10 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
             }
         }
     }
-    if (!warp_live)
-        return;
-    // the rows' sums over the quad, then out = O / l
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
-    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-    const bool lo_valid = wrow0 + g < q_rows, hi_valid = wrow0 + g + 8 < q_rows;
-    __nv_bfloat16 *o_lo = out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D;
-    __nv_bfloat16 *o_hi = o_lo + 8 * qstride;
-#pragma unroll
-    for (int j = 0; j < DT; j++) {
-        if (lo_valid)
-            *reinterpret_cast<uint32_t *>(o_lo + j * 8 + 2 * t) =
-                hx_pack2(o[j][0] * inv_lo, o[j][1] * inv_lo);
-        if (hi_valid)
-            *reinterpret_cast<uint32_t *>(o_hi + j * 8 + 2 * t) =
-                hx_pack2(o[j][2] * inv_hi, o[j][3] * inv_hi);
-    }
+    if (warp_live)
+        pf_store_rows<DT>(o, l_lo, l_hi,
+                          out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D,
+                          qstride, wrow0 + g < q_rows, wrow0 + g + 8 < q_rows, t);
 }
 
 // 1: WMMA, 2: mma.sync, 3: pipelined mma.sync; -1: $HX_CUDA_PREFILL_ATTN decides on first

@@ -799,11 +799,13 @@ static void attn_ref(const float *vals, int layers, int K, int D, int n_keys, in
     free(scratch);
 }
 
-static void prefill_case(int D)
+/* Prefill attention of two sequences over bt-token blocks: seq 0 has n0 queries from
+   position 0, seq 1 has n1 queries after pos1 cached positions. */
+static void prefill_case_of(int D, int bt, int n0, int n1, int pos1)
 {
-    const int H = 8, K = 2, L = 2, layer = 1, bt = 16, max_tokens = 200;
-    /* seq 0: 100 queries from position 0; seq 1: 70 queries after 37 cached positions */
-    const int n_q[2] = {100, 70}, pos0[2] = {0, 37};
+    const int H = 8, K = 2, L = 2, layer = 1;
+    const int n_q[2] = {n0, n1}, pos0[2] = {0, pos1};
+    const int max_tokens = n0 > pos1 + n1 ? n0 : pos1 + n1;
     test_cache c;
     cache_init(&c, L, K, D, bt, 2, max_tokens);
     float *vals[2];
@@ -818,14 +820,15 @@ static void prefill_case(int D)
     int *dslot = to_dev(slot, sizeof slot), *drow0 = to_dev(row0, sizeof row0);
     int *dpos0 = to_dev(pos0, sizeof pos0), *dn = to_dev(n_q, sizeof n_q);
     CHECK(hx_cuda_prefill_attention(dout, dq, c.d, &c.kv, layer, c.d_bt, dslot, drow0, dpos0, dn,
-                                    2, 100, H, NULL, E));
+                                    2, n0 > n1 ? n0 : n1, H, NULL, E));
     float *got = from_dev_bf16(dout, (size_t)rows * H * D);
     for (int s = 0; s < 2; s++) {
         double *want = malloc((size_t)n_q[s] * H * D * sizeof *want);
         attn_ref(vals[s], L, K, D, pos0[s] + n_q[s], layer, hq + (size_t)row0[s] * H * D, n_q[s],
                  pos0[s], H, want);
-        char what[64];
-        snprintf(what, sizeof what, "prefill attention D=%d seq %d", D, s);
+        char what[96];
+        snprintf(what, sizeof what, "prefill attention D=%d bt=%d seq %d (%d queries)", D, bt,
+                 s, n_q[s]);
         /* bf16 probabilities and output: about 2^-8 relative of values < 1 */
         expect_close(what, got + (size_t)row0[s] * H * D, want, (size_t)n_q[s] * H * D, 1e-2,
                      1e-2);
@@ -842,6 +845,15 @@ static void prefill_case(int D)
     hx_cuda_free(dpos0);
     hx_cuda_free(dn);
     cache_free(&c);
+}
+
+/* 100 and 70 queries (one 64- or 128-row block each, the second after 37 cached
+   positions); then several blocks of queries and of 64 keys with ragged ends, over
+   5-token blocks (tables looked up across block boundaries inside a tile). */
+static void prefill_case(int D)
+{
+    prefill_case_of(D, 16, 100, 70, 37);
+    prefill_case_of(D, 5, 300, 141, 45);
 }
 
 static void test_prefill_attention(void **state)
