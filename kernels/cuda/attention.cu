@@ -195,13 +195,41 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
 }
 
+// Raises kernel's dynamic shared-memory limit to `bytes` (and, with max_shared, prefers
+// shared memory over L1) on the current device, once a device: the opt-in is per
+// device, so *configured has a bit per device (devices past 31 set it every launch).
+// The attribute holds for graphs captured after.
+template <typename Kernel>
+static hx_status smem_opt_in(Kernel kernel, size_t bytes, bool max_shared, unsigned *configured,
+                             const char *what, hx_err *err)
+{
+    int dev = 0;
+    hx_status st = hx_cuda_err(cudaGetDevice(&dev), err, what);
+    if (st != HX_OK)
+        return st;
+    const unsigned bit = dev >= 0 && dev < 32 ? 1u << dev : 0u;
+    if (bit && (__atomic_load_n(configured, __ATOMIC_RELAXED) & bit))
+        return HX_OK;
+    st = hx_cuda_err(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+        err, what);
+    if (st != HX_OK)
+        return st;
+    if (max_shared) { // a hint
+        (void)cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   cudaSharedmemCarveoutMaxShared);
+        (void)cudaGetLastError();
+    }
+    __atomic_fetch_or(configured, bit, __ATOMIC_RELAXED);
+    return HX_OK;
+}
+
 // Launches a prefill attention kernel (any of the three) of `threads` threads a block of
-// `bq` query rows, with `bytes` of dynamic shared memory, raising the kernel's limit the
-// first time (*configured: one flag per kernel; per device in practice, all ours are
-// alike).
+// `bq` query rows, with `bytes` of dynamic shared memory (*configured: smem_opt_in's
+// flags, one word per kernel).
 template <typename Kernel>
 static hx_status prefill_launch_kernel(Kernel kernel, int bq, int threads, size_t bytes,
-                                       bool *configured, const char *what, int D,
+                                       unsigned *configured, const char *what, int D,
                                        __nv_bfloat16 *out,
                                        const __nv_bfloat16 *q, const __nv_bfloat16 *cache,
                                        const hx_cuda_kv_layout *kv, int layer, const int *bt,
@@ -209,15 +237,9 @@ static hx_status prefill_launch_kernel(Kernel kernel, int bq, int threads, size_
                                        const int *n, int n_seqs, int max_n, int heads,
                                        cudaStream_t s, hx_err *err)
 {
-    if (!*configured) {
-        hx_status st = hx_cuda_err(cudaFuncSetAttribute(kernel,
-                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                        (int)bytes),
-                                   err, what);
-        if (st != HX_OK)
-            return st;
-        *configured = true;
-    }
+    hx_status st = smem_opt_in(kernel, bytes, false, configured, what, err);
+    if (st != HX_OK)
+        return st;
     dim3 grid((unsigned)((max_n + bq - 1) / bq), (unsigned)heads, (unsigned)n_seqs);
     const float scale_log2 = LOG2E / sqrtf((float)D);
     hx_launch(kernel, grid, threads, bytes, s, out, q, cache, *kv, layer, bt, slot, row0, pos0,
@@ -232,7 +254,7 @@ static hx_status prefill_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                 const int *n, int n_seqs, int max_n, int heads, cudaStream_t s,
                                 hx_err *err)
 {
-    static bool configured = false;
+    static unsigned configured = 0;
     return prefill_launch_kernel(prefill_attn_kernel<D>, PF_BQ, PF_THREADS, PfSmem<D>::bytes,
                                  &configured, "prefill_attention", D, out, q, cache, kv, layer, bt,
                                  slot, row0, pos0, n, n_seqs, max_n, heads, s, err);
@@ -728,12 +750,12 @@ static hx_status prefill_mma_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                     cudaStream_t s, hx_err *err)
 {
     if (prefill_variant_now() == 3) {
-        static bool fa_configured = false;
+        static unsigned fa_configured = 0;
         return prefill_launch_kernel(prefill_fa_kernel<D>, FA_BQ, FA_THREADS, FaSmem<D>::bytes,
                                      &fa_configured, "prefill_attention_fa", D, out, q, cache, kv,
                                      layer, bt, slot, row0, pos0, n, n_seqs, max_n, heads, s, err);
     }
-    static bool configured = false;
+    static unsigned configured = 0;
     return prefill_launch_kernel(prefill_mma_kernel<D>, PF_BQ, PF_THREADS, MmaSmem<D>::bytes,
                                  &configured, "prefill_attention_mma", D, out, q, cache, kv, layer,
                                  bt, slot, row0, pos0, n, n_seqs, max_n, heads, s, err);
@@ -1438,28 +1460,13 @@ static hx_status decode2_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                 const int *len, int n_seqs, int parts, int heads, float *part,
                                 cudaStream_t s, hx_err *err)
 {
-    // 64 KB of dynamic shared memory needs the opt-in, which is per device: a bit per device
-    // (devices past 31 set it every launch; the attribute holds for graphs captured after)
+    // 64 KB of dynamic shared memory needs the opt-in; this kernel reads K and V through
+    // cp.async.cg, so shared memory is preferred over L1
     static unsigned configured = 0;
-    int dev = 0;
-    hx_status st = hx_cuda_err(cudaGetDevice(&dev), err, "decode_attention2");
+    hx_status st = smem_opt_in(decode2_attn_kernel<D, GP>, DC2_RING, true, &configured,
+                               "decode_attention2", err);
     if (st != HX_OK)
         return st;
-    const unsigned bit = dev >= 0 && dev < 32 ? 1u << dev : 0u;
-    if (!bit || !(__atomic_load_n(&configured, __ATOMIC_RELAXED) & bit)) {
-        st = hx_cuda_err(cudaFuncSetAttribute(decode2_attn_kernel<D, GP>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              DC2_RING),
-                         err, "decode_attention2");
-        if (st != HX_OK)
-            return st;
-        // a hint: shared memory over L1 (this kernel reads K and V through cp.async.cg)
-        (void)cudaFuncSetAttribute(decode2_attn_kernel<D, GP>,
-                                   cudaFuncAttributePreferredSharedMemoryCarveout,
-                                   cudaSharedmemCarveoutMaxShared);
-        (void)cudaGetLastError();
-        __atomic_fetch_or(&configured, bit, __ATOMIC_RELAXED);
-    }
     const float scale_log2 = LOG2E / sqrtf((float)D);
     // the same chunking as decode_launch (the emulation and the workspace follow it)
     const int min_chunk = n_seqs * kv->kv_heads >= 256 ? DC_CHUNK : 32;
