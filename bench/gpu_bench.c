@@ -263,11 +263,11 @@ static void bench_micro(const hx_model *c)
     struct {
         const char *name;
         int in, out;
-    } mats[4] = {{"qkv", hid, qkv_n}, {"o", H * D, hid}, {"gate_up", hid, 2 * F},
-                 {"lm_head", hid, V}};
+    } mats[5] = {{"qkv", hid, qkv_n}, {"o", H * D, hid}, {"gate_up", hid, 2 * F},
+                 {"lm_head", hid, V}, {"down", F, hid}};
     const int rows_list[4] = {1, 8, 64, T};
     char label[96];
-    for (int m = 0; m < 4; m++)
+    for (int m = 0; m < 5; m++)
         for (int ri = 0; ri < 4; ri++) {
             const int rows = rows_list[ri];
             const double bytes = (double)mats[m].in * mats[m].out * 2;
@@ -277,10 +277,10 @@ static void bench_micro(const hx_model *c)
                      rows <= 8 ? "gemv" : "cublas");
             TIME(label, bytes, flops,
                  hx_cuda_gemm(b, y, 0, x, w, rows, mats[m].in, mats[m].out, 0.0f, NULL, &err));
-            if (rows == 1) {
-                snprintf(label, sizeof label, "gemm %s rows 1 (cublas)", mats[m].name);
+            if (rows <= 8) { /* where the GEMV kernels take over from cuBLAS (use_gemv) */
+                snprintf(label, sizeof label, "gemm %s rows %d (cublas)", mats[m].name, rows);
                 TIME(label, bytes, flops,
-                     hx_cuda_gemm(blas, y, 0, x, w, 1, mats[m].in, mats[m].out, 0.0f, NULL,
+                     hx_cuda_gemm(blas, y, 0, x, w, rows, mats[m].in, mats[m].out, 0.0f, NULL,
                                   &err));
             }
         }
@@ -308,7 +308,7 @@ static void bench_micro(const hx_model *c)
         const char *k = v == 1 ? "gemv" : "gemv2";
         for (int ri = 0; ri < 2; ri++) {
             const int rows = rows_list[ri];
-            for (int m = 0; v == 2 && m < 4; m++) { /* variant 1's are above */
+            for (int m = 0; v == 2 && m < 5; m++) { /* variant 1's are above */
                 snprintf(label, sizeof label, "gemm %s rows %d (%s)", mats[m].name, rows, k);
                 TIME(label, (double)mats[m].in * mats[m].out * 2,
                      2.0 * rows * mats[m].in * mats[m].out,
