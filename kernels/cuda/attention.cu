@@ -34,6 +34,35 @@ template <int D> struct PfSmem {
     static constexpr size_t bytes = m_off + (size_t)2 * PF_BQ * 4;
 };
 
+// The part of the prefill a block takes: sequence blockIdx.z, query head blockIdx.y,
+// and bq query rows, the tiles from the sequence's end first (the longest first).
+struct PfTile {
+    int q_begin, q_rows; // the block's first query row of the sequence, and how many
+    int n_keys;          // the keys its last row sees: pos0 + q_begin + q_rows
+    int row0, pos0;      // the sequence's first row in q and out, and its first position
+    int kvh;             // the KV head of the query head
+    const int *bt;       // the sequence's block table
+};
+
+// p for this block; false when its tile starts past the sequence's end (no rows).
+__device__ __forceinline__ bool pf_tile(PfTile &p, int bq, const hx_cuda_kv_layout &kv,
+                                        const int *block_tables, const int *seq_slot,
+                                        const int *seq_row0, const int *seq_pos0,
+                                        const int *seq_n, int heads)
+{
+    const int s = blockIdx.z, n = seq_n[s];
+    p.q_begin = ((int)gridDim.x - 1 - (int)blockIdx.x) * bq;
+    if (p.q_begin >= n)
+        return false;
+    p.q_rows = min(bq, n - p.q_begin);
+    p.row0 = seq_row0[s];
+    p.pos0 = seq_pos0[s];
+    p.n_keys = p.pos0 + p.q_begin + p.q_rows;
+    p.kvh = (int)blockIdx.y / (heads / kv.kv_heads);
+    p.bt = block_tables + (size_t)seq_slot[s] * kv.max_blocks_per_seq;
+    return true;
+}
+
 template <int D>
 __global__ void __launch_bounds__(PF_THREADS)
     prefill_attn_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *q, const __nv_bfloat16 *cache,
@@ -53,17 +82,10 @@ __global__ void __launch_bounds__(PF_THREADS)
     float *row_m = reinterpret_cast<float *>(smem + S::m_off);
     float *row_l = row_m + PF_BQ;
 
-    const int s = blockIdx.z, h = blockIdx.y;
-    const int n = seq_n[s];
-    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; // longest tiles first
-    const int q_begin = qt * PF_BQ;
-    if (q_begin >= n)
+    PfTile p;
+    if (!pf_tile(p, PF_BQ, kv, block_tables, seq_slot, seq_row0, seq_pos0, seq_n, heads))
         return;
-    const int slot = seq_slot[s], row0 = seq_row0[s], pos0 = seq_pos0[s];
-    const int kvh = h / (heads / kv.kv_heads);
-    const int *bt = block_tables + (size_t)slot * kv.max_blocks_per_seq;
-    const int q_rows = min(PF_BQ, n - q_begin);
-    const int n_keys = pos0 + q_begin + q_rows;
+    const int h = blockIdx.y;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const size_t qstride = (size_t)heads * D;
     constexpr int CH = D / 8; // 16-byte chunks per row
@@ -71,8 +93,8 @@ __global__ void __launch_bounds__(PF_THREADS)
     for (int idx = tid; idx < PF_BQ * CH; idx += PF_THREADS) {
         const int r = idx / CH, c = idx % CH;
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < q_rows)
-            v = *reinterpret_cast<const uint4 *>(q + (size_t)(row0 + q_begin + r) * qstride +
+        if (r < p.q_rows)
+            v = *reinterpret_cast<const uint4 *>(q + (size_t)(p.row0 + p.q_begin + r) * qstride +
                                                  (size_t)h * D + c * 8);
         *reinterpret_cast<uint4 *>(Qs + r * S::LDH + c * 8) = v;
     }
@@ -88,17 +110,17 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
     __syncthreads();
 
-    const int n_kt = (n_keys + PF_BK - 1) / PF_BK;
-    const int last_q_of_warp = min(wrow0 + 15, q_rows - 1); // <0 when the warp has no rows
+    const int n_kt = (p.n_keys + PF_BK - 1) / PF_BK;
+    const int last_q_of_warp = min(wrow0 + 15, p.q_rows - 1); // <0 when the warp has no rows
     for (int kt = 0; kt < n_kt; kt++) {
         const int k0 = kt * PF_BK;
         for (int idx = tid; idx < PF_BK * CH; idx += PF_THREADS) {
             const int r = idx / CH, c = idx % CH;
             const int j = k0 + r;
             uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (j < n_keys) {
-                const int blk = bt[j / kv.block_tokens];
-                const size_t off = hx_kv_offset(kv, blk, layer, 0, kvh) +
+            if (j < p.n_keys) {
+                const int blk = p.bt[j / kv.block_tokens];
+                const size_t off = hx_kv_offset(kv, blk, layer, 0, p.kvh) +
                                    (size_t)(j % kv.block_tokens) * D + c * 8;
                 const size_t voff = off + (size_t)kv.kv_heads * kv.block_tokens * D;
                 kv4 = *reinterpret_cast<const uint4 *>(cache + off);
@@ -108,7 +130,7 @@ __global__ void __launch_bounds__(PF_THREADS)
             *reinterpret_cast<uint4 *>(Vs + r * S::LDH + c * 8) = vv4;
         }
         __syncthreads();
-        const bool active = wrow0 < q_rows && k0 <= pos0 + q_begin + last_q_of_warp;
+        const bool active = wrow0 < p.q_rows && k0 <= p.pos0 + p.q_begin + last_q_of_warp;
         if (active) {
             // S = Q K^T for the warp's 16 rows and the tile's 64 keys
             for (int nt = 0; nt < PF_BK / 16; nt++) {
@@ -127,8 +149,8 @@ __global__ void __launch_bounds__(PF_THREADS)
             __syncwarp();
             // online softmax: a lane pair per row, 32 columns each
             const int r = lane >> 1, c0 = (lane & 1) * 32;
-            const bool row_valid = wrow0 + r < q_rows;
-            const int qpos = pos0 + q_begin + wrow0 + r;
+            const bool row_valid = wrow0 + r < p.q_rows;
+            const int qpos = p.pos0 + p.q_begin + wrow0 + r;
             float mx = -INFINITY;
             for (int c = 0; c < 32; c++) {
                 const int j = k0 + c0 + c;
@@ -183,10 +205,11 @@ __global__ void __launch_bounds__(PF_THREADS)
     // out = O / l
     {
         const int r = lane >> 1;
-        if (wrow0 + r < q_rows) {
+        if (wrow0 + r < p.q_rows) {
             const float l = row_l[wrow0 + r];
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-            __nv_bfloat16 *o = out + (size_t)(row0 + q_begin + wrow0 + r) * qstride + (size_t)h * D;
+            __nv_bfloat16 *o =
+                out + (size_t)(p.row0 + p.q_begin + wrow0 + r) * qstride + (size_t)h * D;
             for (int c = 0; c < D / 2; c++) {
                 const int col = (lane & 1) * (D / 2) + c;
                 o[col] = __float2bfloat16_rn(Ow[r * S::LDO + col] * inv);
@@ -413,17 +436,10 @@ __global__ void __launch_bounds__(PF_THREADS)
     __nv_bfloat16 *Ks = Qs + PF_BQ * LD;
     __nv_bfloat16 *Vs = Ks + PF_BK * LD;
 
-    const int s = blockIdx.z, h = blockIdx.y;
-    const int n = seq_n[s];
-    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x;
-    const int q_begin = qt * PF_BQ;
-    if (q_begin >= n)
+    PfTile p;
+    if (!pf_tile(p, PF_BQ, kv, block_tables, seq_slot, seq_row0, seq_pos0, seq_n, heads))
         return;
-    const int slot = seq_slot[s], row0 = seq_row0[s], pos0 = seq_pos0[s];
-    const int kvh = h / (heads / kv.kv_heads);
-    const int *bt = block_tables + (size_t)slot * kv.max_blocks_per_seq;
-    const int q_rows = min(PF_BQ, n - q_begin);
-    const int n_keys = pos0 + q_begin + q_rows;
+    const int h = blockIdx.y;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const size_t qstride = (size_t)heads * D;
@@ -431,8 +447,8 @@ __global__ void __launch_bounds__(PF_THREADS)
     for (int idx = tid; idx < PF_BQ * CH; idx += PF_THREADS) {
         const int r = idx / CH, c = idx % CH;
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < q_rows)
-            v = *reinterpret_cast<const uint4 *>(q + (size_t)(row0 + q_begin + r) * qstride +
+        if (r < p.q_rows)
+            v = *reinterpret_cast<const uint4 *>(q + (size_t)(p.row0 + p.q_begin + r) * qstride +
                                                  (size_t)h * D + c * 8);
         *reinterpret_cast<uint4 *>(Qs + r * LD + c * 8) = v;
     }
@@ -454,11 +470,11 @@ __global__ void __launch_bounds__(PF_THREADS)
         o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY; // running max of rows g and g + 8
     float l_lo = 0.0f, l_hi = 0.0f;           // this lane's part of the running sums
-    const bool lo_valid = wrow0 + g < q_rows, hi_valid = wrow0 + g + 8 < q_rows;
-    const int qpos_lo = pos0 + q_begin + wrow0 + g, qpos_hi = qpos_lo + 8;
-    const int last_q_of_warp = min(wrow0 + 15, q_rows - 1);
+    const bool lo_valid = wrow0 + g < p.q_rows, hi_valid = wrow0 + g + 8 < p.q_rows;
+    const int qpos_lo = p.pos0 + p.q_begin + wrow0 + g, qpos_hi = qpos_lo + 8;
+    const int last_q_of_warp = min(wrow0 + 15, p.q_rows - 1);
 
-    const int n_kt = (n_keys + PF_BK - 1) / PF_BK;
+    const int n_kt = (p.n_keys + PF_BK - 1) / PF_BK;
     for (int kt = 0; kt < n_kt; kt++) {
         const int k0 = kt * PF_BK;
         __syncthreads(); // the previous tile is no longer read
@@ -466,9 +482,9 @@ __global__ void __launch_bounds__(PF_THREADS)
             const int r = idx / CH, c = idx % CH;
             const int j = k0 + r;
             uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (j < n_keys) {
-                const int blk = bt[j / kv.block_tokens];
-                const size_t off = hx_kv_offset(kv, blk, layer, 0, kvh) +
+            if (j < p.n_keys) {
+                const int blk = p.bt[j / kv.block_tokens];
+                const size_t off = hx_kv_offset(kv, blk, layer, 0, p.kvh) +
                                    (size_t)(j % kv.block_tokens) * D + c * 8;
                 kv4 = *reinterpret_cast<const uint4 *>(cache + off);
                 vv4 = *reinterpret_cast<const uint4 *>(cache + off +
@@ -478,7 +494,7 @@ __global__ void __launch_bounds__(PF_THREADS)
             *reinterpret_cast<uint4 *>(Vs + r * LD + c * 8) = vv4;
         }
         __syncthreads();
-        if (wrow0 >= q_rows || k0 > pos0 + q_begin + last_q_of_warp)
+        if (wrow0 >= p.q_rows || k0 > p.pos0 + p.q_begin + last_q_of_warp)
             continue; // no row of this warp sees a key of this tile
         // S = Q K^T
         float sc[NT][4];
@@ -491,7 +507,7 @@ __global__ void __launch_bounds__(PF_THREADS)
                 mma_bf16_16816(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3],
                                ld_u32(k_row + kk * 16), ld_u32(k_row + kk * 16 + 8));
         }
-        // masks: every key past the row's position, and every key of a row past q_rows
+        // masks: every key past the row's position, and every key of a row past p.q_rows
         uint32_t pa[NT][2];
         pf_softmax_tile<NT, DT>(sc, pa, o, m_lo, m_hi, l_lo, l_hi, scale_log2, true, k0 + 2 * t,
                                 lo_valid ? qpos_lo : -1, hi_valid ? qpos_hi : -1);
@@ -510,8 +526,8 @@ __global__ void __launch_bounds__(PF_THREADS)
         }
     }
     pf_store_rows<DT>(o, l_lo, l_hi,
-                      out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D, qstride,
-                      lo_valid, hi_valid, t);
+                      out + (size_t)(p.row0 + p.q_begin + wrow0 + g) * qstride + (size_t)h * D,
+                      qstride, lo_valid, hi_valid, t);
 }
 
 /* ---- prefill, third kernel: the same maths, pipelined ----
@@ -621,32 +637,26 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
     __nv_bfloat16 *stage0 = reinterpret_cast<__nv_bfloat16 *>(smem);
     __nv_bfloat16 *stage1 = stage0 + S::STAGE;
 
-    const int s = blockIdx.z, h = blockIdx.y;
-    const int n = seq_n[s];
-    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; // longest tiles first
-    const int q_begin = qt * FA_BQ;
-    if (q_begin >= n)
+    PfTile p;
+    if (!pf_tile(p, FA_BQ, kv, block_tables, seq_slot, seq_row0, seq_pos0, seq_n, heads))
         return;
-    const int slot = seq_slot[s], row0 = seq_row0[s], pos0 = seq_pos0[s];
-    const int kvh = h / (heads / kv.kv_heads);
-    const int *bt = block_tables + (size_t)slot * kv.max_blocks_per_seq;
-    const int q_rows = min(FA_BQ, n - q_begin);
-    const int n_keys = pos0 + q_begin + q_rows;
+    const int h = blockIdx.y;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const size_t qstride = (size_t)heads * D;
 
-    // Q [FA_BQ][LD] into stage 1 (rows past q_rows zero), key tile 0 into stage 0
+    // Q [FA_BQ][LD] into stage 1 (rows past p.q_rows zero), key tile 0 into stage 0
     for (int i = tid; i < FA_BQ * CH; i += FA_THREADS) {
         const int r = i / CH, c = i % CH;
-        const bool ok = r < q_rows;
+        const bool ok = r < p.q_rows;
         hx_cp_async16(stage1 + r * LD + c * 8,
-                      q + (ok ? (size_t)(row0 + q_begin + r) * qstride + (size_t)h * D + c * 8 : 0),
+                      q + (ok ? (size_t)(p.row0 + p.q_begin + r) * qstride + (size_t)h * D + c * 8
+                              : 0),
                       ok);
     }
     int blk[FA_CPT(D)];
-    fa_blocks<D>(blk, bt, kv.block_tokens, 0, n_keys, tid);
-    fa_issue<D>(stage0, cache, kv, blk, layer, kvh, 0, tid);
+    fa_blocks<D>(blk, p.bt, kv.block_tokens, 0, p.n_keys, tid);
+    fa_issue<D>(stage0, cache, kv, blk, layer, p.kvh, 0, tid);
     hx_cp_commit();
     hx_cp_wait<0>();
     __syncthreads();
@@ -663,20 +673,20 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
         o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     float m_lo = -INFINITY, m_hi = -INFINITY; // running max of rows g and g + 8 (log2 units)
     float l_lo = 0.0f, l_hi = 0.0f;           // this lane's part of the running sums
-    const bool warp_live = wrow0 < q_rows;
-    const int qpos_first = pos0 + q_begin + wrow0; // the warp's first row's position
+    const bool warp_live = wrow0 < p.q_rows;
+    const int qpos_first = p.pos0 + p.q_begin + wrow0; // the warp's first row's position
     const int qpos_lo = qpos_first + g, qpos_hi = qpos_lo + 8;
-    const int qpos_last = pos0 + q_begin + min(wrow0 + 15, q_rows - 1);
+    const int qpos_last = p.pos0 + p.q_begin + min(wrow0 + 15, p.q_rows - 1);
 
-    const int n_kt = (n_keys + FA_BK - 1) / FA_BK;
+    const int n_kt = (p.n_keys + FA_BK - 1) / FA_BK;
     for (int kt = 0; kt < n_kt; kt++) {
         if (kt + 1 < n_kt) // the next tile's blocks: no shared memory, so before the barrier
-            fa_blocks<D>(blk, bt, kv.block_tokens, (kt + 1) * FA_BK, n_keys, tid);
+            fa_blocks<D>(blk, p.bt, kv.block_tokens, (kt + 1) * FA_BK, p.n_keys, tid);
         // tile kt has landed, and every warp is done with tile kt - 1 (and with Q)
         hx_cp_wait<0>();
         __syncthreads();
         if (kt + 1 < n_kt)
-            fa_issue<D>((kt & 1) ? stage0 : stage1, cache, kv, blk, layer, kvh, (kt + 1) * FA_BK,
+            fa_issue<D>((kt & 1) ? stage0 : stage1, cache, kv, blk, layer, p.kvh, (kt + 1) * FA_BK,
                         tid);
         hx_cp_commit();
         const int k0 = kt * FA_BK;
@@ -699,7 +709,7 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
             }
         }
         // the causal mask only where the tile crosses the warp's diagonal (rows past
-        // q_rows see every key: Q is zero there, and they are not stored)
+        // p.q_rows see every key: Q is zero there, and they are not stored)
         uint32_t pa[NT][2];
         pf_softmax_tile<NT, DT>(sc, pa, o, m_lo, m_hi, l_lo, l_hi, scale_log2,
                                 k0 + FA_BK - 1 > qpos_first, k0 + 2 * t, qpos_lo, qpos_hi);
@@ -720,8 +730,8 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
     }
     if (warp_live)
         pf_store_rows<DT>(o, l_lo, l_hi,
-                          out + (size_t)(row0 + q_begin + wrow0 + g) * qstride + (size_t)h * D,
-                          qstride, wrow0 + g < q_rows, wrow0 + g + 8 < q_rows, t);
+                          out + (size_t)(p.row0 + p.q_begin + wrow0 + g) * qstride + (size_t)h * D,
+                          qstride, wrow0 + g < p.q_rows, wrow0 + g + 8 < p.q_rows, t);
 }
 
 // 1: WMMA, 2: mma.sync, 3: pipelined mma.sync; -1: $HX_CUDA_PREFILL_ATTN decides on first
