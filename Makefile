@@ -5,9 +5,11 @@
 #               (and the cuda backend's host code over the host emulation of its
 #               kernels: test_cuda and the serving test's GPU cases, in build-emu)
 #   make asan   the tests again under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make tsan   the tests again under ThreadSanitizer (not in CI: see the target)
 #   make bench  the planner's benchmarks (bench/plan_bench.c; prints numbers)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
 EMU_BUILD ?= build-emu
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 WERROR ?= OFF
@@ -15,7 +17,7 @@ CMAKE_FLAGS ?=
 
 HEXFLOW = $(BUILD)/hexflow
 
-.PHONY: all build deps test emu-test demo bench asan clean
+.PHONY: all build deps test emu-test demo bench asan tsan clean
 
 all: build
 
@@ -46,6 +48,17 @@ asan: deps
 	    ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
 	@$(MAKE) --no-print-directory emu-test EMU_DIR=$(EMU_BUILD)-asan EMU_FLAGS=-DHX_SANITIZE=ON
 
+# ThreadSanitizer: OpenBLAS's own threads (not instrumented) would be reported, so it runs
+# on one; test_host is left out, since ThreadSanitizer crashes in the thread that glibc's
+# getaddrinfo_a starts behind its back.
+tsan: deps
+	@cmake -S . -B $(TSAN_BUILD) -DHX_TSAN=ON -DHX_WERROR=$(WERROR) $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(TSAN_BUILD) -j $(JOBS)
+	@OPENBLAS_NUM_THREADS=1 ctest --test-dir $(TSAN_BUILD) --output-on-failure -j $(JOBS) \
+	    -E '^test_host$$'
+	@OPENBLAS_NUM_THREADS=1 $(MAKE) --no-print-directory emu-test EMU_DIR=$(EMU_BUILD)-tsan \
+	    EMU_FLAGS=-DHX_TSAN=ON
+
 demo: deps build
 	@echo '$$ hexflow inventory show inventories/mixed.yaml'
 	@$(HEXFLOW) inventory show inventories/mixed.yaml
@@ -68,4 +81,4 @@ bench: deps
 	@$(BUILD)/batch_bench
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(EMU_BUILD) $(EMU_BUILD)-asan
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(EMU_BUILD) $(EMU_BUILD)-asan $(EMU_BUILD)-tsan
