@@ -8,6 +8,7 @@
 #include <mma.h>
 
 #include "common.cuh"
+#include "kernels/cuda_rules.h"
 
 using namespace nvcuda;
 
@@ -771,30 +772,13 @@ static hx_status prefill_mma_launch(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                  bt, slot, row0, pos0, n, n_seqs, max_n, heads, s, err);
 }
 
-static hx_status attn_check(const hx_cuda_kv_layout *kv, int layer, int heads, hx_err *err)
-{
-    if (kv->head_dim != 64 && kv->head_dim != 128)
-        return hx_err_set(err, HX_ENOTSUP, "cuda attention: head_dim %d (64 or 128 supported)",
-                          kv->head_dim);
-    if (kv->block_tokens < 1 || kv->max_blocks_per_seq < 1)
-        return hx_err_set(err, HX_EINVAL, "cuda attention: %d-token blocks, %d per sequence",
-                          kv->block_tokens, kv->max_blocks_per_seq);
-    if (heads < 1 || kv->kv_heads < 1 || heads % kv->kv_heads || heads / kv->kv_heads > 8)
-        return hx_err_set(err, HX_ENOTSUP,
-                          "cuda attention: %d heads over %d KV heads (at most 8 per KV head)",
-                          heads, kv->kv_heads);
-    if (layer < 0 || layer >= kv->layers)
-        return hx_err_set(err, HX_EINVAL, "cuda attention: layer %d of %d", layer, kv->layers);
-    return HX_OK;
-}
-
 extern "C" hx_status
 hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_cache,
                           const hx_cuda_kv_layout *kv, int layer, const int *d_block_tables,
                           const int *d_slot, const int *d_row0, const int *d_pos0, const int *d_n,
                           int n_seqs, int max_n, int heads, hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
     if (st != HX_OK)
         return st;
     if (n_seqs < 1 || max_n < 1 || n_seqs > 65535)
@@ -824,26 +808,6 @@ hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_c
 #define DC_MAX_G 8
 #define DC_CHUNK HX_CUDA_DECODE_CHUNK_MAX
 
-// Keys per chunk for a sequence of len keys over at most parts chunks: a
-// multiple of 32, at least min_chunk (32 or 256), at most DC_CHUNK (len <=
-// parts * DC_CHUNK). Many sequences give parallelism enough: their blocks
-// then take long chunks (fewer partials); a few take short ones.
-__device__ __forceinline__ int decode_chunk(int len, int parts, int min_chunk)
-{
-    int c = (len + parts - 1) / parts;
-    c = (c + 31) & ~31;
-    return c < min_chunk ? min_chunk : (c > DC_CHUNK ? DC_CHUNK : c);
-}
-
-// The workspace: a record per sequence, so that calls with fewer sequences
-// use a prefix of it (and leave the others' counters alone):
-//   int counter[heads rounded up to 4]  (arrivals per KV head; 0 between calls)
-//   float o[heads][parts][D], then ml[heads][parts][2]
-__host__ __device__ __forceinline__ size_t decode_rec_floats(int heads, int D, int parts)
-{
-    return (size_t)((heads + 3) & ~3) + (size_t)heads * parts * (D + 2);
-}
-
 template <int D>
 __global__ void __launch_bounds__(DC_THREADS)
     decode_attn_kernel(__nv_bfloat16 *out, float *work, const __nv_bfloat16 *q,
@@ -870,7 +834,7 @@ __global__ void __launch_bounds__(DC_THREADS)
                 orow[i] = __float2bfloat16_rn(0.0f);
         return;
     }
-    const int chunk = decode_chunk(len, parts, min_chunk);
+    const int chunk = hx_cuda_decode_chunk(len, parts, min_chunk);
     const int start = p * chunk;
     if (start >= len)
         return;
@@ -878,7 +842,7 @@ __global__ void __launch_bounds__(DC_THREADS)
     const int np = min((len + chunk - 1) / chunk, parts);
     const int nk = min(chunk, len - start);
     const int *bt = block_tables + (size_t)seq_slot[s] * kv.max_blocks_per_seq;
-    float *rec = work + (size_t)s * decode_rec_floats(heads, D, parts);
+    float *rec = work + (size_t)s * hx_cuda_decode_rec_floats(heads, D, parts);
     int *counter = reinterpret_cast<int *>(rec) + g;
     float *o_part = rec + ((heads + 3) & ~3);
     float *ml_part = o_part + (size_t)heads * parts * D;
@@ -1017,7 +981,7 @@ __global__ void __launch_bounds__(DC_THREADS)
  * decode_attn_kernel waits on memory many times in a row: a thread walks
  * its key's K row a few uint4 at a time, then the P V loop walks V a few
  * rows at a time. At batch 1 (64 CTAs) that chain, not bandwidth, sets its
- * time. This kernel keeps its contract (grid, decode_chunk's chunking, the
+ * time. This kernel keeps its contract (grid, hx_cuda_decode_chunk's chunking, the
  * workspace, the merge by the last chunk to arrive) and orders the loads so
  * that a CTA waits on memory about three times before it computes:
  *   round 1  the sequence's len, row and block-table row (together: see
@@ -1183,14 +1147,14 @@ __global__ void __launch_bounds__(DC2_THREADS, 2)
                 orow[i] = __float2bfloat16_rn(0.0f);
         return;
     }
-    const int chunk = decode_chunk(len, parts, min_chunk);
+    const int chunk = hx_cuda_decode_chunk(len, parts, min_chunk);
     const int start = p * chunk;
     if (start >= len)
         return;
     // the chunks that run (and arrive); more than parts only past the contract's lengths
     const int np = min((len + chunk - 1) / chunk, parts);
     const int nk = min(chunk, len - start); // 1 .. DC_CHUNK
-    float *rec = work + (size_t)s * decode_rec_floats(heads, D, parts);
+    float *rec = work + (size_t)s * hx_cuda_decode_rec_floats(heads, D, parts);
     int *counter = reinterpret_cast<int *>(rec) + g;
     float *o_part = rec + ((heads + 3) & ~3);
     float *ml_part = o_part + (size_t)heads * parts * D;
@@ -1426,7 +1390,7 @@ __global__ void __launch_bounds__(DC2_THREADS, 2)
 extern "C" size_t hx_cuda_decode_attention_workspace(int n_seqs, int heads, int head_dim,
                                                      int max_parts)
 {
-    return (size_t)n_seqs * decode_rec_floats(heads, head_dim, max_parts) * sizeof(float);
+    return (size_t)n_seqs * hx_cuda_decode_rec_floats(heads, head_dim, max_parts) * sizeof(float);
 }
 
 template <int D>
@@ -1493,7 +1457,7 @@ static hx_status decode2_launch_g(__nv_bfloat16 *out, const __nv_bfloat16 *q,
                                   const int *len, int n_seqs, int parts, int heads, float *part,
                                   cudaStream_t s, hx_err *err)
 {
-    const int G = heads / kv->kv_heads; // 1 .. DC_MAX_G (attn_check)
+    const int G = heads / kv->kv_heads; // 1 .. DC_MAX_G (hx_cuda_attn_check)
     if (G <= 1)
         return decode2_launch<D, 1>(out, q, cache, kv, layer, bt, slot, row, len, n_seqs, parts,
                                     heads, part, s, err);
@@ -1514,7 +1478,7 @@ extern "C" hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q
                                               int n_seqs, int max_parts, int heads, float *d_part,
                                               hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
     if (st != HX_OK)
         return st;
     if (n_seqs < 1 || n_seqs > 65535 || max_parts < 1 || max_parts > 65535)

@@ -7,6 +7,7 @@
 #include <cublas_v2.h>
 
 #include "common.cuh"
+#include "kernels/cuda_rules.h"
 
 #define HX_BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
 #define HX_GEMV_MAX_ROWS 8
@@ -197,7 +198,6 @@ static void gemv_launch(int rows, void *y, const __nv_bfloat16 *x, const __nv_bf
  * gate and up features of one activation, written as
  * bf16(silu(bf16(gate)) * bf16(up)) as swiglu8_kernel does. */
 
-#define GEMVN_SMEM_MAX (44 * 1024) // the normalized rows, in shared memory (48 KB with the rest)
 #define GEMVN_F32 0
 #define GEMVN_SWIGLU 1
 
@@ -326,7 +326,7 @@ static void gemv_norm_launch(int rows, void *y, const float *x, const float *nw,
         HX_GEMVN_CASE(1)
         HX_GEMVN_CASE(2)
 #undef HX_GEMVN_CASE
-    default: break; // use_gemv_norm: at most 2 rows
+    default: break; // hx_cuda_use_gemv_norm: at most 2 rows
     }
 }
 
@@ -727,7 +727,7 @@ static int gemv2_sms(void)
 }
 
 // rows x [in] -> n_out (SwiGLU: features); the rows variant 1 serves: 1..8
-// plain, 1..2 with the norm (use_gemv_norm); others launch nothing.
+// plain, 1..2 with the norm (hx_cuda_use_gemv_norm); others launch nothing.
 template <int MODE>
 static void gemv2_launch(int rows, void *y, const void *x, const float *nw, float eps,
                          const __nv_bfloat16 *w, int in, int n_out, int y_stride, float beta,
@@ -737,7 +737,7 @@ static void gemv2_launch(int rows, void *y, const void *x, const float *nw, floa
     const int tiles = MODE == GEMV2_NORM_SWIGLU ? (n_out + 3) / 4 : (n_out + 7) / 8;
     const int max_blocks = GEMV2_BLOCKS_PER_SM * gemv2_sms();
     const dim3 grid((unsigned)(tiles < max_blocks ? tiles : max_blocks));
-    const size_t x_bytes = (size_t)rows * in * 2; // NORM: <= 44 KB (use_gemv_norm)
+    const size_t x_bytes = (size_t)rows * in * 2; // NORM: <= 44 KB (hx_cuda_use_gemv_norm)
     const bool xs = NORM || x_bytes <= GEMV2_XS_MAX;
 #define HX_GEMV2_CASE(n)                                                                           \
     case n:                                                                                        \
@@ -770,36 +770,17 @@ static void gemv2_launch(int rows, void *y, const void *x, const float *nw, floa
 #undef HX_GEMV2_CASE
 }
 
-// The GEMV reads each weight once whatever the rows, but its fp32 FMAs grow
-// with them: measured on an H100 (bench/gpu_bench --micro), it beats cuBLAS
-// at every shape up to 4 rows, and up to 8 rows on matrices of at most 8M
-// elements (q/k/v, o of a 1B model); cuBLAS's tensor cores win beyond.
-static int use_gemv(const hx_cuda_blas *b, int rows, int in, int out)
-{
-    if (rows < 1 || rows > b->gemv_max_rows || in % 8 != 0)
-        return 0;
-    return rows <= 4 || (int64_t)in * out <= ((int64_t)8 << 20);
-}
-
-static hx_status check_dims(int rows, int in, int out, hx_err *err)
-{
-    if (rows < 1 || in < 1 || out < 1)
-        return hx_err_set(err, HX_EINVAL, "cuda gemm: bad sizes rows %d, in %d, out %d", rows, in,
-                          out);
-    return HX_OK;
-}
-
 extern "C" hx_status hx_cuda_gemm(hx_cuda_blas *b, void *d_y, int y_bf16, const hx_bf16 *d_x,
                                   const hx_bf16 *d_w, int rows, int in, int out, float beta,
                                   hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = check_dims(rows, in, out, err);
+    hx_status st = hx_cuda_gemm_check(rows, in, out, err);
     if (st != HX_OK)
         return st;
     cudaStream_t s = HX_STREAM(stream);
     const __nv_bfloat16 *x = reinterpret_cast<const __nv_bfloat16 *>(d_x);
     const __nv_bfloat16 *w = reinterpret_cast<const __nv_bfloat16 *>(d_w);
-    if (use_gemv(b, rows, in, out)) {
+    if (hx_cuda_use_gemv(b->gemv_max_rows, rows, in, out)) {
         if (gemv_variant(GEMV_PLAIN, rows, in, out) == 2) {
             if (y_bf16)
                 gemv2_launch<GEMV2_BF16>(rows, d_y, x, NULL, 0.0f, w, in, out, out, beta, s);
@@ -831,7 +812,7 @@ extern "C" hx_status hx_cuda_gemm_swiglu(hx_cuda_blas *b, float *d_y, const hx_b
 {
     // SwiGLU, then the GEMM (a GEMV that recomputed the SwiGLU per output
     // feature measured 2x slower at 1 row and 10x at 8 rows than this).
-    hx_status st = check_dims(rows, ff, out, err);
+    hx_status st = hx_cuda_gemm_check(rows, ff, out, err);
     if (st == HX_OK)
         st = hx_cuda_swiglu(d_act, d_gate_up, rows, ff, stream, err);
     if (st == HX_OK)
@@ -839,28 +820,16 @@ extern "C" hx_status hx_cuda_gemm_swiglu(hx_cuda_blas *b, float *d_y, const hx_b
     return st;
 }
 
-// Whether the GEMV with the norm in front serves rows x [in] -> out: the GEMV
-// would, the normalized rows fit in shared memory, and there are at most
-// max_rows of them. Each block's prologue costs about 2.3 us a row (H200,
-// bench/gpu_bench --micro: q/k/v of a 1B model at 8 rows 28.7 us fused
-// against 15 us for the norm kernel and the GEMV; at 1 row 9.0 us against
-// 10.9), so it pays at a row or two only.
-static int use_gemv_norm(const hx_cuda_blas *b, int rows, int in, int out, int max_rows)
-{
-    return rows <= max_rows && use_gemv(b, rows, in, out) &&
-           (size_t)rows * in * 2 <= GEMVN_SMEM_MAX;
-}
-
 extern "C" hx_status hx_cuda_gemm_rmsnorm(hx_cuda_blas *b, float *d_y, float *d_x,
                                           const float *d_norm_w, float eps, hx_bf16 *d_h,
                                           const hx_bf16 *d_w, int rows, int in, int out,
                                           hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = check_dims(rows, in, out, err);
+    hx_status st = hx_cuda_gemm_check(rows, in, out, err);
     if (st != HX_OK)
         return st;
     const __nv_bfloat16 *w = reinterpret_cast<const __nv_bfloat16 *>(d_w);
-    if (use_gemv_norm(b, rows, in, out, 1)) {
+    if (hx_cuda_use_gemv_norm(b->gemv_max_rows, rows, in, out, 1)) {
         if (gemv_variant(GEMV_NORM, rows, in, out) == 2) {
             gemv2_launch<GEMV2_NORM_F32>(rows, d_y, d_x, d_norm_w, eps, w, in, out, out, 0.0f,
                                          HX_STREAM(stream));
@@ -886,10 +855,11 @@ extern "C" hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act
                                                  int in, int ff, hx_cuda_stream *stream,
                                                  hx_err *err)
 {
-    hx_status st = check_dims(rows, in, ff, err);
+    hx_status st = hx_cuda_gemm_check(rows, in, ff, err);
     if (st != HX_OK)
         return st;
-    if (use_gemv_norm(b, rows, in, 2 * ff, 2)) { // SwiGLU's kernel saved too: 2 rows
+    // SwiGLU's kernel saved too: 2 rows
+    if (hx_cuda_use_gemv_norm(b->gemv_max_rows, rows, in, 2 * ff, 2)) {
         if (gemv_variant(GEMV_NORM_SWIGLU, rows, in, 2 * ff) == 2) {
             gemv2_launch<GEMV2_NORM_SWIGLU>(rows, d_act, d_x, d_norm_w, eps,
                                             reinterpret_cast<const __nv_bfloat16 *>(d_w), in, ff,

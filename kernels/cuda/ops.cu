@@ -2,6 +2,7 @@
 // lookup, RMSNorm fused with the residual add, RoPE fused with the KV-cache
 // write, SwiGLU; dtype conversion and random fills; KV segment pack/unpack.
 #include "common.cuh"
+#include "kernels/cuda_rules.h"
 
 static inline unsigned grid_for(int64_t n, int threads)
 {
@@ -357,31 +358,14 @@ __global__ void kv_seg_kernel(float *seg, __nv_bfloat16 *cache, hx_cuda_kv_layou
     }
 }
 
-static hx_status kv_seg_check(const hx_cuda_kv_layout *kv, int layer_first, int num_layers,
-                              int head_first, int num_heads, int token_first, int tokens,
-                              hx_err *err)
-{
-    if (kv->head_dim < 8 || kv->head_dim % 8 || kv->block_tokens < 1 || num_layers < 1 ||
-        num_heads < 1 || tokens < 1 || layer_first < 0 ||
-        head_first < 0 || token_first < 0 || layer_first + num_layers > kv->layers ||
-        head_first + num_heads > kv->kv_heads ||
-        (token_first + tokens + kv->block_tokens - 1) / kv->block_tokens > kv->max_blocks_per_seq)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda kv segment: layers [%d, +%d), heads [%d, +%d), tokens [%d, +%d) "
-                          "outside the cache (%d layers, %d heads, head_dim %d)",
-                          layer_first, num_layers, head_first, num_heads, token_first, tokens,
-                          kv->layers, kv->kv_heads, kv->head_dim);
-    return HX_OK;
-}
-
 extern "C" hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache,
                                      const hx_cuda_kv_layout *kv, const int *d_blocks,
                                      int layer_first, int num_layers, int head_first, int num_heads,
                                      int token_first, int tokens, hx_cuda_stream *stream,
                                      hx_err *err)
 {
-    hx_status st =
-        kv_seg_check(kv, layer_first, num_layers, head_first, num_heads, token_first, tokens, err);
+    hx_status st = hx_cuda_kv_seg_check(kv, layer_first, num_layers, head_first, num_heads,
+                                        token_first, tokens, err);
     if (st != HX_OK)
         return st;
     const int64_t n = (int64_t)num_layers * 2 * num_heads * tokens * (kv->head_dim / 8);
@@ -397,8 +381,8 @@ extern "C" hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg,
                                        int num_heads, int token_first, int tokens,
                                        hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st =
-        kv_seg_check(kv, layer_first, num_layers, head_first, num_heads, token_first, tokens, err);
+    hx_status st = hx_cuda_kv_seg_check(kv, layer_first, num_layers, head_first, num_heads,
+                                        token_first, tokens, err);
     if (st != HX_OK)
         return st;
     const int64_t n = (int64_t)num_layers * 2 * num_heads * tokens * (kv->head_dim / 8);

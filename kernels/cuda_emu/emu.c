@@ -54,6 +54,7 @@
 #define _POSIX_C_SOURCE 200809L
 #endif
 #include "kernels/cuda_emu/emu.h"
+#include "kernels/cuda_rules.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -1250,7 +1251,6 @@ hx_status hx_cuda_fill_uniform_f32(float *d_dst, int64_t n, uint64_t seed, float
 
 #define HX_BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
 #define HX_GEMV_MAX_ROWS 8
-#define GEMVN_SMEM_MAX (44 * 1024)
 
 hx_status hx_cuda_blas_new(int gemv_max_rows, hx_cuda_blas **out, hx_err *err)
 {
@@ -1331,29 +1331,15 @@ static void run_gemm(const void *p)
     free(wf);
 }
 
-static int use_gemv(const hx_cuda_blas *b, int rows, int in, int out)
-{
-    if (rows < 1 || rows > b->gemv_max_rows || in % 8 != 0)
-        return 0;
-    return rows <= 4 || (int64_t)in * out <= ((int64_t)8 << 20);
-}
-
-static hx_status check_dims(int rows, int in, int out, hx_err *err)
-{
-    if (rows < 1 || in < 1 || out < 1)
-        return hx_err_set(err, HX_EINVAL, "cuda gemm: bad sizes rows %d, in %d, out %d", rows, in,
-                          out);
-    return HX_OK;
-}
-
 hx_status hx_cuda_gemm(hx_cuda_blas *b, void *d_y, int y_bf16, const hx_bf16 *d_x,
                        const hx_bf16 *d_w, int rows, int in, int out, float beta,
                        hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = check_dims(rows, in, out, err);
+    hx_status st = hx_cuda_gemm_check(rows, in, out, err);
     if (st != HX_OK)
         return st;
-    gemm_args a = {d_y, d_x, d_w, y_bf16 != 0, rows, in, out, beta, use_gemv(b, rows, in, out)};
+    gemm_args a = {d_y, d_x, d_w, y_bf16 != 0, rows, in, out, beta,
+                   hx_cuda_use_gemv(b->gemv_max_rows, rows, in, out)};
     if (a.gemv)
         return emu_launch(stream, run_gemm, &a, sizeof a, "gemv", err);
     return launch(stream, run_gemm, &a, sizeof a, "cublasGemmEx", 1, err);
@@ -1363,7 +1349,7 @@ hx_status hx_cuda_gemm_swiglu(hx_cuda_blas *b, float *d_y, const hx_bf16 *d_gate
                               const hx_bf16 *d_w, hx_bf16 *d_act, int rows, int ff, int out,
                               hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = check_dims(rows, ff, out, err);
+    hx_status st = hx_cuda_gemm_check(rows, ff, out, err);
     if (st == HX_OK)
         st = hx_cuda_swiglu(d_act, d_gate_up, rows, ff, stream, err);
     if (st == HX_OK)
@@ -1424,20 +1410,14 @@ static void run_gemv_norm(const void *p)
     free(acc);
 }
 
-static int use_gemv_norm(const hx_cuda_blas *b, int rows, int in, int out, int max_rows)
-{
-    return rows <= max_rows && use_gemv(b, rows, in, out) &&
-           (size_t)rows * in * 2 <= GEMVN_SMEM_MAX;
-}
-
 hx_status hx_cuda_gemm_rmsnorm(hx_cuda_blas *b, float *d_y, float *d_x, const float *d_norm_w,
                                float eps, hx_bf16 *d_h, const hx_bf16 *d_w, int rows, int in,
                                int out, hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = check_dims(rows, in, out, err);
+    hx_status st = hx_cuda_gemm_check(rows, in, out, err);
     if (st != HX_OK)
         return st;
-    if (use_gemv_norm(b, rows, in, out, 1)) { /* one kernel; d_h untouched */
+    if (hx_cuda_use_gemv_norm(b->gemv_max_rows, rows, in, out, 1)) { /* one kernel; d_h untouched */
         gemvn_args a = {d_y, d_x, d_norm_w, d_w, eps, rows, in, out, 0};
         return emu_launch(stream, run_gemv_norm, &a, sizeof a, "gemv_rmsnorm", err);
     }
@@ -1452,10 +1432,11 @@ hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act, hx_bf16 *
                                       const hx_bf16 *d_w, int rows, int in, int ff,
                                       hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = check_dims(rows, in, ff, err);
+    hx_status st = hx_cuda_gemm_check(rows, in, ff, err);
     if (st != HX_OK)
         return st;
-    if (use_gemv_norm(b, rows, in, 2 * ff, 2)) { /* one kernel; d_h and d_gu untouched */
+    /* one kernel; d_h and d_gu untouched */
+    if (hx_cuda_use_gemv_norm(b->gemv_max_rows, rows, in, 2 * ff, 2)) {
         gemvn_args a = {d_act, d_x, d_norm_w, d_w, eps, rows, in, 2 * ff, 1};
         return emu_launch(stream, run_gemv_norm, &a, sizeof a, "gemv_rmsnorm_swiglu", err);
     }
@@ -1691,20 +1672,6 @@ hx_status hx_cuda_swiglu(hx_bf16 *d_out, const hx_bf16 *d_gate_up, int rows, int
 
 /* ---- attention ------------------------------------------------------------------------------- */
 
-static hx_status attn_check(const hx_cuda_kv_layout *kv, int layer, int heads, hx_err *err)
-{
-    if (kv->head_dim != 64 && kv->head_dim != 128)
-        return hx_err_set(err, HX_ENOTSUP, "cuda attention: head_dim %d (64 or 128 supported)",
-                          kv->head_dim);
-    if (kv->kv_heads < 1 || heads % kv->kv_heads || heads / kv->kv_heads > 8)
-        return hx_err_set(err, HX_ENOTSUP,
-                          "cuda attention: %d heads over %d KV heads (at most 8 per KV head)",
-                          heads, kv->kv_heads);
-    if (layer < 0 || layer >= kv->layers)
-        return hx_err_set(err, HX_EINVAL, "cuda attention: layer %d of %d", layer, kv->layers);
-    return HX_OK;
-}
-
 /*
  * Rows of a sequence's K and V of one layer and KV head, through its block
  * table: K (or V with which 1) of position j at the returned address, after
@@ -1881,7 +1848,7 @@ hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx
                                     int n_seqs, int max_n, int heads, hx_cuda_stream *stream,
                                     hx_err *err)
 {
-    hx_status st = attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
     if (st != HX_OK)
         return st;
     if (n_seqs < 1 || max_n < 1 || n_seqs > 65535)
@@ -1899,22 +1866,9 @@ hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx
 #define DC_MAX_G 8
 #define DC_CHUNK HX_CUDA_DECODE_CHUNK_MAX
 
-static int decode_chunk(int len, int parts, int min_chunk)
-{
-    int c = (len + parts - 1) / parts;
-    c = (c + 31) & ~31;
-    return c < min_chunk ? min_chunk : (c > DC_CHUNK ? DC_CHUNK : c);
-}
-
-/* The workspace's record per sequence, in floats (attention.cu's layout). */
-static size_t decode_rec_floats(int heads, int D, int parts)
-{
-    return (size_t)((heads + 3) & ~3) + (size_t)heads * parts * (D + 2);
-}
-
 size_t hx_cuda_decode_attention_workspace(int n_seqs, int heads, int head_dim, int max_parts)
 {
-    return (size_t)n_seqs * decode_rec_floats(heads, head_dim, max_parts) * sizeof(float);
+    return (size_t)n_seqs * hx_cuda_decode_rec_floats(heads, head_dim, max_parts) * sizeof(float);
 }
 
 typedef struct decode_args {
@@ -1943,7 +1897,7 @@ static void run_decode(const void *p)
     const int TPK = D / 4, NG = DC_THREADS / TPK; /* P V: a thread per (4 dimensions, key group) */
     const float scale_log2 = LOG2E / sqrtf((float)D);
     const int min_chunk = a->n_seqs * K >= 256 ? DC_CHUNK : 32;
-    const size_t rec = decode_rec_floats(a->heads, D, parts);
+    const size_t rec = hx_cuda_decode_rec_floats(a->heads, D, parts);
     kbuf qb = kb(a->q, "d_q"), ob = kb(a->out, "d_out"), cb = kb(a->cache, "d_cache"),
          tb = kb(a->bt, "d_block_tables"), wb = kb(a->work, "d_part");
     if (!emu_need(a->len, (size_t)a->n_seqs * 4, "d_len") ||
@@ -1961,7 +1915,7 @@ static void run_decode(const void *p)
                 memset((void *)orow, 0, (size_t)G * D * 2);
                 continue;
             }
-            const int chunk = decode_chunk(len, parts, min_chunk);
+            const int chunk = hx_cuda_decode_chunk(len, parts, min_chunk);
             const int np0 = (len + chunk - 1) / chunk, np = np0 < parts ? np0 : parts;
             if (!emu_need(a->slot + s, 4, "d_slot"))
                 return;
@@ -2080,7 +2034,7 @@ hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_
                                    int max_parts, int heads, float *d_part,
                                    hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
     if (st != HX_OK)
         return st;
     if (n_seqs < 1 || n_seqs > 65535 || max_parts < 1 || max_parts > 65535)
@@ -2369,30 +2323,13 @@ static void run_kv_seg(const void *p)
                 }
 }
 
-static hx_status kv_seg_check(const hx_cuda_kv_layout *kv, int layer_first, int num_layers,
-                              int head_first, int num_heads, int token_first, int tokens,
-                              hx_err *err)
-{
-    /* block_tokens < 1: the GPU build's check divides by it (a crash there) */
-    if (kv->block_tokens < 1 || kv->head_dim % 8 || num_layers < 1 || num_heads < 1 ||
-        tokens < 1 || layer_first < 0 || head_first < 0 || token_first < 0 ||
-        layer_first + num_layers > kv->layers || head_first + num_heads > kv->kv_heads ||
-        (token_first + tokens + kv->block_tokens - 1) / kv->block_tokens > kv->max_blocks_per_seq)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda kv segment: layers [%d, +%d), heads [%d, +%d), tokens [%d, +%d) "
-                          "outside the cache (%d layers, %d heads, head_dim %d)",
-                          layer_first, num_layers, head_first, num_heads, token_first, tokens,
-                          kv->layers, kv->kv_heads, kv->head_dim);
-    return HX_OK;
-}
-
 hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache, const hx_cuda_kv_layout *kv,
                           const int *d_blocks, int layer_first, int num_layers, int head_first,
                           int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
                           hx_err *err)
 {
-    hx_status st =
-        kv_seg_check(kv, layer_first, num_layers, head_first, num_heads, token_first, tokens, err);
+    hx_status st = hx_cuda_kv_seg_check(kv, layer_first, num_layers, head_first, num_heads,
+                                        token_first, tokens, err);
     if (st != HX_OK)
         return st;
     kvseg_args a = {d_seg,      (hx_bf16 *)(uintptr_t)d_cache, *kv,        d_blocks,
@@ -2406,8 +2343,8 @@ hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_
                             int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
                             hx_err *err)
 {
-    hx_status st =
-        kv_seg_check(kv, layer_first, num_layers, head_first, num_heads, token_first, tokens, err);
+    hx_status st = hx_cuda_kv_seg_check(kv, layer_first, num_layers, head_first, num_heads,
+                                        token_first, tokens, err);
     if (st != HX_OK)
         return st;
     kvseg_args a = {(float *)(uintptr_t)d_seg, d_cache,    *kv,       d_blocks,
