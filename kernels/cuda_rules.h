@@ -86,6 +86,51 @@ static inline hx_status hx_cuda_attn_check(const hx_cuda_kv_layout *kv, int laye
     return HX_OK;
 }
 
+/* hx_cuda_prefill_attention's arguments: the shapes, then n_seqs sequences of at most max_n
+   rows. */
+static inline hx_status hx_cuda_prefill_check(const hx_cuda_kv_layout *kv, int layer, int heads,
+                                              int n_seqs, int max_n, hx_err *err)
+{
+    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
+    if (st == HX_OK && (n_seqs < 1 || max_n < 1 || n_seqs > 65535))
+        st = hx_err_set(err, HX_EINVAL, "cuda prefill attention: %d sequences, max_n %d", n_seqs,
+                        max_n);
+    return st;
+}
+
+/* hx_cuda_decode_attention's arguments: the shapes, then n_seqs sequences over max_parts. */
+static inline hx_status hx_cuda_decode_check(const hx_cuda_kv_layout *kv, int layer, int heads,
+                                             int n_seqs, int max_parts, hx_err *err)
+{
+    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
+    if (st == HX_OK && (n_seqs < 1 || n_seqs > 65535 || max_parts < 1 || max_parts > 65535))
+        st = hx_err_set(err, HX_EINVAL, "cuda decode attention: %d sequences, %d parts", n_seqs,
+                        max_parts);
+    return st;
+}
+
+/* hx_cuda_to_bf16's source dtype and count. */
+static inline hx_status hx_cuda_to_bf16_check(int src_dtype, int64_t n, hx_err *err)
+{
+    if (n < 0 || (src_dtype != HX_CUDA_DTYPE_F32 && src_dtype != HX_CUDA_DTYPE_BF16 &&
+                  src_dtype != HX_CUDA_DTYPE_F16))
+        return hx_err_set(err, HX_EINVAL, "cuda to_bf16: bad dtype %d or count %lld", src_dtype,
+                          (long long)n);
+    return HX_OK;
+}
+
+/* hx_cuda_memcpy_2d_async's rows fit their pitches. */
+static inline hx_status hx_cuda_copy_2d_check(size_t dst_pitch, size_t src_pitch,
+                                              size_t width_bytes, hx_err *err)
+{
+    if (width_bytes > dst_pitch || width_bytes > src_pitch)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda: 2-d copy: rows of %zu bytes wider than the pitches (dst %zu, "
+                          "src %zu)",
+                          width_bytes, dst_pitch, src_pitch);
+    return HX_OK;
+}
+
 /* A KV segment (layers, heads, tokens) of a sequence of the paged cache kv. */
 static inline hx_status hx_cuda_kv_seg_check(const hx_cuda_kv_layout *kv, int layer_first,
                                              int num_layers, int head_first, int num_heads,

@@ -778,12 +778,9 @@ hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_bf16 *d_c
                           const int *d_slot, const int *d_row0, const int *d_pos0, const int *d_n,
                           int n_seqs, int max_n, int heads, hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_prefill_check(kv, layer, heads, n_seqs, max_n, err);
     if (st != HX_OK)
         return st;
-    if (n_seqs < 1 || max_n < 1 || n_seqs > 65535)
-        return hx_err_set(err, HX_EINVAL, "cuda prefill attention: %d sequences, max_n %d", n_seqs,
-                          max_n);
     __nv_bfloat16 *out = reinterpret_cast<__nv_bfloat16 *>(d_out);
     const __nv_bfloat16 *q = reinterpret_cast<const __nv_bfloat16 *>(d_q);
     const __nv_bfloat16 *c = reinterpret_cast<const __nv_bfloat16 *>(d_cache);
@@ -1478,12 +1475,9 @@ extern "C" hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q
                                               int n_seqs, int max_parts, int heads, float *d_part,
                                               hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_decode_check(kv, layer, heads, n_seqs, max_parts, err);
     if (st != HX_OK)
         return st;
-    if (n_seqs < 1 || n_seqs > 65535 || max_parts < 1 || max_parts > 65535)
-        return hx_err_set(err, HX_EINVAL, "cuda decode attention: %d sequences, %d parts", n_seqs,
-                          max_parts);
     __nv_bfloat16 *out = reinterpret_cast<__nv_bfloat16 *>(d_out);
     const __nv_bfloat16 *q = reinterpret_cast<const __nv_bfloat16 *>(d_q);
     const __nv_bfloat16 *c = reinterpret_cast<const __nv_bfloat16 *>(d_cache);

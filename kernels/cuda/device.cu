@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "common.cuh"
+#include "kernels/cuda_rules.h"
 
 extern "C" int hx_cuda_available(void)
 {
@@ -192,11 +193,9 @@ extern "C" hx_status hx_cuda_memcpy_2d_async(void *dst, size_t dst_pitch, const 
 {
     if (width_bytes == 0 || rows == 0)
         return HX_OK;
-    if (width_bytes > dst_pitch || width_bytes > src_pitch)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda: 2-d copy: rows of %zu bytes wider than the pitches (dst %zu, "
-                          "src %zu)",
-                          width_bytes, dst_pitch, src_pitch);
+    hx_status st = hx_cuda_copy_2d_check(dst_pitch, src_pitch, width_bytes, err);
+    if (st != HX_OK)
+        return st;
     return hx_cuda_err(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width_bytes, rows,
                                          cudaMemcpyDefault, HX_STREAM(stream)),
                        err, "cudaMemcpy2DAsync");

@@ -35,10 +35,9 @@ __global__ void to_bf16_kernel(__nv_bfloat16 *dst, const void *src, int dtype, i
 extern "C" hx_status hx_cuda_to_bf16(hx_bf16 *d_dst, const void *d_src, int src_dtype, int64_t n,
                                      hx_cuda_stream *stream, hx_err *err)
 {
-    if (n < 0 || (src_dtype != HX_CUDA_DTYPE_F32 && src_dtype != HX_CUDA_DTYPE_BF16 &&
-                  src_dtype != HX_CUDA_DTYPE_F16))
-        return hx_err_set(err, HX_EINVAL, "cuda to_bf16: bad dtype %d or count %lld", src_dtype,
-                          (long long)n);
+    hx_status st = hx_cuda_to_bf16_check(src_dtype, n, err);
+    if (st != HX_OK)
+        return st;
     if (n == 0)
         return HX_OK;
     hx_launch(to_bf16_kernel, grid_for(n, 256), 256, 0, HX_STREAM(stream),

@@ -934,11 +934,9 @@ hx_status hx_cuda_memcpy_2d_async(void *dst, size_t dst_pitch, const void *src, 
 {
     if (width_bytes == 0 || rows == 0)
         return HX_OK;
-    if (width_bytes > dst_pitch || width_bytes > src_pitch)
-        return hx_err_set(err, HX_EINVAL,
-                          "cuda: 2-d copy: rows of %zu bytes wider than the pitches (dst %zu, "
-                          "src %zu)",
-                          width_bytes, dst_pitch, src_pitch);
+    hx_status st = hx_cuda_copy_2d_check(dst_pitch, src_pitch, width_bytes, err);
+    if (st != HX_OK)
+        return st;
     return copy_async("cudaMemcpy2DAsync", dst, dst_pitch, src, src_pitch, width_bytes, rows,
                       stream, err);
 }
@@ -1163,10 +1161,9 @@ static void run_to_bf16(const void *p)
 hx_status hx_cuda_to_bf16(hx_bf16 *d_dst, const void *d_src, int src_dtype, int64_t n,
                           hx_cuda_stream *stream, hx_err *err)
 {
-    if (n < 0 || (src_dtype != HX_CUDA_DTYPE_F32 && src_dtype != HX_CUDA_DTYPE_BF16 &&
-                  src_dtype != HX_CUDA_DTYPE_F16))
-        return hx_err_set(err, HX_EINVAL, "cuda to_bf16: bad dtype %d or count %lld", src_dtype,
-                          (long long)n);
+    hx_status st = hx_cuda_to_bf16_check(src_dtype, n, err);
+    if (st != HX_OK)
+        return st;
     if (n == 0)
         return HX_OK;
     conv_args a = {d_dst, d_src, src_dtype, n};
@@ -1848,12 +1845,9 @@ hx_status hx_cuda_prefill_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx
                                     int n_seqs, int max_n, int heads, hx_cuda_stream *stream,
                                     hx_err *err)
 {
-    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_prefill_check(kv, layer, heads, n_seqs, max_n, err);
     if (st != HX_OK)
         return st;
-    if (n_seqs < 1 || max_n < 1 || n_seqs > 65535)
-        return hx_err_set(err, HX_EINVAL, "cuda prefill attention: %d sequences, max_n %d", n_seqs,
-                          max_n);
     static const char *const name[4] = {"", "prefill_attention", "prefill_attention_mma",
                                         "prefill_attention_fa"};
     const int v = prefill_variant_now();
@@ -2034,12 +2028,9 @@ hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_
                                    int max_parts, int heads, float *d_part,
                                    hx_cuda_stream *stream, hx_err *err)
 {
-    hx_status st = hx_cuda_attn_check(kv, layer, heads, err);
+    hx_status st = hx_cuda_decode_check(kv, layer, heads, n_seqs, max_parts, err);
     if (st != HX_OK)
         return st;
-    if (n_seqs < 1 || n_seqs > 65535 || max_parts < 1 || max_parts > 65535)
-        return hx_err_set(err, HX_EINVAL, "cuda decode attention: %d sequences, %d parts", n_seqs,
-                          max_parts);
     decode_args a = {d_out, d_q, d_cache, *kv, layer, d_block_tables, d_slot, d_row, d_len,
                      n_seqs, max_parts, heads, d_part};
     return emu_launch(stream, run_decode, &a, sizeof a, "decode_attention", err);
