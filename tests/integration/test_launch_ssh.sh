@@ -19,7 +19,7 @@ PASS=0
 FAIL=0
 ok() { PASS=$((PASS + 1)); echo "ok   $*"; }
 bad() { FAIL=$((FAIL + 1)); echo "FAIL $*"; }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; return 1; fi; }
 
 cleanup() {
     for p in "$DIR"/*.json; do [ -f "$p" ] && "$HX" stop --plan "$p" >/dev/null 2>&1; done
@@ -182,7 +182,8 @@ check "sharded model: stop leaves nothing" nothing_left
 out=$("$HX" launch --plan "$DIR/ok.json" --model "$DIR/model" --worker-args "--threads 1" \
       --timeout 120 2>"$DIR/back.err")
 rc=$?
-check "one-file model after the sharded one: launch (exit $rc)" [ "$rc" = 0 ]
+check "one-file model after the sharded one: launch (exit $rc)" [ "$rc" = 0 ] ||
+    sed 's/^/    /' "$DIR/back.err"
 check "...its completions equal generate" \
     [ "$(completion "$(echo "$out" | tail -n 1)" "hello world")" = "$(reference "hello world")" ]
 check "...and the sharded model's index and shards are gone from h2" \
