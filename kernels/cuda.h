@@ -367,18 +367,19 @@ hx_status hx_cuda_sample(int *d_tokens, const float *d_logits, int rows, int voc
  * Positions token_first .. token_first + tokens - 1 of local layers
  * [layer_first, +num_layers) and KV heads [head_first, +num_heads) of the
  * sequence with block table d_blocks (one row) between the paged bf16 cache
- * and a segment payload (runtime/kvcache.h layout):
- *   d_seg: [num_layers][2][num_heads][tokens][head_dim] fp32
- * pack widens exactly; unpack rounds to bf16 (nearest even).
+ * and a segment payload (runtime/kvcache.h layout; 16-byte aligned):
+ *   d_seg: [num_layers][2][num_heads][tokens][head_dim] fp32, or bf16 when seg_bf16
+ * A bf16 payload is the cache's values, bit for bit, either way; with fp32,
+ * pack widens exactly and unpack rounds to bf16 (nearest even).
  */
-hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache, const hx_cuda_kv_layout *kv,
-                          const int *d_blocks, int layer_first, int num_layers, int head_first,
-                          int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
-                          hx_err *err);
-hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_kv_layout *kv,
-                            const int *d_blocks, int layer_first, int num_layers, int head_first,
-                            int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
-                            hx_err *err);
+hx_status hx_cuda_kv_pack(void *d_seg, int seg_bf16, const hx_bf16 *d_cache,
+                          const hx_cuda_kv_layout *kv, const int *d_blocks, int layer_first,
+                          int num_layers, int head_first, int num_heads, int token_first,
+                          int tokens, hx_cuda_stream *stream, hx_err *err);
+hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const void *d_seg, int seg_bf16,
+                            const hx_cuda_kv_layout *kv, const int *d_blocks, int layer_first,
+                            int num_layers, int head_first, int num_heads, int token_first,
+                            int tokens, hx_cuda_stream *stream, hx_err *err);
 
 /* ---- NCCL (tensor-parallel all-reduce, KV send/recv between groups) ----------------------- */
 

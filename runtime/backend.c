@@ -745,6 +745,16 @@ hx_status hx_backend_step(hx_backend *b, const hx_batch_event **events, int *n_e
                    hx_batch_step(b->eng, events, n_events, err));
 }
 
+int hx_backend_kv_dtype(const hx_backend *b)
+{
+#ifdef HX_HAVE_CUDA
+    if (b->cuda)
+        return HX_KV_DTYPE_BF16;
+#endif
+    (void)b;
+    return HX_KV_DTYPE_F32;
+}
+
 hx_status hx_backend_pack_kv(hx_backend *b, uint64_t id, int layer_first, int num_layers,
                              int head_first, int num_heads, void *out, size_t out_size,
                              size_t *out_bytes, hx_err *err)

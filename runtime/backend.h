@@ -88,9 +88,13 @@ hx_status hx_backend_step(hx_backend *b, const hx_batch_event **events, int *n_e
 
 /*
  * Packs request id's KV of model-wide layers [layer_first, +num_layers) and
- * KV heads [head_first, +num_heads) as an hx_kvcache_pack segment into
- * out[0..out_size) (caller-owned, 4-byte aligned).
+ * KV heads [head_first, +num_heads) as a segment (runtime/kvcache.h) into
+ * out[0..out_size) (caller-owned, 4-byte aligned), in the dtype of the
+ * engine's cache, hx_backend_kv_dtype: HX_KV_DTYPE_F32 for cpu,
+ * HX_KV_DTYPE_BF16 for cuda (so nothing is lost, and a GPU's KV travels in
+ * half the bytes). hx_kv_segment_bytes with that dtype gives the size.
  */
+int hx_backend_kv_dtype(const hx_backend *b);
 hx_status hx_backend_pack_kv(hx_backend *b, uint64_t id, int layer_first, int num_layers,
                              int head_first, int num_heads, void *out, size_t out_size,
                              size_t *out_bytes, hx_err *err);

@@ -139,7 +139,7 @@ struct hx_cuda_engine {
     hx_cuda_graph *graph[MAX_BUCKETS];
 
     /* KV segment staging */
-    float *d_seg; /* [seg_layers][2][K][max_seq_tokens][D] */
+    float *d_seg; /* [seg_layers][2][K][max_seq_tokens][D] fp32 (or the same in bf16) */
     int seg_layers;
     hx_cpu_pool *crc_pool; /* checksums packed segments in pieces */
 
@@ -1047,7 +1047,8 @@ static hx_status check_segment(const hx_cuda_engine *e, const hx_batch_request *
                           "prompt's are 0-%d",
                           id, i, g->token_first, (long long)g->token_first + g->tokens - 1,
                           req->n_prompt - 1);
-    if (g->dtype != HX_KV_DTYPE_F32)
+    const int eb = hx_kv_dtype_bytes(g->dtype);
+    if (eb == 0)
         return hx_err_set(err, HX_EINVAL, "cuda engine: request %llu: segment %d: dtype %d", id,
                           i, g->dtype);
     if (g->head_dim != e->D)
@@ -1064,13 +1065,13 @@ static hx_status check_segment(const hx_cuda_engine *e, const hx_batch_request *
                           id, i, g->layer_first, g->num_layers, g->head_first, g->num_heads,
                           e->l0, e->L, e->kh0, e->K);
     const uint64_t want =
-        (uint64_t)g->num_layers * 2 * g->num_heads * (uint64_t)g->tokens * g->head_dim * 4;
-    if (g->payload_bytes != want || !g->payload || ((uintptr_t)g->payload % 4) != 0)
+        (uint64_t)g->num_layers * 2 * g->num_heads * (uint64_t)g->tokens * g->head_dim * eb;
+    if (g->payload_bytes != want || !g->payload || ((uintptr_t)g->payload % eb) != 0)
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: request %llu: segment %d: payload of %llu bytes at %p "
-                          "(expected %llu, 4-byte aligned)",
-                          id, i, (unsigned long long)g->payload_bytes, (const void *)g->payload,
-                          (unsigned long long)want);
+                          "(expected %llu, %d-byte aligned)",
+                          id, i, (unsigned long long)g->payload_bytes, g->payload,
+                          (unsigned long long)want, eb);
     return HX_OK;
 }
 
@@ -1113,13 +1114,16 @@ hx_status hx_cuda_engine_add_prefilled(hx_cuda_engine *e, const hx_batch_request
     const int *d_row = e->d_bt + (size_t)slot * e->mbps;
     for (int i = 0; i < n_segs && st == HX_OK; i++) {
         const hx_kv_segment *g = &segs[i];
-        const size_t layer_floats = (size_t)2 * g->num_heads * g->tokens * g->head_dim;
+        const int bf16 = g->dtype == HX_KV_DTYPE_BF16;
+        const size_t layer_bytes = (size_t)2 * g->num_heads * g->tokens * g->head_dim *
+                                   (size_t)hx_kv_dtype_bytes(g->dtype);
         for (int l0 = 0; l0 < g->num_layers && st == HX_OK; l0 += e->seg_layers) {
             const int nl = g->num_layers - l0 < e->seg_layers ? g->num_layers - l0 : e->seg_layers;
-            st = hx_cuda_memcpy_async(e->d_seg, g->payload + (size_t)l0 * layer_floats,
-                                      (size_t)nl * layer_floats * 4, e->stream, err);
+            st = hx_cuda_memcpy_async(e->d_seg,
+                                      (const unsigned char *)g->payload + (size_t)l0 * layer_bytes,
+                                      (size_t)nl * layer_bytes, e->stream, err);
             if (st == HX_OK)
-                st = hx_cuda_kv_unpack(e->kv, e->d_seg, &e->kvl, d_row,
+                st = hx_cuda_kv_unpack(e->kv, e->d_seg, bf16, &e->kvl, d_row,
                                        g->layer_first - e->l0 + l0, nl, g->head_first - e->kh0,
                                        g->num_heads, 0, g->tokens, e->stream, err);
         }
@@ -1275,7 +1279,7 @@ hx_status hx_cuda_engine_pack_kv_device(hx_cuda_engine *e, uint64_t id, int laye
                               &tokens, err);
     if (st != HX_OK)
         return st;
-    const size_t need = (size_t)num_layers * 2 * num_heads * tokens * e->D * 4;
+    const size_t need = (size_t)num_layers * 2 * num_heads * tokens * e->D * sizeof(hx_bf16);
     if (out_size < need || ((uintptr_t)d_out % 16) != 0)
         return hx_err_set(err, HX_ERANGE,
                           "cuda engine: request %llu: the payload needs %zu bytes (16-byte "
@@ -1283,7 +1287,7 @@ hx_status hx_cuda_engine_pack_kv_device(hx_cuda_engine *e, uint64_t id, int laye
                           (unsigned long long)id, need, out_size);
     if ((st = hx_cuda_set_device(e->opt.device, err)) != HX_OK)
         return st;
-    st = hx_cuda_kv_pack(d_out, e->kv, &e->kvl, e->d_bt + (size_t)slot * e->mbps,
+    st = hx_cuda_kv_pack(d_out, 1, e->kv, &e->kvl, e->d_bt + (size_t)slot * e->mbps,
                          layer_first - e->l0, num_layers, head_first - e->kh0, num_heads, 0,
                          tokens, e->stream, err);
     if (st == HX_OK)
@@ -1302,25 +1306,26 @@ hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first
                                &tokens, err);
     if (pst != HX_OK)
         return pst;
-    const size_t need = hx_kv_segment_bytes(num_layers, num_heads, tokens, e->D);
+    const size_t need = hx_kv_segment_bytes(HX_KV_DTYPE_BF16, num_layers, num_heads, tokens, e->D);
     if (need == 0 || out_size < need)
         return hx_err_set(err, HX_ERANGE,
                           "cuda engine: request %llu: the segment needs %zu bytes; the buffer "
                           "holds %zu",
                           (unsigned long long)id, need, out_size);
-    if (((uintptr_t)out % 4) != 0)
-        return hx_err_set(err, HX_EINVAL, "cuda engine: segment buffer is not 4-byte aligned");
+    if (((uintptr_t)out % 2) != 0)
+        return hx_err_set(err, HX_EINVAL, "cuda engine: segment buffer is not 2-byte aligned");
     hx_status st = hx_cuda_set_device(e->opt.device, err);
     if (st != HX_OK)
         return st;
     unsigned char *h = out;
     const uint64_t payload = (uint64_t)(need - HX_KV_SEGMENT_HEADER_BYTES);
-    hx_kv_segment_begin(h, layer_first, num_layers, head_first, num_heads, tokens, e->D);
-    const size_t layer_bytes = (size_t)2 * num_heads * tokens * e->D * 4;
+    hx_kv_segment_begin(h, HX_KV_DTYPE_BF16, layer_first, num_layers, head_first, num_heads,
+                        tokens, e->D);
+    const size_t layer_bytes = (size_t)2 * num_heads * tokens * e->D * sizeof(hx_bf16);
     const int *d_row = e->d_bt + (size_t)slot * e->mbps;
     for (int l0 = 0; l0 < num_layers && st == HX_OK; l0 += e->seg_layers) {
         const int nl = num_layers - l0 < e->seg_layers ? num_layers - l0 : e->seg_layers;
-        st = hx_cuda_kv_pack(e->d_seg, e->kv, &e->kvl, d_row, layer_first - e->l0 + l0, nl,
+        st = hx_cuda_kv_pack(e->d_seg, 1, e->kv, &e->kvl, d_row, layer_first - e->l0 + l0, nl,
                              head_first - e->kh0, num_heads, 0, tokens, e->stream, err);
         if (st == HX_OK)
             st = hx_cuda_memcpy_async(h + HX_KV_SEGMENT_HEADER_BYTES + (size_t)l0 * layer_bytes,

@@ -151,11 +151,12 @@ int64_t hx_cuda_engine_kv_bytes_per_token(const hx_cuda_engine *e); /* all layer
 hx_status hx_cuda_engine_add(hx_cuda_engine *e, const hx_batch_request *req, hx_err *err);
 
 /*
- * As hx_batch_add_prefilled: segs[0..n_segs) (fp32 payloads, borrowed)
- * hold positions 0 .. n_prompt-1 of layer and KV-head ranges (model-wide
- * indices) covering this engine's slice; they are rounded to bf16 into the
- * cache. first_token is
- * generated token 0 (already delivered): the first event has index 1.
+ * As hx_batch_add_prefilled: segs[0..n_segs) (payloads borrowed, in host
+ * memory or this engine's device memory) hold positions 0 .. n_prompt-1 of
+ * layer and KV-head ranges (model-wide indices) covering this engine's
+ * slice; bf16 ones are copied into the cache as they are, fp32 ones rounded
+ * to bf16. first_token is generated token 0 (already delivered): the first
+ * event has index 1.
  */
 hx_status hx_cuda_engine_add_prefilled(hx_cuda_engine *e, const hx_batch_request *req,
                                        int first_token, const hx_kv_segment *segs, int n_segs,
@@ -167,12 +168,13 @@ int hx_cuda_engine_seq_tokens(const hx_cuda_engine *e, uint64_t id);
 /*
  * Packs request id's KV (positions 0 .. seq_tokens-1) of the model-wide
  * layers [layer_first, +num_layers) and KV heads [head_first, +num_heads)
- * into out[0..out_size) as an hx_kvcache_pack segment (fp32, checksummed),
- * widening the bf16 cache exactly. out is caller-owned and 4-byte aligned;
+ * into out[0..out_size) as a bf16 segment (runtime/kvcache.h; the cache's
+ * values bit for bit, checksummed). out is caller-owned and 2-byte aligned;
  * page-locked memory (hx_cuda_host_alloc) makes the transfer direct.
  * *out_bytes (may be NULL) gets the segment's size. HX_ENOENT for an
  * unknown id, HX_EINVAL for an empty sequence or ranges outside the model,
- * HX_ERANGE for a buffer too small (hx_kv_segment_bytes says how much).
+ * HX_ERANGE for a buffer too small (hx_kv_segment_bytes with
+ * HX_KV_DTYPE_BF16 says how much).
  */
 hx_status hx_cuda_engine_pack_kv(hx_cuda_engine *e, uint64_t id, int layer_first,
                                  int num_layers, int head_first, int num_heads, void *out,

@@ -550,11 +550,18 @@ static int host_little_endian(void)
 }
 
 /* Payload bytes for these counts, 0 when one is below 1 or the size overflows. */
-static uint64_t payload_bytes_for(int64_t layers, int64_t heads, int64_t tokens, int64_t d)
+int hx_kv_dtype_bytes(int dtype)
 {
-    if (layers < 1 || heads < 1 || tokens < 1 || d < 1)
+    return dtype == HX_KV_DTYPE_F32 ? 4 : dtype == HX_KV_DTYPE_BF16 ? 2 : 0;
+}
+
+static uint64_t payload_bytes_for(int dtype, int64_t layers, int64_t heads, int64_t tokens,
+                                  int64_t d)
+{
+    const int eb = hx_kv_dtype_bytes(dtype);
+    if (eb == 0 || layers < 1 || heads < 1 || tokens < 1 || d < 1)
         return 0;
-    uint64_t n = 2 * sizeof(float);
+    uint64_t n = 2 * (uint64_t)eb;
     const int64_t f[4] = {layers, heads, tokens, d};
     for (int i = 0; i < 4; i++) {
         if ((uint64_t)f[i] > UINT64_MAX / n)
@@ -564,24 +571,24 @@ static uint64_t payload_bytes_for(int64_t layers, int64_t heads, int64_t tokens,
     return n;
 }
 
-size_t hx_kv_segment_bytes(int num_layers, int num_heads, int tokens, int head_dim)
+size_t hx_kv_segment_bytes(int dtype, int num_layers, int num_heads, int tokens, int head_dim)
 {
-    uint64_t p = payload_bytes_for(num_layers, num_heads, tokens, head_dim);
+    uint64_t p = payload_bytes_for(dtype, num_layers, num_heads, tokens, head_dim);
     if (p == 0 || p > (uint64_t)SIZE_MAX - HX_KV_SEGMENT_HEADER_BYTES)
         return 0;
     return (size_t)p + HX_KV_SEGMENT_HEADER_BYTES;
 }
 
-void hx_kv_segment_begin(void *seg, int layer_first, int num_layers, int head_first,
+void hx_kv_segment_begin(void *seg, int dtype, int layer_first, int num_layers, int head_first,
                          int num_heads, int tokens, int head_dim)
 {
     unsigned char *h = seg;
-    const size_t bytes = hx_kv_segment_bytes(num_layers, num_heads, tokens, head_dim);
+    const size_t bytes = hx_kv_segment_bytes(dtype, num_layers, num_heads, tokens, head_dim);
     memset(h, 0, HX_KV_SEGMENT_HEADER_BYTES);
     memcpy(h, HX_KV_SEGMENT_MAGIC, 4);
     put_u32(h + 4, HX_KV_SEGMENT_VERSION);
     put_u32(h + 8, HX_KV_SEGMENT_HEADER_BYTES);
-    put_u32(h + 12, HX_KV_DTYPE_F32);
+    put_u32(h + 12, (uint32_t)dtype);
     put_u32(h + 16, (uint32_t)layer_first);
     put_u32(h + 20, (uint32_t)num_layers);
     put_u32(h + 24, (uint32_t)head_first);
@@ -644,7 +651,7 @@ static hx_status check_out(const char *what, int num_layers, int num_heads, int 
 {
     if (!host_little_endian())
         return hx_err_set(err, HX_ENOTSUP, "%s: KV segments need a little-endian host", what);
-    *need = hx_kv_segment_bytes(num_layers, num_heads, tokens, head_dim);
+    *need = hx_kv_segment_bytes(HX_KV_DTYPE_F32, num_layers, num_heads, tokens, head_dim);
     if (*need == 0)
         return hx_err_set(err, HX_ERANGE,
                           "%s: a segment of %d layers, %d heads, %d tokens of %d floats is "
@@ -677,7 +684,7 @@ hx_status hx_kvcache_pack(const hx_kvcache *c, int seq, int layer_first, int num
         return st;
     const uint64_t p = need - HX_KV_SEGMENT_HEADER_BYTES;
     unsigned char *seg = out;
-    hx_kv_segment_begin(seg, layer_first, num_layers, head_first, num_heads, s->tokens,
+    hx_kv_segment_begin(seg, HX_KV_DTYPE_F32, layer_first, num_layers, head_first, num_heads, s->tokens,
                         c->head_dim);
     float *dst = (float *)(void *)(seg + HX_KV_SEGMENT_HEADER_BYTES);
     const size_t run = (size_t)s->tokens * (size_t)c->head_dim; /* one (layer, kv, head) */
@@ -709,7 +716,7 @@ hx_status hx_kv_pack_contiguous(const hx_kv_contiguous *src, int tokens, int lay
         return st;
     const uint64_t p = need - HX_KV_SEGMENT_HEADER_BYTES;
     unsigned char *seg = out;
-    hx_kv_segment_begin(seg, layer_first, num_layers, head_first, num_heads, tokens,
+    hx_kv_segment_begin(seg, HX_KV_DTYPE_F32, layer_first, num_layers, head_first, num_heads, tokens,
                         src->head_dim);
     float *dst = (float *)(void *)(seg + HX_KV_SEGMENT_HEADER_BYTES);
     const size_t d = (size_t)src->head_dim, run = (size_t)tokens * d;
@@ -753,10 +760,11 @@ hx_status hx_kv_segment_parse(const void *seg, size_t size, hx_kv_segment *out, 
     if (header != HX_KV_SEGMENT_HEADER_BYTES)
         return hx_err_set(err, HX_EPARSE, "KV segment: header_bytes %u at offset 8 (expected %d)",
                           header, HX_KV_SEGMENT_HEADER_BYTES);
-    if (dtype != HX_KV_DTYPE_F32)
+    const int eb = dtype <= INT_MAX ? hx_kv_dtype_bytes((int)dtype) : 0;
+    if (eb == 0)
         return hx_err_set(err, HX_EPARSE,
-                          "KV segment: dtype %u at offset 12 (only %d, fp32, is known)", dtype,
-                          HX_KV_DTYPE_F32);
+                          "KV segment: dtype %u at offset 12 (known: %d fp32, %d bf16)", dtype,
+                          HX_KV_DTYPE_F32, HX_KV_DTYPE_BF16);
     /* u32 fields: every one fits an int; the counts are at least 1 */
     static const struct {
         const char *name;
@@ -776,12 +784,12 @@ hx_status hx_kv_segment_parse(const void *seg, size_t size, hx_kv_segment *out, 
         return hx_err_set(err, HX_EPARSE,
                           "KV segment: a layer, head or position range passes INT_MAX");
     const uint64_t payload = get_u64(h + 40);
-    const uint64_t want = payload_bytes_for(f[1], f[3], f[4], f[5]);
+    const uint64_t want = payload_bytes_for((int)dtype, f[1], f[3], f[4], f[5]);
     if (want == 0 || payload != want)
         return hx_err_set(err, HX_EPARSE,
                           "KV segment: payload_bytes %llu at offset 40, but %u layers x 2 x %u "
-                          "heads x %u tokens x %u floats take %llu",
-                          (unsigned long long)payload, f[1], f[3], f[4], f[5],
+                          "heads x %u tokens x %u values of %d bytes take %llu",
+                          (unsigned long long)payload, f[1], f[3], f[4], f[5], eb,
                           (unsigned long long)want);
     if (get_u32(h + 52) != 0)
         return hx_err_set(err, HX_EPARSE, "KV segment: reserved field at offset 52 is not 0");
@@ -796,8 +804,8 @@ hx_status hx_kv_segment_parse(const void *seg, size_t size, hx_kv_segment *out, 
                           "trailing bytes)",
                           size, (unsigned long long)payload + HX_KV_SEGMENT_HEADER_BYTES,
                           (unsigned long long)(have - payload));
-    if ((uintptr_t)(h + HX_KV_SEGMENT_HEADER_BYTES) % sizeof(float) != 0)
-        return hx_err_set(err, HX_EINVAL, "KV segment: the payload is not 4-byte aligned");
+    if ((uintptr_t)(h + HX_KV_SEGMENT_HEADER_BYTES) % (unsigned)eb != 0)
+        return hx_err_set(err, HX_EINVAL, "KV segment: the payload is not %d-byte aligned", eb);
     const uint64_t stored = get_u64(h + CHECKSUM_AT);
     const uint32_t sum = segment_crc(h, payload);
     if (sum != stored)
@@ -817,7 +825,7 @@ hx_status hx_kv_segment_parse(const void *seg, size_t size, hx_kv_segment *out, 
         .head_dim = (int)f[5],
         .payload_bytes = payload,
         .checksum = stored,
-        .payload = (const float *)(const void *)(h + HX_KV_SEGMENT_HEADER_BYTES)};
+        .payload = h + HX_KV_SEGMENT_HEADER_BYTES};
     return HX_OK;
 }
 
@@ -827,9 +835,10 @@ hx_status hx_kvcache_unpack_parsed(hx_kvcache *c, int seq, const hx_kv_segment *
     kv_seq *s = get_seq(c, seq);
     if (!s)
         return hx_err_set(err, HX_EINVAL, "KV unpack: no sequence %d", seq);
-    if (g->dtype != HX_KV_DTYPE_F32)
-        return hx_err_set(err, HX_EINVAL, "KV unpack: dtype %d (only %d, fp32, is known)",
-                          g->dtype, HX_KV_DTYPE_F32);
+    const int eb = hx_kv_dtype_bytes(g->dtype);
+    if (eb == 0)
+        return hx_err_set(err, HX_EINVAL, "KV unpack: dtype %d (known: %d fp32, %d bf16)",
+                          g->dtype, HX_KV_DTYPE_F32, HX_KV_DTYPE_BF16);
     if (g->num_layers < 1 || g->num_heads < 1 || g->tokens < 1 || g->token_first < 0 ||
         g->token_first > INT_MAX - g->tokens)
         return hx_err_set(err, HX_EINVAL,
@@ -838,13 +847,15 @@ hx_status hx_kvcache_unpack_parsed(hx_kvcache *c, int seq, const hx_kv_segment *
     if (g->head_dim != c->head_dim)
         return hx_err_set(err, HX_EINVAL, "KV unpack: segment head_dim %d, the cache's is %d",
                           g->head_dim, c->head_dim);
-    const uint64_t want = payload_bytes_for(g->num_layers, g->num_heads, g->tokens, g->head_dim);
+    const uint64_t want =
+        payload_bytes_for(g->dtype, g->num_layers, g->num_heads, g->tokens, g->head_dim);
     if (g->payload_bytes != want)
         return hx_err_set(err, HX_EINVAL,
                           "KV unpack: payload_bytes %llu, but the counts take %llu",
                           (unsigned long long)g->payload_bytes, (unsigned long long)want);
-    if (!g->payload || (uintptr_t)g->payload % sizeof(float) != 0)
-        return hx_err_set(err, HX_EINVAL, "KV unpack: the payload is NULL or not 4-byte aligned");
+    if (!g->payload || (uintptr_t)g->payload % (unsigned)eb != 0)
+        return hx_err_set(err, HX_EINVAL, "KV unpack: the payload is NULL or not %d-byte aligned",
+                          eb);
     if (!range_within(g->layer_first, g->num_layers, c->layer_first, c->layers) ||
         !range_within(g->head_first, g->num_heads, c->head_first, c->kv_heads))
         return hx_err_set(err, HX_EINVAL,
@@ -858,14 +869,27 @@ hx_status hx_kvcache_unpack_parsed(hx_kvcache *c, int seq, const hx_kv_segment *
     hx_status st;
     if (s->tokens < end && (st = hx_kvcache_append(c, seq, end - s->tokens, err)) != HX_OK)
         return st;
-    const float *src = g->payload;
-    const size_t run = (size_t)g->tokens * (size_t)c->head_dim;
+    const size_t run = (size_t)g->tokens * (size_t)c->head_dim; /* one (layer, kv, head) */
+    float *wide = NULL; /* a bf16 run widened (exactly) */
+    if (g->dtype == HX_KV_DTYPE_BF16 && !(wide = malloc(run * sizeof *wide)))
+        return hx_err_set(err, HX_ENOMEM, "KV unpack: out of memory");
+    const unsigned char *src = g->payload;
     for (int l = 0; l < g->num_layers; l++)
         for (int kv = 0; kv < 2; kv++)
-            for (int h = 0; h < g->num_heads; h++, src += run)
+            for (int h = 0; h < g->num_heads; h++, src += run * (size_t)eb) {
+                if (wide) {
+                    const uint16_t *b = (const uint16_t *)(const void *)src;
+                    for (size_t i = 0; i < run; i++) {
+                        const uint32_t bits = (uint32_t)b[i] << 16;
+                        memcpy(&wide[i], &bits, sizeof bits);
+                    }
+                }
                 copy_rows(c, s->first, g->token_first, g->tokens,
                           g->layer_first - c->layer_first + l, kv,
-                          g->head_first - c->head_first + h, NULL, src);
+                          g->head_first - c->head_first + h, NULL,
+                          wide ? wide : (const float *)(const void *)src);
+            }
+    free(wide);
     return HX_OK;
 }
 

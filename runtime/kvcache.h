@@ -46,20 +46,28 @@
  *        0     4  magic "HXKV"
  *        4     4  version (1)
  *        8     4  header_bytes (64)
- *       12     4  dtype (0: fp32, the numbering of hx_proto_dtype)
+ *       12     4  dtype (0: fp32, 2: bf16; the numbering of hx_proto_dtype)
  *       16     4  layer_first     model-wide index of the first layer
  *       20     4  num_layers      >= 1
  *       24     4  head_first      model-wide index of the first KV head
  *       28     4  num_heads       >= 1
  *       32     4  tokens          positions token_first .. token_first+tokens-1, >= 1
  *       36     4  head_dim        >= 1
- *       40     8  payload_bytes   num_layers * 2 * num_heads * tokens * head_dim * 4
+ *       40     8  payload_bytes   num_layers * 2 * num_heads * tokens * head_dim * (4 or 2)
  *       48     4  token_first     0 from hx_kvcache_pack
  *       52     4  reserved (0)
  *       56     8  checksum        CRC-32C of header bytes 0..55, then the payload (low
  *                                 32 bits; the high 32 are 0)
  *       64     -  payload: [num_layers][2][num_heads][tokens][head_dim] fp32
- *                 (IEEE-754 binary32, little-endian; [2] is K then V)
+ *                 (IEEE-754 binary32) or bf16 (the high half of a binary32),
+ *                 little-endian; [2] is K then V
+ *
+ * A segment carries the sender's cache in its own precision, so nothing is
+ * lost and nothing is sent twice over: fp32 from a CPU engine's cache
+ * (hx_kvcache_pack), bf16 from a GPU engine's, which is half the bytes (and
+ * the KV bytes per token the planner's KV links are sized by). A receiver
+ * takes either: a fp32 cache widens bf16 exactly, a bf16 cache rounds fp32
+ * to nearest even.
  *
  * A reader never trusts a segment: hx_kv_segment_parse checks the magic, the
  * version, the header size, the dtype, that every count is positive and
@@ -237,12 +245,16 @@ hx_status hx_kvcache_gather(const hx_kvcache *c, int seq, int layer, int head, f
 #define HX_KV_SEGMENT_MAGIC "HXKV"
 #define HX_KV_SEGMENT_VERSION 1
 #define HX_KV_SEGMENT_HEADER_BYTES 64
-#define HX_KV_DTYPE_F32 0 /* as HX_PROTO_DTYPE_F32 */
+#define HX_KV_DTYPE_F32 0  /* as HX_PROTO_DTYPE_F32 */
+#define HX_KV_DTYPE_BF16 2 /* as HX_PROTO_DTYPE_BF16 */
+
+/* Bytes of one element of a segment of this dtype: 4, 2, or 0 for a dtype segments do not use. */
+int hx_kv_dtype_bytes(int dtype);
 
 /* A segment's decoded header. Plain value; payload is borrowed from the buffer. */
 typedef struct hx_kv_segment {
     int version;
-    int dtype;              /* HX_KV_DTYPE_F32 */
+    int dtype;              /* HX_KV_DTYPE_F32 or HX_KV_DTYPE_BF16 */
     int layer_first;        /* model-wide */
     int num_layers;
     int head_first;         /* model-wide */
@@ -252,7 +264,7 @@ typedef struct hx_kv_segment {
     int head_dim;
     uint64_t payload_bytes;
     uint64_t checksum;      /* the stored field: CRC-32C in the low 32 bits */
-    const float *payload;   /* [num_layers][2][num_heads][tokens][head_dim], borrowed */
+    const void *payload;    /* [num_layers][2][num_heads][tokens][head_dim] of dtype, borrowed */
 } hx_kv_segment;
 
 /*
@@ -264,10 +276,10 @@ typedef struct hx_kv_segment {
 uint32_t hx_kv_crc32c(uint32_t crc, const void *data, size_t n);
 
 /*
- * Bytes of a segment (header and payload) with these counts; 0 when a count
- * is below 1 or the size would overflow size_t.
+ * Bytes of a segment (header and payload) of dtype with these counts; 0 for
+ * an unknown dtype, a count below 1, or a size that would overflow size_t.
  */
-size_t hx_kv_segment_bytes(int num_layers, int num_heads, int tokens, int head_dim);
+size_t hx_kv_segment_bytes(int dtype, int num_layers, int num_heads, int tokens, int head_dim);
 
 /*
  * A segment written in pieces, by an engine that fills the payload itself
@@ -278,7 +290,7 @@ size_t hx_kv_segment_bytes(int num_layers, int num_heads, int tokens, int head_d
  * hx_kv_segment_header_crc(seg) (so the payload may be checksummed in
  * pieces, on several threads).
  */
-void hx_kv_segment_begin(void *seg, int layer_first, int num_layers, int head_first,
+void hx_kv_segment_begin(void *seg, int dtype, int layer_first, int num_layers, int head_first,
                          int num_heads, int tokens, int head_dim);
 uint32_t hx_kv_segment_header_crc(const void *seg);
 void hx_kv_segment_seal(void *seg, uint32_t crc);
@@ -287,18 +299,18 @@ void hx_kv_segment_seal(void *seg, uint32_t crc);
  * Decodes and validates the segment in seg[0..size) (borrowed) as described
  * above, into *out. HX_EPARSE for a bad magic, header size, dtype, count,
  * size or checksum; HX_ENOTSUP for another version or a big-endian host.
- * A payload not 4-byte aligned is refused (HX_EINVAL): buffers from malloc
- * always are.
+ * A payload not aligned to its element size is refused (HX_EINVAL):
+ * buffers from malloc always are.
  */
 hx_status hx_kv_segment_parse(const void *seg, size_t size, hx_kv_segment *out, hx_err *err);
 
 /*
  * Packs positions 0 .. tokens-1 (all of seq's) of the model-wide layers
  * [layer_first, layer_first + num_layers) and KV heads [head_first,
- * head_first + num_heads) of seq into out[0..out_size) (caller-owned),
- * which must hold hx_kv_segment_bytes(num_layers, num_heads, tokens,
- * head_dim) bytes and be 4-byte aligned; *out_bytes (may be NULL) gets that
- * size. HX_EINVAL for an unknown or empty seq or a range outside the cache,
+ * head_first + num_heads) of seq into out[0..out_size) (caller-owned) as a
+ * fp32 segment, which must hold hx_kv_segment_bytes(HX_KV_DTYPE_F32,
+ * num_layers, num_heads, tokens, head_dim) bytes and be 4-byte aligned;
+ * *out_bytes (may be NULL) gets that size. HX_EINVAL for an unknown or empty seq or a range outside the cache,
  * HX_ERANGE for a buffer too small.
  */
 hx_status hx_kvcache_pack(const hx_kvcache *c, int seq, int layer_first, int num_layers,
@@ -315,8 +327,9 @@ hx_status hx_kvcache_unpack(hx_kvcache *c, int seq, const void *seg, size_t size
  * Writes a decoded segment (*g and its payload borrowed; from
  * hx_kv_segment_parse, or filled from a transport's message) into positions
  * token_first .. token_first + tokens - 1 of seq. Checks, whatever filled
- * *g: dtype fp32, counts >= 1, token_first >= 0, payload_bytes matching the
- * counts, a non-NULL 4-byte-aligned payload, head_dim the cache's, and the
+ * *g: dtype fp32 or bf16 (widened exactly), counts >= 1, token_first >= 0,
+ * payload_bytes matching the counts, a non-NULL payload aligned to its
+ * element size, head_dim the cache's, and the
  * layers and heads (model-wide) within the cache's: HX_EINVAL naming the
  * field otherwise. When seq holds fewer than token_first + tokens positions
  * it is first extended to that many (HX_ENOMEM, nothing changed, when the

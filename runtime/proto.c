@@ -2010,7 +2010,7 @@ hx_status hx_proto_decode_prefill_request(const hx_proto_frame *f, hx_proto_pref
     return HX_OK;
 }
 
-/* FIRST_TOKEN: i32 token, u32 num_prompt_tokens, u64 prefill_ns */
+/* FIRST_TOKEN: i32 token, u32 num_prompt_tokens, u64 prefill_ns, u64 kv_bytes */
 hx_status hx_proto_send_first_token(hx_proto_conn *c, uint64_t req_id,
                                     const hx_proto_first_token *m, int64_t deadline_ns,
                                     hx_err *err)
@@ -2024,6 +2024,7 @@ hx_status hx_proto_send_first_token(hx_proto_conn *c, uint64_t req_id,
     put_u32(buf, (uint32_t)m->token_id);
     put_u32(buf + 4, m->num_prompt_tokens);
     put_u64(buf + 8, m->prefill_ns);
+    put_u64(buf + 16, m->kv_bytes);
     return hx_proto_send(c, HX_PROTO_FIRST_TOKEN, req_id, buf, sizeof buf, deadline_ns, err);
 }
 
@@ -2043,6 +2044,7 @@ hx_status hx_proto_decode_first_token(const hx_proto_frame *f, hx_proto_first_to
     out->token_id = tok;
     out->num_prompt_tokens = get_u32(f->payload + 4);
     out->prefill_ns = get_u64(f->payload + 8);
+    out->kv_bytes = get_u64(f->payload + 16);
     return HX_OK;
 }
 

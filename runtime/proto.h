@@ -101,7 +101,7 @@
 /* Payload sizes of the fixed-layout messages. */
 #define HX_PROTO_KV_HEADER_BYTES 64
 #define HX_PROTO_KV_ACK_BYTES 24
-#define HX_PROTO_FIRST_TOKEN_BYTES 16
+#define HX_PROTO_FIRST_TOKEN_BYTES 24
 #define HX_PROTO_DONE_BYTES 16
 #define HX_PROTO_PREFILL_FIXED_BYTES 32
 #define HX_PROTO_TOKENS_FIXED_BYTES 16
@@ -405,6 +405,7 @@ typedef struct hx_proto_first_token {
     int32_t token_id;
     uint32_t num_prompt_tokens;
     uint64_t prefill_ns; /* time the prefill took */
+    uint64_t kv_bytes;   /* KV payload bytes the prefill group sent on (all its ranks; 0: none) */
 } hx_proto_first_token;
 hx_status hx_proto_send_first_token(hx_proto_conn *c, uint64_t req_id,
                                     const hx_proto_first_token *m, int64_t deadline_ns,

@@ -217,8 +217,7 @@ static void on_first_token(router *r, int g, uint64_t id, const hx_proto_first_t
     D->outstanding++;
     if (D->pending > 0)
         D->pending--;
-    int kv_bytes_per_token = 2 * r->cfg.num_layers * r->cfg.num_kv_heads * r->cfg.head_dim * 4;
-    hx_metrics_counter_add(r->m_kv_bytes, (double)kv_bytes_per_token * m->num_prompt_tokens);
+    hx_metrics_counter_add(r->m_kv_bytes, (double)m->kv_bytes);
     hx_proto_group_op op = {HX_PROTO_OP_ADD_PREFILLED, (uint32_t)q->max_tokens, q->temperature,
                             q->top_p, q->seed, r->eos, 0, m->token_id, m->num_prompt_tokens,
                             g, -1, 0, NULL};

@@ -229,12 +229,13 @@ static void router_send_tokens(worker *w, uint64_t id, int token, int index)
     pthread_mutex_unlock(&w->router_send);
 }
 
-static void router_send_first(worker *w, uint64_t id, int token, int n_prompt, int64_t ns)
+static void router_send_first(worker *w, uint64_t id, int token, int n_prompt, int64_t ns,
+                              uint64_t kv_bytes)
 {
     pthread_mutex_lock(&w->router_send);
     if (w->router) {
         hx_err err = {0};
-        hx_proto_first_token m = {token, (uint32_t)n_prompt, (uint64_t)ns};
+        hx_proto_first_token m = {token, (uint32_t)n_prompt, (uint64_t)ns, kv_bytes};
         if (hx_proto_send_first_token(w->router, id, &m, hx_proto_deadline_in(SEND_TIMEOUT_S),
                                       &err) != HX_OK)
             HX_WARN("worker %s: to the router: %s", w->me->device, err.msg);
@@ -414,7 +415,7 @@ static void kv_store(worker *w, uint64_t id, const hx_proto_kv_segment *m, void 
     k->t_ns = hx_proto_now_ns();
     k->data = data;
     k->on_device = device != NULL;
-    k->seg = (hx_kv_segment){HX_KV_SEGMENT_VERSION, HX_KV_DTYPE_F32, (int)m->first_layer,
+    k->seg = (hx_kv_segment){HX_KV_SEGMENT_VERSION, (int)m->dtype, (int)m->first_layer,
                              (int)m->num_layers, (int)m->first_kv_head, (int)m->num_kv_heads,
                              (int)m->first_token, (int)m->num_tokens, (int)m->head_dim,
                              m->data_bytes, 0, data};
@@ -748,8 +749,17 @@ static hx_status kv_conn(worker *w, int wi, hx_proto_conn **out, hx_err *err)
     return HX_OK;
 }
 
-/* Packs and sends this rank's pieces of request id's KV to decode group dst. */
-static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
+/* a KV segment's dtype goes into the KV_SEGMENT message as it is */
+_Static_assert(HX_KV_DTYPE_F32 == (int)HX_PROTO_DTYPE_F32 &&
+                   HX_KV_DTYPE_BF16 == (int)HX_PROTO_DTYPE_BF16,
+               "KV segment and protocol dtypes are numbered alike");
+
+/*
+ * Packs and sends this rank's pieces of request id's KV to decode group dst;
+ * *group_bytes gets the payload bytes of every rank's pieces (the group's
+ * ranks share the backend, so the dtype).
+ */
+static hx_status kv_send(worker *w, uint64_t id, int dst, uint64_t *group_bytes, hx_err *err)
 {
     hx_kv_piece *p = NULL;
     int n = 0;
@@ -757,10 +767,16 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
     if (st != HX_OK)
         return st;
     int tokens = hx_backend_seq_tokens(w->eng, id);
+    const int dtype = hx_backend_kv_dtype(w->eng); /* the cache's own: bf16 from a GPU */
+    *group_bytes = 0;
+    for (int i = 0; i < n; i++)
+        *group_bytes += hx_kv_segment_bytes(dtype, p[i].num_layers, p[i].num_heads, tokens,
+                                            w->cfg->head_dim) -
+                        HX_KV_SEGMENT_HEADER_BYTES;
     for (int i = 0; st == HX_OK && i < n; i++) {
         if (p[i].src_stage != w->me->stage || p[i].src_rank != w->me->rank)
             continue;
-        const size_t bytes = hx_kv_segment_bytes(p[i].num_layers, p[i].num_heads, tokens,
+        const size_t bytes = hx_kv_segment_bytes(dtype, p[i].num_layers, p[i].num_heads, tokens,
                                                  w->cfg->head_dim);
         const int wi = hx_deploy_worker_at(&w->dep, dst, p[i].dst_stage, p[i].dst_rank);
         hx_proto_conn *c = NULL;
@@ -795,7 +811,7 @@ static hx_status kv_send(worker *w, uint64_t id, int dst, hx_err *err)
                                  (uint32_t)p[i].layer_first, (uint32_t)p[i].num_layers,
                                  (uint32_t)p[i].head_first, (uint32_t)p[i].num_heads,
                                  0, (uint32_t)tokens, (uint32_t)w->cfg->head_dim,
-                                 HX_PROTO_DTYPE_F32, bytes - HX_KV_SEGMENT_HEADER_BYTES,
+                                 (hx_proto_dtype)dtype, bytes - HX_KV_SEGMENT_HEADER_BYTES,
                                  link ? NULL : w->pack + HX_KV_SEGMENT_HEADER_BYTES,
                                  link != NULL};
         /* over a link: packed on the GPU before the header says a payload follows */
@@ -935,11 +951,12 @@ static hx_status do_step(worker *w, hx_err *err)
             int64_t ns = hx_proto_now_ns() - r->t0_ns;
             int n_prompt = hx_backend_seq_tokens(w->eng, ev[i].id);
             hx_err kerr = {0};
-            hx_status kst = cont ? kv_send(w, ev[i].id, r->dst_group, &kerr) : HX_OK;
+            uint64_t kv_bytes = 0;
+            hx_status kst = cont ? kv_send(w, ev[i].id, r->dst_group, &kv_bytes, &kerr) : HX_OK;
             uint64_t id = ev[i].id;
             if (w->is_leader) {
                 if (kst == HX_OK)
-                    router_send_first(w, id, ev[i].token, n_prompt, ns);
+                    router_send_first(w, id, ev[i].token, n_prompt, ns, kv_bytes);
                 else
                     router_send_error(w, id, kst, kerr.msg);
             } else if (kst != HX_OK) {
@@ -1469,7 +1486,9 @@ static void *conn_main(void *arg)
         hx_proto_kv_segment m;
         memset(&m, 0, sizeof m);
         if (hx_proto_decode_kv_segment(&f, &m, &err) != HX_OK ||
-            m.dtype != HX_PROTO_DTYPE_F32) {
+            (hx_kv_dtype_bytes((int)m.dtype) == 0 &&
+             hx_err_set(&err, HX_EPARSE, "dtype %d: only f32 and bf16 KV are taken",
+                        (int)m.dtype) != HX_OK)) {
             HX_WARN("worker %s: bad KV segment: %s", w->me->device, err.msg);
             if (link || m.remote)
                 break; /* a payload may follow over the link: out of step now */

@@ -314,9 +314,11 @@ extern "C" hx_status hx_cuda_swiglu(hx_bf16 *d_out, const hx_bf16 *d_gate_up, in
 
 /* ---- KV segments ---- */
 
-// One thread per 8 consecutive elements of a (layer, kv, head, token) row of the payload.
-template <bool PACK>
-__global__ void kv_seg_kernel(float *seg, __nv_bfloat16 *cache, hx_cuda_kv_layout kv,
+// One thread per 8 consecutive elements of a (layer, kv, head, token) row of the payload:
+// seg is fp32 ([total][8] floats, two 16-byte accesses) or, when BF16, the cache's own
+// values ([total][8] bf16, one 16-byte access).
+template <bool PACK, bool BF16>
+__global__ void kv_seg_kernel(void *seg, __nv_bfloat16 *cache, hx_cuda_kv_layout kv,
                               const int *blocks, int layer_first, int num_layers, int head_first,
                               int num_heads, int token_first, int tokens)
 {
@@ -339,7 +341,15 @@ __global__ void kv_seg_kernel(float *seg, __nv_bfloat16 *cache, hx_cuda_kv_layou
         __nv_bfloat16 *cp = cache +
                             hx_kv_offset(kv, block, layer_first + l, which, head_first + h) +
                             (size_t)(p % kv.block_tokens) * D + c * 8;
-        float4 *sp = reinterpret_cast<float4 *>(seg + i * 8);
+        if (BF16) {
+            uint4 *sp = static_cast<uint4 *>(seg) + i;
+            if (PACK)
+                *sp = *reinterpret_cast<const uint4 *>(cp);
+            else
+                *reinterpret_cast<uint4 *>(cp) = *sp;
+            continue;
+        }
+        float4 *sp = reinterpret_cast<float4 *>(static_cast<float *>(seg) + i * 8);
         if (PACK) {
             float f[8];
             hx_unpack8(*reinterpret_cast<const uint4 *>(cp), f);
@@ -357,7 +367,23 @@ __global__ void kv_seg_kernel(float *seg, __nv_bfloat16 *cache, hx_cuda_kv_layou
     }
 }
 
-extern "C" hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache,
+// The kernel for a direction and payload dtype.
+template <bool PACK>
+static void kv_seg_launch(void *seg, int seg_bf16, __nv_bfloat16 *cache,
+                          const hx_cuda_kv_layout *kv, const int *blocks, int layer_first,
+                          int num_layers, int head_first, int num_heads, int token_first,
+                          int tokens, cudaStream_t s)
+{
+    const int64_t n = (int64_t)num_layers * 2 * num_heads * tokens * (kv->head_dim / 8);
+    if (seg_bf16)
+        hx_launch(kv_seg_kernel<PACK, true>, grid_for(n, 256), 256, 0, s, seg, cache, *kv,
+                  blocks, layer_first, num_layers, head_first, num_heads, token_first, tokens);
+    else
+        hx_launch(kv_seg_kernel<PACK, false>, grid_for(n, 256), 256, 0, s, seg, cache, *kv,
+                  blocks, layer_first, num_layers, head_first, num_heads, token_first, tokens);
+}
+
+extern "C" hx_status hx_cuda_kv_pack(void *d_seg, int seg_bf16, const hx_bf16 *d_cache,
                                      const hx_cuda_kv_layout *kv, const int *d_blocks,
                                      int layer_first, int num_layers, int head_first, int num_heads,
                                      int token_first, int tokens, hx_cuda_stream *stream,
@@ -367,14 +393,14 @@ extern "C" hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache,
                                         token_first, tokens, err);
     if (st != HX_OK)
         return st;
-    const int64_t n = (int64_t)num_layers * 2 * num_heads * tokens * (kv->head_dim / 8);
-    hx_launch(kv_seg_kernel<true>, grid_for(n, 256), 256, 0, HX_STREAM(stream), d_seg,
-              reinterpret_cast<__nv_bfloat16 *>(const_cast<hx_bf16 *>(d_cache)), *kv, d_blocks,
-              layer_first, num_layers, head_first, num_heads, token_first, tokens);
+    kv_seg_launch<true>(d_seg, seg_bf16,
+                        reinterpret_cast<__nv_bfloat16 *>(const_cast<hx_bf16 *>(d_cache)), kv,
+                        d_blocks, layer_first, num_layers, head_first, num_heads, token_first,
+                        tokens, HX_STREAM(stream));
     return hx_cuda_launched(err, "kv_pack");
 }
 
-extern "C" hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg,
+extern "C" hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const void *d_seg, int seg_bf16,
                                        const hx_cuda_kv_layout *kv, const int *d_blocks,
                                        int layer_first, int num_layers, int head_first,
                                        int num_heads, int token_first, int tokens,
@@ -384,9 +410,9 @@ extern "C" hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg,
                                         token_first, tokens, err);
     if (st != HX_OK)
         return st;
-    const int64_t n = (int64_t)num_layers * 2 * num_heads * tokens * (kv->head_dim / 8);
-    hx_launch(kv_seg_kernel<false>, grid_for(n, 256), 256, 0, HX_STREAM(stream),
-              const_cast<float *>(d_seg), reinterpret_cast<__nv_bfloat16 *>(d_cache), *kv, d_blocks,
-              layer_first, num_layers, head_first, num_heads, token_first, tokens);
+    kv_seg_launch<false>(const_cast<void *>(d_seg), seg_bf16,
+                         reinterpret_cast<__nv_bfloat16 *>(d_cache), kv, d_blocks, layer_first,
+                         num_layers, head_first, num_heads, token_first, tokens,
+                         HX_STREAM(stream));
     return hx_cuda_launched(err, "kv_unpack");
 }

@@ -2272,7 +2272,8 @@ hx_status hx_cuda_sample(int *d_tokens, const float *d_logits, int rows, int voc
 /* ---- KV segments ----------------------------------------------------------------------------- */
 
 typedef struct kvseg_args {
-    float *seg;
+    void *seg; /* fp32, or bf16 when seg_bf16 */
+    int seg_bf16;
     hx_bf16 *cache;
     hx_cuda_kv_layout kv;
     const int *blocks;
@@ -2290,7 +2291,8 @@ static void run_kv_seg(const void *p)
         return; /* no chunk of 8: the grid has no work */
     const size_t n_rows = (size_t)a->num_layers * 2 * a->num_heads * a->tokens;
     kbuf cb = kb(a->cache, "d_cache"), tb = kb(a->blocks, "d_blocks");
-    if (!emu_need(a->seg, n_rows * D * 4, "d_seg") || !emu_align(a->seg, 16, "d_seg") ||
+    const size_t eb = a->seg_bf16 ? 2 : 4;
+    if (!emu_need(a->seg, n_rows * D * eb, "d_seg") || !emu_align(a->seg, 16, "d_seg") ||
         !emu_align(a->cache, 16, "d_cache"))
         return;
     for (int l = 0; l < a->num_layers; l++)
@@ -2302,9 +2304,18 @@ static void run_kv_seg(const void *p)
                                                 a->layer_first + l, which, a->head_first + h, pos);
                     if (!cp)
                         return;
-                    float *sp = a->seg + ((((size_t)l * 2 + which) * a->num_heads + h) *
-                                              a->tokens + t) * D;
+                    const size_t at = ((((size_t)l * 2 + which) * a->num_heads + h) *
+                                           a->tokens + t) * D;
                     hx_bf16 *c = (hx_bf16 *)cp;
+                    if (a->seg_bf16) {
+                        hx_bf16 *sp = (hx_bf16 *)a->seg + at;
+                        if (a->pack)
+                            memcpy(sp, c, (size_t)D * sizeof *c);
+                        else
+                            memcpy(c, sp, (size_t)D * sizeof *c);
+                        continue;
+                    }
+                    float *sp = (float *)a->seg + at;
                     for (int d = 0; d < D; d++) {
                         if (a->pack)
                             sp[d] = bf2f(c[d]);
@@ -2314,32 +2325,31 @@ static void run_kv_seg(const void *p)
                 }
 }
 
-hx_status hx_cuda_kv_pack(float *d_seg, const hx_bf16 *d_cache, const hx_cuda_kv_layout *kv,
-                          const int *d_blocks, int layer_first, int num_layers, int head_first,
-                          int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
-                          hx_err *err)
+hx_status hx_cuda_kv_pack(void *d_seg, int seg_bf16, const hx_bf16 *d_cache,
+                          const hx_cuda_kv_layout *kv, const int *d_blocks, int layer_first,
+                          int num_layers, int head_first, int num_heads, int token_first,
+                          int tokens, hx_cuda_stream *stream, hx_err *err)
 {
     hx_status st = hx_cuda_kv_seg_check(kv, layer_first, num_layers, head_first, num_heads,
                                         token_first, tokens, err);
     if (st != HX_OK)
         return st;
-    kvseg_args a = {d_seg,      (hx_bf16 *)(uintptr_t)d_cache, *kv,        d_blocks,
-                    layer_first, num_layers,                   head_first, num_heads,
-                    token_first, tokens,                       1};
+    kvseg_args a = {d_seg,       seg_bf16,   (hx_bf16 *)(uintptr_t)d_cache, *kv, d_blocks,
+                    layer_first, num_layers, head_first, num_heads, token_first, tokens, 1};
     return emu_launch(stream, run_kv_seg, &a, sizeof a, "kv_pack", err);
 }
 
-hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const float *d_seg, const hx_cuda_kv_layout *kv,
-                            const int *d_blocks, int layer_first, int num_layers, int head_first,
-                            int num_heads, int token_first, int tokens, hx_cuda_stream *stream,
-                            hx_err *err)
+hx_status hx_cuda_kv_unpack(hx_bf16 *d_cache, const void *d_seg, int seg_bf16,
+                            const hx_cuda_kv_layout *kv, const int *d_blocks, int layer_first,
+                            int num_layers, int head_first, int num_heads, int token_first,
+                            int tokens, hx_cuda_stream *stream, hx_err *err)
 {
     hx_status st = hx_cuda_kv_seg_check(kv, layer_first, num_layers, head_first, num_heads,
                                         token_first, tokens, err);
     if (st != HX_OK)
         return st;
-    kvseg_args a = {(float *)(uintptr_t)d_seg, d_cache,    *kv,       d_blocks,
-                    layer_first,              num_layers, head_first, num_heads,
-                    token_first,              tokens,     0};
+    kvseg_args a = {(void *)(uintptr_t)d_seg, seg_bf16,   d_cache,    *kv,
+                    d_blocks,                 layer_first, num_layers, head_first,
+                    num_heads,                token_first, tokens,     0};
     return emu_launch(stream, run_kv_seg, &a, sizeof a, "kv_unpack", err);
 }

@@ -137,6 +137,14 @@ def stream(addr, prompt, max_tokens, on_first=None, timeout=120):
     return ids, error
 
 
+def metric(addr, name):
+    """The sum of a Prometheus metric's samples (every label set) at /metrics."""
+    status, body = request(addr, "GET", "/metrics")
+    assert status == 200, body
+    return sum(float(line.split()[-1]) for line in body.splitlines()
+               if line.split("{")[0].split(" ")[0] == name)
+
+
 def stop(plan):
     r = hx("stop", "--plan", plan)
     return r.returncode == 0
@@ -560,6 +568,14 @@ def gpu_cases(port):
                     check(status == 200 and got == gpu_expected[prompt],
                           "GPU: prefill -> decode '%s' equals generate (%s)" %
                           (prompt, "ok" if got == gpu_expected[prompt] else got))
+                # the KV went as the GPU cache holds it, bf16: 4 layers x K, V x 2 heads x 64
+                # x 2 bytes a prompt token, half what fp32 would take
+                addr = (host, int(p))
+                moved = metric(addr, "hexflow_kv_bytes_moved_total")
+                prompt_tokens = metric(addr, "hexflow_prompt_tokens_total")
+                check(prompt_tokens > 0 and moved == prompt_tokens * 4 * 2 * 2 * 64 * 2,
+                      "GPU: KV moves in bf16 (%d bytes for %d prompt tokens)" %
+                      (moved, prompt_tokens))
             finally:
                 check(stop(plan), "GPU: stop")
         # stages and TP slices on the GPU: prefill PP2 -> decode TP2, four processes on one

@@ -128,7 +128,9 @@ static void test_prefill_export_decode(void **state)
     assert_int_equal(hx_backend_seq_count(p), 1);
 
     const hx_model *c = hx_backend_config(p);
-    size_t bytes = hx_kv_segment_bytes(c->num_layers, c->num_kv_heads, 5, c->head_dim);
+    assert_int_equal(hx_backend_kv_dtype(p), HX_KV_DTYPE_F32); /* the cpu engine's cache */
+    size_t bytes = hx_kv_segment_bytes(hx_backend_kv_dtype(p), c->num_layers, c->num_kv_heads, 5,
+                                       c->head_dim);
     void *buf = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
     assert_int_equal(hx_backend_pack_kv(p, 9, 0, c->num_layers, 0, c->num_kv_heads, buf, bytes,
                                         NULL, &err),

@@ -355,7 +355,7 @@ static void imported(hx_cpu_path path)
     void *segs[3];
     size_t sizes[3];
     for (int i = 0; i < 3; i++) {
-        size_t n = hx_kv_segment_bytes(ranges[i][1], ranges[i][3], NP, d);
+        size_t n = hx_kv_segment_bytes(HX_KV_DTYPE_F32, ranges[i][1], ranges[i][3], NP, d);
         segs[i] = malloc(n);
         assert_int_equal(hx_kv_pack_contiguous(&kc, NP, ranges[i][0], ranges[i][1],
                                                ranges[i][2], ranges[i][3], segs[i], n,
@@ -1122,7 +1122,7 @@ static void prefill_then_decode(const hx_kv_stage *src, int n_src, const hx_kv_s
         for (int k = 0; k < n_pieces; k++) {
             const hx_kv_piece *pc = &pieces[k];
             const hx_batch *sb = p->mem[pc->src_stage][pc->src_rank].b;
-            size_t size = hx_kv_segment_bytes(pc->num_layers, pc->num_heads, n_prompt[i], d);
+            size_t size = hx_kv_segment_bytes(HX_KV_DTYPE_F32, pc->num_layers, pc->num_heads, n_prompt[i], d);
             void *buf = malloc(size);
             assert_non_null(buf);
             bufs[n_bufs++] = buf;

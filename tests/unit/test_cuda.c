@@ -646,11 +646,32 @@ static float *cache_fill(test_cache *c, int s, int n)
     for (size_t i = 0; i < total; i++)
         h[i] = bf(frand(-1, 1));
     float *d = to_dev(h, total * 4);
-    CHECK(hx_cuda_kv_unpack(c->d, d, kv, c->d_bt + (size_t)s * kv->max_blocks_per_seq, 0,
+    CHECK(hx_cuda_kv_unpack(c->d, d, 0, kv, c->d_bt + (size_t)s * kv->max_blocks_per_seq, 0,
                             kv->layers, 0, kv->kv_heads, 0, n, NULL, E));
     CHECK(hx_cuda_sync(E));
     hx_cuda_free(d);
     return h;
+}
+
+/*
+ * Checks a payload of test_kv_pack_unpack's range (layers l0.., heads h0..,
+ * positions t0..) against the values cache_fill wrote (4 heads, 77 positions).
+ */
+static void expect_kv_range(const char *what, const float *seg, const float *vals, int l0, int nl,
+                            int h0, int nh, int t0, int nt, int D)
+{
+    for (int l = 0; l < nl; l++)
+        for (int w = 0; w < 2; w++)
+            for (int h = 0; h < nh; h++)
+                for (int t = 0; t < nt; t++)
+                    for (int d = 0; d < D; d++) {
+                        float got = seg[((((size_t)l * 2 + w) * nh + h) * nt + t) * D + d];
+                        float want = vals[((((size_t)(l0 + l) * 2 + w) * 4 + h0 + h) * 77 + t0 +
+                                           t) * D + d];
+                        if (got != want)
+                            fail_msg("%s: layer %d kv %d head %d pos %d dim %d: %g != %g", what,
+                                     l0 + l, w, h0 + h, t0 + t, d, (double)got, (double)want);
+                    }
 }
 
 static void test_kv_pack_unpack(void **state)
@@ -663,23 +684,27 @@ static void test_kv_pack_unpack(void **state)
     const hx_cuda_kv_layout *kv = &c.kv;
     /* a sub-range: layers 1-2, heads 1-2, positions 5..74 */
     const int l0 = 1, nl = 2, h0 = 1, nh = 2, t0 = 5, nt = 70, D = 64;
-    void *dseg = NULL;
-    CHECK(hx_cuda_malloc(&dseg, (size_t)nl * 2 * nh * nt * D * 4, E));
-    CHECK(hx_cuda_kv_pack(dseg, c.d, kv, c.d_bt + kv->max_blocks_per_seq, l0, nl, h0, nh, t0, nt,
-                          NULL, E));
-    float *seg = from_dev_f32(dseg, (size_t)nl * 2 * nh * nt * D);
-    for (int l = 0; l < nl; l++)
-        for (int w = 0; w < 2; w++)
-            for (int h = 0; h < nh; h++)
-                for (int t = 0; t < nt; t++)
-                    for (int d = 0; d < D; d++) {
-                        float got = seg[((((size_t)l * 2 + w) * nh + h) * nt + t) * D + d];
-                        float want = vals[((((size_t)(l0 + l) * 2 + w) * 4 + h0 + h) * 77 + t0 +
-                                           t) * D + d];
-                        if (got != want)
-                            fail_msg("kv_pack: layer %d kv %d head %d pos %d dim %d: %g != %g",
-                                     l0 + l, w, h0 + h, t0 + t, d, (double)got, (double)want);
-                    }
+    const size_t n = (size_t)nl * 2 * nh * nt * D;
+    void *dseg = NULL, *dseg16 = NULL;
+    CHECK(hx_cuda_malloc(&dseg, n * 4, E));
+    CHECK(hx_cuda_malloc(&dseg16, n * 2, E));
+    CHECK(hx_cuda_kv_pack(dseg, 0, c.d, kv, c.d_bt + kv->max_blocks_per_seq, l0, nl, h0, nh, t0,
+                          nt, NULL, E));
+    float *seg = from_dev_f32(dseg, n);
+    expect_kv_range("kv_pack fp32", seg, vals, l0, nl, h0, nh, t0, nt, D);
+    /* bf16: the cache's values as they are, half the bytes */
+    CHECK(hx_cuda_kv_pack(dseg16, 1, c.d, kv, c.d_bt + kv->max_blocks_per_seq, l0, nl, h0, nh, t0,
+                          nt, NULL, E));
+    float *seg16 = from_dev_bf16(dseg16, n);
+    expect_kv_range("kv_pack bf16", seg16, vals, l0, nl, h0, nh, t0, nt, D);
+    free(seg16);
+    /* a bf16 payload unpacked into the other sequence's blocks reads back the same */
+    CHECK(hx_cuda_kv_unpack(c.d, dseg16, 1, kv, c.d_bt, l0, nl, h0, nh, t0, nt, NULL, E));
+    CHECK(hx_cuda_kv_pack(dseg, 0, c.d, kv, c.d_bt, l0, nl, h0, nh, t0, nt, NULL, E));
+    float *back16 = from_dev_f32(dseg, n);
+    expect_kv_range("kv_unpack bf16", back16, vals, l0, nl, h0, nh, t0, nt, D);
+    free(back16);
+    hx_cuda_free(dseg16);
     /* unpack rounds to bf16, ties to even: bf16 steps by 2^-7 just above 1 */
     const float x = 1.0f + 1.0f / 256.0f; /* halfway between 1 and 1 + 2^-7: to 1 */
     const float y = 1.0f + 3.0f / 256.0f; /* halfway between 1 + 2^-7 and 1 + 2^-6: to 1 + 2^-6 */
@@ -688,8 +713,8 @@ static void test_kv_pack_unpack(void **state)
     seg[0] = x;
     seg[1] = y;
     float *dnew = to_dev(seg, (size_t)2 * D * 4); /* [1][2][1][1][D] */
-    CHECK(hx_cuda_kv_unpack(c.d, dnew, kv, c.d_bt, 0, 1, 0, 1, 0, 1, NULL, E));
-    CHECK(hx_cuda_kv_pack(dseg, c.d, kv, c.d_bt, 0, 1, 0, 1, 0, 1, NULL, E));
+    CHECK(hx_cuda_kv_unpack(c.d, dnew, 0, kv, c.d_bt, 0, 1, 0, 1, 0, 1, NULL, E));
+    CHECK(hx_cuda_kv_pack(dseg, 0, c.d, kv, c.d_bt, 0, 1, 0, 1, 0, 1, NULL, E));
     float *back = from_dev_f32(dseg, 2);
     assert_true(back[0] == 1.0f);
     assert_true(back[1] == 1.0f + 1.0f / 64.0f);
@@ -730,7 +755,7 @@ static void test_rope_kv(void **state)
     /* the cache, read back through kv_pack: [1][2][K][max_pos][D] of the layer */
     void *dseg = NULL;
     CHECK(hx_cuda_malloc(&dseg, (size_t)2 * K * max_pos * D * 4, E));
-    CHECK(hx_cuda_kv_pack(dseg, c.d, &c.kv, c.d_bt, layer, 1, 0, K, 0, max_pos, NULL, E));
+    CHECK(hx_cuda_kv_pack(dseg, 0, c.d, &c.kv, c.d_bt, layer, 1, 0, K, 0, max_pos, NULL, E));
     float *seg = from_dev_f32(dseg, (size_t)2 * K * max_pos * D);
     double *want = malloc((size_t)H * D * sizeof *want);
     float *row = malloc((size_t)qkv_n * 4);
@@ -1460,6 +1485,12 @@ static void test_engine_prefill_others(void **state)
     hx_llama_free(m);
 }
 
+/* Element i of a bf16 segment's payload, widened. */
+static float seg_bf16_at(const hx_kv_segment *g, size_t i)
+{
+    return hx_safetensors_bf16_to_f32(((const uint16_t *)g->payload)[i]);
+}
+
 /* Segments of the CPU's prefill: one per layer, all heads (also tests several segments). */
 static void cpu_segments(const hx_llama *m, const int *prompt, int n, int *first,
                          void ***bufs, hx_kv_segment **segs, int *n_segs)
@@ -1478,7 +1509,7 @@ static void cpu_segments(const hx_llama *m, const int *prompt, int n, int *first
     *bufs = calloc((size_t)c->num_layers, sizeof **bufs);
     *segs = calloc((size_t)c->num_layers, sizeof **segs);
     for (int l = 0; l < c->num_layers; l++) {
-        size_t bytes = hx_kv_segment_bytes(1, c->num_kv_heads, n, c->head_dim);
+        size_t bytes = hx_kv_segment_bytes(HX_KV_DTYPE_F32, 1, c->num_kv_heads, n, c->head_dim);
         (*bufs)[l] = malloc(bytes);
         size_t wrote = 0;
         CHECK(hx_kv_pack_contiguous(&src, n, l, 1, 0, c->num_kv_heads, (*bufs)[l], bytes, &wrote,
@@ -1510,8 +1541,8 @@ static void test_engine_kv_segments(void **state)
     CHECK(hx_cuda_engine_add_prefilled(e, &r, first, segs, n_segs, E));
     assert_int_equal(hx_cuda_engine_seq_tokens(e, 2), g->n);
 
-    /* 2. export right away: the CPU's values rounded to bf16, exactly */
-    const size_t bytes = hx_kv_segment_bytes(L, K, g->n, D);
+    /* 2. export right away: the CPU's values rounded to bf16, exactly, in a bf16 segment */
+    const size_t bytes = hx_kv_segment_bytes(HX_KV_DTYPE_BF16, L, K, g->n, D);
     void *out = NULL;
     CHECK(hx_cuda_host_alloc(&out, bytes, E));
     size_t wrote = 0;
@@ -1519,20 +1550,22 @@ static void test_engine_kv_segments(void **state)
     assert_int_equal(wrote, bytes);
     hx_kv_segment back;
     CHECK(hx_kv_segment_parse(out, wrote, &back, E)); /* header and checksum valid */
+    assert_int_equal(back.dtype, HX_KV_DTYPE_BF16);
     assert_int_equal(back.tokens, g->n);
     assert_int_equal(back.num_layers, L);
     for (int l = 0; l < L; l++) {
         const size_t per_layer = (size_t)2 * K * g->n * D;
+        const float *sp = segs[l].payload;
         for (size_t i = 0; i < per_layer; i++) {
-            const float want = bf(segs[l].payload[i]);
-            const float got = back.payload[(size_t)l * per_layer + i];
+            const float want = bf(sp[i]);
+            const float got = seg_bf16_at(&back, (size_t)l * per_layer + i);
             if (got != want)
                 fail_msg("round trip: layer %d element %zu: %g != bf16(%g)", l, i, (double)got,
-                         (double)segs[l].payload[i]);
+                         (double)sp[i]);
         }
     }
     /* a sub-range segment: layer 1, head 1 */
-    const size_t sub_bytes = hx_kv_segment_bytes(1, 1, g->n, D);
+    const size_t sub_bytes = hx_kv_segment_bytes(HX_KV_DTYPE_BF16, 1, 1, g->n, D);
     assert_int_equal(hx_cuda_engine_pack_kv(e, 2, 1, 1, 1, 1, out, sub_bytes - 4, NULL, NULL),
                      HX_ERANGE);
     CHECK(hx_cuda_engine_pack_kv(e, 2, 1, 1, 1, 1, out, bytes, &wrote, E));
@@ -1542,9 +1575,9 @@ static void test_engine_kv_segments(void **state)
     for (int w = 0; w < 2; w++)
         for (int t = 0; t < g->n; t++)
             for (int d = 0; d < D; d++) {
-                const float want =
-                    bf(segs[1].payload[(((size_t)w * K + 1) * g->n + t) * D + d]);
-                assert_true(back.payload[((size_t)w * g->n + t) * D + d] == want);
+                const float want = bf(((const float *)segs[1].payload)[(((size_t)w * K + 1) *
+                                                                        g->n + t) * D + d]);
+                assert_true(seg_bf16_at(&back, ((size_t)w * g->n + t) * D + d) == want);
             }
 
     /* decode from the imported KV */
@@ -1575,18 +1608,35 @@ static void test_engine_kv_segments(void **state)
     for (int l = 0; l < L; l++) {
         const size_t per_layer = (size_t)2 * K * g->n * D;
         double *want = malloc(per_layer * sizeof *want);
-        for (size_t i = 0; i < per_layer; i++)
-            want[i] = segs[l].payload[i];
+        float *have = malloc(per_layer * sizeof *have);
+        const float *sp = segs[l].payload;
+        for (size_t i = 0; i < per_layer; i++) {
+            want[i] = sp[i];
+            have[i] = seg_bf16_at(&back, (size_t)l * per_layer + i);
+        }
         size_t at = 0;
         /* K and V are projections of bf16-rounded activations: a few % of order-1 values */
-        double w = worst(back.payload + (size_t)l * per_layer, want, per_layer, 0.05, 0.03, &at);
+        double w = worst(have, want, per_layer, 0.05, 0.03, &at);
         maxd = fmax(maxd, w);
         if (w > 1.0)
             fail_msg("GPU prefill KV, layer %d element %zu: %g vs CPU %g", l, at,
-                     (double)back.payload[(size_t)l * per_layer + at], want[at]);
+                     (double)have[at], want[at]);
+        free(have);
         free(want);
     }
     printf("test_cuda: GPU prefill KV vs CPU: worst error %.2f of the tolerance\n", maxd);
+
+    /* 4. that bf16 segment into another sequence, and out again: the same bytes (GPU to GPU
+       KV is the cache's values, nothing rounded on the way) */
+    hx_batch_request r4 = greedy_req(4, g->prompt, g->n, GEN_STEPS);
+    CHECK(hx_cuda_engine_add_prefilled(e, &r4, g->tokens[0], &back, 1, E));
+    void *again = NULL;
+    CHECK(hx_cuda_host_alloc(&again, bytes, E));
+    CHECK(hx_cuda_engine_pack_kv(e, 4, 0, L, 0, K, again, bytes, &wrote, E));
+    assert_int_equal(wrote, bytes);
+    assert_memory_equal(again, out, bytes);
+    hx_cuda_host_free(again);
+    CHECK(hx_cuda_engine_remove(e, 4, E));
     CHECK(hx_cuda_engine_remove(e, 3, E));
     assert_int_equal(hx_cuda_engine_seq_count(e), 0);
     assert_int_equal(hx_cuda_engine_remove(e, 3, NULL), HX_ENOENT);

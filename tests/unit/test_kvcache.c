@@ -107,7 +107,7 @@ static void expect_filled(const hx_kvcache *c, int seq)
 /* Packs a range of seq into a fresh malloc'd buffer (caller frees); *size its bytes. */
 static void *pack(const hx_kvcache *c, int seq, int l0, int nl, int h0, int nh, size_t *size)
 {
-    size_t n = hx_kv_segment_bytes(nl, nh, hx_kvcache_seq_tokens(c, seq),
+    size_t n = hx_kv_segment_bytes(HX_KV_DTYPE_F32, nl, nh, hx_kvcache_seq_tokens(c, seq),
                                    hx_kvcache_head_dim(c));
     assert_true(n > 0);
     void *buf = malloc(n + 4);
@@ -344,7 +344,7 @@ static void test_pack_roundtrip(void **state)
     assert_int_equal(g.num_heads, 4);
     assert_int_equal(g.head_dim, 6);
     /* payload layout: [layers][2][heads][tokens][head_dim] */
-    assert_true(g.payload[(((size_t)(2 * 2 + 1) * 4 + 3) * 11 + 7) * 6 + 5] ==
+    assert_true(((const float *)g.payload)[(((size_t)(2 * 2 + 1) * 4 + 3) * 11 + 7) * 6 + 5] ==
                 val(2, 1, 3, 7, 5));
 
     hx_kvcache *dst = new_cache(3, 4, 6, 5, 16);
@@ -469,8 +469,8 @@ static void test_header_validation(void **state)
     put32(bad, 8, 32);
     expect_unpack_error(dst, bad, n, HX_EPARSE, "header_bytes 32");
     RESET();
-    put32(bad, 12, 2);
-    expect_unpack_error(dst, bad, n, HX_EPARSE, "dtype 2");
+    put32(bad, 12, 1); /* f16: not a segment dtype */
+    expect_unpack_error(dst, bad, n, HX_EPARSE, "dtype 1");
     RESET();
     put32(bad, 20, 0);
     expect_unpack_error(dst, bad, n, HX_EPARSE, "num_layers 0");
@@ -534,8 +534,11 @@ static void test_header_validation(void **state)
     int u = new_seq(dst);
     assert_int_equal(hx_kvcache_unpack(dst, u, good, n, &err), HX_OK);
     expect_filled(dst, u);
-    assert_int_equal(hx_kv_segment_bytes(0, 1, 1, 1), 0);
-    assert_int_equal(hx_kv_segment_bytes(1 << 30, 1 << 30, 1 << 30, 1 << 30), 0);
+    assert_int_equal(hx_kv_segment_bytes(HX_KV_DTYPE_F32, 0, 1, 1, 1), 0);
+    assert_int_equal(hx_kv_segment_bytes(HX_KV_DTYPE_F32, 1 << 30, 1 << 30, 1 << 30, 1 << 30), 0);
+    assert_int_equal(hx_kv_segment_bytes(1, 1, 1, 1, 1), 0); /* f16: not a segment dtype */
+    assert_int_equal(hx_kv_segment_bytes(HX_KV_DTYPE_F32, 2, 3, 5, 8), 64 + 2 * 2 * 3 * 5 * 8 * 4);
+    assert_int_equal(hx_kv_segment_bytes(HX_KV_DTYPE_BF16, 2, 3, 5, 8), 64 + 2 * 2 * 3 * 5 * 8 * 2);
 #undef RESET
     free(good);
     free(bad);
@@ -544,6 +547,98 @@ static void test_header_validation(void **state)
     hx_kvcache_free(wrong);
     hx_kvcache_free(wrong_d);
     hx_kvcache_free(small);
+}
+
+/* bf16 of f, rounded to nearest even (as a GPU's cache holds it), and its exact widening. */
+static uint16_t to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static float from_bf16(uint16_t b)
+{
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/*
+ * A bf16 segment (what a GPU engine sends: its cache's values, half the
+ * bytes of fp32) parses and unpacks into a fp32 cache widened exactly; its
+ * size, dtype, alignment and checksum are checked like a fp32 one's.
+ */
+static void test_bf16_segment(void **state)
+{
+    (void)state;
+    enum { L = 2, K = 3, D = 8, T = 9, L0 = 4, K0 = 1 };
+    hx_err err = {0};
+    const size_t n = hx_kv_segment_bytes(HX_KV_DTYPE_BF16, L, K, T, D);
+    assert_int_equal(n, 64 + (size_t)L * 2 * K * T * D * 2);
+    /* +2: room to misalign the whole segment by one bf16 */
+    unsigned char *buf = malloc(n + 2);
+    assert_non_null(buf);
+    hx_kv_segment_begin(buf, HX_KV_DTYPE_BF16, L0, L, K0, K, T, D);
+    uint16_t *p = (uint16_t *)(void *)(buf + HX_KV_SEGMENT_HEADER_BYTES);
+    for (int l = 0; l < L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < K; h++)
+                for (int t = 0; t < T; t++)
+                    for (int i = 0; i < D; i++)
+                        *p++ = to_bf16(val(L0 + l, kv, K0 + h, t, i));
+    hx_kv_segment_seal(buf, hx_kv_crc32c(hx_kv_segment_header_crc(buf),
+                                         buf + HX_KV_SEGMENT_HEADER_BYTES,
+                                         n - HX_KV_SEGMENT_HEADER_BYTES));
+    hx_kv_segment g;
+    if (hx_kv_segment_parse(buf, n, &g, &err) != HX_OK)
+        fail_msg("parse: %s", err.msg);
+    assert_int_equal(g.dtype, HX_KV_DTYPE_BF16);
+    assert_int_equal(g.payload_bytes, n - 64);
+
+    /* into a cache of this layer and head range: every value is the bf16 one, widened */
+    hx_kvcache *dst = new_cache(L, K, D, 4, 8);
+    assert_int_equal(hx_kvcache_set_origin(dst, L0, K0, &err), HX_OK);
+    int s = new_seq(dst);
+    if (hx_kvcache_unpack(dst, s, buf, n, &err) != HX_OK)
+        fail_msg("unpack: %s", err.msg);
+    assert_int_equal(hx_kvcache_seq_tokens(dst, s), T);
+    for (int l = 0; l < L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < K; h++)
+                for (int t = 0; t < T; t++) {
+                    const float *row = hx_kvcache_row(dst, s, l, kv, h, t);
+                    for (int i = 0; i < D; i++) {
+                        const float want = from_bf16(to_bf16(val(L0 + l, kv, K0 + h, t, i)));
+                        if (row[i] != want)
+                            fail_msg("layer %d kv %d head %d pos %d [%d]: %g, expected %g",
+                                     L0 + l, kv, K0 + h, t, i, (double)row[i], (double)want);
+                    }
+                }
+
+    /* a byte flipped in the payload is caught; so is one byte too few */
+    buf[n - 1] ^= 1;
+    assert_int_equal(hx_kv_segment_parse(buf, n, &g, &err), HX_EPARSE);
+    assert_non_null(strstr(err.msg, "checksum"));
+    buf[n - 1] ^= 1;
+    assert_int_equal(hx_kv_segment_parse(buf, n - 1, &g, &err), HX_EPARSE);
+    /* the fp32 size for these counts is not a bf16 segment's */
+    unsigned char *wide = calloc(1, hx_kv_segment_bytes(HX_KV_DTYPE_F32, L, K, T, D));
+    assert_non_null(wide);
+    memcpy(wide, buf, 64);
+    put32(wide, 40, (uint32_t)L * 2 * K * T * D * 4); /* payload_bytes (its high half is 0) */
+    assert_int_equal(hx_kv_segment_parse(wide, hx_kv_segment_bytes(HX_KV_DTYPE_F32, L, K, T, D),
+                                         &g, &err),
+                     HX_EPARSE);
+    assert_non_null(strstr(err.msg, "payload_bytes"));
+    free(wide);
+    /* a payload at an odd address */
+    memmove(buf + 1, buf, n);
+    assert_int_equal(hx_kv_segment_parse(buf + 1, n, &g, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "2-byte aligned"));
+    free(buf);
+    hx_kvcache_free(dst);
 }
 
 /* Segments filled from a transport's message: token sub-ranges, and the checks. */
@@ -566,9 +661,10 @@ static void test_unpack_parsed(void **state)
     float *lo = malloc((size_t)L * 2 * K * CUT * D * sizeof(float));
     float *hi = malloc((size_t)L * 2 * K * (T - CUT) * D * sizeof(float));
     for (int r = 0; r < L * 2 * K; r++) {
-        memcpy(lo + (size_t)r * CUT * D, g.payload + (size_t)r * T * D,
+        const float *gp = g.payload;
+        memcpy(lo + (size_t)r * CUT * D, gp + (size_t)r * T * D,
                (size_t)CUT * D * sizeof(float));
-        memcpy(hi + (size_t)r * (T - CUT) * D, g.payload + ((size_t)r * T + CUT) * D,
+        memcpy(hi + (size_t)r * (T - CUT) * D, gp + ((size_t)r * T + CUT) * D,
                (size_t)(T - CUT) * D * sizeof(float));
     }
     hx_kv_segment a = g, b = g;
@@ -591,9 +687,13 @@ static void test_unpack_parsed(void **state)
     /* the checks hold whatever filled the struct */
     int u = new_seq(dst);
     hx_kv_segment x = g;
-    x.dtype = 2;
+    x.dtype = 1; /* f16: not a segment dtype */
     assert_int_equal(hx_kvcache_unpack_parsed(dst, u, &x, &err), HX_EINVAL);
-    assert_non_null(strstr(err.msg, "dtype 2"));
+    assert_non_null(strstr(err.msg, "dtype 1"));
+    x = g;
+    x.dtype = HX_KV_DTYPE_BF16; /* a bf16 payload is half the bytes: these counts do not fit */
+    assert_int_equal(hx_kvcache_unpack_parsed(dst, u, &x, &err), HX_EINVAL);
+    assert_non_null(strstr(err.msg, "payload_bytes"));
     x = g;
     x.payload = NULL;
     assert_int_equal(hx_kvcache_unpack_parsed(dst, u, &x, &err), HX_EINVAL);
@@ -908,6 +1008,7 @@ int main(void)
         cmocka_unit_test(test_append_rows),     cmocka_unit_test(test_crc32c),
         cmocka_unit_test(test_pack_roundtrip),
         cmocka_unit_test(test_header_validation), cmocka_unit_test(test_unpack_parsed),
+        cmocka_unit_test(test_bf16_segment),
         cmocka_unit_test(test_rank_heads),
         cmocka_unit_test(test_reshard),         cmocka_unit_test(test_paged_attention),
     };

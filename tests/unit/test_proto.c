@@ -527,7 +527,8 @@ static void test_messages_round_trip(void **state)
     assert_memory_equal(pr2.token_ids, prompt, sizeof prompt);
 
     /* FIRST_TOKEN, server -> client */
-    hx_proto_first_token ft = {.token_id = 31999, .num_prompt_tokens = 300, .prefill_ns = 123456789};
+    hx_proto_first_token ft = {.token_id = 31999, .num_prompt_tokens = 300, .prefill_ns = 123456789,
+                               .kv_bytes = 5000000000ull};
     check_ok(hx_proto_send_first_token(s, 42, &ft, dl, &err), &err);
     check_ok(hx_proto_recv(c, &f, dl, &err), &err);
     hx_proto_first_token ft2;
@@ -535,6 +536,7 @@ static void test_messages_round_trip(void **state)
     assert_int_equal(ft2.token_id, 31999);
     assert_int_equal(ft2.num_prompt_tokens, 300);
     assert_int_equal(ft2.prefill_ns, 123456789);
+    assert_int_equal(ft2.kv_bytes, 5000000000ull);
 
     /* KV_SEGMENT (small) and KV_ACK */
     uint16_t kv[2 * 2 * 3 * 5 * 4];
@@ -877,9 +879,9 @@ static void test_bad_frames(void **state)
                "KV_SEGMENT frame from test-client (router) (request 8) has a payload of "
                "1073741825 bytes, over the limit of 1073741824 bytes");
     assert_true((double)(hx_proto_now_ns() - t0) * 1e-9 < 5.0);
-    raw_header(h, "HXF1", 1, HX_PROTO_FIRST_TOKEN, 0, 17, 8);
+    raw_header(h, "HXF1", 1, HX_PROTO_FIRST_TOKEN, 0, 25, 8);
     expect_err(inject(h, HX_PROTO_HEADER_BYTES, 0, 2, &err), &err, HX_ERANGE,
-               "over the limit of 16 bytes for FIRST_TOKEN");
+               "over the limit of 24 bytes for FIRST_TOKEN");
     raw_header(h, "HXF1", 1, HX_PROTO_HEALTH, 0, 1, 8);
     expect_err(inject(h, HX_PROTO_HEADER_BYTES, 0, 2, &err), &err, HX_ERANGE,
                "over the limit of 0 bytes for HEALTH");
@@ -1361,8 +1363,10 @@ static void test_decoders_reject_malformed(void **state)
     expect_err(hx_proto_decode_done(&f, &dn, &err), &err, HX_EPARSE, "15 bytes; 16 expected");
     hx_proto_first_token ft;
     put32(b, 0xffffffffu);
-    f = frame_of(HX_PROTO_FIRST_TOKEN, 1, b, 16);
+    f = frame_of(HX_PROTO_FIRST_TOKEN, 1, b, 24);
     expect_err(hx_proto_decode_first_token(&f, &ft, &err), &err, HX_EPARSE, "negative token id -1");
+    f.len = 16; /* the size before kv_bytes */
+    expect_err(hx_proto_decode_first_token(&f, &ft, &err), &err, HX_EPARSE, "16 bytes; 24 expected");
     hx_proto_kv_ack ka;
     memset(b, 0, sizeof b);
     put32(b + 12, 4);
