@@ -16,11 +16,13 @@
 # project's own CMake build when it configures (every -dev package present). A bare GPU machine may lack the project's libraries; then
 # it builds directly with gcc and nvcc only what the GPU checks need (the
 # CUDA kernels and engine, runtime's model, safetensors, tiny-model, llama
-# and kvcache code, and common's JSON helpers), which needs jansson and
-# cmocka only: if their headers are missing too, Debian packages of them
-# carried in build-hxdeps/ (apt-get download libjansson4 libjansson-dev
-# libcmocka0 libcmocka-dev) are unpacked into a private prefix (nothing is
-# installed). Without cmocka the unit tests are skipped and it says so.
+# kvcache and protocol code, and common's JSON helpers), which needs jansson,
+# OpenSSL's libcrypto and cmocka only: if their headers are missing too,
+# Debian packages of them carried in build-hxdeps/ (apt-get download
+# libjansson4 libjansson-dev libcmocka0 libcmocka-dev libssl-dev) are
+# unpacked into a private prefix (nothing is installed; libcrypto itself is
+# in every Debian image). Without cmocka the unit tests are skipped and it
+# says so.
 # Meant to finish within 8 minutes on one H100 (about 2-4 are usual).
 set -u -o pipefail
 
@@ -90,7 +92,7 @@ if [ "$mode" = none ]; then
     B=$BUILD-direct
     mkdir -p "$B" "$DEPS"
     have_header() { echo "#include <$1>" | gcc -E -x c - -I"$DEPS/usr/include" >/dev/null 2>&1; }
-    if ! have_header jansson.h || ! have_header cmocka.h; then
+    if ! have_header jansson.h || ! have_header cmocka.h || ! have_header openssl/evp.h; then
         if ls "$SRC"/build-hxdeps/*.deb >/dev/null 2>&1; then
             for d in "$SRC"/build-hxdeps/*.deb; do dpkg -x "$d" "$DEPS"; done
             echo "unpacked $(ls "$SRC"/build-hxdeps/*.deb | wc -l) carried .deb files into $DEPS"
@@ -126,7 +128,7 @@ if [ "$mode" = none ]; then
     echo "nccl: library ${NCCL_DIR:-not found}, header ${NCCL_H:-not found}"
     CFLAGS="-std=c11 -O2 -D_POSIX_C_SOURCE=200809L -I$SRC -I$DEPS/usr/include -I/usr/local/cuda/include"
     C_SRCS="common/status.c common/file.c common/json.c common/text.c planner/model.c
-            runtime/safetensors.c runtime/tiny.c runtime/llama.c runtime/kvcache.c
+            runtime/safetensors.c runtime/tiny.c runtime/llama.c runtime/kvcache.c runtime/proto.c
             kernels/cpu/cpu.c kernels/cpu/paged.c runtime/batch.c runtime/cuda_engine.c
             topo/catalog.c"
     CU_SRCS="probe device gemm ops attention sample nccl"
@@ -144,7 +146,7 @@ if [ "$mode" = none ]; then
     CUBLAS_LINK="-lcublas"
     [ -e "$CUBLAS_DIR/libcublas.so" ] || CUBLAS_LINK="$CUBLAS_DIR/libcublas.so.13"
     LIBS="-L$LIBDIR -Wl,-rpath,$LIBDIR -ljansson -L$CUBLAS_DIR -Wl,-rpath,$CUBLAS_DIR $CUBLAS_LINK
-          -L$CUDART_DIR -Wl,-rpath,$CUDART_DIR -lcudart $NCCL_LIB -lm -lpthread -ldl"
+          -L$CUDART_DIR -Wl,-rpath,$CUDART_DIR -lcudart $NCCL_LIB -l:libcrypto.so.3 -lm -lpthread -ldl"
     OBJS=$(ls "$B"/*.o | grep -v -e '/test_cuda.o$' -e '/gpu_bench.o$')
     if [ "$ok" = 1 ]; then
         gcc $CFLAGS -c "$SRC/bench/gpu_bench.c" -o "$B/gpu_bench.o" &&

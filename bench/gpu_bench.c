@@ -14,13 +14,19 @@
  *             BF16 peak, with each prefill attention kernel (mma.sync, the
  *             pipelined mma.sync, WMMA)
  *   KV pack   GB/s of hx_cuda_engine_pack_kv of that prompt (2048 positions,
- *             all layers, fp32 segment, checksummed): into pinned memory, into
+ *             all layers, bf16 segment, checksummed): into pinned memory, into
  *             pageable memory; and for scale a CRC-32C on one thread and a raw
  *             device-to-pinned copy
+ *   KV transfer  the same request's KV over the TCP transport as the workers
+ *             move it (pack, KV_SEGMENT frame over an authenticated loopback
+ *             connection, copy out of the frame, into a second sequence's paged
+ *             cache): each step's time and the whole's GB/s
  *
  *   micro     (--micro) each kernel alone at the model's shapes: time, GB/s, TFLOP/s
  *
- * Usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro]. Prints a
+ * Usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro] [--tiny]
+ * (--tiny: a 2-layer model of hidden 256 instead, to check this program itself, e.g. on
+ * the emulation of the kernels, where the real shape would take hours). Prints a
  * table; --json writes the same numbers as JSON; --calibration writes a calibration
  * file for `hexflow plan --calibration` (docs/cost-model.md): this device type's
  * compute efficiency (prefill at 2048 tokens, default kernels) and memory-bandwidth
@@ -31,6 +37,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +46,7 @@
 
 #include "kernels/cuda.h"
 #include "runtime/cuda_engine.h"
+#include "runtime/proto.h"
 #include "runtime/kvcache.h"
 #include "topo/catalog.h"
 
@@ -61,7 +69,8 @@ static void die(const char *what, const hx_err *err)
             die(what, &err);                                                                   \
     } while (0)
 
-static hx_model bench_model(void)
+/* The 1B-class shape; tiny: a 2-layer one for checking this program on the emulation. */
+static hx_model bench_model(int tiny)
 {
     hx_model c;
     memset(&c, 0, sizeof c);
@@ -83,6 +92,14 @@ static hx_model bench_model(void)
     c.norm_eps = 1e-5;
     c.dtype = HX_MODEL_DTYPE_BF16;
     c.dtype_bytes = 2;
+    if (tiny) {
+        c.num_layers = 2;
+        c.hidden_size = c.word_embed_dim = 256;
+        c.num_heads = 4;
+        c.num_kv_heads = 2;
+        c.intermediate_size = 512;
+        c.vocab_size = 512;
+    }
     return c;
 }
 
@@ -457,10 +474,191 @@ static int write_calibration(const char *path, const char *device, double flops_
     return 1;
 }
 
+/* ---- KV pack and transfer ----------------------------------------------------------- */
+
+/* The sending side of a KV transfer: a prefill worker's KV connection. */
+typedef struct kv_sender {
+    const char *host;
+    int port;
+    const hx_proto_secret *secret;
+    hx_proto_conn *conn;
+    const unsigned char *seg; /* the packed segment (header and payload) */
+    size_t bytes;
+    int tokens, layers, heads, head_dim;
+    hx_err err;
+} kv_sender;
+
+static void *kv_send_one(void *arg)
+{
+    kv_sender *k = arg;
+    /* as runtime/worker.c's kv_send: the header's fields in the message, the payload after */
+    hx_proto_kv_segment m = {.num_segments = 1, .num_layers = (uint32_t)k->layers,
+                             .num_kv_heads = (uint32_t)k->heads,
+                             .num_tokens = (uint32_t)k->tokens,
+                             .head_dim = (uint32_t)k->head_dim, .dtype = HX_PROTO_DTYPE_BF16,
+                             .data_bytes = k->bytes - HX_KV_SEGMENT_HEADER_BYTES,
+                             .data = k->seg + HX_KV_SEGMENT_HEADER_BYTES};
+    (void)hx_proto_send_kv_segment(k->conn, 8, &m, hx_proto_deadline_in(60), &k->err);
+    return NULL;
+}
+
+static void *kv_connect(void *arg)
+{
+    kv_sender *k = arg;
+    (void)hx_proto_connect(k->host, k->port, k->secret, "kv", hx_proto_deadline_in(10), &k->conn,
+                           &k->err);
+    return NULL;
+}
+
+/*
+ * One request's KV from a prefill GPU to a decode GPU over the TCP transport,
+ * step by step as the workers do it (both ends on this GPU and host, the
+ * wire loopback): the prefill side packs it into page-locked memory (bf16,
+ * checksummed) and sends it as a KV_SEGMENT frame (AES-GMAC tagged) over an
+ * authenticated connection; the decode side receives it, copies it out of
+ * the frame into page-locked memory (runtime/worker.c's kv_store) and adds
+ * the request from it (hx_cuda_engine_add_prefilled: into its paged cache).
+ * Reports each step's time and the whole's GB/s of payload.
+ */
+static void bench_kv_transfer(hx_cuda_engine *e, const hx_model *cfg, const hx_batch_request *held,
+                              size_t bytes, void *pinned, int reps)
+{
+    hx_err err = {0};
+    hx_proto_secret secret;
+    hx_proto_listener *l = NULL;
+    TRY("secret", hx_proto_secret_generate(&secret, &err));
+    TRY("listen", hx_proto_listen("127.0.0.1", 0, &l, &err));
+    kv_sender k = {.host = "127.0.0.1", .port = hx_proto_listener_port(l), .secret = &secret,
+                   .seg = pinned, .bytes = bytes, .tokens = held->n_prompt,
+                   .layers = cfg->num_layers, .heads = cfg->num_kv_heads,
+                   .head_dim = cfg->head_dim};
+    pthread_t t;
+    pthread_create(&t, NULL, kv_connect, &k);
+    hx_proto_conn *c = NULL;
+    TRY("accept", hx_proto_accept(l, &secret, hx_proto_deadline_in(10), &c, &err));
+    pthread_join(t, NULL);
+    if (k.err.msg[0])
+        die("connect", &k.err);
+    void *store = NULL;
+    TRY("pinned", hx_cuda_host_alloc(&store, bytes, &err));
+    const int K = cfg->num_kv_heads, Ln = cfg->num_layers;
+    double best[5] = {1e30, 1e30, 1e30, 1e30, 1e30}; /* pack, wire, copy, add, whole */
+    for (int i = 0; i < reps + 1; i++) {              /* the first grows the frame buffer */
+        const double t0 = now_s();
+        TRY("pack", hx_cuda_engine_pack_kv(e, held->id, 0, Ln, 0, K, pinned, bytes, NULL, &err));
+        const double t1 = now_s();
+        k.err.msg[0] = '\0';
+        pthread_create(&t, NULL, kv_send_one, &k);
+        hx_proto_frame f;
+        hx_proto_kv_segment m;
+        TRY("recv", hx_proto_recv(c, &f, hx_proto_deadline_in(60), &err));
+        TRY("decode", hx_proto_decode_kv_segment(&f, &m, &err));
+        pthread_join(t, NULL);
+        if (k.err.msg[0])
+            die("send", &k.err);
+        const double t2 = now_s();
+        memcpy(store, m.data, m.data_bytes);
+        const double t3 = now_s();
+        hx_kv_segment g = {HX_KV_SEGMENT_VERSION, (int)m.dtype, (int)m.first_layer,
+                           (int)m.num_layers, (int)m.first_kv_head, (int)m.num_kv_heads,
+                           (int)m.first_token, (int)m.num_tokens, (int)m.head_dim,
+                           m.data_bytes, 0, store};
+        hx_batch_request d = *held;
+        d.id = 9;
+        d.prompt = NULL;
+        d.hold_kv = 0;
+        d.max_new_tokens = 2;
+        TRY("add_prefilled", hx_cuda_engine_add_prefilled(e, &d, 0, &g, 1, &err));
+        const double t4 = now_s();
+        TRY("remove", hx_cuda_engine_remove(e, 9, &err));
+        const double dt[5] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0};
+        for (int j = 0; i && j < 5; j++)
+            best[j] = dt[j] < best[j] ? dt[j] : best[j];
+    }
+    const double payload = (double)(bytes - HX_KV_SEGMENT_HEADER_BYTES);
+    printf("kv transfer over TCP (loopback, one request, %.1f MB bf16): %.2f GB/s end to end "
+           "(%.2f ms: pack %.2f, wire %.2f at %.2f GB/s, copy out %.2f, into the cache %.2f at "
+           "%.2f GB/s)\n",
+           payload / 1e6, payload / best[4] / 1e9, best[4] * 1e3, best[0] * 1e3, best[1] * 1e3,
+           payload / best[1] / 1e9, best[2] * 1e3, best[3] * 1e3, payload / best[3] / 1e9);
+    jadd("\"kv_transfer_tcp\": {\"bytes\": %.0f, \"gb_s\": %.3f, \"pack_ms\": %.4f, "
+         "\"wire_ms\": %.4f, \"copy_ms\": %.4f, \"add_ms\": %.4f, \"total_ms\": %.4f}, ",
+         payload, payload / best[4] / 1e9, best[0] * 1e3, best[1] * 1e3, best[2] * 1e3,
+         best[3] * 1e3, best[4] * 1e3);
+    hx_cuda_host_free(store);
+    hx_proto_close(k.conn);
+    hx_proto_close(c);
+    hx_proto_listener_free(l);
+    hx_proto_secret_release(&secret);
+}
+
+/*
+ * KV pack of the held request (a whole prompt, all layers) and its transfer.
+ * Pack: hx_cuda_engine_pack_kv into page-locked and into pageable memory,
+ * with a CRC-32C on one thread and a raw device-to-pinned copy for scale.
+ */
+static void bench_kv(hx_cuda_engine *e, const hx_model *cfg, const hx_batch_request *held,
+                     int quick)
+{
+    hx_err err = {0};
+    const int K = cfg->num_kv_heads, D = cfg->head_dim, Ln = cfg->num_layers, T = held->n_prompt;
+    const size_t bytes = hx_kv_segment_bytes(HX_KV_DTYPE_BF16, Ln, K, T, D);
+    void *pinned = NULL, *dev = NULL;
+    TRY("pinned", hx_cuda_host_alloc(&pinned, bytes, &err));
+    void *pageable = malloc(bytes);
+    memset(pageable, 0, bytes);
+    const int reps = quick ? 2 : 5;
+    double t_pin = 1e30, t_page = 1e30, t_crc = 1e30, t_raw = 1e30;
+    size_t wrote = 0;
+    for (int i = 0; i < reps + 1; i++) {
+        double t0 = now_s();
+        TRY("pack", hx_cuda_engine_pack_kv(e, held->id, 0, Ln, 0, K, pinned, bytes, &wrote, &err));
+        double dt = now_s() - t0;
+        if (i)
+            t_pin = dt < t_pin ? dt : t_pin;
+        t0 = now_s();
+        TRY("pack", hx_cuda_engine_pack_kv(e, held->id, 0, Ln, 0, K, pageable, bytes, &wrote,
+                                           &err));
+        dt = now_s() - t0;
+        if (i)
+            t_page = dt < t_page ? dt : t_page;
+        t0 = now_s();
+        volatile uint32_t crc = hx_kv_crc32c(0, pinned, bytes);
+        (void)crc;
+        dt = now_s() - t0;
+        if (i)
+            t_crc = dt < t_crc ? dt : t_crc;
+    }
+    TRY("malloc", hx_cuda_malloc(&dev, bytes, &err));
+    for (int i = 0; i < reps + 1; i++) {
+        double t0 = now_s();
+        TRY("copy", hx_cuda_memcpy(pinned, dev, bytes, &err));
+        double dt = now_s() - t0;
+        if (i)
+            t_raw = dt < t_raw ? dt : t_raw;
+    }
+    hx_kv_segment seg;
+    TRY("parse", hx_kv_segment_parse(pageable, wrote, &seg, &err));
+    printf("kv pack %d positions (%.1f MB bf16 segment): pinned %.2f GB/s (%.2f ms), pageable "
+           "%.2f GB/s; CRC-32C on one thread %.2f GB/s (pack uses up to 16); raw "
+           "device->pinned copy %.2f GB/s\n",
+           T, bytes / 1e6, bytes / t_pin / 1e9, t_pin * 1e3, bytes / t_page / 1e9,
+           bytes / t_crc / 1e9, bytes / t_raw / 1e9);
+    jadd("\"kv_pack\": {\"tokens\": %d, \"bytes\": %zu, \"dtype\": \"bf16\", \"pinned_gb_s\": %.3f, "
+         "\"pageable_gb_s\": %.3f, \"crc_gb_s\": %.3f, \"raw_d2h_pinned_gb_s\": %.3f}, ",
+         T, bytes, bytes / t_pin / 1e9, bytes / t_page / 1e9, bytes / t_crc / 1e9,
+         bytes / t_raw / 1e9);
+    hx_cuda_free(dev);
+    free(pageable);
+    bench_kv_transfer(e, cfg, held, bytes, pinned, reps);
+    jadd("\"kv_dtype\": \"bf16\"}\n");
+    hx_cuda_host_free(pinned);
+}
+
 int main(int argc, char **argv)
 {
     const char *json_path = NULL, *cal_path = NULL;
-    int quick = 0, micro = 0;
+    int quick = 0, micro = 0, tiny = 0;
     double cal_bytes_s = 0, cal_flops_s = 0; /* the defaults: decode batch 1, prefill 2048 */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
@@ -471,9 +669,12 @@ int main(int argc, char **argv)
             quick = 1;
         else if (!strcmp(argv[i], "--micro"))
             micro = 1;
+        else if (!strcmp(argv[i], "--tiny"))
+            tiny = 1;
         else {
             fprintf(stderr,
-                    "usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro]\n");
+                    "usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro] "
+                    "[--tiny]\n");
             return 2;
         }
     }
@@ -488,7 +689,7 @@ int main(int argc, char **argv)
     TRY("device", hx_cuda_device_info(0, name, sizeof name, &peak_bw, &peak_flops, &err));
     printf("device: %s (peak %.2f TB/s, %.0f dense BF16 TFLOP/s)\n", name, peak_bw / 1e12,
            peak_flops / 1e12);
-    const hx_model cfg = bench_model();
+    const hx_model cfg = bench_model(tiny);
     jadd("{\"device\": \"%s\", \"peak_bytes_per_s\": %.4g, \"peak_bf16_flops\": %.4g, "
          "\"model\": {\"hidden\": %d, \"layers\": %d, \"heads\": %d, \"kv_heads\": %d, "
          "\"intermediate\": %d, \"vocab\": %d}, \"decode\": [",
@@ -617,55 +818,7 @@ int main(int argc, char **argv)
     r.hold_kv = 1;
     TRY("add", hx_cuda_engine_add(e, &r, &err));
     step(e, NULL);
-    const int K = cfg.num_kv_heads, D = cfg.head_dim, Ln = cfg.num_layers;
-    const size_t bytes = hx_kv_segment_bytes(Ln, K, T, D);
-    void *pinned = NULL, *dev = NULL;
-    TRY("pinned", hx_cuda_host_alloc(&pinned, bytes, &err));
-    void *pageable = malloc(bytes);
-    memset(pageable, 0, bytes);
-    const int reps = quick ? 2 : 5;
-    double t_pin = 1e30, t_page = 1e30, t_crc = 1e30, t_raw = 1e30;
-    size_t wrote = 0;
-    for (int i = 0; i < reps + 1; i++) {
-        double t0 = now_s();
-        TRY("pack", hx_cuda_engine_pack_kv(e, 7, 0, Ln, 0, K, pinned, bytes, &wrote, &err));
-        double dt = now_s() - t0;
-        if (i)
-            t_pin = dt < t_pin ? dt : t_pin;
-        t0 = now_s();
-        TRY("pack", hx_cuda_engine_pack_kv(e, 7, 0, Ln, 0, K, pageable, bytes, &wrote, &err));
-        dt = now_s() - t0;
-        if (i)
-            t_page = dt < t_page ? dt : t_page;
-        t0 = now_s();
-        volatile uint32_t crc = hx_kv_crc32c(0, pinned, bytes);
-        (void)crc;
-        dt = now_s() - t0;
-        if (i)
-            t_crc = dt < t_crc ? dt : t_crc;
-    }
-    TRY("malloc", hx_cuda_malloc(&dev, bytes, &err));
-    for (int i = 0; i < reps + 1; i++) {
-        double t0 = now_s();
-        TRY("copy", hx_cuda_memcpy(pinned, dev, bytes, &err));
-        double dt = now_s() - t0;
-        if (i)
-            t_raw = dt < t_raw ? dt : t_raw;
-    }
-    hx_kv_segment seg;
-    TRY("parse", hx_kv_segment_parse(pageable, wrote, &seg, &err));
-    printf("kv pack %d positions (%.1f MB fp32 segment): pinned %.2f GB/s (%.2f ms), pageable "
-           "%.2f GB/s; CRC-32C on one thread %.2f GB/s (pack uses up to 16); raw "
-           "device->pinned copy %.2f GB/s\n",
-           T, bytes / 1e6, bytes / t_pin / 1e9, t_pin * 1e3, bytes / t_page / 1e9,
-           bytes / t_crc / 1e9, bytes / t_raw / 1e9);
-    jadd("\"kv_pack\": {\"tokens\": %d, \"bytes\": %zu, \"pinned_gb_s\": %.3f, "
-         "\"pageable_gb_s\": %.3f, \"crc_gb_s\": %.3f, \"raw_d2h_pinned_gb_s\": %.3f}}\n",
-         T, bytes, bytes / t_pin / 1e9, bytes / t_page / 1e9, bytes / t_crc / 1e9,
-         bytes / t_raw / 1e9);
-    hx_cuda_free(dev);
-    hx_cuda_host_free(pinned);
-    free(pageable);
+    bench_kv(e, &cfg, &r, quick);
     free(prompt);
     hx_cuda_engine_free(e);
 
