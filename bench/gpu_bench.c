@@ -9,7 +9,8 @@
  *             with the defaults, then with each GEMV kernel for every shape and
  *             with the other decode attention kernel; batch 1 also without
  *             CUDA graphs, with cuBLAS instead of the GEMV kernels, and with
- *             programmatic dependent launch, to show what each is worth
+ *             programmatic dependent launch, and batches 1 and 8 with L2
+ *             prefetches of 16 and 32 MiB a window, to show what each is worth
  *   prefill   TFLOP/s of one 2048-token prompt (one step), against the dense
  *             BF16 peak, with each prefill attention kernel (mma.sync, the
  *             pipelined mma.sync, WMMA)
@@ -126,11 +127,14 @@ static int rand_token(int vocab)
     return (int)(tok_state % (uint64_t)vocab);
 }
 
+static int prefetch_mb; /* make_engine's l2_prefetch_mb */
+
 static hx_cuda_engine *make_engine(const hx_model *cfg, int max_seqs, int max_step, int graphs,
                                    int gemv_rows)
 {
     hx_cuda_options o;
     hx_cuda_options_init(&o);
+    o.l2_prefetch_mb = prefetch_mb;
     o.max_seqs = max_seqs;
     o.max_step_tokens = max_step;
     o.max_seq_tokens = 4096;
@@ -749,6 +753,20 @@ int main(int argc, char **argv)
         report_decode("graphs+gemv+PDL", 1, &d, peak_bw);
         hx_cuda_engine_free(e);
         hx_cuda_set_pdl(0);
+        /* L2 prefetches of the next projections' weights from a second stream */
+        static const int mbs[2] = {16, 32};
+        for (int i = 0; i < 2; i++) {
+            char label[32];
+            snprintf(label, sizeof label, "graphs+prefetch%d", mbs[i]);
+            prefetch_mb = mbs[i];
+            e = make_engine(&cfg, 8, 512, 1, 8);
+            prefetch_mb = 0;
+            for (int bi = 0; bi < 2; bi++) {
+                d = bench_decode(e, bi ? 8 : 1, 512, 5, timed, peak_bw);
+                report_decode(label, bi ? 8 : 1, &d, peak_bw);
+            }
+            hx_cuda_engine_free(e);
+        }
     }
     jadd("], ");
     if (micro)

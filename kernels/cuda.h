@@ -110,6 +110,31 @@ void hx_cuda_stream_free(hx_cuda_stream *s);
 hx_status hx_cuda_stream_sync(hx_cuda_stream *s, hx_err *err);
 
 /*
+ * Work issued on `waiter` from now on waits, on the device, for the work
+ * issued on `on` so far (recorded in ev, an event of this device, which
+ * may be reused for the next call at once). In a graph capture this forks
+ * `waiter` into the capture open on `on`, or joins it back: a stream forked
+ * into a capture must be joined into the capturing stream before the
+ * capture ends (hx_cuda_graph_end fails otherwise).
+ */
+typedef struct hx_cuda_event hx_cuda_event; /* opaque */
+hx_status hx_cuda_event_new(hx_cuda_event **out, hx_err *err);
+void hx_cuda_event_free(hx_cuda_event *ev); /* NULL is a no-op */
+hx_status hx_cuda_stream_wait(hx_cuda_stream *waiter, hx_cuda_stream *on, hx_cuda_event *ev,
+                              hx_err *err);
+
+/*
+ * Asks the device to bring d[0..bytes) (device memory) into its L2 cache: a
+ * hint, with no effect on any result, that nothing waits for (the kernel
+ * ends once the requests are out; the bytes arrive meanwhile). A decode
+ * step issues it on a second stream for the weights the next projections
+ * stream, while small kernels leave memory bandwidth idle. Bulk L2
+ * prefetches (one request per 64 KiB) on sm_90, a prefetch per 128-byte
+ * line before.
+ */
+hx_status hx_cuda_prefetch_l2(const void *d, size_t bytes, hx_cuda_stream *stream, hx_err *err);
+
+/*
  * Programmatic dependent launch (Hopper and later): each kernel may start
  * while the previous one on its stream finishes (the GEMV streams its first
  * weights meanwhile). Off by default: on an H100 it made a batch-1 decode

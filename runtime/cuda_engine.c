@@ -76,6 +76,8 @@ struct hx_cuda_engine {
     double nccl_timeout_s;
     hx_cuda_stream *stream;
     hx_cuda_blas *blas;
+    hx_cuda_stream *side; /* L2 prefetches (opt.l2_prefetch_mb > 0), forked from stream */
+    hx_cuda_event *side_ev;
 
     /* weights */
     hx_bf16 *embed;   /* [vocab][hidden]; first stage only */
@@ -165,6 +167,10 @@ void hx_cuda_options_init(hx_cuda_options *opt)
     opt->num_layers = 0;
     opt->tp_rank = 0;
     opt->tp_size = 1;
+    const char *pf = getenv("HX_CUDA_PREFETCH"); /* MiB, for measurements */
+    opt->l2_prefetch_mb = pf ? atoi(pf) : 0;
+    if (opt->l2_prefetch_mb < 0 || opt->l2_prefetch_mb > 4096)
+        opt->l2_prefetch_mb = 0;
 }
 
 static hx_status check_model(const hx_model *c, const char *what, hx_err *err)
@@ -271,6 +277,8 @@ void hx_cuda_engine_free(hx_cuda_engine *e)
     free(e->free_list);
     free(e->events);
     hx_cuda_blas_free(e->blas);
+    hx_cuda_stream_free(e->side);
+    hx_cuda_event_free(e->side_ev);
     hx_cuda_stream_free(e->stream);
     hx_cpu_pool_free(e->crc_pool);
     free(e);
@@ -501,6 +509,11 @@ static hx_status engine_start(const hx_model *cfg, const hx_cuda_options *opt,
         st = hx_cuda_set_device(e->opt.device, err);
     if (st == HX_OK)
         st = hx_cuda_stream_new(&e->stream, err);
+    if (st == HX_OK && e->opt.l2_prefetch_mb > 0) {
+        st = hx_cuda_stream_new(&e->side, err);
+        if (st == HX_OK)
+            st = hx_cuda_event_new(&e->side_ev, err);
+    }
     if (st == HX_OK)
         st = hx_cuda_blas_new(e->opt.gemv_max_rows, &e->blas, err);
     if (st == HX_OK) {
@@ -1393,6 +1406,28 @@ static hx_status project_add(hx_cuda_engine *e, const hx_bf16 *in, const hx_bf16
 }
 
 /*
+ * On the side stream, once the main stream's work so far is done: asks L2 for
+ * the first bytes of a[0..na) then of b[0..nb) (either may be NULL), at most
+ * opt.l2_prefetch_mb MiB in all. The kernels issued meanwhile on the main
+ * stream leave the memory bandwidth these take mostly idle.
+ */
+static hx_status prefetch(hx_cuda_engine *e, const void *a, size_t na, const void *b, size_t nb,
+                          hx_err *err)
+{
+    size_t left = (size_t)e->opt.l2_prefetch_mb << 20;
+    hx_status st = hx_cuda_stream_wait(e->side, e->stream, e->side_ev, err);
+    for (int i = 0; i < 2 && st == HX_OK && left > 0; i++) {
+        const void *p = i ? b : a;
+        size_t n = i ? nb : na;
+        n = n < left ? n : left;
+        if (p && n)
+            st = hx_cuda_prefetch_l2(p, n, e->side, err);
+        left -= p ? n : 0;
+    }
+    return st;
+}
+
+/*
  * Enqueues a step's forward pass and the copies in and out. A stage after
  * the first takes its rows from the comm (recv_rows) instead of the
  * embedding; a stage before the last gives them on (send_rows) instead of
@@ -1417,12 +1452,17 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
             return hx_batch_comm_failed(&e->site, st, "recv_rows", &inner, err);
         st = hx_cuda_memcpy_async(e->x, e->h_rows, x_bytes, s, err);
     }
+    /* a decode step that streams the weights: L2 prefetches on the side stream */
+    const int pf = e->side && n_pf == 0 && rows <= e->opt.gemv_max_rows;
+    const size_t wo_bytes = (size_t)hid * hd * 2, wgu_bytes = (size_t)2 * e->F * hid * 2,
+                 wqkv_bytes = (size_t)e->qkv_n * hid * 2;
     for (int l = 0; l < e->L && st == HX_OK; l++) {
         const layer_w *w = &e->layers[l];
         /* x holds the residual stream: the o and down projections add into it, and the
            norms run inside the GEMVs that follow them (a decode step's few rows) */
         if ((st = hx_cuda_gemm_rmsnorm(b, e->qkv, e->x, w->attn_norm, e->eps, e->h, w->wqkv,
                                        rows, hid, e->qkv_n, s, err)) ||
+            (pf && (st = prefetch(e, w->wo, wo_bytes, w->wgu, wgu_bytes, err))) ||
             (st = hx_cuda_rope_kv(e->q, e->kv, e->qkv, dio(e, e->io_pos), dio(e, e->io_slot),
                                   e->d_cos, e->d_sin, rows, e->H, &e->kvl, l, s, err)))
             break;
@@ -1440,10 +1480,22 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
             break;
         if ((st = project_add(e, e->att, w->wo, rows, hd, l, "o", err)) ||
             (st = hx_cuda_gemm_rmsnorm_swiglu(b, e->act, e->gu, e->x, w->ffn_norm, e->eps, e->h,
-                                              w->wgu, rows, hid, e->F, s, err)) ||
-            (st = project_add(e, e->act, w->wdown, rows, e->F, l, "down", err)))
+                                              w->wgu, rows, hid, e->F, s, err)))
+            break;
+        if (pf) { /* while down runs: the next q/k/v weights, or the LM head's */
+            const int last = l + 1 == e->L;
+            const void *next = !last ? (const void *)e->layers[l + 1].wqkv
+                                     : e->has_head ? (const void *)e->lm_head : NULL;
+            const size_t n = !last ? wqkv_bytes : (size_t)e->V * hid * 2;
+            if (next && (st = prefetch(e, next, n, NULL, 0, err)) != HX_OK)
+                break;
+        }
+        if ((st = project_add(e, e->act, w->wdown, rows, e->F, l, "down", err)))
             break;
     }
+    /* the side stream joins back (a capture must end joined) */
+    if (st == HX_OK && pf)
+        st = hx_cuda_stream_wait(e->stream, e->side, e->side_ev, err);
     if (st != HX_OK)
         return st;
     if (!e->has_head) { /* the next stage goes on from these rows */

@@ -92,6 +92,11 @@ typedef struct hx_cuda_options {
     int num_layers;      /* default 0: to the model's last layer */
     int tp_rank;         /* the TP slice: rank tp_rank of tp_size; default 0 of 1 */
     int tp_size;
+    int l2_prefetch_mb;  /* decode steps of at most gemv_max_rows rows: while RoPE, attention
+                            and the o projection run, and again while the down projection
+                            does, up to this many MiB of the weights the next projections
+                            read are asked into the L2 cache, from a second stream
+                            (hx_cuda_prefetch_l2); 0 (default, or $HX_CUDA_PREFETCH): never */
 } hx_cuda_options;
 
 void hx_cuda_options_init(hx_cuda_options *opt);

@@ -221,6 +221,32 @@ extern "C" void hx_cuda_stream_free(hx_cuda_stream *s)
         (void)cudaGetLastError(); // as hx_cuda_free
 }
 
+extern "C" hx_status hx_cuda_event_new(hx_cuda_event **out, hx_err *err)
+{
+    cudaEvent_t ev = NULL;
+    hx_status st = hx_cuda_err(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), err,
+                               "cudaEventCreate");
+    *out = st == HX_OK ? reinterpret_cast<hx_cuda_event *>(ev) : NULL;
+    return st;
+}
+
+extern "C" void hx_cuda_event_free(hx_cuda_event *ev)
+{
+    if (ev && cudaEventDestroy(reinterpret_cast<cudaEvent_t>(ev)) != cudaSuccess)
+        (void)cudaGetLastError(); // as hx_cuda_free
+}
+
+extern "C" hx_status hx_cuda_stream_wait(hx_cuda_stream *waiter, hx_cuda_stream *on,
+                                         hx_cuda_event *ev, hx_err *err)
+{
+    cudaEvent_t e = reinterpret_cast<cudaEvent_t>(ev);
+    hx_status st = hx_cuda_err(cudaEventRecord(e, HX_STREAM(on)), err, "cudaEventRecord");
+    if (st == HX_OK)
+        st = hx_cuda_err(cudaStreamWaitEvent(HX_STREAM(waiter), e, 0), err,
+                         "cudaStreamWaitEvent");
+    return st;
+}
+
 extern "C" hx_status hx_cuda_stream_sync(hx_cuda_stream *s, hx_err *err)
 {
     return hx_cuda_err(cudaStreamSynchronize(HX_STREAM(s)), err, "cudaStreamSynchronize");

@@ -312,6 +312,48 @@ extern "C" hx_status hx_cuda_swiglu(hx_bf16 *d_out, const hx_bf16 *d_gate_up, in
     return hx_cuda_launched(err, "swiglu");
 }
 
+/* ---- L2 prefetch ---- */
+
+#define PREFETCH_BULK 65536 // bytes per bulk request (sm_90)
+#define PREFETCH_LINE 128   // bytes per line request (before)
+
+// p 16-byte aligned, bytes a multiple of 16. Each thread issues every stride-th request.
+__global__ void prefetch_l2_kernel(const char *p, size_t bytes)
+{
+    const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    for (size_t off = t * PREFETCH_BULK; off < bytes; off += stride * PREFETCH_BULK) {
+        const unsigned n = (unsigned)(bytes - off < PREFETCH_BULK ? bytes - off : PREFETCH_BULK);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + off), "r"(n)
+                     : "memory");
+    }
+#else
+    for (size_t off = t * PREFETCH_LINE; off < bytes; off += stride * PREFETCH_LINE)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+#endif
+}
+
+extern "C" hx_status hx_cuda_prefetch_l2(const void *d, size_t bytes, hx_cuda_stream *stream,
+                                         hx_err *err)
+{
+    // whole 16-byte units inside [d, d + bytes)
+    const uintptr_t a = ((uintptr_t)d + 15) & ~(uintptr_t)15;
+    const uintptr_t end = ((uintptr_t)d + bytes) & ~(uintptr_t)15;
+    if (!d || end <= a)
+        return HX_OK;
+    const size_t n = (size_t)(end - a);
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess)
+        (void)cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    // bulk: a thread per 64 KiB request, 128 a block; lines: 32 blocks of 256 threads
+    const size_t reqs = (n + PREFETCH_BULK - 1) / PREFETCH_BULK;
+    const unsigned blocks = major >= 9 ? (unsigned)((reqs + 127) / 128) : 32u;
+    hx_launch(prefetch_l2_kernel, dim3(blocks), major >= 9 ? 128 : 256, 0, HX_STREAM(stream),
+              reinterpret_cast<const char *>(a), n);
+    return hx_cuda_launched(err, "prefetch_l2");
+}
+
 /* ---- KV segments ---- */
 
 // One thread per 8 consecutive elements of a (layer, kv, head, token) row of the payload:

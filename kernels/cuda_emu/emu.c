@@ -85,6 +85,7 @@ static const char E_WRONG_THREAD[] =
 static const char E_STATE[] = "the operation cannot be performed in the present state";
 static const char E_ILLEGAL[] = "an illegal memory access was encountered";
 static const char E_MISALIGNED[] = "misaligned address";
+static const char E_UNJOINED[] = "capturing stream has unjoined work";
 
 /* ---- state ----------------------------------------------------------------------------------- */
 
@@ -111,12 +112,25 @@ typedef struct thunk_list {
     int n, cap;
 } thunk_list;
 
+#define EMU_MAX_FORKS 8
+
 struct hx_cuda_stream {
     int device;
     int capturing;   /* between graph_begin and graph_end (or abort) */
     int invalid;     /* the open capture was invalidated */
     pthread_t owner; /* the thread that began the capture */
     thunk_list cap;  /* what the open capture recorded */
+    /* hx_cuda_stream_wait forks a stream into another's capture: its work is recorded there
+       (in issue order: the emulation runs a graph's work in order), and it must be joined
+       back before that capture ends */
+    hx_cuda_stream *fork;                 /* the capturing stream this one was forked into */
+    int unjoined;                         /* work issued on it since its fork or last join */
+    hx_cuda_stream *forks[EMU_MAX_FORKS]; /* capturing: the streams forked into it */
+    int n_forks;
+};
+
+struct hx_cuda_event {
+    int unused; /* the emulation runs work at once, in order: nothing to record */
 };
 
 struct hx_cuda_graph {
@@ -220,6 +234,29 @@ static int capture_forbids(void)
             hit = 1;
         }
     return hit;
+}
+
+/* The stream whose capture work issued on s goes into: s, the one s was forked into, or NULL. */
+static hx_cuda_stream *capture_of(hx_cuda_stream *s)
+{
+    if (!s)
+        return NULL;
+    if (s->capturing)
+        return s;
+    return s->fork && s->fork->capturing ? s->fork : NULL;
+}
+
+/* A capture ends (lock held): its forked streams leave it; 1 when one had unjoined work. */
+static int forks_release(hx_cuda_stream *s)
+{
+    int unjoined = 0;
+    for (int i = 0; i < s->n_forks; i++) {
+        unjoined |= s->forks[i]->unjoined;
+        s->forks[i]->fork = NULL;
+        s->forks[i]->unjoined = 0;
+    }
+    s->n_forks = 0;
+    return unjoined;
 }
 
 static void capturing_remove(hx_cuda_stream *s)
@@ -505,13 +542,16 @@ static hx_status launch(hx_cuda_stream *s, emu_kernel fn, const void *args, size
     int captured = 0;
     if (!why && dev != tl_device)
         why = E_HANDLE; /* a kernel launch on a stream of another device fails */
-    if (!why && s && s->capturing) {
-        if (s->invalid)
+    hx_cuda_stream *cs = why ? NULL : capture_of(s);
+    if (cs) {
+        if (cs->invalid)
             why = E_INVALIDATED;
-        else if (thunks_add(&s->cap, fn, args, size, dev, what) != 0)
+        else if (thunks_add(&cs->cap, fn, args, size, dev, what) != 0)
             why = E_OOM;
         else
             captured = 1;
+        if (cs != s)
+            s->unjoined = 1;
     }
     unlock();
     if (why) {
@@ -542,7 +582,7 @@ int emu_capturing(const hx_cuda_stream *s)
         return 0;
     init();
     lock();
-    const int c = s->capturing;
+    const int c = capture_of((hx_cuda_stream *)(uintptr_t)s) != NULL;
     unlock();
     return c;
 }
@@ -896,22 +936,25 @@ static hx_status copy_async(const char *what, void *dst, size_t dpitch, const vo
     init();
     lock();
     const char *why = unusable();
-    const int capturing = s && s->capturing;
+    hx_cuda_stream *cs = capture_of(s);
+    const int capturing = cs != NULL;
     if (!why) {
         a.dk = range_kind(dst, (rows - 1) * dpitch + width);
         a.sk = range_kind(src, (rows - 1) * spitch + width);
         if (!dst || !src || a.dk == MEM_OVERRUN || a.sk == MEM_OVERRUN)
             why = E_VALUE;
     }
-    if (!why && capturing && s->invalid)
+    if (!why && capturing && cs->invalid)
         why = E_INVALIDATED;
     if (!why && capturing && (a.dk == MEM_PAGEABLE || a.sk == MEM_PAGEABLE)) {
-        s->invalid = 1; /* a graph cannot hold a copy of pageable memory */
+        cs->invalid = 1; /* a graph cannot hold a copy of pageable memory */
         why = E_CAPTURING;
     }
     if (!why && capturing &&
-        thunks_add(&s->cap, run_copy, &a, sizeof a, s->device, what) != 0)
+        thunks_add(&cs->cap, run_copy, &a, sizeof a, s->device, what) != 0)
         why = E_OOM;
+    if (!why && capturing && cs != s)
+        s->unjoined = 1;
     unlock();
     if (why)
         return cuda_fail(err, what, why);
@@ -974,8 +1017,16 @@ void hx_cuda_stream_free(hx_cuda_stream *s)
     if (!s)
         return;
     lock();
-    if (s->capturing)
+    if (s->capturing) {
         capturing_remove(s);
+        forks_release(s);
+    }
+    if (s->fork) { /* leaves the capture it was forked into */
+        hx_cuda_stream *p = s->fork;
+        for (int i = 0; i < p->n_forks; i++)
+            if (p->forks[i] == s)
+                p->forks[i] = p->forks[--p->n_forks];
+    }
     unlock();
     thunks_free(&s->cap);
     free(s);
@@ -986,12 +1037,66 @@ hx_status hx_cuda_stream_sync(hx_cuda_stream *s, hx_err *err)
     init();
     lock();
     const char *why = unusable();
-    if (!why && s && s->capturing) {
-        s->invalid = 1; /* a capturing stream cannot be waited for */
+    hx_cuda_stream *cs = why ? NULL : capture_of(s);
+    if (cs) {
+        cs->invalid = 1; /* a capturing stream cannot be waited for */
         why = E_CAPTURING;
     }
     unlock();
     return why ? cuda_fail(err, "cudaStreamSynchronize", why) : HX_OK;
+}
+
+hx_status hx_cuda_event_new(hx_cuda_event **out, hx_err *err)
+{
+    *out = NULL;
+    init();
+    lock();
+    const char *why = unusable();
+    unlock();
+    if (why)
+        return cuda_fail(err, "cudaEventCreate", why);
+    if (!(*out = calloc(1, sizeof **out)))
+        return cuda_fail(err, "cudaEventCreate", E_OOM);
+    return HX_OK;
+}
+
+void hx_cuda_event_free(hx_cuda_event *ev)
+{
+    free(ev);
+}
+
+/*
+ * Work runs at once and in order here, so only captures see a wait: waiting
+ * on a stream in a capture forks the waiter into it (its work is recorded
+ * there), and the capturing stream waiting on a stream forked into it joins
+ * that one back.
+ */
+hx_status hx_cuda_stream_wait(hx_cuda_stream *waiter, hx_cuda_stream *on, hx_cuda_event *ev,
+                              hx_err *err)
+{
+    init();
+    lock();
+    const char *why = unusable();
+    if (!why && (!ev || !waiter || !on || waiter == on))
+        why = E_HANDLE;
+    hx_cuda_stream *cs = why ? NULL : capture_of(on);
+    if (!why && cs) {
+        if (waiter == cs) { /* a join: what `on` issued so far is in the capture's order */
+            on->unjoined = 0;
+        } else if (waiter->capturing || (waiter->fork && waiter->fork != cs)) {
+            why = E_STATE; /* already in another capture */
+        } else if (!waiter->fork) { /* a fork */
+            if (cs->n_forks == EMU_MAX_FORKS)
+                why = E_OOM;
+            else {
+                cs->forks[cs->n_forks++] = waiter;
+                waiter->fork = cs;
+                waiter->unjoined = 0;
+            }
+        }
+    }
+    unlock();
+    return why ? cuda_fail(err, "cudaStreamWaitEvent", why) : HX_OK;
 }
 
 /* ---- graphs ---------------------------------------------------------------------------------- */
@@ -1003,7 +1108,7 @@ hx_status hx_cuda_graph_begin(hx_cuda_stream *s, hx_err *err)
     const char *why = unusable();
     if (!why && !s)
         why = E_CAPTURING; /* the legacy stream cannot be captured */
-    if (!why && s->capturing)
+    if (!why && (s->capturing || s->fork))
         why = E_STATE;
     if (!why && emu.n_capturing == emu.cap_capturing) {
         size_t cap = emu.cap_capturing ? 2 * emu.cap_capturing : 8;
@@ -1041,7 +1146,8 @@ hx_status hx_cuda_graph_end(hx_cuda_stream *s, hx_cuda_graph **out, hx_err *err)
         s->capturing = 0;
         work = s->cap;
         memset(&s->cap, 0, sizeof s->cap);
-        why = s->invalid ? E_INVALIDATED : unusable();
+        const int unjoined = forks_release(s);
+        why = s->invalid ? E_INVALIDATED : unjoined ? E_UNJOINED : unusable();
         s->invalid = 0;
     }
     unlock();
@@ -1066,6 +1172,7 @@ void hx_cuda_graph_abort(hx_cuda_stream *s)
     lock();
     if (s && s->capturing && pthread_equal(s->owner, pthread_self())) {
         capturing_remove(s);
+        forks_release(s);
         s->capturing = 0;
         s->invalid = 0;
         work = s->cap;
@@ -1092,13 +1199,16 @@ hx_status hx_cuda_graph_launch(hx_cuda_graph *g, hx_cuda_stream *s, hx_err *err)
     int captured = 0;
     if (!why && !g)
         why = E_HANDLE;
-    if (!why && s && s->capturing) { /* a graph launched into a capture: a child graph */
-        if (s->invalid)
+    hx_cuda_stream *cs = why ? NULL : capture_of(s);
+    if (cs) { /* a graph launched into a capture: a child graph */
+        if (cs->invalid)
             why = E_INVALIDATED;
-        else if (thunks_add(&s->cap, run_graph, &g, sizeof g, s->device, "cudaGraphLaunch") != 0)
+        else if (thunks_add(&cs->cap, run_graph, &g, sizeof g, s->device, "cudaGraphLaunch") != 0)
             why = E_OOM;
         else
             captured = 1;
+        if (cs != s)
+            s->unjoined = 1;
     }
     unlock();
     if (why)
@@ -2267,6 +2377,31 @@ hx_status hx_cuda_sample(int *d_tokens, const float *d_logits, int rows, int voc
                           vocab);
     sample_args a = {d_tokens, d_logits, rows, vocab, d_temp, d_top_p, d_rng_slot, d_rng};
     return emu_launch(stream, run_sample, &a, sizeof a, "sample", err);
+}
+
+/* ---- L2 prefetch ----------------------------------------------------------------------------- */
+
+typedef struct prefetch_args {
+    const void *d;
+    size_t bytes;
+} prefetch_args;
+
+/* prefetch_l2_kernel: a hint with no effect here; its range must be device memory */
+static void run_prefetch(const void *p)
+{
+    const prefetch_args *a = p;
+    (void)emu_need(a->d, a->bytes, "d");
+}
+
+hx_status hx_cuda_prefetch_l2(const void *d, size_t bytes, hx_cuda_stream *stream, hx_err *err)
+{
+    /* whole 16-byte units inside [d, d + bytes), as the GPU's */
+    const uintptr_t a = ((uintptr_t)d + 15) & ~(uintptr_t)15;
+    const uintptr_t end = ((uintptr_t)d + bytes) & ~(uintptr_t)15;
+    if (!d || end <= a)
+        return HX_OK;
+    prefetch_args args = {(const void *)a, (size_t)(end - a)};
+    return emu_launch(stream, run_prefetch, &args, sizeof args, "prefetch_l2", err);
 }
 
 /* ---- KV segments ----------------------------------------------------------------------------- */

@@ -674,6 +674,75 @@ static void expect_kv_range(const char *what, const float *seg, const float *val
                     }
 }
 
+/*
+ * A stream forked into another's graph capture (hx_cuda_stream_wait) records
+ * its work into that graph, which must join it back to end; outside a
+ * capture the waits order the two streams.
+ */
+static void test_stream_fork_join(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    enum { N = 64 };
+    hx_cuda_stream *a = NULL, *b = NULL, *b2 = NULL;
+    hx_cuda_event *ev = NULL;
+    CHECK(hx_cuda_stream_new(&a, E));
+    CHECK(hx_cuda_stream_new(&b, E));
+    CHECK(hx_cuda_stream_new(&b2, E));
+    CHECK(hx_cuda_event_new(&ev, E));
+    float zero[N] = {0}, one[N];
+    for (int i = 0; i < N; i++)
+        one[i] = 1.0f;
+    float *x = to_dev(zero, sizeof zero), *y = to_dev(one, sizeof one);
+    hx_cuda_graph *g = NULL;
+    /* forked and never joined: the capture fails */
+    CHECK(hx_cuda_graph_begin(a, E));
+    CHECK(hx_cuda_stream_wait(b, a, ev, E));
+    CHECK(hx_cuda_add(x, y, N, b, E));
+    hx_err e2 = {0};
+    assert_int_equal(hx_cuda_graph_end(a, &g, &e2), HX_EIO);
+    assert_null(g);
+    printf("test_cuda: an unjoined fork: %s\n", e2.msg);
+    CHECK(hx_cuda_sync(E));
+    /* joined: the graph holds b2's work (an add and a prefetch), run when it is launched */
+    CHECK(hx_cuda_graph_begin(a, E));
+    CHECK(hx_cuda_stream_wait(b2, a, ev, E));
+    CHECK(hx_cuda_add(x, y, N, b2, E));
+    CHECK(hx_cuda_prefetch_l2(y, sizeof one, b2, E));
+    CHECK(hx_cuda_stream_wait(a, b2, ev, E));
+    CHECK(hx_cuda_graph_end(a, &g, E));
+    CHECK(hx_cuda_sync(E));
+    float *h = from_dev_f32(x, N);
+    assert_true(h[0] == 0.0f && h[N - 1] == 0.0f); /* captured, not run */
+    free(h);
+    CHECK(hx_cuda_graph_launch(g, a, E));
+    CHECK(hx_cuda_graph_launch(g, a, E));
+    CHECK(hx_cuda_stream_sync(a, E));
+    h = from_dev_f32(x, N);
+    assert_true(h[0] == 2.0f && h[N - 1] == 2.0f);
+    free(h);
+    /* outside a capture: b2 after a, then a after b2 */
+    CHECK(hx_cuda_stream_wait(b2, a, ev, E));
+    CHECK(hx_cuda_add(x, y, N, b2, E));
+    CHECK(hx_cuda_stream_wait(a, b2, ev, E));
+    CHECK(hx_cuda_add(x, y, N, a, E));
+    CHECK(hx_cuda_stream_sync(a, E));
+    h = from_dev_f32(x, N);
+    assert_true(h[0] == 4.0f && h[N - 1] == 4.0f);
+    free(h);
+    /* a prefetch of a range that is not whole 16-byte units, and of nothing */
+    CHECK(hx_cuda_prefetch_l2((const char *)y + 3, 100, a, E));
+    CHECK(hx_cuda_prefetch_l2(y, 0, a, E));
+    CHECK(hx_cuda_stream_sync(a, E));
+    hx_cuda_graph_free(g);
+    hx_cuda_free(x);
+    hx_cuda_free(y);
+    hx_cuda_event_free(ev);
+    hx_cuda_stream_free(b2);
+    hx_cuda_stream_free(b);
+    hx_cuda_stream_free(a);
+}
+
 static void test_kv_pack_unpack(void **state)
 {
     (void)state;
@@ -1331,10 +1400,13 @@ static void pick_cases(const hx_llama *m, gen_case *cases)
     n_picked = 1;
 }
 
+static int engine_prefetch_mb; /* gpu_engine's l2_prefetch_mb */
+
 static hx_cuda_engine *gpu_engine(int max_step_tokens, int graphs, int gemv_rows, int logits)
 {
     hx_cuda_options o;
     hx_cuda_options_init(&o);
+    o.l2_prefetch_mb = engine_prefetch_mb;
     o.max_seqs = 8;
     o.max_step_tokens = max_step_tokens;
     o.max_seq_tokens = 256;
@@ -1465,6 +1537,28 @@ static void test_engine_greedy_vs_cpu(void **state)
     engine_vs_cpu(cases, 16, 1, 8);
     hx_cuda_set_gemv_variant(0);
     hx_cuda_set_decode_attention_variant(2);
+    hx_llama_free(m);
+}
+
+/*
+ * L2 prefetches from a second stream forked into each decode step (and its
+ * graph capture): a hint, so the same tokens, with graphs, without, and in
+ * steps that mix prompt chunks (no prefetch) with decode rows.
+ */
+static void test_engine_l2_prefetch(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_llama *m = cpu_model();
+    gen_case cases[N_REQ];
+    pick_cases(m, cases);
+    engine_prefetch_mb = 1; /* less than a layer of the tiny model: both budget cuts run */
+    engine_vs_cpu(cases, 256, 1, 8);
+    engine_vs_cpu(cases, 16, 1, 8);
+    engine_vs_cpu(cases, 64, 0, 8);
+    engine_prefetch_mb = 64; /* every weight of the next projections */
+    engine_vs_cpu(cases, 256, 1, 8);
+    engine_prefetch_mb = 0;
     hx_llama_free(m);
 }
 
@@ -2247,6 +2341,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_gemm_swiglu),
         cmocka_unit_test(test_gemm_rmsnorm),
         cmocka_unit_test(test_embed_rmsnorm_swiglu),
+        cmocka_unit_test(test_stream_fork_join),
         cmocka_unit_test(test_kv_pack_unpack),
         cmocka_unit_test(test_rope_kv),
         cmocka_unit_test(test_prefill_attention),
@@ -2259,6 +2354,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_nccl_two_ranks),
         cmocka_unit_test(test_engine_greedy_vs_cpu),
         cmocka_unit_test(test_engine_prefill_others),
+        cmocka_unit_test(test_engine_l2_prefetch),
         cmocka_unit_test(test_engine_kv_segments),
         cmocka_unit_test(test_engine_stages_and_tp),
         cmocka_unit_test(test_engine_sampling_and_admission),
