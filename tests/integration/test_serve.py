@@ -311,11 +311,11 @@ def renamed_binary(port, expected):
     check(not [p for p in pids if alive(p)], "renamed binary: stop leaves no process")
 
 
-def start_by_hand(tag, plan, gpu_model, args, env_of=lambda d: {}):
+def start_by_hand(tag, plan, gpu_model, args, env_of=lambda d: {}, backend_of=lambda d: "cuda"):
     """Starts the plan's workers (devices local:0..2) and its router by hand, each worker
     with its own NCCL_HOSTID (NCCL refuses two ranks of one GPU on one host, and tells
     hosts apart by it: they then talk over NCCL's socket transport on loopback) plus
-    env_of(device). Returns (processes, logs, router address, up)."""
+    env_of(device), on backend_of(device). Returns (processes, logs, router address, up)."""
     secret = os.path.join(TMP, tag + ".secret")
     with open(secret, "w") as f:
         f.write(os.urandom(32).hex())
@@ -329,7 +329,7 @@ def start_by_hand(tag, plan, gpu_model, args, env_of=lambda d: {}):
         logs.append(log)
         procs.append(subprocess.Popen(
             [HX, "worker", "--plan", plan, "--model", gpu_model, "--device", "local:%d" % d,
-             "--secret-file", secret, "--backend", "cuda"] + args, env=env, stdout=log,
+             "--secret-file", secret, "--backend", backend_of(d)] + args, env=env, stdout=log,
             stderr=subprocess.STDOUT))
     rlog = open(os.path.join(TMP, tag + "-router.log"), "w+")
     logs.append(rlog)
@@ -469,6 +469,40 @@ def nccl_on_one_gpu(port, gpu_model, gpu_expected):
         check(end_by_hand(procs, logs), "GPU NCCL: every process ended")
 
 
+def gpu_cpu_mixed(port, gpu_model, gpu_expected, cpu_expected):
+    """A cuda prefill group feeding a cpu decode group (TP 2), and the other way round: the
+    KV goes in the sender's cache dtype, bf16 from the GPU (widened by the CPU), fp32 from
+    the CPU (rounded by the GPU), and every request completes from it."""
+    per_token = 4 * 2 * 2 * 64  # layers x K, V x KV heads x head_dim of the GPU model
+    for name, pre, dec, want, elem in (("GPU -> CPU", "cuda", "cpu", gpu_expected, 2),
+                                       ("CPU -> GPU", "cpu", "cuda", cpu_expected, 4)):
+        plan = write_plan("mixed-" + pre, port, [
+            {"id": "p0", "role": "prefill", "stages": [stage(0, 4, [0])]},
+            {"id": "d0", "role": "decode", "stages": [stage(0, 4, [1, 2])]}],
+            [{"prefill": "p0", "decode": "d0", "rps": 1}])
+        port += 20
+        procs, logs, addr, up = start_by_hand("mixed-" + pre, plan, gpu_model,
+                                              ["--threads", "1"],
+                                              backend_of=lambda d: pre if d == 0 else dec)
+        try:
+            if not check(up, "%s: workers and router up" % name):
+                continue
+            for prompt in PROMPTS:
+                status, got = complete(addr, prompt)
+                first = (want[prompt] or [])[:1]
+                check(status == 200 and len(got) == MAX_TOKENS and got[:1] == first,
+                      "%s '%s': %d tokens, the first the prefill backend's (%s)" %
+                      (name, prompt, len(got) if status == 200 else 0,
+                       "ok" if status == 200 and got[:1] == first else got))
+            moved = metric(addr, "hexflow_kv_bytes_moved_total")
+            prompt_tokens = metric(addr, "hexflow_prompt_tokens_total")
+            check(prompt_tokens > 0 and moved == prompt_tokens * per_token * elem,
+                  "%s: KV moves in %s (%d bytes for %d prompt tokens)" %
+                  (name, "bf16" if elem == 2 else "fp32", moved, prompt_tokens))
+        finally:
+            check(end_by_hand(procs, logs), "%s: every process ended" % name)
+
+
 def nccl_hang_emulated(port, gpu_model):
     """The last resort: an NCCL all-reduce that nothing stops (the emulation's
     HX_CUDA_EMU_NCCL_HANG=400 on d0's rank 0: its 400th operation, as a wedged kernel, a
@@ -541,7 +575,7 @@ def gpu_cases(port):
         assert r.returncode == 0, r.stderr
         # the reference: `hexflow generate` on the same engine (bf16 on the GPU), one
         # process; the fp32 CPU run may part from it at a near-tie, which is only reported
-        gpu_expected = {}
+        gpu_expected, cpu_expected = {}, {}
         for prompt in PROMPTS:
             g = hx("generate", "--model", gpu_model, "--prompt", prompt, "--max-tokens",
                    str(MAX_TOKENS), "--temperature", "0", "--json", "--backend", "cuda")
@@ -551,6 +585,7 @@ def gpu_cases(port):
             c = hx("generate", "--model", gpu_model, "--prompt", prompt, "--max-tokens",
                    str(MAX_TOKENS), "--temperature", "0", "--json")
             cpu = json.loads(c.stdout)["tokens"]
+            cpu_expected[prompt] = cpu
             same = next((i for i, (x, y) in enumerate(zip(cpu, gpu_expected[prompt] or []))
                          if x != y), min(len(cpu), len(gpu_expected[prompt] or [])))
             print("info GPU (bf16) and CPU (fp32) greedy tokens agree for the first %d of %d"
@@ -610,6 +645,8 @@ def gpu_cases(port):
                 check(stop(plan), "GPU PP2 -> TP2: stop")
         nccl_on_one_gpu(port, gpu_model, gpu_expected)
         port += 20
+        gpu_cpu_mixed(port, gpu_model, gpu_expected, cpu_expected)
+        port += 40
         if "host emulation" in version:
             nccl_fallback_emulated(port, gpu_model, gpu_expected)
             port += 20
