@@ -308,8 +308,11 @@ static hx_status prune_model_dir(host_job *J, char **files, int n, hx_err *err)
     if (st != HX_OK)
         return st;
     int len = snprintf(cmd, sizeof cmd, "cd %s/model && rm -f --", wd), stale = 0;
-    for (char *line = out ? strtok(out, "\n") : NULL; line && st == HX_OK;
-         line = strtok(NULL, "\n")) {
+    /* strtok_r, never strtok: every host prunes at once, one thread each, and strtok's one
+       hidden position would walk a thread into another host's listing (or a freed one) */
+    char *save = NULL;
+    for (char *line = out ? strtok_r(out, "\n", &save) : NULL; line && st == HX_OK;
+         line = strtok_r(NULL, "\n", &save)) {
         int ours = 0;
         for (int i = 0; i < n && !ours; i++)
             ours = strcmp(files[i], line) == 0;
@@ -330,16 +333,20 @@ static hx_status prune_model_dir(host_job *J, char **files, int n, hx_err *err)
     return st;
 }
 
-/* Collects the model directory's files (regular files, one level). */
+/* Collects the model directory's files (regular files, one level). -1 with errno set when
+ * the directory cannot be read or memory runs out: a partial list would have the prune
+ * remove files of this model. */
 static int model_files(const char *dir, char ***out)
 {
+    *out = NULL;
     DIR *d = opendir(dir);
     if (!d)
         return -1;
     int n = 0, cap = 16;
     char **v = malloc((size_t)cap * sizeof *v);
+    int fail = !v;
     struct dirent *e;
-    while (v && (e = readdir(d)) != NULL) {
+    while (!fail && (errno = 0, e = readdir(d)) != NULL) {
         if (e->d_name[0] == '.')
             continue;
         char path[PATH_MAX];
@@ -348,16 +355,28 @@ static int model_files(const char *dir, char ***out)
             continue;
         if (n == cap) {
             char **g = realloc(v, (size_t)(cap *= 2) * sizeof *v);
-            if (!g)
+            if (!g) {
+                fail = 1;
                 break;
+            }
             v = g;
         }
-        if ((v[n] = strdup(e->d_name)) != NULL)
+        if ((v[n] = strdup(e->d_name)) == NULL)
+            fail = 1;
+        else
             n++;
     }
+    int saved = fail ? ENOMEM : errno; /* readdir: NULL with errno 0 at the end */
     closedir(d);
+    if (fail || saved) {
+        for (int i = 0; v && i < n; i++)
+            free(v[i]);
+        free(v);
+        errno = saved;
+        return -1;
+    }
     *out = v;
-    return v ? n : -1;
+    return n;
 }
 
 /* Opens host J->h (local, or SSH with the plan's settings) into J->session. */
@@ -426,8 +445,12 @@ static void *host_main(void *arg)
         skipped ? kept++ : pushed++;
         char **files = NULL;
         int n = model_files(L->abs_model, &files), left_out = 0;
-        if (n >= 0)
-            J->st = prune_model_dir(J, files, n, err);
+        if (n < 0) {
+            J->st = hx_err_set(err, HX_EIO, "cannot list model directory '%s': %s",
+                               L->abs_model, strerror(errno));
+            return NULL;
+        }
+        J->st = prune_model_dir(J, files, n, err);
         for (int i = 0; i < n && J->st == HX_OK; i++) {
             char src[PATH_MAX * 2];
             if (!model_wanted(L, J->h, files[i])) {
@@ -702,7 +725,9 @@ static hx_status mark_dead(launch *L, int h, double timeout_s, hx_err *err)
     hx_status st = hx_host_run_checked(L->jobs[h].session, cmd, NULL, 0, &out, timeout_s, err);
     if (st != HX_OK)
         return st;
-    for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+    char *save = NULL;
+    for (char *line = out ? strtok_r(out, "\n", &save) : NULL; line;
+         line = strtok_r(NULL, "\n", &save)) {
         long pid = strtol(line, NULL, 10);
         for (int i = 0; pid > 0 && i < L->nprocs; i++)
             if (L->procs[i].host == h && L->procs[i].pid == pid)

@@ -238,5 +238,17 @@ expect_failure "worker crashes at start (port in use on h2)" "h2.*exited.*(in us
 kill "$blocker" 2>/dev/null
 wait "$blocker" 2>/dev/null
 
+# a sanitizer report in any launcher run above: an ASan abort exits 1, which a fault case
+# takes for the failure it expects (the launches' stderr is in $DIR/*.err)
+sanitized=0
+for f in "$DIR"/*.err; do
+    if grep -qE 'ERROR: [A-Za-z]+Sanitizer|runtime error:' "$f"; then
+        sanitized=1
+        echo "    $(basename "$f"):"
+        grep -E -A12 'ERROR: [A-Za-z]+Sanitizer|runtime error:' "$f" | sed 's/^/    /'
+    fi
+done
+check "no launcher run hit a sanitizer report" [ "$sanitized" = 0 ]
+
 echo "launch-ssh: $PASS passed, $FAIL failed"
 [ "$FAIL" = 0 ]
