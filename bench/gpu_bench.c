@@ -9,8 +9,9 @@
  *             with the defaults, then with each GEMV kernel for every shape and
  *             with the other decode attention kernel; batch 1 also without
  *             CUDA graphs, with cuBLAS instead of the GEMV kernels, and with
- *             programmatic dependent launch, and batches 1 and 8 with L2
- *             prefetches of 16 and 32 MiB a window, to show what each is worth
+ *             programmatic dependent launch, and with the q/k/v GEMV fused with
+ *             RoPE and the KV write, and batches 1 and 8 with L2 prefetches of
+ *             16 and 32 MiB a window, to show what each is worth
  *   prefill   TFLOP/s of one 2048-token prompt (one step), against the dense
  *             BF16 peak, with each prefill attention kernel (mma.sync, the
  *             pipelined mma.sync, WMMA)
@@ -270,7 +271,11 @@ static void bench_micro(const hx_model *c)
     TRY("blas", hx_cuda_blas_new(8, &gemv, &err));
     TRY("blas", hx_cuda_blas_new(0, &blas, &err));
     void *w = NULL, *x = NULL, *y = NULL, *gu = NULL, *act = NULL;
-    const size_t w_elems = (size_t)V * hid; /* the largest matrix */
+    size_t w_elems = (size_t)V * hid; /* the largest matrix (--tiny: gate/up) */
+    if ((size_t)2 * F * hid > w_elems)
+        w_elems = (size_t)2 * F * hid;
+    if ((size_t)qkv_n * hid > w_elems)
+        w_elems = (size_t)qkv_n * hid;
     TRY("malloc", hx_cuda_malloc(&w, w_elems * 2, &err));
     TRY("malloc", hx_cuda_malloc(&x, (size_t)T * F * 2, &err));
     TRY("malloc", hx_cuda_malloc(&y, (size_t)T * 2 * F * 4, &err));
@@ -396,6 +401,22 @@ static void bench_micro(const hx_model *c)
         }
     }
     hx_cuda_set_decode_attention_variant(2); /* the default */
+    /* RoPE and the KV write alone, then the q/k/v GEMV with the norm in front and them behind
+       in one kernel (hx_cuda_set_fused_rope); the tables' values do not matter here */
+    const float *cos_t = delta, *sin_t = nw;
+    for (int ri = 0; ri < 2; ri++) {
+        const int rows = ri + 1;
+        snprintf(label, sizeof label, "rope_kv rows %d", rows);
+        TIME(label, (double)rows * qkv_n * 4, 0,
+             hx_cuda_rope_kv(q, cache, xf, m_pos0, m_slot, cos_t, sin_t, rows, H, &kv, 0, NULL,
+                             &err));
+        hx_cuda_set_fused_rope(1);
+        snprintf(label, sizeof label, "rmsnorm+gemm qkv+rope_kv rows %d (fused)", rows);
+        TIME(label, (double)hid * qkv_n * 2, 2.0 * rows * hid * qkv_n,
+             hx_cuda_gemm_rmsnorm_rope_kv(gemv, q, cache, delta, xf, nw, 1e-5f, x, w, rows, hid,
+                                          H, &kv, 0, m_pos0, m_slot, cos_t, sin_t, NULL, &err));
+        hx_cuda_set_fused_rope(0);
+    }
     for (int v = 1; v <= 3; v++) { /* hx_cuda_set_prefill_attention_variant */
         hx_cuda_set_prefill_attention_variant(v);
         snprintf(label, sizeof label, "prefill attention %d tokens (%s)", ctx, prefill_kernel[v]);
@@ -753,6 +774,13 @@ int main(int argc, char **argv)
         report_decode("graphs+gemv+PDL", 1, &d, peak_bw);
         hx_cuda_engine_free(e);
         hx_cuda_set_pdl(0);
+        /* q/k/v GEMV, RoPE and the KV write in one kernel at 1-2 rows */
+        hx_cuda_set_fused_rope(1);
+        e = make_engine(&cfg, 8, 512, 1, 8);
+        d = bench_decode(e, 1, 512, 5, timed, peak_bw);
+        report_decode("graphs+fused-rope", 1, &d, peak_bw);
+        hx_cuda_engine_free(e);
+        hx_cuda_set_fused_rope(0);
         /* L2 prefetches of the next projections' weights from a second stream */
         static const int mbs[2] = {16, 32};
         for (int i = 0; i < 2; i++) {

@@ -296,6 +296,28 @@ hx_status hx_cuda_rope_kv(hx_bf16 *d_q, hx_bf16 *d_cache, const float *d_qkv, co
                           int heads, const hx_cuda_kv_layout *kv, int layer,
                           hx_cuda_stream *stream, hx_err *err);
 
+/*
+ * A decode step's attention input: hx_cuda_gemm_rmsnorm into d_qkv
+ * ([rows][(heads + 2 kv_heads) * head_dim] fp32; d_w: that many rows of
+ * [in]), then hx_cuda_rope_kv from it, with the same results. With
+ * hx_cuda_set_fused_rope(1) ($HX_CUDA_FUSED_ROPE=1; off by default until
+ * measured on a GPU), at 1 or 2 rows where the fused GEMV applies, one
+ * kernel does it all and d_qkv is left alone: each warp computes the pair of
+ * outputs i and i + head_dim/2 of one head, rotates it as rope_kv does and
+ * writes q, or k and v into the cache, from registers (one kernel launch and
+ * the fp32 round trip less a layer). Its results equal the two calls' bit
+ * for bit when they use the first GEMV kernel (hx_cuda_set_gemv_variant(1));
+ * the shape rule's choice for norm + q/k/v, the second, sums in another
+ * order.
+ */
+hx_status hx_cuda_gemm_rmsnorm_rope_kv(hx_cuda_blas *b, hx_bf16 *d_q, hx_bf16 *d_cache,
+                                       float *d_qkv, float *d_x, const float *d_norm_w, float eps,
+                                       hx_bf16 *d_h, const hx_bf16 *d_w, int rows, int in,
+                                       int heads, const hx_cuda_kv_layout *kv, int layer,
+                                       const int *d_pos, const int *d_slot, const float *d_cos,
+                                       const float *d_sin, hx_cuda_stream *stream, hx_err *err);
+void hx_cuda_set_fused_rope(int on);
+
 /* d_out[r][i] = bf16(silu(gate) * up);  d_gate_up: [rows][2 * ff] bf16, d_out: [rows][ff] */
 hx_status hx_cuda_swiglu(hx_bf16 *d_out, const hx_bf16 *d_gate_up, int rows, int ff,
                          hx_cuda_stream *stream, hx_err *err);

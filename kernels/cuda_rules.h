@@ -131,6 +131,20 @@ static inline hx_status hx_cuda_copy_2d_check(size_t dst_pitch, size_t src_pitch
     return HX_OK;
 }
 
+/* RoPE and the KV write of `rows` tokens: heads, an even head_dim, the layer, the blocks. */
+static inline hx_status hx_cuda_rope_check(int rows, int heads, const hx_cuda_kv_layout *kv,
+                                           int layer, hx_err *err)
+{
+    if (rows < 1 || heads < 1 || kv->kv_heads < 1 || kv->head_dim < 2 || kv->head_dim % 2 ||
+        layer < 0 || layer >= kv->layers || kv->block_tokens < 1)
+        return hx_err_set(err, HX_EINVAL,
+                          "cuda rope_kv: %d rows, %d heads, %d KV heads of head_dim %d (even), "
+                          "layer %d of %d, %d-token blocks",
+                          rows, heads, kv->kv_heads, kv->head_dim, layer, kv->layers,
+                          kv->block_tokens);
+    return HX_OK;
+}
+
 /* A KV segment (layers, heads, tokens) of a sequence of the paged cache kv. */
 static inline hx_status hx_cuda_kv_seg_check(const hx_cuda_kv_layout *kv, int layer_first,
                                              int num_layers, int head_first, int num_heads,

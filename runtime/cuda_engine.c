@@ -1460,11 +1460,11 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
         const layer_w *w = &e->layers[l];
         /* x holds the residual stream: the o and down projections add into it, and the
            norms run inside the GEMVs that follow them (a decode step's few rows) */
-        if ((st = hx_cuda_gemm_rmsnorm(b, e->qkv, e->x, w->attn_norm, e->eps, e->h, w->wqkv,
-                                       rows, hid, e->qkv_n, s, err)) ||
-            (pf && (st = prefetch(e, w->wo, wo_bytes, w->wgu, wgu_bytes, err))) ||
-            (st = hx_cuda_rope_kv(e->q, e->kv, e->qkv, dio(e, e->io_pos), dio(e, e->io_slot),
-                                  e->d_cos, e->d_sin, rows, e->H, &e->kvl, l, s, err)))
+        if ((st = hx_cuda_gemm_rmsnorm_rope_kv(b, e->q, e->kv, e->qkv, e->x, w->attn_norm,
+                                               e->eps, e->h, w->wqkv, rows, hid, e->H, &e->kvl,
+                                               l, dio(e, e->io_pos), dio(e, e->io_slot),
+                                               e->d_cos, e->d_sin, s, err)) ||
+            (pf && (st = prefetch(e, w->wo, wo_bytes, w->wgu, wgu_bytes, err))))
             break;
         if (n_dec &&
             (st = hx_cuda_decode_attention(e->att, e->q, e->kv, &e->kvl, l, e->d_bt,

@@ -177,6 +177,15 @@ template <int N> __device__ __forceinline__ void hx_cp_wait()
 #endif
 }
 
+// RoPE of the pair (a, b) = (x[i], x[i + head_dim/2]) by the angle whose cosine and sine
+// are c and s: (a c - b s, b c + a s), with the roundings fixed (one product rounded, then
+// a fused multiply-add), so that every kernel rotating gets the same bits, and the
+// emulation's fmaf too.
+__device__ __forceinline__ float2 hx_rope_pair(float a, float b, float c, float s)
+{
+    return make_float2(__fmaf_rn(a, c, -__fmul_rn(b, s)), __fmaf_rn(b, c, __fmul_rn(a, s)));
+}
+
 // Element offset of (block, layer, kv, head, position-in-block 0) in the paged cache.
 __device__ __forceinline__ size_t hx_kv_offset(const hx_cuda_kv_layout &kv, int block, int layer,
                                                int which, int head)

@@ -200,11 +200,58 @@ static void gemv_launch(int rows, void *y, const __nv_bfloat16 *x, const __nv_bf
 
 #define GEMVN_F32 0
 #define GEMVN_SWIGLU 1
+#define GEMVN_ROPE 2 // NW 2: outputs i and i + head_dim/2 of a head, then RoPE and the KV write
+
+// What GEMVN_ROPE writes its pairs into (hx_cuda_rope_kv's arguments; unused otherwise).
+struct gemvn_rope {
+    __nv_bfloat16 *q;     // [rows][heads][head_dim]
+    __nv_bfloat16 *cache; // the paged cache; layer `layer` is written
+    hx_cuda_kv_layout kv;
+    int layer, heads;
+    const int *pos, *slot;      // [rows]
+    const float *cos_t, *sin_t; // [max_pos][head_dim / 2]
+};
+
+// Weight row of output k (0 .. NW-1) of warp task o: o + k * tasks, or with GEMVN_ROPE
+// the pair (i, i + half) of head o / half, i = o % half.
+template <int MODE>
+__device__ __forceinline__ size_t gemvn_row(int k, int o, int tasks, int half)
+{
+    if (MODE == GEMVN_ROPE)
+        return (size_t)(o / half) * 2 * half + o % half + (size_t)k * half;
+    return (size_t)k * tasks + o;
+}
+
+// GEMVN_ROPE's epilogue for row r: a and b are outputs i and i + half of head hh (of the
+// q, k and v heads in that order): as rope_kv_kernel (ops.cu) computes them from the sums.
+__device__ __forceinline__ void gemvn_rope_store(const gemvn_rope &rp, int r, int hh, int i,
+                                                 int half, float a, float b)
+{
+    const int D = 2 * half, K = rp.kv.kv_heads;
+    const int sl = rp.slot[r];
+    const int block = sl / rp.kv.block_tokens, off = sl % rp.kv.block_tokens;
+    if (hh >= rp.heads + K) { // a value: as it is
+        __nv_bfloat16 *vd = rp.cache + hx_kv_offset(rp.kv, block, rp.layer, 1, hh - rp.heads - K) +
+                            (size_t)off * D;
+        vd[i] = __float2bfloat16_rn(a);
+        vd[i + half] = __float2bfloat16_rn(b);
+        return;
+    }
+    const int p = rp.pos[r];
+    const float c = rp.cos_t[(size_t)p * half + i], sn = rp.sin_t[(size_t)p * half + i];
+    const float2 v = hx_rope_pair(a, b, c, sn);
+    __nv_bfloat16 *d = hh < rp.heads
+                           ? rp.q + ((size_t)r * rp.heads + hh) * D
+                           : rp.cache + hx_kv_offset(rp.kv, block, rp.layer, 0, hh - rp.heads) +
+                                 (size_t)off * D;
+    d[i] = __float2bfloat16_rn(v.x);
+    d[i + half] = __float2bfloat16_rn(v.y);
+}
 
 template <int NR, int NW, int MODE>
 __global__ void __launch_bounds__(GEMV_THREADS)
     gemv_norm_kernel(void *y, const float *x, const float *nw, float eps,
-                     const __nv_bfloat16 *w, int in, int tasks, int y_stride)
+                     const __nv_bfloat16 *w, int in, int tasks, int y_stride, gemvn_rope rp)
 {
     extern __shared__ uint4 xs[]; // [NR][in / 8] normalized rows, bf16
     __shared__ float red[32];
@@ -215,7 +262,8 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     const uint4 *wr[NW];
 #pragma unroll
     for (int k = 0; k < NW; k++)
-        wr[k] = reinterpret_cast<const uint4 *>(w + ((size_t)k * tasks + (active ? o : 0)) * in);
+        wr[k] = reinterpret_cast<const uint4 *>(
+            w + gemvn_row<MODE>(k, active ? o : 0, tasks, rp.kv.head_dim / 2) * in);
     // the weights are constant: their first sweep is issued before waiting
     uint4 wv[NW][GEMV_UNROLL];
     int c0 = lane;
@@ -294,7 +342,10 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < NR; r++) {
-            if (MODE == GEMVN_SWIGLU) {
+            if (MODE == GEMVN_ROPE) {
+                const int half = rp.kv.head_dim / 2;
+                gemvn_rope_store(rp, r, o / half, o % half, half, acc[0][r], acc[NW - 1][r]);
+            } else if (MODE == GEMVN_SWIGLU) {
                 const float g = __bfloat162float(__float2bfloat16_rn(acc[0][r]));
                 const float u = __bfloat162float(__float2bfloat16_rn(acc[NW - 1][r]));
                 static_cast<__nv_bfloat16 *>(y)[(size_t)r * y_stride + o] =
@@ -312,7 +363,7 @@ __global__ void __launch_bounds__(GEMV_THREADS)
 template <int NW, int MODE>
 static void gemv_norm_launch(int rows, void *y, const float *x, const float *nw, float eps,
                              const __nv_bfloat16 *w, int in, int tasks, int y_stride,
-                             cudaStream_t s)
+                             cudaStream_t s, const gemvn_rope &rp = gemvn_rope())
 {
     const int warps_per_block = GEMV_THREADS / 32;
     dim3 grid((unsigned)((tasks + warps_per_block - 1) / warps_per_block));
@@ -321,7 +372,7 @@ static void gemv_norm_launch(int rows, void *y, const float *x, const float *nw,
 #define HX_GEMVN_CASE(n)                                                                           \
     case n:                                                                                        \
         hx_launch(gemv_norm_kernel<n, NW, MODE>, grid, GEMV_THREADS, smem, s, y, x, nw, eps, w,    \
-                  in, tasks, y_stride);                                                            \
+                  in, tasks, y_stride, rp);                                                        \
         break;
         HX_GEMVN_CASE(1)
         HX_GEMVN_CASE(2)
@@ -877,4 +928,51 @@ extern "C" hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act
     if (st == HX_OK)
         st = hx_cuda_swiglu(d_act, d_gu, rows, ff, stream, err);
     return st;
+}
+
+static int fused_rope_wanted = -1; // -1: not decided yet ($HX_CUDA_FUSED_ROPE, default 0: off)
+
+extern "C" void hx_cuda_set_fused_rope(int on)
+{
+    fused_rope_wanted = on != 0;
+}
+
+extern "C" hx_status hx_cuda_gemm_rmsnorm_rope_kv(
+    hx_cuda_blas *b, hx_bf16 *d_q, hx_bf16 *d_cache, float *d_qkv, float *d_x,
+    const float *d_norm_w, float eps, hx_bf16 *d_h, const hx_bf16 *d_w, int rows, int in,
+    int heads, const hx_cuda_kv_layout *kv, int layer, const int *d_pos, const int *d_slot,
+    const float *d_cos, const float *d_sin, hx_cuda_stream *stream, hx_err *err)
+{
+    if (fused_rope_wanted < 0) {
+        const char *env = getenv("HX_CUDA_FUSED_ROPE");
+        fused_rope_wanted = env && env[0] == '1';
+    }
+    const int out = (heads + 2 * kv->kv_heads) * kv->head_dim;
+    hx_status st = hx_cuda_rope_check(rows, heads, kv, layer, err);
+    if (st == HX_OK)
+        st = hx_cuda_gemm_check(rows, in, out, err);
+    if (st != HX_OK)
+        return st;
+    if (!fused_rope_wanted || !hx_cuda_use_gemv_norm(b->gemv_max_rows, rows, in, out, 2)) {
+        st = hx_cuda_gemm_rmsnorm(b, d_qkv, d_x, d_norm_w, eps, d_h, d_w, rows, in, out, stream,
+                                  err);
+        if (st == HX_OK)
+            st = hx_cuda_rope_kv(d_q, d_cache, d_qkv, d_pos, d_slot, d_cos, d_sin, rows, heads,
+                                 kv, layer, stream, err);
+        return st;
+    }
+    gemvn_rope rp;
+    rp.q = reinterpret_cast<__nv_bfloat16 *>(d_q);
+    rp.cache = reinterpret_cast<__nv_bfloat16 *>(d_cache);
+    rp.kv = *kv;
+    rp.layer = layer;
+    rp.heads = heads;
+    rp.pos = d_pos;
+    rp.slot = d_slot;
+    rp.cos_t = d_cos;
+    rp.sin_t = d_sin;
+    gemv_norm_launch<2, GEMVN_ROPE>(rows, NULL, d_x, d_norm_w, eps,
+                                    reinterpret_cast<const __nv_bfloat16 *>(d_w), in, out / 2, 0,
+                                    HX_STREAM(stream), rp);
+    return hx_cuda_launched(err, "gemv_rmsnorm_rope_kv");
 }

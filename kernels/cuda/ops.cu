@@ -218,19 +218,19 @@ __global__ void rope_kv_kernel(__nv_bfloat16 *q_out, __nv_bfloat16 *cache, const
     __nv_bfloat16 *qo = q_out + (size_t)r * heads * D;
     for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
         const int h = idx / half, i = idx % half;
-        const float a = src[h * D + i], b = src[h * D + i + half];
-        qo[h * D + i] = __float2bfloat16_rn(a * c[i] - b * sn[i]);
-        qo[h * D + i + half] = __float2bfloat16_rn(b * c[i] + a * sn[i]);
+        const float2 v = hx_rope_pair(src[h * D + i], src[h * D + i + half], c[i], sn[i]);
+        qo[h * D + i] = __float2bfloat16_rn(v.x);
+        qo[h * D + i + half] = __float2bfloat16_rn(v.y);
     }
     // keys (rotated) and values into the cache
     const float *ks = src + (size_t)heads * D;
     const float *vs = ks + (size_t)kv.kv_heads * D;
     for (int idx = threadIdx.x; idx < kv.kv_heads * half; idx += blockDim.x) {
         const int h = idx / half, i = idx % half;
-        const float a = ks[h * D + i], b = ks[h * D + i + half];
+        const float2 v = hx_rope_pair(ks[h * D + i], ks[h * D + i + half], c[i], sn[i]);
         __nv_bfloat16 *kd = cache + hx_kv_offset(kv, block, layer, 0, h) + (size_t)off * D;
-        kd[i] = __float2bfloat16_rn(a * c[i] - b * sn[i]);
-        kd[i + half] = __float2bfloat16_rn(b * c[i] + a * sn[i]);
+        kd[i] = __float2bfloat16_rn(v.x);
+        kd[i + half] = __float2bfloat16_rn(v.y);
     }
     for (int idx = threadIdx.x; idx < kv.kv_heads * D; idx += blockDim.x) {
         const int h = idx / D, i = idx % D;
@@ -245,9 +245,9 @@ extern "C" hx_status hx_cuda_rope_kv(hx_bf16 *d_q, hx_bf16 *d_cache, const float
                                      const hx_cuda_kv_layout *kv, int layer, hx_cuda_stream *stream,
                                      hx_err *err)
 {
-    if (rows < 1 || heads < 1 || kv->head_dim < 2 || kv->head_dim % 2 || layer < 0 ||
-        layer >= kv->layers || kv->block_tokens < 1)
-        return hx_err_set(err, HX_EINVAL, "cuda rope_kv: bad sizes");
+    hx_status st = hx_cuda_rope_check(rows, heads, kv, layer, err);
+    if (st != HX_OK)
+        return st;
     hx_launch(rope_kv_kernel, rows, 128, 0, HX_STREAM(stream),
               reinterpret_cast<__nv_bfloat16 *>(d_q), reinterpret_cast<__nv_bfloat16 *>(d_cache),
               d_qkv, d_pos, d_slot, d_cos, d_sin, heads, *kv, layer);

@@ -1555,6 +1555,37 @@ hx_status hx_cuda_gemm_rmsnorm_swiglu(hx_cuda_blas *b, hx_bf16 *d_act, hx_bf16 *
     return st;
 }
 
+/*
+ * The fused kernel's outputs are, by construction, the two calls' (its sums
+ * are the GEMV's, its RoPE rope_kv_kernel's expressions): here the two calls,
+ * whatever hx_cuda_set_fused_rope says, which also write d_qkv (the GPU's
+ * fused kernel leaves it alone).
+ */
+void hx_cuda_set_fused_rope(int on)
+{
+    (void)on;
+}
+
+hx_status hx_cuda_gemm_rmsnorm_rope_kv(hx_cuda_blas *b, hx_bf16 *d_q, hx_bf16 *d_cache,
+                                       float *d_qkv, float *d_x, const float *d_norm_w, float eps,
+                                       hx_bf16 *d_h, const hx_bf16 *d_w, int rows, int in,
+                                       int heads, const hx_cuda_kv_layout *kv, int layer,
+                                       const int *d_pos, const int *d_slot, const float *d_cos,
+                                       const float *d_sin, hx_cuda_stream *stream, hx_err *err)
+{
+    const int out = (heads + 2 * kv->kv_heads) * kv->head_dim;
+    hx_status st = hx_cuda_rope_check(rows, heads, kv, layer, err);
+    if (st == HX_OK)
+        st = hx_cuda_gemm_check(rows, in, out, err);
+    if (st == HX_OK)
+        st = hx_cuda_gemm_rmsnorm(b, d_qkv, d_x, d_norm_w, eps, d_h, d_w, rows, in, out, stream,
+                                  err);
+    if (st == HX_OK)
+        st = hx_cuda_rope_kv(d_q, d_cache, d_qkv, d_pos, d_slot, d_cos, d_sin, rows, heads, kv,
+                             layer, stream, err);
+    return st;
+}
+
 /* ---- layer kernels --------------------------------------------------------------------------- */
 
 typedef struct embed_args {
@@ -1680,6 +1711,19 @@ typedef struct rope_args {
     int layer;
 } rope_args;
 
+/* hx_rope_pair (common.cuh): one product rounded, then a fused multiply-add */
+static inline float rope_x(float a, float b, float c, float s)
+{
+    const float bs = b * s;
+    return fmaf(a, c, -bs);
+}
+
+static inline float rope_y(float a, float b, float c, float s)
+{
+    const float as = a * s;
+    return fmaf(b, c, as);
+}
+
 static void run_rope_kv(const void *p)
 {
     const rope_args *a = p;
@@ -1709,8 +1753,8 @@ static void run_rope_kv(const void *p)
         for (int h = 0; h < heads; h++)
             for (int i = 0; i < half; i++) {
                 const float x0 = src[h * D + i], x1 = src[h * D + i + half];
-                qo[h * D + i] = f2bf(x0 * c[i] - x1 * sn[i]);
-                qo[h * D + i + half] = f2bf(x1 * c[i] + x0 * sn[i]);
+                qo[h * D + i] = f2bf(rope_x(x0, x1, c[i], sn[i]));
+                qo[h * D + i + half] = f2bf(rope_y(x0, x1, c[i], sn[i]));
             }
         const float *ks = src + (size_t)heads * D, *vs = ks + (size_t)K * D;
         for (int h = 0; h < K; h++) {
@@ -1723,8 +1767,8 @@ static void run_rope_kv(const void *p)
             hx_bf16 *kp = (hx_bf16 *)kd, *vp = (hx_bf16 *)vd;
             for (int i = 0; i < half; i++) {
                 const float x0 = ks[h * D + i], x1 = ks[h * D + i + half];
-                kp[i] = f2bf(x0 * c[i] - x1 * sn[i]);
-                kp[i + half] = f2bf(x1 * c[i] + x0 * sn[i]);
+                kp[i] = f2bf(rope_x(x0, x1, c[i], sn[i]));
+                kp[i + half] = f2bf(rope_y(x0, x1, c[i], sn[i]));
             }
             for (int i = 0; i < D; i++)
                 vp[i] = f2bf(vs[h * D + i]);
@@ -1737,9 +1781,9 @@ hx_status hx_cuda_rope_kv(hx_bf16 *d_q, hx_bf16 *d_cache, const float *d_qkv, co
                           int heads, const hx_cuda_kv_layout *kv, int layer,
                           hx_cuda_stream *stream, hx_err *err)
 {
-    if (rows < 1 || heads < 1 || kv->head_dim < 2 || kv->head_dim % 2 || layer < 0 ||
-        layer >= kv->layers)
-        return hx_err_set(err, HX_EINVAL, "cuda rope_kv: bad sizes");
+    hx_status st = hx_cuda_rope_check(rows, heads, kv, layer, err);
+    if (st != HX_OK)
+        return st;
     rope_args a = {d_q, d_cache, d_qkv, d_pos, d_slot, d_cos, d_sin, rows, heads, *kv, layer};
     return emu_launch(stream, run_rope_kv, &a, sizeof a, "rope_kv", err);
 }

@@ -795,6 +795,113 @@ static void test_kv_pack_unpack(void **state)
     cache_free(&c);
 }
 
+/*
+ * The q/k/v GEMV fused with RoPE and the KV write (hx_cuda_set_fused_rope(1))
+ * against the two calls it replaces: the same q and the same cache, bit for
+ * bit, at 1 and 2 rows (one kernel on a GPU) and 3 (two calls either way).
+ * With the first GEMV kernel for both: each output's sum then runs in the
+ * same order (the shape rule's default, the second kernel, sums in another).
+ */
+static void test_gemm_rmsnorm_rope_kv(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    enum { H = 4, K = 2, D = 64, IN = 256, MAX_POS = 64, HALF = D / 2, OUT = (H + 2 * K) * D };
+    hx_cuda_set_gemv_variant(1);
+    hx_cuda_blas *blas = NULL;
+    CHECK(hx_cuda_blas_new(8, &blas, E));
+    float *hw = NULL, *hnw = malloc(IN * 4), *hx = malloc(3 * IN * 4);
+    hx_bf16 *dw = rand_bf16((size_t)OUT * IN, -0.1f, 0.1f, &hw);
+    for (int i = 0; i < IN; i++)
+        hnw[i] = frand(0.5f, 1.5f);
+    for (int i = 0; i < 3 * IN; i++)
+        hx[i] = frand(-2, 2);
+    float *dnw = to_dev(hnw, IN * 4), *dx = to_dev(hx, 3 * IN * 4);
+    float *cs = malloc((size_t)MAX_POS * HALF * 4), *sn = malloc((size_t)MAX_POS * HALF * 4);
+    for (int p = 0; p < MAX_POS; p++)
+        hx_cpu_rope_angles(cs + (size_t)p * HALF, sn + (size_t)p * HALF, D, p, 10000.0);
+    float *dcs = to_dev(cs, (size_t)MAX_POS * HALF * 4);
+    float *dsn = to_dev(sn, (size_t)MAX_POS * HALF * 4);
+    test_cache c;
+    cache_init(&c, 2, K, D, 16, 1, MAX_POS);
+    const int layer = 1, pos[3] = {5, 17, 63};
+    int slot[3];
+    for (int r = 0; r < 3; r++)
+        slot[r] = c.bt[pos[r] / 16] * 16 + pos[r] % 16;
+    int *dpos = to_dev(pos, sizeof pos), *dslot = to_dev(slot, sizeof slot);
+    const size_t cache_bytes = (size_t)c.n_blocks * 2 * 2 * K * 16 * D * 2;
+    void *dq = NULL, *dqkv = NULL, *dh = NULL;
+    CHECK(hx_cuda_malloc(&dq, (size_t)3 * H * D * 2, E));
+    CHECK(hx_cuda_malloc(&dqkv, (size_t)3 * OUT * 4, E));
+    CHECK(hx_cuda_malloc(&dh, (size_t)3 * IN * 2, E));
+    unsigned char *q_ref = malloc((size_t)3 * H * D * 2), *q_got = malloc((size_t)3 * H * D * 2);
+    unsigned char *c_ref = malloc(cache_bytes), *c_got = malloc(cache_bytes);
+    float *qkv_before = malloc((size_t)3 * OUT * 4), *qkv_after = malloc((size_t)3 * OUT * 4);
+    for (int rows = 1; rows <= 3; rows++) {
+        for (int fused = 0; fused < 2; fused++) {
+            hx_cuda_set_fused_rope(fused);
+            CHECK(hx_cuda_memset(c.d, 0, cache_bytes, E));
+            CHECK(hx_cuda_memset(dq, 0, (size_t)3 * H * D * 2, E));
+            CHECK(hx_cuda_memset(dqkv, 0x7f, (size_t)3 * OUT * 4, E));
+            CHECK(hx_cuda_memcpy(qkv_before, dqkv, (size_t)3 * OUT * 4, E));
+            CHECK(hx_cuda_gemm_rmsnorm_rope_kv(blas, dq, c.d, dqkv, dx, dnw, 1e-5f, dh, dw, rows,
+                                               IN, H, &c.kv, layer, dpos, dslot, dcs, dsn, NULL,
+                                               E));
+            CHECK(hx_cuda_sync(E));
+            CHECK(hx_cuda_memcpy(fused ? q_got : q_ref, dq, (size_t)3 * H * D * 2, E));
+            CHECK(hx_cuda_memcpy(fused ? c_got : c_ref, c.d, cache_bytes, E));
+            CHECK(hx_cuda_memcpy(qkv_after, dqkv, (size_t)3 * OUT * 4, E));
+#ifndef HX_CUDA_EMU
+            if (fused && rows <= 2) /* one kernel: the sums never went to memory */
+                assert_memory_equal(qkv_after, qkv_before, (size_t)3 * OUT * 4);
+#endif
+        }
+        if (memcmp(q_got, q_ref, (size_t)3 * H * D * 2) != 0)
+            fail_msg("fused rope, %d rows: q differs from the two calls'", rows);
+        if (memcmp(c_got, c_ref, cache_bytes) != 0)
+            fail_msg("fused rope, %d rows: the cache differs from the two calls'", rows);
+        /* and the rotated q is RoPE of the normed GEMV, within bf16 (the values are real) */
+        float *q = from_dev_bf16(dq, (size_t)rows * H * D);
+        double maxq = 0;
+        for (size_t i = 0; i < (size_t)rows * H * D; i++)
+            maxq = fmax(maxq, fabs((double)q[i]));
+        assert_true(maxq > 0.01);
+        free(q);
+    }
+    /* a layer outside the cache: refused, naming it */
+    hx_err e2 = {0};
+    assert_int_equal(hx_cuda_gemm_rmsnorm_rope_kv(blas, dq, c.d, dqkv, dx, dnw, 1e-5f, dh, dw, 1,
+                                                  IN, H, &c.kv, 2, dpos, dslot, dcs, dsn, NULL,
+                                                  &e2),
+                     HX_EINVAL);
+    assert_non_null(strstr(e2.msg, "layer 2 of 2"));
+    hx_cuda_set_fused_rope(0);
+    hx_cuda_set_gemv_variant(0);
+    free(qkv_before);
+    free(qkv_after);
+    free(q_ref);
+    free(q_got);
+    free(c_ref);
+    free(c_got);
+    hx_cuda_free(dq);
+    hx_cuda_free(dqkv);
+    hx_cuda_free(dh);
+    hx_cuda_free(dpos);
+    hx_cuda_free(dslot);
+    hx_cuda_free(dcs);
+    hx_cuda_free(dsn);
+    hx_cuda_free(dnw);
+    hx_cuda_free(dx);
+    hx_cuda_free(dw);
+    free(cs);
+    free(sn);
+    free(hw);
+    free(hnw);
+    free(hx);
+    cache_free(&c);
+    hx_cuda_blas_free(blas);
+}
+
 static void test_rope_kv(void **state)
 {
     (void)state;
@@ -1559,6 +1666,22 @@ static void test_engine_l2_prefetch(void **state)
     engine_prefetch_mb = 64; /* every weight of the next projections */
     engine_vs_cpu(cases, 256, 1, 8);
     engine_prefetch_mb = 0;
+    hx_llama_free(m);
+}
+
+/* The engine with the q/k/v GEMV fused with RoPE and the KV write: the same tokens. */
+static void test_engine_fused_rope(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_llama *m = cpu_model();
+    gen_case cases[N_REQ];
+    pick_cases(m, cases);
+    hx_cuda_set_fused_rope(1);
+    engine_vs_cpu(cases, 256, 1, 8); /* decode steps of 1-2 rows fuse (graphs) */
+    engine_vs_cpu(cases, 16, 1, 8);
+    engine_vs_cpu(cases, 64, 0, 8);
+    hx_cuda_set_fused_rope(0);
     hx_llama_free(m);
 }
 
@@ -2344,6 +2467,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_stream_fork_join),
         cmocka_unit_test(test_kv_pack_unpack),
         cmocka_unit_test(test_rope_kv),
+        cmocka_unit_test(test_gemm_rmsnorm_rope_kv),
         cmocka_unit_test(test_prefill_attention),
         cmocka_unit_test(test_prefill_attention_mma),
         cmocka_unit_test(test_prefill_attention_fa),
@@ -2355,6 +2479,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_engine_greedy_vs_cpu),
         cmocka_unit_test(test_engine_prefill_others),
         cmocka_unit_test(test_engine_l2_prefetch),
+        cmocka_unit_test(test_engine_fused_rope),
         cmocka_unit_test(test_engine_kv_segments),
         cmocka_unit_test(test_engine_stages_and_tp),
         cmocka_unit_test(test_engine_sampling_and_admission),
