@@ -680,6 +680,18 @@ static void bench_kv(hx_cuda_engine *e, const hx_model *cfg, const hx_batch_requ
     hx_cuda_host_free(pinned);
 }
 
+/* A fresh engine's decode at batch 1 (and 8 when max_batch is 8), reported under label. */
+static void decode_alone(const hx_model *cfg, const char *label, int max_batch, int graphs,
+                         int gemv_rows, int timed, double peak_bw)
+{
+    hx_cuda_engine *e = make_engine(cfg, 8, 512, graphs, gemv_rows);
+    for (int B = 1; B <= max_batch; B *= 8) {
+        decode_result d = bench_decode(e, B, 512, 5, timed, peak_bw);
+        report_decode(label, B, &d, peak_bw);
+    }
+    hx_cuda_engine_free(e);
+}
+
 int main(int argc, char **argv)
 {
     const char *json_path = NULL, *cal_path = NULL;
@@ -760,26 +772,14 @@ int main(int argc, char **argv)
         hx_cuda_set_decode_attention_variant(2);
     }
     if (!quick) {
-        hx_cuda_engine *e = make_engine(&cfg, 8, 512, 1, 0);
-        decode_result d = bench_decode(e, 1, 512, 5, timed, peak_bw);
-        report_decode("graphs+cublas", 1, &d, peak_bw);
-        hx_cuda_engine_free(e);
-        e = make_engine(&cfg, 8, 512, 0, 8);
-        d = bench_decode(e, 1, 512, 5, timed, peak_bw);
-        report_decode("no-graphs+gemv", 1, &d, peak_bw);
-        hx_cuda_engine_free(e);
+        decode_alone(&cfg, "graphs+cublas", 1, 1, 0, timed, peak_bw);
+        decode_alone(&cfg, "no-graphs+gemv", 1, 0, 8, timed, peak_bw);
         hx_cuda_set_pdl(1);
-        e = make_engine(&cfg, 8, 512, 1, 8);
-        d = bench_decode(e, 1, 512, 5, timed, peak_bw);
-        report_decode("graphs+gemv+PDL", 1, &d, peak_bw);
-        hx_cuda_engine_free(e);
+        decode_alone(&cfg, "graphs+gemv+PDL", 1, 1, 8, timed, peak_bw);
         hx_cuda_set_pdl(0);
         /* q/k/v GEMV, RoPE and the KV write in one kernel at 1-2 rows */
         hx_cuda_set_fused_rope(1);
-        e = make_engine(&cfg, 8, 512, 1, 8);
-        d = bench_decode(e, 1, 512, 5, timed, peak_bw);
-        report_decode("graphs+fused-rope", 1, &d, peak_bw);
-        hx_cuda_engine_free(e);
+        decode_alone(&cfg, "graphs+fused-rope", 1, 1, 8, timed, peak_bw);
         hx_cuda_set_fused_rope(0);
         /* L2 prefetches of the next projections' weights from a second stream */
         static const int mbs[2] = {16, 32};
@@ -787,13 +787,8 @@ int main(int argc, char **argv)
             char label[32];
             snprintf(label, sizeof label, "graphs+prefetch%d", mbs[i]);
             prefetch_mb = mbs[i];
-            e = make_engine(&cfg, 8, 512, 1, 8);
+            decode_alone(&cfg, label, 8, 1, 8, timed, peak_bw);
             prefetch_mb = 0;
-            for (int bi = 0; bi < 2; bi++) {
-                d = bench_decode(e, bi ? 8 : 1, 512, 5, timed, peak_bw);
-                report_decode(label, bi ? 8 : 1, &d, peak_bw);
-            }
-            hx_cuda_engine_free(e);
         }
     }
     jadd("], ");
