@@ -106,8 +106,9 @@ static hx_model bench_model(int tiny)
 }
 
 /* JSON out, kept as text while we go */
-static char json[16384];
+static char json[65536];
 static size_t json_len;
+static int json_full; /* something did not fit: no JSON is written */
 static void jadd(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void jadd(const char *fmt, ...)
 {
@@ -117,6 +118,8 @@ static void jadd(const char *fmt, ...)
     va_end(ap);
     if (n > 0 && json_len + (size_t)n < sizeof json)
         json_len += (size_t)n;
+    else if (n > 0)
+        json_full = 1;
 }
 
 static uint64_t tok_state = 88172645463325252ull;
@@ -790,6 +793,12 @@ int main(int argc, char **argv)
             decode_alone(&cfg, label, 8, 1, 8, timed, peak_bw);
             prefetch_mb = 0;
         }
+        /* both */
+        hx_cuda_set_fused_rope(1);
+        prefetch_mb = 16;
+        decode_alone(&cfg, "graphs+fused-rope+prefetch16", 8, 1, 8, timed, peak_bw);
+        prefetch_mb = 0;
+        hx_cuda_set_fused_rope(0);
     }
     jadd("], ");
     if (micro)
@@ -863,6 +872,11 @@ int main(int argc, char **argv)
     free(prompt);
     hx_cuda_engine_free(e);
 
+    if (json_path && json_full) {
+        fprintf(stderr, "gpu_bench: the JSON outgrew its %zu-byte buffer: '%s' not written\n",
+                sizeof json, json_path);
+        return 1;
+    }
     if (json_path && !write_whole(json_path, json, json_len)) {
         fprintf(stderr, "gpu_bench: cannot write '%s'\n", json_path);
         return 1;
