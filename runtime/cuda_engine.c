@@ -1412,10 +1412,11 @@ static hx_status project_add(hx_cuda_engine *e, const hx_bf16 *in, const hx_bf16
  * stream leave the memory bandwidth these take mostly idle.
  */
 static hx_status prefetch(hx_cuda_engine *e, const void *a, size_t na, const void *b, size_t nb,
-                          hx_err *err)
+                          int *forked, hx_err *err)
 {
     size_t left = (size_t)e->opt.l2_prefetch_mb << 20;
     hx_status st = hx_cuda_stream_wait(e->side, e->stream, e->side_ev, err);
+    *forked |= st == HX_OK;
     for (int i = 0; i < 2 && st == HX_OK && left > 0; i++) {
         const void *p = i ? b : a;
         size_t n = i ? nb : na;
@@ -1454,6 +1455,7 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
     }
     /* a decode step that streams the weights: L2 prefetches on the side stream */
     const int pf = e->side && n_pf == 0 && rows <= e->opt.gemv_max_rows;
+    int forked = 0; /* the side stream waits on this step's work: join it back, error or not */
     const size_t wo_bytes = (size_t)hid * hd * 2, wgu_bytes = (size_t)2 * e->F * hid * 2,
                  wqkv_bytes = (size_t)e->qkv_n * hid * 2;
     for (int l = 0; l < e->L && st == HX_OK; l++) {
@@ -1464,7 +1466,7 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
                                                e->eps, e->h, w->wqkv, rows, hid, e->H, &e->kvl,
                                                l, dio(e, e->io_pos), dio(e, e->io_slot),
                                                e->d_cos, e->d_sin, s, err)) ||
-            (pf && (st = prefetch(e, w->wo, wo_bytes, w->wgu, wgu_bytes, err))))
+            (pf && (st = prefetch(e, w->wo, wo_bytes, w->wgu, wgu_bytes, &forked, err))))
             break;
         if (n_dec &&
             (st = hx_cuda_decode_attention(e->att, e->q, e->kv, &e->kvl, l, e->d_bt,
@@ -1487,15 +1489,19 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
             const void *next = !last ? (const void *)e->layers[l + 1].wqkv
                                      : e->has_head ? (const void *)e->lm_head : NULL;
             const size_t n = !last ? wqkv_bytes : (size_t)e->V * hid * 2;
-            if (next && (st = prefetch(e, next, n, NULL, 0, err)) != HX_OK)
+            if (next && (st = prefetch(e, next, n, NULL, 0, &forked, err)) != HX_OK)
                 break;
         }
         if ((st = project_add(e, e->act, w->wdown, rows, e->F, l, "down", err)))
             break;
     }
-    /* the side stream joins back (a capture must end joined) */
-    if (st == HX_OK && pf)
-        st = hx_cuda_stream_wait(e->stream, e->side, e->side_ev, err);
+    /* the side stream joins back (a capture must end joined; the first error stays) */
+    if (forked) {
+        hx_err jerr;
+        jerr.msg[0] = '\0';
+        hx_status j = hx_cuda_stream_wait(e->stream, e->side, e->side_ev, st ? &jerr : err);
+        st = st ? st : j;
+    }
     if (st != HX_OK)
         return st;
     if (!e->has_head) { /* the next stage goes on from these rows */

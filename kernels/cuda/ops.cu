@@ -320,18 +320,35 @@ extern "C" hx_status hx_cuda_swiglu(hx_bf16 *d_out, const hx_bf16 *d_gate_up, in
 // p 16-byte aligned, bytes a multiple of 16. Each thread issues every stride-th request.
 __global__ void prefetch_l2_kernel(const char *p, size_t bytes)
 {
+    // after the kernel before it (programmatic dependent launch would otherwise let the
+    // requests compete with the GEMV they are meant to follow)
+    hx_pdl_begin();
     const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const size_t g = __cvta_generic_to_global(p); // the .global state space's address
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     for (size_t off = t * PREFETCH_BULK; off < bytes; off += stride * PREFETCH_BULK) {
         const unsigned n = (unsigned)(bytes - off < PREFETCH_BULK ? bytes - off : PREFETCH_BULK);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + off), "r"(n)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(g + off), "r"(n)
                      : "memory");
     }
 #else
     for (size_t off = t * PREFETCH_LINE; off < bytes; off += stride * PREFETCH_LINE)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(g + off));
 #endif
+}
+
+// The current device's compute capability major, asked once a device.
+static int device_major(void)
+{
+    static int major[64]; // 0: not asked yet
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
+        return 0;
+    int m = __atomic_load_n(&major[dev], __ATOMIC_RELAXED);
+    if (m == 0 && cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess)
+        __atomic_store_n(&major[dev], m, __ATOMIC_RELAXED);
+    return m;
 }
 
 extern "C" hx_status hx_cuda_prefetch_l2(const void *d, size_t bytes, hx_cuda_stream *stream,
@@ -343,9 +360,7 @@ extern "C" hx_status hx_cuda_prefetch_l2(const void *d, size_t bytes, hx_cuda_st
     if (!d || end <= a)
         return HX_OK;
     const size_t n = (size_t)(end - a);
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess)
-        (void)cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    const int major = device_major();
     // bulk: a thread per 64 KiB request, 128 a block; lines: 32 blocks of 256 threads
     const size_t reqs = (n + PREFETCH_BULK - 1) / PREFETCH_BULK;
     const unsigned blocks = major >= 9 ? (unsigned)((reqs + 127) / 128) : 32u;

@@ -1077,9 +1077,9 @@ hx_status hx_cuda_stream_wait(hx_cuda_stream *waiter, hx_cuda_stream *on, hx_cud
     init();
     lock();
     const char *why = unusable();
-    if (!why && (!ev || !waiter || !on || waiter == on))
+    if (!why && (!ev || !waiter || !on))
         why = E_HANDLE;
-    hx_cuda_stream *cs = why ? NULL : capture_of(on);
+    hx_cuda_stream *cs = why || waiter == on ? NULL : capture_of(on); /* itself: nothing */
     if (!why && cs) {
         if (waiter == cs) { /* a join: what `on` issued so far is in the capture's order */
             on->unjoined = 0;
