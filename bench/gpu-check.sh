@@ -192,6 +192,13 @@ if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
                     --print-limit 10 ./test_cuda) 2>&1 | tail -15 | tee -a "$OUT/test_cuda.txt"
             done
         done
+        # and out-of-bounds accesses of the newer kernels (bf16 KV segments, the fused
+        # q/k/v + RoPE GEMV, L2 prefetches on a forked stream)
+        for t in test_kv_pack_unpack test_gemm_rmsnorm_rope_kv test_stream_fork_join; do
+            section "compute-sanitizer memcheck: $t"
+            (cd "$BIN" && HX_CUDA_TEST_FILTER=$t timeout 60 compute-sanitizer --tool memcheck \
+                --print-limit 10 ./test_cuda) 2>&1 | tail -15 | tee -a "$OUT/test_cuda.txt"
+        done
     fi
 fi
 if [ -n "$BIN" ] && [ -x "$BIN/gpu_bench" ]; then
