@@ -610,7 +610,7 @@ static void bench_kv_transfer(hx_cuda_engine *e, const hx_model *cfg, const hx_b
            payload / 1e6, payload / best[4] / 1e9, best[4] * 1e3, best[0] * 1e3, best[1] * 1e3,
            payload / best[1] / 1e9, best[2] * 1e3, best[3] * 1e3, payload / best[3] / 1e9);
     jadd("\"kv_transfer_tcp\": {\"bytes\": %.0f, \"gb_s\": %.3f, \"pack_ms\": %.4f, "
-         "\"wire_ms\": %.4f, \"copy_ms\": %.4f, \"add_ms\": %.4f, \"total_ms\": %.4f}, ",
+         "\"wire_ms\": %.4f, \"copy_ms\": %.4f, \"add_ms\": %.4f, \"total_ms\": %.4f}",
          payload, payload / best[4] / 1e9, best[0] * 1e3, best[1] * 1e3, best[2] * 1e3,
          best[3] * 1e3, best[4] * 1e3);
     hx_cuda_host_free(store);
@@ -672,14 +672,14 @@ static void bench_kv(hx_cuda_engine *e, const hx_model *cfg, const hx_batch_requ
            "device->pinned copy %.2f GB/s\n",
            T, bytes / 1e6, bytes / t_pin / 1e9, t_pin * 1e3, bytes / t_page / 1e9,
            bytes / t_crc / 1e9, bytes / t_raw / 1e9);
-    jadd("\"kv_pack\": {\"tokens\": %d, \"bytes\": %zu, \"dtype\": \"bf16\", \"pinned_gb_s\": %.3f, "
-         "\"pageable_gb_s\": %.3f, \"crc_gb_s\": %.3f, \"raw_d2h_pinned_gb_s\": %.3f}, ",
+    jadd("\"kv_pack\": {\"tokens\": %d, \"bytes\": %zu, \"dtype\": \"bf16\", "
+         "\"pinned_gb_s\": %.3f, \"pageable_gb_s\": %.3f, \"crc_gb_s\": %.3f, "
+         "\"raw_d2h_pinned_gb_s\": %.3f}, ",
          T, bytes, bytes / t_pin / 1e9, bytes / t_page / 1e9, bytes / t_crc / 1e9,
          bytes / t_raw / 1e9);
     hx_cuda_free(dev);
     free(pageable);
     bench_kv_transfer(e, cfg, held, bytes, pinned, reps);
-    jadd("\"kv_dtype\": \"bf16\"}\n");
     hx_cuda_host_free(pinned);
 }
 
@@ -869,6 +869,7 @@ int main(int argc, char **argv)
     TRY("add", hx_cuda_engine_add(e, &r, &err));
     step(e, NULL);
     bench_kv(e, &cfg, &r, quick);
+    jadd("}\n");
     free(prompt);
     hx_cuda_engine_free(e);
 

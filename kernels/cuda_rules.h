@@ -145,6 +145,17 @@ static inline hx_status hx_cuda_rope_check(int rows, int heads, const hx_cuda_kv
     return HX_OK;
 }
 
+/* hx_cuda_gemm_rmsnorm_rope_kv: RoPE's shapes and the q/k/v GEMM's ([in] -> all heads). */
+static inline hx_status hx_cuda_qkv_rope_check(int rows, int in, int heads,
+                                               const hx_cuda_kv_layout *kv, int layer,
+                                               hx_err *err)
+{
+    hx_status st = hx_cuda_rope_check(rows, heads, kv, layer, err);
+    return st != HX_OK ? st
+                       : hx_cuda_gemm_check(rows, in, (heads + 2 * kv->kv_heads) * kv->head_dim,
+                                            err);
+}
+
 /* A KV segment (layers, heads, tokens) of a sequence of the paged cache kv. */
 static inline hx_status hx_cuda_kv_seg_check(const hx_cuda_kv_layout *kv, int layer_first,
                                              int num_layers, int head_first, int num_heads,

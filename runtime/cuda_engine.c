@@ -1077,8 +1077,9 @@ static hx_status check_segment(const hx_cuda_engine *e, const hx_batch_request *
                           "[%d, +%d)",
                           id, i, g->layer_first, g->num_layers, g->head_first, g->num_heads,
                           e->l0, e->L, e->kh0, e->K);
-    const uint64_t want =
-        (uint64_t)g->num_layers * 2 * g->num_heads * (uint64_t)g->tokens * g->head_dim * eb;
+    const size_t seg = hx_kv_segment_bytes(g->dtype, g->num_layers, g->num_heads, g->tokens,
+                                           g->head_dim);
+    const uint64_t want = seg ? (uint64_t)(seg - HX_KV_SEGMENT_HEADER_BYTES) : 0;
     if (g->payload_bytes != want || !g->payload || ((uintptr_t)g->payload % eb) != 0)
         return hx_err_set(err, HX_EINVAL,
                           "cuda engine: request %llu: segment %d: payload of %llu bytes at %p "
@@ -1292,7 +1293,10 @@ hx_status hx_cuda_engine_pack_kv_device(hx_cuda_engine *e, uint64_t id, int laye
                               &tokens, err);
     if (st != HX_OK)
         return st;
-    const size_t need = (size_t)num_layers * 2 * num_heads * tokens * e->D * sizeof(hx_bf16);
+    /* the payload of hx_cuda_engine_pack_kv's segment (pack_check: counts within the cache) */
+    const size_t need =
+        hx_kv_segment_bytes(HX_KV_DTYPE_BF16, num_layers, num_heads, tokens, e->D) -
+        HX_KV_SEGMENT_HEADER_BYTES;
     if (out_size < need || ((uintptr_t)d_out % 16) != 0)
         return hx_err_set(err, HX_ERANGE,
                           "cuda engine: request %llu: the payload needs %zu bytes (16-byte "

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "runtime/safetensors.h" /* hx_safetensors_bf16_to_f32: bf16 segments' widening */
+
 /* ---- the cache ------------------------------------------------------------------------------- */
 
 /* A sequence: a chain of blocks through next[], first to last. */
@@ -684,8 +686,8 @@ hx_status hx_kvcache_pack(const hx_kvcache *c, int seq, int layer_first, int num
         return st;
     const uint64_t p = need - HX_KV_SEGMENT_HEADER_BYTES;
     unsigned char *seg = out;
-    hx_kv_segment_begin(seg, HX_KV_DTYPE_F32, layer_first, num_layers, head_first, num_heads, s->tokens,
-                        c->head_dim);
+    hx_kv_segment_begin(seg, HX_KV_DTYPE_F32, layer_first, num_layers, head_first, num_heads,
+                        s->tokens, c->head_dim);
     float *dst = (float *)(void *)(seg + HX_KV_SEGMENT_HEADER_BYTES);
     const size_t run = (size_t)s->tokens * (size_t)c->head_dim; /* one (layer, kv, head) */
     for (int l = 0; l < num_layers; l++)
@@ -716,8 +718,8 @@ hx_status hx_kv_pack_contiguous(const hx_kv_contiguous *src, int tokens, int lay
         return st;
     const uint64_t p = need - HX_KV_SEGMENT_HEADER_BYTES;
     unsigned char *seg = out;
-    hx_kv_segment_begin(seg, HX_KV_DTYPE_F32, layer_first, num_layers, head_first, num_heads, tokens,
-                        src->head_dim);
+    hx_kv_segment_begin(seg, HX_KV_DTYPE_F32, layer_first, num_layers, head_first, num_heads,
+                        tokens, src->head_dim);
     float *dst = (float *)(void *)(seg + HX_KV_SEGMENT_HEADER_BYTES);
     const size_t d = (size_t)src->head_dim, run = (size_t)tokens * d;
     for (int l = 0; l < num_layers; l++) {
@@ -879,10 +881,8 @@ hx_status hx_kvcache_unpack_parsed(hx_kvcache *c, int seq, const hx_kv_segment *
             for (int h = 0; h < g->num_heads; h++, src += run * (size_t)eb) {
                 if (wide) {
                     const uint16_t *b = (const uint16_t *)(const void *)src;
-                    for (size_t i = 0; i < run; i++) {
-                        const uint32_t bits = (uint32_t)b[i] << 16;
-                        memcpy(&wide[i], &bits, sizeof bits);
-                    }
+                    for (size_t i = 0; i < run; i++)
+                        wide[i] = hx_safetensors_bf16_to_f32(b[i]);
                 }
                 copy_rows(c, s->first, g->token_first, g->tokens,
                           g->layer_first - c->layer_first + l, kv,

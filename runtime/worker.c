@@ -1485,10 +1485,11 @@ static void *conn_main(void *arg)
             continue;
         hx_proto_kv_segment m;
         memset(&m, 0, sizeof m);
-        if (hx_proto_decode_kv_segment(&f, &m, &err) != HX_OK ||
-            (hx_kv_dtype_bytes((int)m.dtype) == 0 &&
-             hx_err_set(&err, HX_EPARSE, "dtype %d: only f32 and bf16 KV are taken",
-                        (int)m.dtype) != HX_OK)) {
+        hx_status mst = hx_proto_decode_kv_segment(&f, &m, &err);
+        if (mst == HX_OK && hx_kv_dtype_bytes((int)m.dtype) == 0)
+            mst = hx_err_set(&err, HX_EPARSE, "dtype %d: only f32 and bf16 KV are taken",
+                             (int)m.dtype);
+        if (mst != HX_OK) {
             HX_WARN("worker %s: bad KV segment: %s", w->me->device, err.msg);
             if (link || m.remote)
                 break; /* a payload may follow over the link: out of step now */

@@ -948,9 +948,7 @@ extern "C" hx_status hx_cuda_gemm_rmsnorm_rope_kv(
         fused_rope_wanted = env && env[0] == '1';
     }
     const int out = (heads + 2 * kv->kv_heads) * kv->head_dim;
-    hx_status st = hx_cuda_rope_check(rows, heads, kv, layer, err);
-    if (st == HX_OK)
-        st = hx_cuda_gemm_check(rows, in, out, err);
+    hx_status st = hx_cuda_qkv_rope_check(rows, in, heads, kv, layer, err);
     if (st != HX_OK)
         return st;
     if (!fused_rope_wanted || !hx_cuda_use_gemv_norm(b->gemv_max_rows, rows, in, out, 2)) {

@@ -338,18 +338,6 @@ __global__ void prefetch_l2_kernel(const char *p, size_t bytes)
 #endif
 }
 
-// The current device's compute capability major, asked once a device.
-static int device_major(void)
-{
-    static int major[64]; // 0: not asked yet
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
-        return 0;
-    int m = __atomic_load_n(&major[dev], __ATOMIC_RELAXED);
-    if (m == 0 && cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess)
-        __atomic_store_n(&major[dev], m, __ATOMIC_RELAXED);
-    return m;
-}
 
 extern "C" hx_status hx_cuda_prefetch_l2(const void *d, size_t bytes, hx_cuda_stream *stream,
                                          hx_err *err)
@@ -359,13 +347,10 @@ extern "C" hx_status hx_cuda_prefetch_l2(const void *d, size_t bytes, hx_cuda_st
     const uintptr_t end = ((uintptr_t)d + bytes) & ~(uintptr_t)15;
     if (!d || end <= a)
         return HX_OK;
-    const size_t n = (size_t)(end - a);
-    const int major = device_major();
-    // bulk: a thread per 64 KiB request, 128 a block; lines: 32 blocks of 256 threads
-    const size_t reqs = (n + PREFETCH_BULK - 1) / PREFETCH_BULK;
-    const unsigned blocks = major >= 9 ? (unsigned)((reqs + 127) / 128) : 32u;
-    hx_launch(prefetch_l2_kernel, dim3(blocks), major >= 9 ? 128 : 256, 0, HX_STREAM(stream),
-              reinterpret_cast<const char *>(a), n);
+    // one grid for either form: 8192 threads, each walking its share of the lines (before
+    // sm_90) or of the 64 KiB requests (sm_90: one each up to 512 MiB, the rest exit)
+    hx_launch(prefetch_l2_kernel, dim3(32), 256, 0, HX_STREAM(stream),
+              reinterpret_cast<const char *>(a), (size_t)(end - a));
     return hx_cuda_launched(err, "prefetch_l2");
 }
 

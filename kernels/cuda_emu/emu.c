@@ -1574,9 +1574,7 @@ hx_status hx_cuda_gemm_rmsnorm_rope_kv(hx_cuda_blas *b, hx_bf16 *d_q, hx_bf16 *d
                                        const float *d_sin, hx_cuda_stream *stream, hx_err *err)
 {
     const int out = (heads + 2 * kv->kv_heads) * kv->head_dim;
-    hx_status st = hx_cuda_rope_check(rows, heads, kv, layer, err);
-    if (st == HX_OK)
-        st = hx_cuda_gemm_check(rows, in, out, err);
+    hx_status st = hx_cuda_qkv_rope_check(rows, in, heads, kv, layer, err);
     if (st == HX_OK)
         st = hx_cuda_gemm_rmsnorm(b, d_qkv, d_x, d_norm_w, eps, d_h, d_w, rows, in, out, stream,
                                   err);

@@ -18,6 +18,7 @@
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/paged.h"
 #include "runtime/kvcache.h"
+#include "runtime/safetensors.h"
 
 /* ---- helpers --------------------------------------------------------------------------------- */
 
@@ -549,22 +550,6 @@ static void test_header_validation(void **state)
     hx_kvcache_free(small);
 }
 
-/* bf16 of f, rounded to nearest even (as a GPU's cache holds it), and its exact widening. */
-static uint16_t to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static float from_bf16(uint16_t b)
-{
-    const uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /*
  * A bf16 segment (what a GPU engine sends: its cache's values, half the
  * bytes of fp32) parses and unpacks into a fp32 cache widened exactly; its
@@ -587,7 +572,7 @@ static void test_bf16_segment(void **state)
             for (int h = 0; h < K; h++)
                 for (int t = 0; t < T; t++)
                     for (int i = 0; i < D; i++)
-                        *p++ = to_bf16(val(L0 + l, kv, K0 + h, t, i));
+                        *p++ = hx_safetensors_f32_to_bf16(val(L0 + l, kv, K0 + h, t, i));
     hx_kv_segment_seal(buf, hx_kv_crc32c(hx_kv_segment_header_crc(buf),
                                          buf + HX_KV_SEGMENT_HEADER_BYTES,
                                          n - HX_KV_SEGMENT_HEADER_BYTES));
@@ -610,7 +595,8 @@ static void test_bf16_segment(void **state)
                 for (int t = 0; t < T; t++) {
                     const float *row = hx_kvcache_row(dst, s, l, kv, h, t);
                     for (int i = 0; i < D; i++) {
-                        const float want = from_bf16(to_bf16(val(L0 + l, kv, K0 + h, t, i)));
+                        const float want = hx_safetensors_bf16_to_f32(
+                            hx_safetensors_f32_to_bf16(val(L0 + l, kv, K0 + h, t, i)));
                         if (row[i] != want)
                             fail_msg("layer %d kv %d head %d pos %d [%d]: %g, expected %g",
                                      L0 + l, kv, K0 + h, t, i, (double)row[i], (double)want);
