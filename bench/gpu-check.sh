@@ -7,6 +7,8 @@
 #   env.txt           GPU, tools and libraries found
 #   test_cuda.txt     the unit tests' output (and sanitizer reruns of failures)
 #   gpu_bench.txt     benchmark table;  gpu_bench.json  the same as JSON
+#   gpu_bench_decode1.txt, .json  batch-1 decode with the one-row decode
+#                     kernel (gpu_bench --decode1, a process of its own)
 #   serve.txt         tests/integration/test_serve.py with the GPU case (bundle
 #                     or CMake builds, where python3 is there)
 #   summary.txt       build mode, exit codes, seconds
@@ -131,7 +133,7 @@ if [ "$mode" = none ]; then
             runtime/safetensors.c runtime/tiny.c runtime/llama.c runtime/kvcache.c runtime/proto.c
             kernels/cpu/cpu.c kernels/cpu/paged.c runtime/batch.c runtime/cuda_engine.c
             topo/catalog.c"
-    CU_SRCS="probe device gemm ops attention sample nccl"
+    CU_SRCS="probe device gemm ops attention sample nccl decode1"
     ok=1
     pids=()
     for f in $C_SRCS; do
@@ -169,8 +171,16 @@ rc_test=-1
 rc_bench=-1
 if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
     section "unit tests: test_cuda"
-    (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout timeout 120 ./test_cuda) 2>&1 | tee "$OUT/test_cuda.txt"
+    # the one-row decode kernel (hx_cuda_decode1) apart: never run on a GPU before this
+    # check, and a fault in it would end the CUDA context of every test after it
+    (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout HX_CUDA_TEST_SKIP='*decode1*' timeout 120 \
+        ./test_cuda) 2>&1 | tee "$OUT/test_cuda.txt"
     rc_test=${PIPESTATUS[0]}
+    section "unit tests: test_cuda, the one-row decode kernel"
+    (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout HX_CUDA_TEST_FILTER='*decode1*' timeout 90 \
+        ./test_cuda) 2>&1 | tee -a "$OUT/test_cuda.txt"
+    rc_d1=${PIPESTATUS[0]}
+    [ "$rc_test" = 0 ] && rc_test=$rc_d1
     failed=$(grep -o '^\[  FAILED  \] test_[a-z0-9_]*' "$OUT/test_cuda.txt" | awk '{print $4}' | sort -u | head -2)
     for t in $failed; do
         section "rerun without programmatic dependent launch (HX_CUDA_PDL=0): $t"
@@ -185,7 +195,7 @@ if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
     # the kernels not yet checked on a GPU before this run: shared-memory races and
     # barrier misuse of their pipelines (small cases, seconds each)
     if command -v compute-sanitizer >/dev/null; then
-        for t in test_prefill_attention_fa; do
+        for t in test_prefill_attention_fa test_decode1; do
             for tool in racecheck synccheck; do
                 section "compute-sanitizer $tool: $t"
                 (cd "$BIN" && HX_CUDA_TEST_FILTER=$t timeout 60 compute-sanitizer --tool $tool \
@@ -194,7 +204,8 @@ if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
         done
         # and out-of-bounds accesses of the newer kernels (bf16 KV segments, the fused
         # q/k/v + RoPE GEMV, L2 prefetches on a forked stream)
-        for t in test_kv_pack_unpack test_gemm_rmsnorm_rope_kv test_stream_fork_join; do
+        for t in test_kv_pack_unpack test_gemm_rmsnorm_rope_kv test_stream_fork_join \
+            test_decode1; do
             section "compute-sanitizer memcheck: $t"
             (cd "$BIN" && HX_CUDA_TEST_FILTER=$t timeout 60 compute-sanitizer --tool memcheck \
                 --print-limit 10 ./test_cuda) 2>&1 | tail -15 | tee -a "$OUT/test_cuda.txt"
@@ -207,6 +218,11 @@ if [ -n "$BIN" ] && [ -x "$BIN/gpu_bench" ]; then
         --calibration "$OUT/calibration.json") 2>&1 |
         tee "$OUT/gpu_bench.txt"
     rc_bench=${PIPESTATUS[0]}
+    section "benchmarks: gpu_bench --decode1 (the one-row decode kernel, batch 1)"
+    (cd "$BIN" && timeout 90 ./gpu_bench --decode1 --json "$OUT/gpu_bench_decode1.json") 2>&1 |
+        tee "$OUT/gpu_bench_decode1.txt"
+    rc_d1b=${PIPESTATUS[0]}
+    [ "$rc_bench" = 0 ] && rc_bench=$rc_d1b
 fi
 
 rc_serve=-1

@@ -25,8 +25,12 @@
  *             cache): each step's time and the whole's GB/s
  *
  *   micro     (--micro) each kernel alone at the model's shapes: time, GB/s, TFLOP/s
+ *   decode1   (--decode1, INSTEAD of the above) batch-1 decode with the defaults and
+ *             with every layer in one persistent kernel (hx_cuda_decode1) at several L2
+ *             request budgets, apart from the rest: a fault there ends the process
  *
  * Usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro] [--tiny]
+ *                  [--decode1]
  * (--tiny: a 2-layer model of hidden 256 instead, to check this program itself, e.g. on
  * the emulation of the kernels, where the real shape would take hours). Prints a
  * table; --json writes the same numbers as JSON; --calibration writes a calibration
@@ -132,6 +136,7 @@ static int rand_token(int vocab)
 }
 
 static int prefetch_mb; /* make_engine's l2_prefetch_mb */
+static int decode1_on;  /* make_engine's decode1 */
 
 static hx_cuda_engine *make_engine(const hx_model *cfg, int max_seqs, int max_step, int graphs,
                                    int gemv_rows)
@@ -139,6 +144,7 @@ static hx_cuda_engine *make_engine(const hx_model *cfg, int max_seqs, int max_st
     hx_cuda_options o;
     hx_cuda_options_init(&o);
     o.l2_prefetch_mb = prefetch_mb;
+    o.decode1 = decode1_on;
     o.max_seqs = max_seqs;
     o.max_step_tokens = max_step;
     o.max_seq_tokens = 4096;
@@ -692,13 +698,34 @@ static void decode_alone(const hx_model *cfg, const char *label, int max_batch, 
         decode_result d = bench_decode(e, B, 512, 5, timed, peak_bw);
         report_decode(label, B, &d, peak_bw);
     }
+    if (decode1_on) {
+        int64_t steps = 0;
+        hx_cuda_engine_stats(e, &steps, NULL);
+        printf("        (%lld of %lld steps in the one-row kernel)\n",
+               (long long)hx_cuda_engine_decode1_steps(e), (long long)steps);
+    }
     hx_cuda_engine_free(e);
+}
+
+/* The JSON (--json), unless it outgrew its buffer: 1 when written or not asked for. */
+static int write_json(const char *path)
+{
+    if (path && json_full) {
+        fprintf(stderr, "gpu_bench: the JSON outgrew its %zu-byte buffer: '%s' not written\n",
+                sizeof json, path);
+        return 0;
+    }
+    if (path && !write_whole(path, json, json_len)) {
+        fprintf(stderr, "gpu_bench: cannot write '%s'\n", path);
+        return 0;
+    }
+    return 1;
 }
 
 int main(int argc, char **argv)
 {
     const char *json_path = NULL, *cal_path = NULL;
-    int quick = 0, micro = 0, tiny = 0;
+    int quick = 0, micro = 0, tiny = 0, only_decode1 = 0;
     double cal_bytes_s = 0, cal_flops_s = 0; /* the defaults: decode batch 1, prefill 2048 */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
@@ -711,10 +738,12 @@ int main(int argc, char **argv)
             micro = 1;
         else if (!strcmp(argv[i], "--tiny"))
             tiny = 1;
+        else if (!strcmp(argv[i], "--decode1"))
+            only_decode1 = 1;
         else {
             fprintf(stderr,
                     "usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro] "
-                    "[--tiny]\n");
+                    "[--tiny] [--decode1]\n");
             return 2;
         }
     }
@@ -737,6 +766,25 @@ int main(int argc, char **argv)
          cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size);
 
     const int timed = quick ? 20 : 100;
+    if (only_decode1) {
+        /* batch 1: the defaults, then every layer in one persistent kernel, with its L2
+           requests of 8 (its default), 0, 16 and 32 KiB a warp before each barrier, and
+           once without CUDA graphs */
+        decode_alone(&cfg, "graphs (defaults)", 1, 1, 8, timed, peak_bw);
+        decode1_on = 1;
+        static const int kibs[4] = {8, 0, 16, 32};
+        for (int i = 0; i < 4; i++) {
+            char label[40];
+            snprintf(label, sizeof label, "graphs+decode1-pf%d", kibs[i]);
+            hx_cuda_set_decode1_prefetch(kibs[i]);
+            decode_alone(&cfg, label, 1, 1, 8, timed, peak_bw);
+        }
+        hx_cuda_set_decode1_prefetch(8);
+        decode_alone(&cfg, "no-graphs+decode1-pf8", 1, 0, 8, timed, peak_bw);
+        decode1_on = 0;
+        jadd("]}\n");
+        return write_json(json_path) ? 0 : 1;
+    }
     /* ---- decode ---- */
     {
         hx_cuda_engine *e = make_engine(&cfg, 64, 2048, 1, 8);
@@ -873,15 +921,8 @@ int main(int argc, char **argv)
     free(prompt);
     hx_cuda_engine_free(e);
 
-    if (json_path && json_full) {
-        fprintf(stderr, "gpu_bench: the JSON outgrew its %zu-byte buffer: '%s' not written\n",
-                sizeof json, json_path);
+    if (!write_json(json_path))
         return 1;
-    }
-    if (json_path && !write_whole(json_path, json, json_len)) {
-        fprintf(stderr, "gpu_bench: cannot write '%s'\n", json_path);
-        return 1;
-    }
     if (cal_path && !write_calibration(cal_path, name, cal_flops_s, cal_bytes_s))
         return 1;
     return 0;

@@ -12,7 +12,8 @@
 if(HX_HAVE_CUDA)
   add_library(hx_kernels_cuda STATIC
     kernels/cuda/probe.cu kernels/cuda/device.cu kernels/cuda/gemm.cu kernels/cuda/ops.cu
-    kernels/cuda/attention.cu kernels/cuda/sample.cu kernels/cuda/nccl.cu)
+    kernels/cuda/attention.cu kernels/cuda/sample.cu kernels/cuda/nccl.cu
+    kernels/cuda/decode1.cu)
   target_include_directories(hx_kernels_cuda PUBLIC ${CMAKE_SOURCE_DIR})
   target_link_libraries(hx_kernels_cuda PUBLIC hx_common CUDA::cudart_static CUDA::cublas)
   set_target_properties(hx_kernels_cuda PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)

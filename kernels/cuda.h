@@ -385,6 +385,73 @@ void hx_cuda_set_decode_attention_variant(int v);
 /* Keys that one decode-attention chunk covers at most: max_parts = ceil(max_len / this). */
 #define HX_CUDA_DECODE_CHUNK_MAX 256
 
+/* ---- a one-row decode step through every layer in one kernel ---------------------------------- */
+
+/* One layer's weights, as the kernel reads them (an array of these in device memory). */
+typedef struct hx_cuda_layer {
+    const float *attn_norm, *ffn_norm; /* [hidden] */
+    const hx_bf16 *wqkv;               /* [(heads + 2 kv_heads) head_dim][hidden] */
+    const hx_bf16 *wo;                 /* [hidden][heads head_dim] */
+    const hx_bf16 *wgu;                /* [2 ff][hidden]: the gate rows, then the up rows */
+    const hx_bf16 *wdown;              /* [hidden][ff] */
+} hx_cuda_layer;
+
+/*
+ * hx_cuda_decode1's arguments: one token of one sequence through layers
+ * 0 .. n_layers-1 of the cache (and of d_layers). Scalars the step changes
+ * are read from device memory when the kernel runs, so that a CUDA graph
+ * replays it for every step.
+ */
+typedef struct hx_cuda_decode1_args {
+    float *d_x;                    /* [hidden] fp32 residual stream: in, and out after the layers */
+    const hx_cuda_layer *d_layers; /* [n_layers] */
+    int n_layers, hidden, heads, ff;
+    float eps;                     /* RMSNorm's */
+    hx_bf16 *d_cache;              /* the paged cache: the token's K and V are written */
+    hx_cuda_kv_layout kv;
+    const int *d_block_tables;     /* [*][kv.max_blocks_per_seq] */
+    const int *d_seq;              /* [1]: the sequence's block-table row */
+    const int *d_pos;              /* [1]: the token's position (RoPE) */
+    const int *d_kv_slot;          /* [1]: block * block_tokens + offset of its K and V */
+    const int *d_len;              /* [1]: keys attended, the token's own included (pos + 1) */
+    const float *d_cos, *d_sin;    /* [max_pos][head_dim / 2], as hx_cuda_rope_kv */
+    hx_bf16 *d_q;                  /* [heads][head_dim] scratch: rotated queries */
+    hx_bf16 *d_att;                /* [heads][head_dim] scratch: attention outputs */
+    hx_bf16 *d_act;                /* [ff] scratch: SwiGLU outputs */
+    float *d_part;                 /* hx_cuda_decode_attention_workspace(1, heads, head_dim,
+                                      max_parts) bytes, zeroed once: shared with that call */
+    int max_parts;                 /* *d_len <= max_parts * HX_CUDA_DECODE_CHUNK_MAX */
+    unsigned *d_sync;              /* HX_CUDA_DECODE1_SYNC_BYTES, zeroed once: the grid barrier */
+} hx_cuda_decode1_args;
+
+#define HX_CUDA_DECODE1_SYNC_BYTES 256
+
+/*
+ * The layers of a decode step of ONE row in one persistent kernel, for the
+ * step that is bound by reading the weights once (batch 1): per layer
+ * RMSNorm + q/k/v GEMV + RoPE + the KV write, decode attention over the
+ * paged cache (split along the sequence, merged by the last chunk), the o
+ * GEMV added into d_x, RMSNorm + gate/up GEMV + SwiGLU, the down GEMV added
+ * into d_x: the maths and rounding points of hx_cuda_gemm_rmsnorm_rope_kv,
+ * hx_cuda_decode_attention, hx_cuda_gemm (beta 1) and
+ * hx_cuda_gemm_rmsnorm_swiglu at one row, fp32 sums in another order.
+ * Instead of ~7 launches a layer the blocks (one an SM, co-resident by a
+ * cooperative launch) pass 5 grid barriers a layer, and before each barrier
+ * every warp asks the L2 cache for the weight rows it reads next
+ * (hx_cuda_set_decode1_prefetch), so that the wait streams weights.
+ * Limits (HX_ENOTSUP): head_dim 64 or 128, at most 8 query heads per KV
+ * head, hidden, heads * head_dim and ff multiples of 8. One call at a time
+ * per d_sync and d_part.
+ */
+hx_status hx_cuda_decode1(const hx_cuda_decode1_args *a, hx_cuda_stream *stream, hx_err *err);
+
+/*
+ * hx_cuda_decode1's L2 requests: KiB of next weight rows a warp asks for
+ * before each barrier (0: none; default 8, or $HX_CUDA_DECODE1_PF read on
+ * first use when this was not called). Later launches only.
+ */
+void hx_cuda_set_decode1_prefetch(int kib);
+
 /* ---- sampling --------------------------------------------------------------------------------- */
 
 /*

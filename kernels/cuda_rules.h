@@ -109,6 +109,27 @@ static inline hx_status hx_cuda_decode_check(const hx_cuda_kv_layout *kv, int la
     return st;
 }
 
+/* hx_cuda_decode1's arguments: the layers, the attention's shapes, the sizes, the buffers. */
+static inline hx_status hx_cuda_decode1_check(const hx_cuda_decode1_args *a, hx_err *err)
+{
+    if (a->n_layers < 1 || a->n_layers > a->kv.layers)
+        return hx_err_set(err, HX_EINVAL, "cuda decode1: %d layers of a %d-layer cache",
+                          a->n_layers, a->kv.layers);
+    hx_status st = hx_cuda_decode_check(&a->kv, a->n_layers - 1, a->heads, 1, a->max_parts, err);
+    if (st != HX_OK)
+        return st;
+    if (a->hidden < 8 || a->hidden % 8 || a->ff < 8 || a->ff % 8 ||
+        a->heads * a->kv.head_dim % 8)
+        return hx_err_set(err, HX_ENOTSUP,
+                          "cuda decode1: hidden %d, ff %d, heads x head_dim %d (multiples of 8)",
+                          a->hidden, a->ff, a->heads * a->kv.head_dim);
+    if (!a->d_x || !a->d_layers || !a->d_cache || !a->d_block_tables || !a->d_seq || !a->d_pos ||
+        !a->d_kv_slot || !a->d_len || !a->d_cos || !a->d_sin || !a->d_q || !a->d_att ||
+        !a->d_act || !a->d_part || !a->d_sync)
+        return hx_err_set(err, HX_EINVAL, "cuda decode1: a NULL buffer");
+    return HX_OK;
+}
+
 /* hx_cuda_to_bf16's source dtype and count. */
 static inline hx_status hx_cuda_to_bf16_check(int src_dtype, int64_t n, hx_err *err)
 {

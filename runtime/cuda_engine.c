@@ -78,6 +78,10 @@ struct hx_cuda_engine {
     hx_cuda_blas *blas;
     hx_cuda_stream *side; /* L2 prefetches (opt.l2_prefetch_mb > 0), forked from stream */
     hx_cuda_event *side_ev;
+    /* the one-row decode kernel (opt.decode1 at TP 1): its layer table and grid barrier;
+       NULL when not used (or refused by the device: then the kernels one by one) */
+    hx_cuda_layer *d_layers; /* [L] */
+    unsigned *d_sync;
 
     /* weights */
     hx_bf16 *embed;   /* [vocab][hidden]; first stage only */
@@ -146,6 +150,9 @@ struct hx_cuda_engine {
     hx_cpu_pool *crc_pool; /* checksums packed segments in pieces */
 
     int64_t steps, graph_steps;
+    int fwd_decode1;                   /* the last forward ran the one-row decode kernel */
+    int graph_decode1[MAX_BUCKETS];    /* the bucket's graph holds it */
+    int64_t decode1_steps;
 };
 
 /* ---- options ---- */
@@ -171,6 +178,8 @@ void hx_cuda_options_init(hx_cuda_options *opt)
     opt->l2_prefetch_mb = pf ? atoi(pf) : 0;
     if (opt->l2_prefetch_mb < 0 || opt->l2_prefetch_mb > 4096)
         opt->l2_prefetch_mb = 0;
+    const char *d1 = getenv("HX_CUDA_DECODE1"); /* for measurements */
+    opt->decode1 = d1 && strcmp(d1, "1") == 0;
 }
 
 static hx_status check_model(const hx_model *c, const char *what, hx_err *err)
@@ -267,6 +276,8 @@ void hx_cuda_engine_free(hx_cuda_engine *e)
     hx_cuda_host_free(e->h_tok_out);
     hx_cuda_host_free(e->h_logits);
     hx_cuda_free(e->d_seg);
+    hx_cuda_free(e->d_layers);
+    hx_cuda_free(e->d_sync);
     free(e->out);
     if (e->seqs) {
         for (int i = 0; i < e->S; i++)
@@ -479,6 +490,24 @@ static hx_status setup_buffers(hx_cuda_engine *e, hx_err *err)
     e->seg_layers = fit < 1 ? 1 : (fit > (size_t)e->L ? e->L : (int)fit);
     if ((st = dalloc(&e->d_seg, (size_t)e->seg_layers * layer_floats * 4, err)))
         return st;
+
+    /* the one-row decode kernel's layer table (the weights are in place) and barrier */
+    if (o->decode1 && e->tp == 1) {
+        hx_cuda_layer *tab = malloc((size_t)e->L * sizeof *tab);
+        if (!tab)
+            return hx_err_set(err, HX_ENOMEM, "cuda engine: out of memory");
+        for (int l = 0; l < e->L; l++) {
+            const layer_w *w = &e->layers[l];
+            tab[l] = (hx_cuda_layer){w->attn_norm, w->ffn_norm, w->wqkv, w->wo, w->wgu, w->wdown};
+        }
+        if ((st = dalloc(&e->d_layers, (size_t)e->L * sizeof *tab, err)) == HX_OK)
+            st = hx_cuda_memcpy(e->d_layers, tab, (size_t)e->L * sizeof *tab, err);
+        free(tab);
+        if (st == HX_OK && (st = dalloc(&e->d_sync, HX_CUDA_DECODE1_SYNC_BYTES, err)) == HX_OK)
+            st = hx_cuda_memset(e->d_sync, 0, HX_CUDA_DECODE1_SYNC_BYTES, err);
+        if (st != HX_OK)
+            return st;
+    }
 
     e->out = calloc(S, sizeof *e->out);
     e->seqs = calloc(S, sizeof *e->seqs);
@@ -933,6 +962,11 @@ void hx_cuda_engine_stats(const hx_cuda_engine *e, int64_t *steps, int64_t *grap
         *steps = e->steps;
     if (graph_steps)
         *graph_steps = e->graph_steps;
+}
+
+int64_t hx_cuda_engine_decode1_steps(const hx_cuda_engine *e)
+{
+    return e->decode1_steps;
 }
 
 static int find_slot(const hx_cuda_engine *e, uint64_t id)
@@ -1433,6 +1467,54 @@ static hx_status prefetch(hx_cuda_engine *e, const void *a, size_t na, const voi
 }
 
 /*
+ * A one-row decode step's layers in one kernel (hx_cuda_decode1), when the
+ * engine has it: *ran = 1 when enqueued; 0 when this step takes the kernels
+ * one by one: not a lone decode row, or the device refused the kernel
+ * (HX_ENOTSUP: its shared memory, no cooperative launch), after which the
+ * engine no longer tries it.
+ */
+static hx_status decode1(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int *ran, hx_err *err)
+{
+    *ran = 0;
+    if (!e->d_layers || rows != 1 || n_dec != 1 || n_pf != 0)
+        return HX_OK;
+    const hx_cuda_decode1_args a = {.d_x = e->x,
+                                    .d_layers = e->d_layers,
+                                    .n_layers = e->L,
+                                    .hidden = e->hid,
+                                    .heads = e->H,
+                                    .ff = e->F,
+                                    .eps = e->eps,
+                                    .d_cache = e->kv,
+                                    .kv = e->kvl,
+                                    .d_block_tables = e->d_bt,
+                                    .d_seq = dio(e, e->io_dec_slot),
+                                    .d_pos = dio(e, e->io_pos),
+                                    .d_kv_slot = dio(e, e->io_slot),
+                                    .d_len = dio(e, e->io_dec_len),
+                                    .d_cos = e->d_cos,
+                                    .d_sin = e->d_sin,
+                                    .d_q = e->q,
+                                    .d_att = e->att,
+                                    .d_act = e->act,
+                                    .d_part = e->part,
+                                    .max_parts = e->max_parts,
+                                    .d_sync = e->d_sync};
+    hx_err why;
+    hx_err_clear(&why);
+    hx_status st = hx_cuda_decode1(&a, e->stream, &why);
+    if (st == HX_ENOTSUP) { /* nothing was enqueued */
+        hx_cuda_free(e->d_layers);
+        e->d_layers = NULL;
+        return HX_OK;
+    }
+    if (st != HX_OK && err)
+        *err = why;
+    *ran = st == HX_OK;
+    return st;
+}
+
+/*
  * Enqueues a step's forward pass and the copies in and out. A stage after
  * the first takes its rows from the comm (recv_rows) instead of the
  * embedding; a stage before the last gives them on (send_rows) instead of
@@ -1457,12 +1539,17 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
             return hx_batch_comm_failed(&e->site, st, "recv_rows", &inner, err);
         st = hx_cuda_memcpy_async(e->x, e->h_rows, x_bytes, s, err);
     }
+    /* one decode row: every layer in one kernel, when the engine has it */
+    int one = 0;
+    if (st == HX_OK)
+        st = decode1(e, rows, n_dec, n_pf, &one, err);
+    e->fwd_decode1 = one;
     /* a decode step that streams the weights: L2 prefetches on the side stream */
-    const int pf = e->side && n_pf == 0 && rows <= e->opt.gemv_max_rows;
+    const int pf = !one && e->side && n_pf == 0 && rows <= e->opt.gemv_max_rows;
     int forked = 0; /* the side stream waits on this step's work: join it back, error or not */
     const size_t wo_bytes = (size_t)hid * hd * 2, wgu_bytes = (size_t)2 * e->F * hid * 2,
                  wqkv_bytes = (size_t)e->qkv_n * hid * 2;
-    for (int l = 0; l < e->L && st == HX_OK; l++) {
+    for (int l = 0; !one && l < e->L && st == HX_OK; l++) {
         const layer_w *w = &e->layers[l];
         /* x holds the residual stream: the o and down projections add into it, and the
            norms run inside the GEMVs that follow them (a decode step's few rows) */
@@ -1610,7 +1697,8 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
        them (the tokens reach the other TP ranks after the step, outside the graph) */
     const int graphs =
         e->opt.graphs && e->has_embed && e->has_head && (e->tp == 1 || e->nccl != NULL);
-    int used_graph = 0;
+    int used_graph = 0, used_decode1 = 0;
+    e->fwd_decode1 = 0;
     if (n_pf == 0 && graphs) {
         int bi = 0;
         while (e->bucket[bi] < n_dec)
@@ -1633,6 +1721,7 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
         if (e->graph[bi]) {
             st = hx_cuda_graph_launch(e->graph[bi], e->stream, err);
             used_graph = 1;
+            used_decode1 = e->graph_decode1[bi];
         } else if (e->bucket_uses[bi] >= 1) {
             /* second use: capture (the first ran eagerly, loading every kernel) */
             st = hx_cuda_graph_begin(e->stream, err);
@@ -1644,15 +1733,19 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
                     st = hx_cuda_graph_end(e->stream, &e->graph[bi], err);
             }
             if (st == HX_OK) {
+                e->graph_decode1[bi] = e->fwd_decode1;
                 st = hx_cuda_graph_launch(e->graph[bi], e->stream, err);
                 used_graph = 1;
+                used_decode1 = e->fwd_decode1;
             }
         } else {
             st = forward(e, B, B, 0, 0, B, err);
+            used_decode1 = e->fwd_decode1;
         }
         e->bucket_uses[bi]++;
     } else {
         st = forward(e, rows, n_dec, n_pf, max_pf_n, n_out, err);
+        used_decode1 = e->fwd_decode1;
     }
     if (st == HX_OK)
         st = sync_stream(e, err);
@@ -1669,6 +1762,7 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
         return st;
     e->steps++;
     e->graph_steps += used_graph;
+    e->decode1_steps += used_decode1;
 
     /* prompt progress */
     for (int i = 0; i < n_pf; i++) {

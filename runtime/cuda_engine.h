@@ -97,6 +97,10 @@ typedef struct hx_cuda_options {
                             does, up to this many MiB of the weights the next projections
                             read are asked into the L2 cache, from a second stream
                             (hx_cuda_prefetch_l2); 0 (default, or $HX_CUDA_PREFETCH): never */
+    int decode1;         /* 1: a decode step of one row runs this engine's layers in one
+                            persistent kernel (hx_cuda_decode1) where its shapes and the
+                            device allow, at TP 1; 0 (default; 1 when $HX_CUDA_DECODE1 is "1"):
+                            a kernel per operation */
 } hx_cuda_options;
 
 void hx_cuda_options_init(hx_cuda_options *opt);
@@ -206,6 +210,9 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
 
 /* Steps run so far, and how many of them replayed a CUDA graph. */
 void hx_cuda_engine_stats(const hx_cuda_engine *e, int64_t *steps, int64_t *graph_steps);
+
+/* Steps whose layers ran in the one-row decode kernel (hx_cuda_options.decode1). */
+int64_t hx_cuda_engine_decode1_steps(const hx_cuda_engine *e);
 
 /*
  * CRC-32C of A||B from crc1 = CRC of A, crc2 = CRC of B (each started from

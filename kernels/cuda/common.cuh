@@ -194,4 +194,41 @@ __device__ __forceinline__ size_t hx_kv_offset(const hx_cuda_kv_layout &kv, int 
            (size_t)kv.block_tokens * kv.head_dim;
 }
 
+// Where a GEMV that ends in RoPE writes its pairs of q/k/v outputs (hx_cuda_rope_kv's
+// arguments): gemm.cu's GEMVN_ROPE mode and decode1.cu.
+struct gemvn_rope {
+    __nv_bfloat16 *q;     // [rows][heads][head_dim]
+    __nv_bfloat16 *cache; // the paged cache; layer `layer` is written
+    hx_cuda_kv_layout kv;
+    int layer, heads;
+    const int *pos, *slot;      // [rows]
+    const float *cos_t, *sin_t; // [max_pos][head_dim / 2]
+};
+
+// The epilogue of such a GEMV for row r: a and b are outputs i and i + half of head hh (of
+// the q, k and v heads in that order): as rope_kv_kernel (ops.cu) computes them from the sums.
+__device__ __forceinline__ void gemvn_rope_store(const gemvn_rope &rp, int r, int hh, int i,
+                                                 int half, float a, float b)
+{
+    const int D = 2 * half, K = rp.kv.kv_heads;
+    const int sl = rp.slot[r];
+    const int block = sl / rp.kv.block_tokens, off = sl % rp.kv.block_tokens;
+    if (hh >= rp.heads + K) { // a value: as it is
+        __nv_bfloat16 *vd = rp.cache + hx_kv_offset(rp.kv, block, rp.layer, 1, hh - rp.heads - K) +
+                            (size_t)off * D;
+        vd[i] = __float2bfloat16_rn(a);
+        vd[i + half] = __float2bfloat16_rn(b);
+        return;
+    }
+    const int p = rp.pos[r];
+    const float c = rp.cos_t[(size_t)p * half + i], sn = rp.sin_t[(size_t)p * half + i];
+    const float2 v = hx_rope_pair(a, b, c, sn);
+    __nv_bfloat16 *d = hh < rp.heads
+                           ? rp.q + ((size_t)r * rp.heads + hh) * D
+                           : rp.cache + hx_kv_offset(rp.kv, block, rp.layer, 0, hh - rp.heads) +
+                                 (size_t)off * D;
+    d[i] = __float2bfloat16_rn(v.x);
+    d[i + half] = __float2bfloat16_rn(v.y);
+}
+
 #endif // HX_CUDA_COMMON_CUH

@@ -202,16 +202,6 @@ static void gemv_launch(int rows, void *y, const __nv_bfloat16 *x, const __nv_bf
 #define GEMVN_SWIGLU 1
 #define GEMVN_ROPE 2 // NW 2: outputs i and i + head_dim/2 of a head, then RoPE and the KV write
 
-// What GEMVN_ROPE writes its pairs into (hx_cuda_rope_kv's arguments; unused otherwise).
-struct gemvn_rope {
-    __nv_bfloat16 *q;     // [rows][heads][head_dim]
-    __nv_bfloat16 *cache; // the paged cache; layer `layer` is written
-    hx_cuda_kv_layout kv;
-    int layer, heads;
-    const int *pos, *slot;      // [rows]
-    const float *cos_t, *sin_t; // [max_pos][head_dim / 2]
-};
-
 // Weight row of output k (0 .. NW-1) of warp task o: o + k * tasks, or with GEMVN_ROPE
 // the pair (i, i + half) of head o / half, i = o % half.
 template <int MODE>
@@ -220,32 +210,6 @@ __device__ __forceinline__ size_t gemvn_row(int k, int o, int tasks, int half)
     if (MODE == GEMVN_ROPE)
         return (size_t)(o / half) * 2 * half + o % half + (size_t)k * half;
     return (size_t)k * tasks + o;
-}
-
-// GEMVN_ROPE's epilogue for row r: a and b are outputs i and i + half of head hh (of the
-// q, k and v heads in that order): as rope_kv_kernel (ops.cu) computes them from the sums.
-__device__ __forceinline__ void gemvn_rope_store(const gemvn_rope &rp, int r, int hh, int i,
-                                                 int half, float a, float b)
-{
-    const int D = 2 * half, K = rp.kv.kv_heads;
-    const int sl = rp.slot[r];
-    const int block = sl / rp.kv.block_tokens, off = sl % rp.kv.block_tokens;
-    if (hh >= rp.heads + K) { // a value: as it is
-        __nv_bfloat16 *vd = rp.cache + hx_kv_offset(rp.kv, block, rp.layer, 1, hh - rp.heads - K) +
-                            (size_t)off * D;
-        vd[i] = __float2bfloat16_rn(a);
-        vd[i + half] = __float2bfloat16_rn(b);
-        return;
-    }
-    const int p = rp.pos[r];
-    const float c = rp.cos_t[(size_t)p * half + i], sn = rp.sin_t[(size_t)p * half + i];
-    const float2 v = hx_rope_pair(a, b, c, sn);
-    __nv_bfloat16 *d = hh < rp.heads
-                           ? rp.q + ((size_t)r * rp.heads + hh) * D
-                           : rp.cache + hx_kv_offset(rp.kv, block, rp.layer, 0, hh - rp.heads) +
-                                 (size_t)off * D;
-    d[i] = __float2bfloat16_rn(v.x);
-    d[i + half] = __float2bfloat16_rn(v.y);
 }
 
 template <int NR, int NW, int MODE>

@@ -2188,6 +2188,78 @@ hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_
     return emu_launch(stream, run_decode, &a, sizeof a, "decode_attention", err);
 }
 
+/* ---- the one-row decode step in one kernel ---------------------------------------------------- */
+
+/* decode1_kernel's L2 requests are hints: nothing to emulate. */
+void hx_cuda_set_decode1_prefetch(int kib)
+{
+    (void)kib;
+}
+
+/* Device memory of the running kernel's device, for what the GPU kernel keeps in registers;
+   NULL after a fault. heap_free returns it. */
+static void *kernel_scratch(size_t bytes)
+{
+    const char *why = NULL;
+    const int dev = tl_device;
+    lock();
+    tl_device = tl_run_device;
+    void *p = heap_alloc(bytes, MEM_DEVICE, &why);
+    tl_device = dev;
+    unlock();
+    if (!p)
+        fault(E_OOM, "%zu bytes of device scratch memory", bytes);
+    return p;
+}
+
+/*
+ * decode1_kernel, layer by layer: the calls it fuses, at one row, with their
+ * maths and rounding points (the norm + q/k/v GEMV, RoPE and the KV write,
+ * decode attention, the o GEMV into x, the norm + gate/up GEMV + SwiGLU, the
+ * down GEMV into x). The GPU kernel sums in other orders and may split the
+ * attention into other chunks: fp32 differences only.
+ */
+static void run_decode1(const void *p)
+{
+    const hx_cuda_decode1_args *a = p;
+    const int D = a->kv.head_dim, hd = a->heads * D, n_qkv = (a->heads + 2 * a->kv.kv_heads) * D;
+    if (!emu_need(a->d_layers, (size_t)a->n_layers * sizeof *a->d_layers, "d_layers"))
+        return;
+    float *qkv = kernel_scratch((size_t)n_qkv * 4 + sizeof(int)); /* and the row index, 0 */
+    if (!qkv)
+        return;
+    int *row = (int *)(qkv + n_qkv);
+    *row = 0;
+    for (int l = 0; l < a->n_layers && !sticky_set(); l++) {
+        const hx_cuda_layer w = a->d_layers[l];
+        const gemvn_args qa = {qkv, a->d_x, w.attn_norm, w.wqkv, a->eps, 1, a->hidden, n_qkv, 0};
+        run_gemv_norm(&qa);
+        const rope_args ra = {a->d_q,   a->d_cache, qkv,      a->d_pos, a->d_kv_slot, a->d_cos,
+                              a->d_sin, 1,          a->heads, a->kv,    l};
+        run_rope_kv(&ra);
+        const decode_args da = {a->d_att, a->d_q,         a->d_cache, a->kv, l,
+                                a->d_block_tables, a->d_seq, row,  a->d_len, 1,
+                                a->max_parts, a->heads, a->d_part};
+        run_decode(&da);
+        const gemm_args oa = {a->d_x, a->d_att, w.wo, 0, 1, hd, a->hidden, 1.0f, 1};
+        run_gemm(&oa);
+        const gemvn_args ga = {a->d_act, a->d_x, w.ffn_norm, w.wgu, a->eps, 1, a->hidden,
+                               2 * a->ff, 1};
+        run_gemv_norm(&ga);
+        const gemm_args fa = {a->d_x, a->d_act, w.wdown, 0, 1, a->ff, a->hidden, 1.0f, 1};
+        run_gemm(&fa);
+    }
+    heap_free(qkv, MEM_DEVICE);
+}
+
+hx_status hx_cuda_decode1(const hx_cuda_decode1_args *a, hx_cuda_stream *stream, hx_err *err)
+{
+    hx_status st = hx_cuda_decode1_check(a, err);
+    if (st != HX_OK)
+        return st;
+    return emu_launch(stream, run_decode1, a, sizeof *a, "decode1", err);
+}
+
 /* ---- sampling -------------------------------------------------------------------------------- */
 
 #define SAMPLE_THREADS 1024

@@ -1181,6 +1181,184 @@ static void test_decode_attention(void **state)
 
 /* ---- sampling ---------------------------------------------------------------------------- */
 
+/*
+ * The one-row decode kernel against the calls it fuses, run layer by layer
+ * (2 layers): the residual after them and the token's K and V in every
+ * layer agree within bf16 roundings (the sums and the attention's chunks
+ * differ); a second run from the same state gives the same bits (the
+ * attention's merge counters and the barrier are left as found).
+ */
+static void decode1_case(int D, int H, int K, int len)
+{
+    enum { L = 2, HID = 256, F = 512, BT = 16, PARTS = 8 };
+    const int hd = H * D, n_qkv = (H + 2 * K) * D, pos = len - 1;
+    hx_cuda_blas *blas = NULL;
+    CHECK(hx_cuda_blas_new(8, &blas, E));
+    test_cache c;
+    cache_init(&c, L, K, D, BT, 1, len);
+    float *vals = cache_fill(&c, 0, len > 1 ? len - 1 : 1); /* positions before the token */
+    const float a_h = sqrtf(3.0f / HID), a_hd = sqrtf(3.0f / (float)hd), a_f = sqrtf(3.0f / F);
+    hx_cuda_layer lw[L];
+    float *hw = NULL, *hn = malloc(HID * 4);
+    void *owned[6 * L];
+    for (int l = 0; l < L; l++) {
+        float *dn[2];
+        for (int k = 0; k < 2; k++) {
+            for (int i = 0; i < HID; i++)
+                hn[i] = frand(0.9f, 1.1f);
+            dn[k] = to_dev(hn, HID * 4);
+        }
+        hx_bf16 *wqkv = rand_bf16((size_t)n_qkv * HID, -a_h, a_h, &hw);
+        free(hw);
+        hx_bf16 *wo = rand_bf16((size_t)HID * hd, -a_hd, a_hd, &hw);
+        free(hw);
+        hx_bf16 *wgu = rand_bf16((size_t)2 * F * HID, -a_h, a_h, &hw);
+        free(hw);
+        hx_bf16 *wdown = rand_bf16((size_t)HID * F, -a_f, a_f, &hw);
+        free(hw);
+        lw[l] = (hx_cuda_layer){dn[0], dn[1], wqkv, wo, wgu, wdown};
+        void *o[6] = {dn[0], dn[1], wqkv, wo, wgu, wdown};
+        memcpy(owned + 6 * l, o, sizeof o);
+    }
+    hx_cuda_layer *dlayers = to_dev(lw, sizeof lw);
+    float *x0 = malloc(HID * 4);
+    for (int i = 0; i < HID; i++)
+        x0[i] = frand(-1, 1);
+    float *dx = to_dev(x0, HID * 4);
+    const int max_pos = len + 1, half = D / 2;
+    float *cs = malloc((size_t)max_pos * half * 4), *sn = malloc((size_t)max_pos * half * 4);
+    for (int p = 0; p < max_pos; p++)
+        hx_cpu_rope_angles(cs + (size_t)p * half, sn + (size_t)p * half, D, p, 10000.0);
+    float *dcs = to_dev(cs, (size_t)max_pos * half * 4), *dsn = to_dev(sn, (size_t)max_pos * half * 4);
+    const int seq = 0, row = 0, slot = c.bt[pos / BT] * BT + pos % BT;
+    int *dseq = to_dev(&seq, 4), *drow = to_dev(&row, 4), *dpos = to_dev(&pos, 4);
+    int *dslot = to_dev(&slot, 4), *dlen = to_dev(&len, 4);
+    void *dq = NULL, *datt = NULL, *dact = NULL, *dqkv = NULL, *dh = NULL, *dgu = NULL;
+    void *dpart = NULL, *dsync = NULL;
+    const size_t part_bytes = hx_cuda_decode_attention_workspace(1, H, D, PARTS);
+    CHECK(hx_cuda_malloc(&dq, (size_t)hd * 2, E));
+    CHECK(hx_cuda_malloc(&datt, (size_t)hd * 2, E));
+    CHECK(hx_cuda_malloc(&dact, (size_t)F * 2, E));
+    CHECK(hx_cuda_malloc(&dqkv, (size_t)n_qkv * 4, E));
+    CHECK(hx_cuda_malloc(&dh, (size_t)HID * 2, E));
+    CHECK(hx_cuda_malloc(&dgu, (size_t)2 * F * 2, E));
+    CHECK(hx_cuda_malloc(&dpart, part_bytes, E));
+    CHECK(hx_cuda_memset(dpart, 0, part_bytes, E));
+    CHECK(hx_cuda_malloc(&dsync, HX_CUDA_DECODE1_SYNC_BYTES, E));
+    CHECK(hx_cuda_memset(dsync, 0, HX_CUDA_DECODE1_SYNC_BYTES, E));
+
+    /* the calls one by one */
+    for (int l = 0; l < L; l++) {
+        CHECK(hx_cuda_gemm_rmsnorm_rope_kv(blas, dq, c.d, dqkv, dx, lw[l].attn_norm, 1e-5f, dh,
+                                           lw[l].wqkv, 1, HID, H, &c.kv, l, dpos, dslot, dcs,
+                                           dsn, NULL, E));
+        CHECK(hx_cuda_decode_attention(datt, dq, c.d, &c.kv, l, c.d_bt, dseq, drow, dlen, 1,
+                                       PARTS, H, dpart, NULL, E));
+        CHECK(hx_cuda_gemm(blas, dx, 0, datt, lw[l].wo, 1, hd, HID, 1.0f, NULL, E));
+        CHECK(hx_cuda_gemm_rmsnorm_swiglu(blas, dact, dgu, dx, lw[l].ffn_norm, 1e-5f, dh,
+                                          lw[l].wgu, 1, HID, F, NULL, E));
+        CHECK(hx_cuda_gemm(blas, dx, 0, dact, lw[l].wdown, 1, F, HID, 1.0f, NULL, E));
+    }
+    float *x_ref = from_dev_f32(dx, HID);
+    const size_t cache_elems = (size_t)c.n_blocks * L * 2 * K * BT * D;
+    float *c_ref = from_dev_bf16(c.d, cache_elems);
+
+    /* the one kernel, twice from the same state */
+    hx_cuda_decode1_args a = {.d_x = dx,
+                              .d_layers = dlayers,
+                              .n_layers = L,
+                              .hidden = HID,
+                              .heads = H,
+                              .ff = F,
+                              .eps = 1e-5f,
+                              .d_cache = c.d,
+                              .kv = c.kv,
+                              .d_block_tables = c.d_bt,
+                              .d_seq = dseq,
+                              .d_pos = dpos,
+                              .d_kv_slot = dslot,
+                              .d_len = dlen,
+                              .d_cos = dcs,
+                              .d_sin = dsn,
+                              .d_q = dq,
+                              .d_att = datt,
+                              .d_act = dact,
+                              .d_part = dpart,
+                              .max_parts = PARTS,
+                              .d_sync = dsync};
+    float *x_got[2], *c_got = NULL;
+    for (int run = 0; run < 2; run++) {
+        CHECK(hx_cuda_memcpy(dx, x0, HID * 4, E));
+        CHECK(hx_cuda_decode1(&a, NULL, E));
+        CHECK(hx_cuda_sync(E));
+        x_got[run] = from_dev_f32(dx, HID);
+        if (run == 0)
+            c_got = from_dev_bf16(c.d, cache_elems);
+    }
+    assert_memory_equal(x_got[0], x_got[1], HID * 4);
+    char what[96];
+    double *want = malloc((size_t)(cache_elems > HID ? cache_elems : HID) * sizeof *want);
+    for (int i = 0; i < HID; i++)
+        want[i] = x_ref[i];
+    snprintf(what, sizeof what, "decode1 D=%d H=%d K=%d len %d: residual", D, H, K, len);
+    expect_close(what, x_got[0], want, HID, 2e-2, 2e-2);
+    for (size_t i = 0; i < cache_elems; i++)
+        want[i] = c_ref[i];
+    snprintf(what, sizeof what, "decode1 D=%d H=%d K=%d len %d: cache", D, H, K, len);
+    expect_close(what, c_got, want, cache_elems, 2e-2, 2e-2);
+    /* and the token's keys are there (not zero) in every layer */
+    const int blk = c.bt[pos / BT];
+    for (int l = 0; l < L; l++) {
+        double m = 0;
+        for (int d = 0; d < D; d++)
+            m = fmax(m, fabs((double)c_got[((((size_t)blk * L + l) * 2) * K * BT + pos % BT) * D + d]));
+        assert_true(m > 1e-3);
+    }
+
+    /* refused arguments, naming them */
+    hx_err e2 = {0};
+    hx_cuda_decode1_args bad = a;
+    bad.n_layers = L + 1;
+    assert_int_equal(hx_cuda_decode1(&bad, NULL, &e2), HX_EINVAL);
+    assert_non_null(strstr(e2.msg, "3 layers of a 2-layer cache"));
+    bad = a;
+    bad.d_sync = NULL;
+    assert_int_equal(hx_cuda_decode1(&bad, NULL, &e2), HX_EINVAL);
+    bad = a;
+    bad.ff = F + 4;
+    assert_int_equal(hx_cuda_decode1(&bad, NULL, &e2), HX_ENOTSUP);
+
+    free(want);
+    free(x_ref);
+    free(c_ref);
+    free(c_got);
+    free(x_got[0]);
+    free(x_got[1]);
+    free(x0);
+    free(cs);
+    free(sn);
+    free(hn);
+    free(vals);
+    for (int i = 0; i < 6 * L; i++)
+        hx_cuda_free(owned[i]);
+    void *dev[] = {dlayers, dx, dcs, dsn, dseq, drow, dpos, dslot, dlen,
+                   dq,      datt, dact, dqkv, dh, dgu, dpart, dsync};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        hx_cuda_free(dev[i]);
+    cache_free(&c);
+    hx_cuda_blas_free(blas);
+}
+
+static void test_decode1(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    decode1_case(64, 4, 2, 1);    /* the token alone */
+    decode1_case(64, 4, 2, 37);   /* a chunk or a few */
+    decode1_case(64, 8, 1, 700);  /* 8 query heads on one KV head, chunks of up to 256 */
+    decode1_case(128, 8, 2, 300); /* head_dim 128 */
+}
+
 static void test_sample_greedy(void **state)
 {
     (void)state;
@@ -1508,12 +1686,14 @@ static void pick_cases(const hx_llama *m, gen_case *cases)
 }
 
 static int engine_prefetch_mb; /* gpu_engine's l2_prefetch_mb */
+static int engine_decode1;     /* gpu_engine's decode1 */
 
 static hx_cuda_engine *gpu_engine(int max_step_tokens, int graphs, int gemv_rows, int logits)
 {
     hx_cuda_options o;
     hx_cuda_options_init(&o);
     o.l2_prefetch_mb = engine_prefetch_mb;
+    o.decode1 = engine_decode1;
     o.max_seqs = 8;
     o.max_step_tokens = max_step_tokens;
     o.max_seq_tokens = 256;
@@ -1682,6 +1862,57 @@ static void test_engine_fused_rope(void **state)
     engine_vs_cpu(cases, 16, 1, 8);
     engine_vs_cpu(cases, 64, 0, 8);
     hx_cuda_set_fused_rope(0);
+    hx_llama_free(m);
+}
+
+/*
+ * Requests one at a time, so that every decode step has one row, each
+ * against the CPU's greedy tokens; returns the steps that ran the one-row
+ * decode kernel.
+ */
+static int64_t engine_alone_vs_cpu(const gen_case *cases, int graphs)
+{
+    hx_cuda_engine *e = gpu_engine(256, graphs, 8, 0);
+    for (int i = 0; i < N_REQ; i++) {
+        int got[N_REQ][GEN_STEPS], n_got[N_REQ] = {0};
+        hx_batch_request r = greedy_req((uint64_t)i, cases[i].prompt, cases[i].n, GEN_STEPS);
+        CHECK(hx_cuda_engine_add(e, &r, E));
+        run_to_end(e, got, n_got, 0);
+        assert_int_equal(n_got[i], GEN_STEPS);
+        for (int t = 0; t < GEN_STEPS; t++)
+            if (got[i][t] != cases[i].tokens[t])
+                fail_msg("request %d alone (graphs %d, decode1 %d): token %d is %d on the GPU, "
+                         "%d on the CPU",
+                         i, graphs, engine_decode1, t, got[i][t], cases[i].tokens[t]);
+    }
+    int64_t steps = 0, graph_steps = 0;
+    hx_cuda_engine_stats(e, &steps, &graph_steps);
+    const int64_t d1 = hx_cuda_engine_decode1_steps(e);
+    printf("test_cuda: requests alone (graphs %d, decode1 %d): %lld steps, %lld from graphs, "
+           "%lld in the one-row kernel\n",
+           graphs, engine_decode1, (long long)steps, (long long)graph_steps, (long long)d1);
+    hx_cuda_engine_free(e);
+    return d1;
+}
+
+/*
+ * The engine with the one-row decode kernel: the same tokens; every decode
+ * step of one row ran it (a prompt's first token comes from its prefill
+ * step), and steps of more rows take the kernels one by one.
+ */
+static void test_engine_decode1(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hx_llama *m = cpu_model();
+    gen_case cases[N_REQ];
+    pick_cases(m, cases);
+    assert_int_equal(engine_alone_vs_cpu(cases, 1), 0); /* off by default */
+    engine_decode1 = 1;
+    assert_int_equal(engine_alone_vs_cpu(cases, 1), N_REQ * (GEN_STEPS - 1));
+    assert_int_equal(engine_alone_vs_cpu(cases, 0), N_REQ * (GEN_STEPS - 1));
+    engine_vs_cpu(cases, 16, 1, 8); /* batches of several rows, and prompt chunks */
+    engine_decode1 = 0;
     hx_llama_free(m);
 }
 
@@ -2472,6 +2703,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_prefill_attention_mma),
         cmocka_unit_test(test_prefill_attention_fa),
         cmocka_unit_test(test_decode_attention),
+        cmocka_unit_test(test_decode1),
         cmocka_unit_test(test_sample_greedy),
         cmocka_unit_test(test_sample_seeded),
         cmocka_unit_test(test_nccl_one_rank),
@@ -2480,6 +2712,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_engine_prefill_others),
         cmocka_unit_test(test_engine_l2_prefetch),
         cmocka_unit_test(test_engine_fused_rope),
+        cmocka_unit_test(test_engine_decode1),
         cmocka_unit_test(test_engine_kv_segments),
         cmocka_unit_test(test_engine_stages_and_tp),
         cmocka_unit_test(test_engine_sampling_and_admission),
@@ -2489,5 +2722,10 @@ int main(int argc, char **argv)
     const char *filter = getenv("HX_CUDA_TEST_FILTER");
     if (filter && filter[0])
         cmocka_set_test_filter(filter);
+    /* HX_CUDA_TEST_SKIP=pattern leaves the matching tests out (gpu-check.sh runs kernels
+       never run on a GPU before in a process of their own: a fault ends a CUDA context) */
+    const char *skip_filter = getenv("HX_CUDA_TEST_SKIP");
+    if (skip_filter && skip_filter[0])
+        cmocka_set_skip_filter(skip_filter);
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
