@@ -35,9 +35,12 @@ template <int D> struct PfSmem {
     static constexpr size_t bytes = m_off + (size_t)2 * PF_BQ * 4;
 };
 
-// The part of the prefill a block takes: sequence blockIdx.z, query head blockIdx.y,
-// and bq query rows, the tiles from the sequence's end first (the longest first).
+// The part of the prefill a block takes: sequence blockIdx.z, query head blockIdx.x,
+// and bq query rows, tile blockIdx.y from the sequence's end. Blocks start in the order
+// x, then y: every head's longest tile (the most keys under the causal mask) first, the
+// short ones last, so that they fill the SMs the long ones leave and the tail is short.
 struct PfTile {
+    int h;               // the query head
     int q_begin, q_rows; // the block's first query row of the sequence, and how many
     int n_keys;          // the keys its last row sees: pos0 + q_begin + q_rows
     int row0, pos0;      // the sequence's first row in q and out, and its first position
@@ -52,14 +55,15 @@ __device__ __forceinline__ bool pf_tile(PfTile &p, int bq, const hx_cuda_kv_layo
                                         const int *seq_n, int heads)
 {
     const int s = blockIdx.z, n = seq_n[s];
-    p.q_begin = ((int)gridDim.x - 1 - (int)blockIdx.x) * bq;
+    p.h = (int)blockIdx.x;
+    p.q_begin = ((int)gridDim.y - 1 - (int)blockIdx.y) * bq;
     if (p.q_begin >= n)
         return false;
     p.q_rows = min(bq, n - p.q_begin);
     p.row0 = seq_row0[s];
     p.pos0 = seq_pos0[s];
     p.n_keys = p.pos0 + p.q_begin + p.q_rows;
-    p.kvh = (int)blockIdx.y / (heads / kv.kv_heads);
+    p.kvh = p.h / (heads / kv.kv_heads);
     p.bt = block_tables + (size_t)seq_slot[s] * kv.max_blocks_per_seq;
     return true;
 }
@@ -86,7 +90,7 @@ __global__ void __launch_bounds__(PF_THREADS)
     PfTile p;
     if (!pf_tile(p, PF_BQ, kv, block_tables, seq_slot, seq_row0, seq_pos0, seq_n, heads))
         return;
-    const int h = blockIdx.y;
+    const int h = p.h;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const size_t qstride = (size_t)heads * D;
     constexpr int CH = D / 8; // 16-byte chunks per row
@@ -264,7 +268,7 @@ static hx_status prefill_launch_kernel(Kernel kernel, int bq, int threads, size_
     hx_status st = smem_opt_in(kernel, bytes, false, configured, what, err);
     if (st != HX_OK)
         return st;
-    dim3 grid((unsigned)((max_n + bq - 1) / bq), (unsigned)heads, (unsigned)n_seqs);
+    dim3 grid((unsigned)heads, (unsigned)((max_n + bq - 1) / bq), (unsigned)n_seqs);
     const float scale_log2 = LOG2E / sqrtf((float)D);
     hx_launch(kernel, grid, threads, bytes, s, out, q, cache, *kv, layer, bt, slot, row0, pos0,
               n, heads, scale_log2);
@@ -440,7 +444,7 @@ __global__ void __launch_bounds__(PF_THREADS)
     PfTile p;
     if (!pf_tile(p, PF_BQ, kv, block_tables, seq_slot, seq_row0, seq_pos0, seq_n, heads))
         return;
-    const int h = blockIdx.y;
+    const int h = p.h;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const size_t qstride = (size_t)heads * D;
@@ -641,7 +645,7 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
     PfTile p;
     if (!pf_tile(p, FA_BQ, kv, block_tables, seq_slot, seq_row0, seq_pos0, seq_n, heads))
         return;
-    const int h = blockIdx.y;
+    const int h = p.h;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const size_t qstride = (size_t)heads * D;
