@@ -18,8 +18,10 @@
 //     D  RMSNorm and the gate/up GEMV + SwiGLU: a warp task is feature f's
 //        gate and up rows
 //     E  the down GEMV, added into the residual
-// - a GEMV task streams its weight rows in 16-byte loads, 8 a lane in flight
-//   (4 KB a warp, 64 KB an SM), against the input vector in shared memory.
+// - a GEMV task streams its weight rows in 16-byte loads, 16 a lane in
+//   flight (8 KB a warp: a q/k/v pair or a gate/up pair of 2048-wide rows at
+//   once, half a down row; o's 4 KB rows take 8), 128 KB an SM, against the
+//   input vector in shared memory; all issued before the first FMA (SASS).
 //   Tasks are dealt round-robin over the blocks first (task t: block t %
 //   grid, warp t / grid), so that every SM streams in every phase.
 // - weights do not depend on the activations: before each barrier every
@@ -446,7 +448,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         // A: norm, q/k/v, RoPE, the KV write
         d1_rmsnorm(hs, xf, wf, x, w.attn_norm, hid, a.eps, red);
         rp.layer = l;
-        d1_gemv_phase<2, 4>(qkv, vs, gw, nw, lane, [&](int t, const float *acc) {
+        d1_gemv_phase<2, 8>(qkv, vs, gw, nw, lane, [&](int t, const float *acc) {
             gemvn_rope_store(rp, 0, t / half, t % half, half, acc[0], acc[1]);
         });
         d1_prefetch<1>(o, gw, nw, lane, pf_bytes);
@@ -466,7 +468,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
 
         // D: norm, gate/up, SwiGLU
         d1_rmsnorm(hs, xf, wf, x, w.ffn_norm, hid, a.eps, red);
-        d1_gemv_phase<2, 4>(gu, vs, gw, nw, lane, [&](int t, const float *acc) {
+        d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, [&](int t, const float *acc) {
             const float g = __bfloat162float(__float2bfloat16_rn(acc[0]));
             const float u = __bfloat162float(__float2bfloat16_rn(acc[1]));
             act[t] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
@@ -476,7 +478,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
 
         // E: down, into the residual
         d1_load(vs, a.d_act, F);
-        d1_gemv_phase<1, 8>(dn, vs, gw, nw, lane, [&](int t, const float *acc) {
+        d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, [&](int t, const float *acc) {
             x[t] = acc[0] + __ldcg(x + t);
         });
         if (l + 1 == a.n_layers)
