@@ -29,8 +29,8 @@
 //   to hx_cuda_set_decode1_prefetch's budget), so the barrier's wait and the
 //   attention phase, where HBM would idle, stream weights.
 // - what other blocks wrote in this kernel is read with ld.global.cg (L2:
-//   an SM's L1 is not coherent); the barrier orders it (a fence before the
-//   arrival, an acquiring load of the barrier count after).
+//   an SM's L1 is not coherent); the barrier orders it (a releasing add
+//   to arrive, an acquiring load to leave).
 // The barrier traps after 20 s without the other blocks (a fault, never a
 // hang), which only a broken co-residency or a bug can cause.
 #include <stdlib.h>
@@ -77,31 +77,31 @@ __device__ __forceinline__ unsigned long long d1_clock_ns()
     return t;
 }
 
-// Every block of the grid arrives before any leaves. sync[0] counts the
-// arrivals at the current barrier (the last to arrive resets it),
-// sync[32] (another 128-byte line) the barriers passed: a block waits for
-// it to move from the value it read before arriving, so the words need no
-// reset between barriers or launches.
+// Every block of the grid arrives before any leaves. One word counts the
+// arrivals: each block adds 1, block 0 adds 2^31 - (grid - 1), so that the
+// barrier as a whole adds 2^31 and flips the word's top bit exactly when the
+// last block arrives (the word, zeroed once, keeps its low 31 bits at 0 between
+// barriers: no reset, across launches too). The add releases the block's
+// writes (ordered before it by __syncthreads); the polling load acquires the
+// others'.
 __device__ void d1_grid_sync(unsigned *sync)
 {
     __syncthreads();
     if (threadIdx.x == 0) {
-        unsigned *count = sync, *gen = sync + 32;
-        const unsigned g = d1_ld_acquire(gen);
-        __threadfence(); // this block's writes, before its arrival
-        if (atomicAdd(count, 1u) == gridDim.x - 1) {
-            atomicExch(count, 0u);
-            __threadfence();
-            atomicAdd(gen, 1u);
-        } else {
-            const unsigned long long t0 = d1_clock_ns();
-            while (d1_ld_acquire(gen) == g) {
-                __nanosleep(20);
-                if (d1_clock_ns() - t0 > 20000000000ull)
-                    __trap();
-            }
+        const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        unsigned old, now;
+        asm volatile("atom.add.release.gpu.u32 %0, [%1], %2;"
+                     : "=r"(old)
+                     : "l"(sync), "r"(add)
+                     : "memory");
+        const unsigned long long t0 = d1_clock_ns();
+        for (;;) {
+            now = d1_ld_acquire(sync);
+            if ((now ^ old) & 0x80000000u)
+                break;
+            if (d1_clock_ns() - t0 > 20000000000ull)
+                __trap();
         }
-        __threadfence();
     }
     __syncthreads();
 }
