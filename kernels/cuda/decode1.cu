@@ -163,10 +163,11 @@ __device__ __forceinline__ void d1_dots(float (&acc)[NW], const uint4 *const (&w
 }
 
 // This warp's tasks gw, gw + nw, ... of g against vs; lane 0 hands each
-// task's sums to epi(t, acc).
+// task's sums to epi(t, acc, r), r = res[t] (read while the weights stream,
+// not after) when res is given, else 0.
 template <int NW, int U, typename Epi>
 __device__ __forceinline__ void d1_gemv_phase(const d1_gemv &g, const uint4 *vs, int gw, int nw,
-                                              int lane, Epi epi)
+                                              int lane, const float *res, Epi epi)
 {
     const int chunks = g.in >> 3;
     for (int t = gw; t < g.tasks; t += nw) {
@@ -174,10 +175,11 @@ __device__ __forceinline__ void d1_gemv_phase(const d1_gemv &g, const uint4 *vs,
 #pragma unroll
         for (int k = 0; k < NW; k++)
             wr[k] = reinterpret_cast<const uint4 *>(g.w + d1_row(g, t, k) * g.in);
+        const float r = res && lane == 0 ? __ldcg(res + t) : 0.0f;
         float acc[NW];
         d1_dots<NW, U>(acc, wr, vs, chunks, lane);
         if (lane == 0)
-            epi(t, acc);
+            epi(t, acc, r);
     }
 }
 
@@ -448,7 +450,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         // A: norm, q/k/v, RoPE, the KV write
         d1_rmsnorm(hs, xf, wf, x, w.attn_norm, hid, a.eps, red);
         rp.layer = l;
-        d1_gemv_phase<2, 8>(qkv, vs, gw, nw, lane, [&](int t, const float *acc) {
+        d1_gemv_phase<2, 8>(qkv, vs, gw, nw, lane, nullptr, [&](int t, const float *acc, float) {
             gemvn_rope_store(rp, 0, t / half, t % half, half, acc[0], acc[1]);
         });
         d1_prefetch<1>(o, gw, nw, lane, pf_bytes);
@@ -461,14 +463,14 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
 
         // C: o, into the residual
         d1_load(vs, a.d_att, hd);
-        d1_gemv_phase<1, 8>(o, vs, gw, nw, lane, [&](int t, const float *acc) {
-            x[t] = acc[0] + __ldcg(x + t);
+        d1_gemv_phase<1, 8>(o, vs, gw, nw, lane, x, [&](int t, const float *acc, float r) {
+            x[t] = acc[0] + r;
         });
         d1_grid_sync(a.d_sync);
 
         // D: norm, gate/up, SwiGLU
         d1_rmsnorm(hs, xf, wf, x, w.ffn_norm, hid, a.eps, red);
-        d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, [&](int t, const float *acc) {
+        d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, nullptr, [&](int t, const float *acc, float) {
             const float g = __bfloat162float(__float2bfloat16_rn(acc[0]));
             const float u = __bfloat162float(__float2bfloat16_rn(acc[1]));
             act[t] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
@@ -478,8 +480,8 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
 
         // E: down, into the residual
         d1_load(vs, a.d_act, F);
-        d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, [&](int t, const float *acc) {
-            x[t] = acc[0] + __ldcg(x + t);
+        d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, x, [&](int t, const float *acc, float r) {
+            x[t] = acc[0] + r;
         });
         if (l + 1 == a.n_layers)
             break; // the kernel's end orders the rest

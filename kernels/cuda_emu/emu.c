@@ -2188,7 +2188,7 @@ hx_status hx_cuda_decode_attention(hx_bf16 *d_out, const hx_bf16 *d_q, const hx_
     return emu_launch(stream, run_decode, &a, sizeof a, "decode_attention", err);
 }
 
-/* ---- the one-row decode step in one kernel ---------------------------------------------------- */
+/* ---- the one-row decode step in one kernel --------------------------------------------------- */
 
 /* decode1_kernel's L2 requests are hints: nothing to emulate. */
 void hx_cuda_set_decode1_prefetch(int kib)

@@ -1229,7 +1229,8 @@ static void decode1_case(int D, int H, int K, int len)
     float *cs = malloc((size_t)max_pos * half * 4), *sn = malloc((size_t)max_pos * half * 4);
     for (int p = 0; p < max_pos; p++)
         hx_cpu_rope_angles(cs + (size_t)p * half, sn + (size_t)p * half, D, p, 10000.0);
-    float *dcs = to_dev(cs, (size_t)max_pos * half * 4), *dsn = to_dev(sn, (size_t)max_pos * half * 4);
+    float *dcs = to_dev(cs, (size_t)max_pos * half * 4);
+    float *dsn = to_dev(sn, (size_t)max_pos * half * 4);
     const int seq = 0, row = 0, slot = c.bt[pos / BT] * BT + pos % BT;
     int *dseq = to_dev(&seq, 4), *drow = to_dev(&row, 4), *dpos = to_dev(&pos, 4);
     int *dslot = to_dev(&slot, 4), *dlen = to_dev(&len, 4);
@@ -1311,7 +1312,8 @@ static void decode1_case(int D, int H, int K, int len)
     for (int l = 0; l < L; l++) {
         double m = 0;
         for (int d = 0; d < D; d++)
-            m = fmax(m, fabs((double)c_got[((((size_t)blk * L + l) * 2) * K * BT + pos % BT) * D + d]));
+            m = fmax(m, fabs((double)c_got[(((size_t)blk * L + l) * 2 * K * BT + pos % BT) * D +
+                                           d]));
         assert_true(m > 1e-3);
     }
 
