@@ -171,16 +171,21 @@ rc_test=-1
 rc_bench=-1
 if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
     section "unit tests: test_cuda"
-    # the one-row decode kernel (hx_cuda_decode1) apart: never run on a GPU before this
-    # check, and a fault in it would end the CUDA context of every test after it
-    (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout HX_CUDA_TEST_SKIP='*decode1*' timeout 120 \
+    # the kernels never run on a GPU before this check in processes of their own (a
+    # fault in one ends the CUDA context of every test after it): the one-row decode
+    # kernel (hx_cuda_decode1), prefill attention 3
+    NEW_TESTS=("*decode1*" "test_prefill_attention_fa,test_engine_prefill_others")
+    skip=$(IFS=,; echo "${NEW_TESTS[*]}")
+    (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout HX_CUDA_TEST_SKIP="$skip" timeout 120 \
         ./test_cuda) 2>&1 | tee "$OUT/test_cuda.txt"
     rc_test=${PIPESTATUS[0]}
-    section "unit tests: test_cuda, the one-row decode kernel"
-    (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout HX_CUDA_TEST_FILTER='*decode1*' timeout 90 \
-        ./test_cuda) 2>&1 | tee -a "$OUT/test_cuda.txt"
-    rc_d1=${PIPESTATUS[0]}
-    [ "$rc_test" = 0 ] && rc_test=$rc_d1
+    for pat in "${NEW_TESTS[@]}"; do
+        section "unit tests: test_cuda $pat"
+        (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout HX_CUDA_TEST_FILTER="$pat" timeout 90 \
+            ./test_cuda) 2>&1 | tee -a "$OUT/test_cuda.txt"
+        rc_new=${PIPESTATUS[0]}
+        [ "$rc_test" = 0 ] && rc_test=$rc_new
+    done
     failed=$(grep -o '^\[  FAILED  \] test_[a-z0-9_]*' "$OUT/test_cuda.txt" | awk '{print $4}' | sort -u | head -2)
     for t in $failed; do
         section "rerun without programmatic dependent launch (HX_CUDA_PDL=0): $t"

@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <fnmatch.h>
 #include <math.h>
 #include <signal.h>
 #include <spawn.h>
@@ -2684,6 +2685,18 @@ static void test_engine_sampling_and_admission(void **state)
     hx_cuda_engine_free(e);
 }
 
+/* Whether name matches one of the comma-separated glob patterns in list. */
+static int matches_any(const char *name, const char *list)
+{
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", list);
+    char *save = NULL;
+    for (char *p = strtok_r(buf, ",", &save); p; p = strtok_r(NULL, ",", &save))
+        if (fnmatch(p, name, 0) == 0)
+            return 1;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     /* NCCL picks its bootstrap interface once per process: loopback, for every test */
@@ -2719,15 +2732,16 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_engine_stages_and_tp),
         cmocka_unit_test(test_engine_sampling_and_admission),
     };
-    /* HX_CUDA_TEST_FILTER=pattern runs only the matching tests (bench/gpu-check.sh reruns a
-       failing one under compute-sanitizer that way) */
-    const char *filter = getenv("HX_CUDA_TEST_FILTER");
-    if (filter && filter[0])
-        cmocka_set_test_filter(filter);
-    /* HX_CUDA_TEST_SKIP=pattern leaves the matching tests out (gpu-check.sh runs kernels
-       never run on a GPU before in a process of their own: a fault ends a CUDA context) */
-    const char *skip_filter = getenv("HX_CUDA_TEST_SKIP");
-    if (skip_filter && skip_filter[0])
-        cmocka_set_skip_filter(skip_filter);
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    /* HX_CUDA_TEST_FILTER=patterns runs only the matching tests (bench/gpu-check.sh reruns a
+       failing one under compute-sanitizer that way); HX_CUDA_TEST_SKIP=patterns leaves the
+       matching ones out (gpu-check.sh runs the kernels never run on a GPU before in
+       processes of their own: a fault ends a CUDA context). Patterns: globs, comma-separated. */
+    const char *only = getenv("HX_CUDA_TEST_FILTER"), *skip = getenv("HX_CUDA_TEST_SKIP");
+    struct CMUnitTest run[sizeof tests / sizeof tests[0]];
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
+        if ((!only || !only[0] || matches_any(tests[i].name, only)) &&
+            !(skip && skip[0] && matches_any(tests[i].name, skip)))
+            run[n++] = tests[i];
+    return _cmocka_run_group_tests("test_cuda", run, n, group_setup, group_teardown);
 }
