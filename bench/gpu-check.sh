@@ -9,6 +9,8 @@
 #   gpu_bench.txt     benchmark table;  gpu_bench.json  the same as JSON
 #   gpu_bench_decode1.txt, .json  batch-1 decode with the one-row decode
 #                     kernel (gpu_bench --decode1, a process of its own)
+#   gpu_bench_prefill_fa.txt, .json  prefill with attention kernel 3 against 2
+#                     (gpu_bench --prefill-fa, a process of its own)
 #   serve.txt         tests/integration/test_serve.py with the GPU case (bundle
 #                     or CMake builds, where python3 is there)
 #   summary.txt       build mode, exit codes, seconds
@@ -228,6 +230,11 @@ if [ -n "$BIN" ] && [ -x "$BIN/gpu_bench" ]; then
         tee "$OUT/gpu_bench_decode1.txt"
     rc_d1b=${PIPESTATUS[0]}
     [ "$rc_bench" = 0 ] && rc_bench=$rc_d1b
+    section "benchmarks: gpu_bench --prefill-fa (prefill attention 3 against 2)"
+    (cd "$BIN" && timeout 90 ./gpu_bench --prefill-fa --json "$OUT/gpu_bench_prefill_fa.json") \
+        2>&1 | tee "$OUT/gpu_bench_prefill_fa.txt"
+    rc_fab=${PIPESTATUS[0]}
+    [ "$rc_bench" = 0 ] && rc_bench=$rc_fab
 fi
 
 rc_serve=-1

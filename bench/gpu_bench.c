@@ -28,6 +28,8 @@
  *   decode1   (--decode1, INSTEAD of the above) batch-1 decode with the defaults and
  *             with every layer in one persistent kernel (hx_cuda_decode1) at several L2
  *             request budgets, apart from the rest: a fault there ends the process
+ *   prefill-fa (--prefill-fa, INSTEAD of the above) the prefill row with attention
+ *             kernels 2 and 3 (pipelined, not yet run on a GPU), apart for the same reason
  *
  * Usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro] [--tiny]
  *                  [--decode1]
@@ -426,7 +428,8 @@ static void bench_micro(const hx_model *c)
                                           H, &kv, 0, m_pos0, m_slot, cos_t, sin_t, NULL, &err));
         hx_cuda_set_fused_rope(0);
     }
-    for (int v = 1; v <= 3; v++) { /* hx_cuda_set_prefill_attention_variant */
+    /* kernels 1 and 2 (3 runs in --prefill-fa's process: it has not run on a GPU yet) */
+    for (int v = 1; v <= 2; v++) { /* hx_cuda_set_prefill_attention_variant */
         hx_cuda_set_prefill_attention_variant(v);
         snprintf(label, sizeof label, "prefill attention %d tokens (%s)", ctx, prefill_kernel[v]);
         TIME(label, 0, 4.0 * H * D * ((double)ctx * (ctx + 1) / 2),
@@ -725,7 +728,7 @@ static int write_json(const char *path)
 int main(int argc, char **argv)
 {
     const char *json_path = NULL, *cal_path = NULL;
-    int quick = 0, micro = 0, tiny = 0, only_decode1 = 0;
+    int quick = 0, micro = 0, tiny = 0, only_decode1 = 0, only_prefill_fa = 0;
     double cal_bytes_s = 0, cal_flops_s = 0; /* the defaults: decode batch 1, prefill 2048 */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
@@ -740,10 +743,12 @@ int main(int argc, char **argv)
             tiny = 1;
         else if (!strcmp(argv[i], "--decode1"))
             only_decode1 = 1;
+        else if (!strcmp(argv[i], "--prefill-fa"))
+            only_prefill_fa = 1;
         else {
             fprintf(stderr,
                     "usage: gpu_bench [--json FILE] [--calibration FILE] [--quick] [--micro] "
-                    "[--tiny] [--decode1]\n");
+                    "[--tiny] [--decode1 | --prefill-fa]\n");
             return 2;
         }
     }
@@ -786,7 +791,7 @@ int main(int argc, char **argv)
         return write_json(json_path) ? 0 : 1;
     }
     /* ---- decode ---- */
-    {
+    if (!only_prefill_fa) {
         hx_cuda_engine *e = make_engine(&cfg, 64, 2048, 1, 8);
         printf("weights: %.3f GB bf16; KV: %lld bytes per position\n",
                (double)hx_cuda_engine_weight_bytes(e) / 1e9,
@@ -822,7 +827,7 @@ int main(int argc, char **argv)
         hx_cuda_set_gemv_variant(0);
         hx_cuda_set_decode_attention_variant(2);
     }
-    if (!quick) {
+    if (!quick && !only_prefill_fa) {
         decode_alone(&cfg, "graphs+cublas", 1, 1, 0, timed, peak_bw);
         decode_alone(&cfg, "no-graphs+gemv", 1, 0, 8, timed, peak_bw);
         hx_cuda_set_pdl(1);
@@ -849,7 +854,7 @@ int main(int argc, char **argv)
         hx_cuda_set_fused_rope(0);
     }
     jadd("], ");
-    if (micro)
+    if (micro && !only_prefill_fa)
         bench_micro(&cfg);
 
     /* ---- prefill ---- */
@@ -872,10 +877,11 @@ int main(int argc, char **argv)
     const double mm_params = L * (h * (qd + 2 * kd) + qd * h + 3 * h * f);
     const double attn_flops = L * 4.0 * cfg.num_heads * cfg.head_dim * ((double)T * (T + 1) / 2);
     const double flops = 2.0 * mm_params * T + attn_flops + 2.0 * h * cfg.vocab_size;
-    /* the default attention kernel (2), then the pipelined one, then WMMA */
-    static const int variants[3] = {2, 3, 1};
+    /* the default attention kernel (2), then WMMA; or (--prefill-fa) 2, then the pipelined
+       one, which has not run on a GPU yet, apart */
+    const int variants[2] = {2, only_prefill_fa ? 3 : 1};
     static const char *const key[4] = {"", "prefill_wmma", "prefill", "prefill_fa"};
-    for (int vi = 0; vi < 3; vi++) {
+    for (int vi = 0; vi < 2; vi++) {
         const int v = variants[vi];
         hx_cuda_set_prefill_attention_variant(v);
         double best = 1e30, total = 0;
@@ -910,6 +916,12 @@ int main(int argc, char **argv)
              peak_flops > 0 ? flops / mean / peak_flops : 0);
     }
     hx_cuda_set_prefill_attention_variant(2);
+    if (only_prefill_fa) {
+        jadd("\"only\": \"prefill-fa\"}\n");
+        free(prompt);
+        hx_cuda_engine_free(e);
+        return write_json(json_path) ? 0 : 1;
+    }
 
     /* ---- KV pack + transfer ---- */
     r.id = 7;
