@@ -151,6 +151,8 @@ struct hx_cuda_engine {
 
     int64_t steps, graph_steps;
     int fwd_decode1;                   /* the last forward ran the one-row decode kernel */
+    int capturing;                     /* a forward being captured into a graph */
+    int decode1_refused;               /* a capture refused it (decode1()) */
     int graph_decode1[MAX_BUCKETS];    /* the bucket's graph holds it */
     int64_t decode1_steps;
 };
@@ -1471,7 +1473,10 @@ static hx_status prefetch(hx_cuda_engine *e, const void *a, size_t na, const voi
  * engine has it: *ran = 1 when enqueued; 0 when this step takes the kernels
  * one by one: not a lone decode row, or the device refused the kernel
  * (HX_ENOTSUP: its shared memory, no cooperative launch), after which the
- * engine no longer tries it.
+ * engine no longer tries it. A launch that fails while the stream is being
+ * captured (a driver that cannot capture a cooperative launch) gives it up
+ * too, and sets decode1_refused: the capture is lost, and the step's caller
+ * runs it again without.
  */
 static hx_status decode1(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int *ran, hx_err *err)
 {
@@ -1507,6 +1512,11 @@ static hx_status decode1(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int *
         hx_cuda_free(e->d_layers);
         e->d_layers = NULL;
         return HX_OK;
+    }
+    if (st != HX_OK && e->capturing) {
+        hx_cuda_free(e->d_layers);
+        e->d_layers = NULL;
+        e->decode1_refused = 1;
     }
     if (st != HX_OK && err)
         *err = why;
@@ -1726,13 +1736,20 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
             /* second use: capture (the first ran eagerly, loading every kernel) */
             st = hx_cuda_graph_begin(e->stream, err);
             if (st == HX_OK) {
+                e->capturing = 1;
+                e->decode1_refused = 0;
                 st = forward(e, B, B, 0, 0, B, err);
+                e->capturing = 0;
                 if (st != HX_OK)
                     hx_cuda_graph_abort(e->stream);
                 else
                     st = hx_cuda_graph_end(e->stream, &e->graph[bi], err);
             }
-            if (st == HX_OK) {
+            if (st != HX_OK && e->decode1_refused) {
+                /* without the one-row kernel, now eagerly; captured at the next use */
+                hx_err_clear(err);
+                st = forward(e, B, B, 0, 0, B, err);
+            } else if (st == HX_OK) {
                 e->graph_decode1[bi] = e->fwd_decode1;
                 st = hx_cuda_graph_launch(e->graph[bi], e->stream, err);
                 used_graph = 1;

@@ -2252,11 +2252,28 @@ static void run_decode1(const void *p)
     heap_free(qkv, MEM_DEVICE);
 }
 
+static atomic_int coop_capture_refused; /* emu_refuse_coop_capture */
+
+void emu_refuse_coop_capture(int on)
+{
+    atomic_store(&coop_capture_refused, on != 0);
+}
+
 hx_status hx_cuda_decode1(const hx_cuda_decode1_args *a, hx_cuda_stream *stream, hx_err *err)
 {
     hx_status st = hx_cuda_decode1_check(a, err);
     if (st != HX_OK)
         return st;
+    if (atomic_load(&coop_capture_refused)) { /* a driver that cannot capture it */
+        init();
+        lock();
+        hx_cuda_stream *cs = capture_of(stream);
+        if (cs)
+            cs->invalid = 1;
+        unlock();
+        if (cs)
+            return cuda_fail(err, "decode1", E_CAPTURING);
+    }
     return emu_launch(stream, run_decode1, a, sizeof *a, "decode1", err);
 }
 

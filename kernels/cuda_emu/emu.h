@@ -56,6 +56,13 @@ int emu_need(const void *p, size_t bytes, const char *name);
 /* Inside a kernel: whether p is a multiple of align; otherwise a "misaligned address" fault. */
 int emu_align(const void *p, size_t align, const char *name);
 
+/*
+ * For tests: 1 makes hx_cuda_decode1's cooperative launch fail on a stream
+ * being captured, invalidating the capture, as a driver that cannot capture
+ * one would; 0 (the default) records it like any launch.
+ */
+void emu_refuse_coop_capture(int on);
+
 /* HX_OK, or the sticky error of a kernel fault as "cuda: <what>: ..." (HX_EIO). */
 hx_status emu_sticky(const char *what, hx_err *err);
 

@@ -38,6 +38,9 @@
 
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda.h"
+#ifdef HX_CUDA_EMU
+#include "kernels/cuda_emu/emu.h"
+#endif
 #include "runtime/cuda_engine.h"
 #include "runtime/kvcache.h"
 #include "runtime/llama.h"
@@ -1915,6 +1918,13 @@ static void test_engine_decode1(void **state)
     assert_int_equal(engine_alone_vs_cpu(cases, 0), N_REQ * (GEN_STEPS - 1));
     assert_int_equal(engine_alone_vs_cpu(cases, 1), N_REQ * (GEN_STEPS - 1)); /* captured */
     engine_vs_cpu(cases, 16, 1, 8); /* batches of several rows, and prompt chunks */
+#ifdef HX_CUDA_EMU
+    /* a capture that refuses the cooperative launch: that step runs again without it, and
+       the engine goes on without it (the bucket's first, eager, step ran it) */
+    emu_refuse_coop_capture(1);
+    assert_int_equal(engine_alone_vs_cpu(cases, 1), 1);
+    emu_refuse_coop_capture(0);
+#endif
     engine_decode1 = 0;
     hx_llama_free(m);
 }
