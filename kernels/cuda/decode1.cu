@@ -12,8 +12,10 @@
 //        rotated and written as q or into the cache (gemvn_rope_store, the
 //        fused-RoPE GEMV's epilogue)
 //     B  attention over the paged cache: (KV head, chunk) items over the
-//        blocks, each a chunk's partial softmax; the last chunk of a KV head
-//        to finish merges them (decode_attn_kernel's scheme and workspace)
+//        blocks, each a chunk's partial softmax (K rows into registers, a
+//        thread a key, and V rows into shared memory by cp.async meanwhile);
+//        the last chunk of a KV head to finish merges them
+//        (decode_attn_kernel's scheme and workspace)
 //     C  the o GEMV, added into the residual
 //     D  RMSNorm and the gate/up GEMV + SwiGLU: a warp task is feature f's
 //        gate and up rows
@@ -232,11 +234,13 @@ __device__ __forceinline__ void d1_load(uint4 *vs, const hx_bf16 *src, int n)
 /* ---- attention ---- */
 
 // Shared memory of an attention item, in floats: q (scaled), the scores, the
-// keys' blocks, the P V sums of the key groups.
+// keys' blocks, the P V sums of the key groups, then the chunk's V rows (bf16).
 template <int D> struct D1Attn {
     static constexpr int TPK = D / 4, NG = D1_PV_THREADS / TPK; // P V: 4 dimensions a thread
-    static constexpr size_t floats =
+    static constexpr size_t v_off =
         (size_t)D1_MAX_G * D + (size_t)D1_MAX_G * D1_CHUNK + D1_CHUNK + (size_t)NG * D1_MAX_G * D;
+    static constexpr size_t floats = v_off + (size_t)D1_CHUNK * D / 2;
+    static_assert(v_off % 4 == 0, "V rows 16-byte aligned");
 };
 
 // The token's attention at layer `layer`, for every query head, into d_att.
@@ -272,6 +276,7 @@ __device__ void d1_attention(const hx_cuda_decode1_args &a, int layer, float *sm
     float *sc = qs + D1_MAX_G * D;                 // [G][D1_CHUNK]
     int *kblk = reinterpret_cast<int *>(sc + D1_MAX_G * D1_CHUNK); // [D1_CHUNK]
     float *pv = reinterpret_cast<float *>(kblk + D1_CHUNK);        // [NG][G][D]
+    __nv_bfloat16 *vs = reinterpret_cast<__nv_bfloat16 *>(sm + A::v_off); // [D1_CHUNK][D]
 
     for (int item = blockIdx.x; item < K * np; item += gridDim.x) {
         const int kh = item % K, p = item / K;
@@ -282,6 +287,16 @@ __device__ void d1_attention(const hx_cuda_decode1_args &a, int layer, float *sm
         for (int jj = tid; jj < nk; jj += D1_THREADS)
             kblk[jj] = bt[(start + jj) / kv.block_tokens];
         __syncthreads();
+        // the chunk's V rows, into shared memory (cp.async: L2, not L1) while the scores
+        // are computed, so that P V waits for no memory
+        for (int i = tid; i < nk * (D / 8); i += D1_THREADS) {
+            const int jj = i / (D / 8), c = i % (D / 8);
+            hx_cp_async16(vs + (size_t)jj * D + c * 8,
+                          cache + hx_kv_offset(kv, kblk[jj], layer, 1, kh) +
+                              (size_t)((start + jj) % kv.block_tokens) * D + c * 8,
+                          true);
+        }
+        hx_cp_commit();
 
         // scores: a thread per key (nk <= D1_CHUNK < D1_THREADS), its K row at once
         if (tid < nk) {
@@ -335,6 +350,7 @@ __device__ void d1_attention(const hx_cuda_decode1_args &a, int layer, float *sm
                 ml_part[pi * 2 + 1] = sum;
             }
         }
+        hx_cp_wait<0>(); // this thread's V copies; the barrier makes them everyone's
         __syncthreads();
 
         // P V: a thread per (4 dimensions, key group)
@@ -348,10 +364,7 @@ __device__ void d1_attention(const hx_cuda_decode1_args &a, int layer, float *sm
                     acc[g][e] = 0.0f;
 #pragma unroll 4
             for (int jj = kg; jj < nk; jj += A::NG) {
-                const int j = start + jj;
-                const uint2 vv = __ldcg(reinterpret_cast<const uint2 *>(
-                    cache + hx_kv_offset(kv, kblk[jj], layer, 1, kh) +
-                    (size_t)(j % kv.block_tokens) * D + c4 * 4));
+                const uint2 vv = *reinterpret_cast<const uint2 *>(vs + (size_t)jj * D + c4 * 4);
                 const float v[4] = {hx_bf16_lo(vv.x), hx_bf16_hi(vv.x), hx_bf16_lo(vv.y),
                                     hx_bf16_hi(vv.y)};
 #pragma unroll
