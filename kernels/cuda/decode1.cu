@@ -516,7 +516,10 @@ static hx_status d1_device_of(int dev, d1_device *out, hx_err *err)
 {
     d1_device *c = dev >= 0 && dev < 32 ? &d1_devices[dev] : NULL;
     if (c && __atomic_load_n(&c->ready, __ATOMIC_ACQUIRE)) {
-        *out = *c;
+        out->ready = 1;
+        out->sms = __atomic_load_n(&c->sms, __ATOMIC_RELAXED);
+        out->max_smem = __atomic_load_n(&c->max_smem, __ATOMIC_RELAXED);
+        out->coop = __atomic_load_n(&c->coop, __ATOMIC_RELAXED);
         return HX_OK;
     }
     d1_device d = {1, 0, 0, 0};
@@ -532,10 +535,10 @@ static hx_status d1_device_of(int dev, d1_device *out, hx_err *err)
                          "decode1");
     if (st != HX_OK)
         return st;
-    if (c) { // the same values whoever writes first
-        c->sms = d.sms;
-        c->max_smem = d.max_smem;
-        c->coop = d.coop;
+    if (c) { // the same values whoever writes (threads may race here)
+        __atomic_store_n(&c->sms, d.sms, __ATOMIC_RELAXED);
+        __atomic_store_n(&c->max_smem, d.max_smem, __ATOMIC_RELAXED);
+        __atomic_store_n(&c->coop, d.coop, __ATOMIC_RELAXED);
         __atomic_store_n(&c->ready, 1, __ATOMIC_RELEASE);
     }
     *out = d;
