@@ -535,7 +535,7 @@ __global__ void __launch_bounds__(PF_THREADS)
                       qstride, lo_valid, hi_valid, t);
 }
 
-/* ---- prefill, third kernel: the same maths, pipelined ----
+/* ---- prefill, third kernel: the same tiles, pipelined ----
  *
  * prefill_mma_kernel's fragments and online softmax, with what
  * FlashAttention-2 adds around them:
@@ -546,10 +546,20 @@ __global__ void __launch_bounds__(PF_THREADS)
  *   once, into registers, before the first tile lands there;
  * - fragments of K (and of Q) by ldmatrix, of V by ldmatrix.trans (4 matrices
  *   a load) instead of 32-bit and 16-bit shared loads;
- * - the causal mask only on the tiles that cross a warp's diagonal.
+ * - the causal mask only on the tiles that cross a warp's diagonal (the
+ *   softmax compiled twice, with and without it);
+ * - no division in the copies: each copy's key keeps its block table index
+ *   and offset in the block from tile to tile, stepped by FA_BK's quotient
+ *   and remainder by block_tokens;
+ * - fewer instructions in the softmax: 2^x by ex2.approx.ftz (exp2f adds a
+ *   compare and two multiplies to keep results below 2^-126 as denormals;
+ *   here they are 0), and the scale folded into the exponent (one fmaf a
+ *   score instead of a multiply and a subtraction).
  * Tiles and rounding are those of prefill_mma_kernel (64-key tiles, bf16
- * probabilities summed as rounded): the same results up to the fp32
- * rounding of the tensor cores' sums.
+ * probabilities summed as rounded) but for the last two: the same results
+ * up to the fp32 rounding of the tensor cores' sums and of the exponents
+ * (the scaled score is not rounded before the maximum is subtracted), and
+ * probabilities below 2^-126 flushed to 0.
  */
 
 #define FA_BQ 128
@@ -562,6 +572,7 @@ template <int D> struct FaSmem {
     static constexpr size_t bytes = (size_t)2 * STAGE * 2;
     static_assert(FA_BQ * LD <= STAGE, "Q fits a stage");
     static_assert(FA_BK * (D / 8) % FA_THREADS == 0, "whole copies a thread");
+    static_assert(FA_THREADS % (D / 8) == 0, "a thread's copies in one column");
 };
 
 // Four 8x8 bf16 matrices from shared memory: lanes 8i .. 8i+7 give the row
@@ -584,44 +595,148 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t *r, const __nv_bfloat16 *
 #endif
 }
 
-// A thread's copies of a tile: FA_CPT rows (i = tid + u FA_THREADS: row i / (D/8),
-// 16 bytes i % (D/8)) of K and the same of V.
-#define FA_CPT(D) (FA_BK * ((D) / 8) / FA_THREADS)
-
-// The cache blocks of this thread's rows of the tile at k0 (-1: the key is at or past
-// n_keys). Loaded a tile ahead, before the barrier, so that the copies issued after it
-// need not wait for them.
-template <int D>
-__device__ __forceinline__ void fa_blocks(int *blk, const int *bt, int block_tokens, int k0,
-                                          int n_keys, int tid)
+// 2^x in one MUFU.EX2: ex2.approx with denormal results (and arguments) flushed to 0,
+// -inf to 0.
+__device__ __forceinline__ float fa_ex2(float x)
 {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// pf_softmax_tile for prefill_fa_kernel: the same steps, with the mask (keys above lim_lo /
+// lim_hi to -inf) a template argument, fa_ex2 for exp2f, and the scale folded into the
+// exponent: the maxima are taken on the raw scores and then scaled (the same m: rounding
+// is monotonic), and P = 2^fmaf(S, scale_log2, -m), the scaled score no longer rounded
+// on its own. The rescaling factor of a row with no key yet is 2^(-inf - 0) = 0 (not 1):
+// its O and l are still 0.
+template <int NT, int DT, bool MASK>
+__device__ __forceinline__ void fa_softmax_tile(float (&sc)[NT][4], uint32_t (&pa)[NT][2],
+                                                float (&o)[DT][4], float &m_lo, float &m_hi,
+                                                float &l_lo, float &l_hi, float scale_log2,
+                                                int key0, int lim_lo, int lim_hi)
+{
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-    for (int u = 0; u < FA_CPT(D); u++) {
-        const int j = k0 + (tid + u * FA_THREADS) / (D / 8);
-        blk[u] = j < n_keys ? bt[j / block_tokens] : -1;
+    for (int j = 0; j < NT; j++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int key = key0 + j * 8 + e;
+            if (MASK && key > lim_lo)
+                sc[j][e] = -INFINITY;
+            if (MASK && key > lim_hi)
+                sc[j][2 + e] = -INFINITY;
+            mx_lo = fmaxf(mx_lo, sc[j][e]);
+            mx_hi = fmaxf(mx_hi, sc[j][2 + e]);
+        }
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    const float mn_lo = fmaxf(m_lo, mx_lo * scale_log2), mn_hi = fmaxf(m_hi, mx_hi * scale_log2);
+    const float base_lo = mn_lo == -INFINITY ? 0.0f : mn_lo;
+    const float base_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
+    const float a_lo = fa_ex2(m_lo - base_lo), a_hi = fa_ex2(m_hi - base_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const __nv_bfloat16 p0 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][0], scale_log2, -base_lo)));
+        const __nv_bfloat16 p1 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][1], scale_log2, -base_lo)));
+        const __nv_bfloat16 p2 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][2], scale_log2, -base_hi)));
+        const __nv_bfloat16 p3 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][3], scale_log2, -base_hi)));
+        sum_lo += __bfloat162float(p0) + __bfloat162float(p1);
+        sum_hi += __bfloat162float(p2) + __bfloat162float(p3);
+        pa[j][0] = pack_bf16(p0, p1); // row g
+        pa[j][1] = pack_bf16(p2, p3); // row g + 8
+    }
+    l_lo = l_lo * a_lo + sum_lo;
+    l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        o[j][0] *= a_lo;
+        o[j][1] *= a_lo;
+        o[j][2] *= a_hi;
+        o[j][3] *= a_hi;
     }
 }
 
-// Copies of keys k0 .. k0 + FA_BK - 1 into a stage: K rows [FA_BK][LD], then V rows;
-// blk from fa_blocks. Keys at or past n_keys are zero-filled (their P is 0, and 0 x V
-// must not be NaN).
+// A thread's copies of a tile: FA_CPT rows r_u = tid / (D/8) + u FA_RSTEP of K and the
+// same of V, 16 bytes tid % (D/8) of each (FA_THREADS is a multiple of D/8).
+#define FA_CPT(D) (FA_BK * ((D) / 8) / FA_THREADS)
+#define FA_RSTEP(D) (FA_THREADS / ((D) / 8))
+
+// Where a thread's copies read: the key k0 + r_u of copy u of the next tile to issue is at
+// offset off[u] / D of block table entry bi[u] (its quotient and remainder by
+// block_tokens); blk[u] = bt[bi[u]], loaded a tile ahead by fa_blocks. From a tile to the
+// next, bi += bi_step and off += off_step, then one carry: off < off_end before, and
+// off_step < off_end, so off < 2 off_end after.
+template <int D> struct FaCopies {
+    const __nv_bfloat16 *src;        // block 0's K of the layer and KV head, + this thread's 16 B
+    size_t bstride, vstride;         // elements from a block to the next, from K to V
+    int bi_step, off_step, off_end;  // FA_BK / block_tokens, (FA_BK % block_tokens) D,
+                                     // block_tokens D
+    int r0, dst0;                    // r_0 = tid / (D/8); its 16 bytes' offset in a stage
+    int bi[FA_CPT(D)], off[FA_CPT(D)], blk[FA_CPT(D)];
+};
+
+// c for thread tid, at tile 0 (the only divisions).
 template <int D>
-__device__ __forceinline__ void fa_issue(__nv_bfloat16 *stage, const __nv_bfloat16 *cache,
-                                         const hx_cuda_kv_layout &kv, const int *blk, int layer,
-                                         int kvh, int k0, int tid)
+__device__ __forceinline__ void fa_copies_init(FaCopies<D> &c, const __nv_bfloat16 *cache,
+                                               const hx_cuda_kv_layout &kv, int layer, int kvh,
+                                               int tid)
 {
-    constexpr int LD = FaSmem<D>::LD, CH = D / 8;
-    const size_t vstride = (size_t)kv.kv_heads * kv.block_tokens * D;
+    const int bt = kv.block_tokens; // tokens a block (not a table here)
+    c.src = cache + hx_kv_offset(kv, 0, layer, 0, kvh) + (tid % (D / 8)) * 8;
+    c.bstride = hx_kv_offset(kv, 1, 0, 0, 0);
+    c.vstride = (size_t)kv.kv_heads * bt * D;
+    c.bi_step = FA_BK / bt;
+    c.off_step = FA_BK % bt * D;
+    c.off_end = bt * D;
+    c.r0 = tid / (D / 8);
+    c.dst0 = c.r0 * FaSmem<D>::LD + (tid % (D / 8)) * 8;
 #pragma unroll
     for (int u = 0; u < FA_CPT(D); u++) {
-        const int i = tid + u * FA_THREADS, r = i / CH, c = i % CH;
-        const bool ok = blk[u] >= 0;
-        size_t off = 0;
-        if (ok)
-            off = hx_kv_offset(kv, blk[u], layer, 0, kvh) +
-                  (size_t)((k0 + r) % kv.block_tokens) * D + c * 8;
-        hx_cp_async16(stage + r * LD + c * 8, cache + off, ok);
-        hx_cp_async16(stage + (FA_BK + r) * LD + c * 8, cache + off + (ok ? vstride : 0), ok);
+        const int r = c.r0 + u * FA_RSTEP(D);
+        c.bi[u] = r / bt;
+        c.off[u] = r % bt * D;
+    }
+}
+
+// The cache blocks of the next tile's copies, that at k0 (-1: the key is at or past
+// n_keys). Loaded a tile ahead, before the barrier, so that the copies issued after it
+// need not wait for them.
+template <int D>
+__device__ __forceinline__ void fa_blocks(FaCopies<D> &c, const int *bt, int k0, int n_keys)
+{
+#pragma unroll
+    for (int u = 0; u < FA_CPT(D); u++)
+        c.blk[u] = k0 + c.r0 + u * FA_RSTEP(D) < n_keys ? bt[c.bi[u]] : -1;
+}
+
+// Copies of the next tile's keys into a stage: K rows [FA_BK][LD], then V rows; then
+// bi and off step to the tile after. Keys at or past n_keys are zero-filled (their P is 0,
+// and 0 x V must not be NaN), read from block 0 (nothing read: a valid address).
+template <int D>
+__device__ __forceinline__ void fa_issue(__nv_bfloat16 *stage, FaCopies<D> &c)
+{
+    constexpr int LD = FaSmem<D>::LD;
+    __nv_bfloat16 *dst = stage + c.dst0;
+#pragma unroll
+    for (int u = 0; u < FA_CPT(D); u++) {
+        const bool ok = c.blk[u] >= 0;
+        const __nv_bfloat16 *s = c.src + (size_t)(unsigned)max(c.blk[u], 0) * c.bstride + c.off[u];
+        __nv_bfloat16 *d = dst + u * FA_RSTEP(D) * LD;
+        hx_cp_async16(d, s, ok);
+        hx_cp_async16(d + FA_BK * LD, s + c.vstride, ok);
+        c.bi[u] += c.bi_step;
+        c.off[u] += c.off_step;
+        if (c.off[u] >= c.off_end) {
+            c.off[u] -= c.off_end;
+            c.bi[u]++;
+        }
     }
 }
 
@@ -659,9 +774,10 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
                               : 0),
                       ok);
     }
-    int blk[FA_CPT(D)];
-    fa_blocks<D>(blk, p.bt, kv.block_tokens, 0, p.n_keys, tid);
-    fa_issue<D>(stage0, cache, kv, blk, layer, p.kvh, 0, tid);
+    FaCopies<D> cp;
+    fa_copies_init<D>(cp, cache, kv, layer, p.kvh, tid);
+    fa_blocks<D>(cp, p.bt, 0, p.n_keys);
+    fa_issue<D>(stage0, cp);
     hx_cp_commit();
     hx_cp_wait<0>();
     __syncthreads();
@@ -686,13 +802,12 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
     const int n_kt = (p.n_keys + FA_BK - 1) / FA_BK;
     for (int kt = 0; kt < n_kt; kt++) {
         if (kt + 1 < n_kt) // the next tile's blocks: no shared memory, so before the barrier
-            fa_blocks<D>(blk, p.bt, kv.block_tokens, (kt + 1) * FA_BK, p.n_keys, tid);
+            fa_blocks<D>(cp, p.bt, (kt + 1) * FA_BK, p.n_keys);
         // tile kt has landed, and every warp is done with tile kt - 1 (and with Q)
         hx_cp_wait<0>();
         __syncthreads();
         if (kt + 1 < n_kt)
-            fa_issue<D>((kt & 1) ? stage0 : stage1, cache, kv, blk, layer, p.kvh, (kt + 1) * FA_BK,
-                        tid);
+            fa_issue<D>((kt & 1) ? stage0 : stage1, cp);
         hx_cp_commit();
         const int k0 = kt * FA_BK;
         if (!warp_live || k0 > qpos_last)
@@ -716,8 +831,12 @@ __global__ void __launch_bounds__(FA_THREADS, D == 64 ? 2 : 1)
         // the causal mask only where the tile crosses the warp's diagonal (rows past
         // p.q_rows see every key: Q is zero there, and they are not stored)
         uint32_t pa[NT][2];
-        pf_softmax_tile<NT, DT>(sc, pa, o, m_lo, m_hi, l_lo, l_hi, scale_log2,
-                                k0 + FA_BK - 1 > qpos_first, k0 + 2 * t, qpos_lo, qpos_hi);
+        if (k0 + FA_BK - 1 > qpos_first)
+            fa_softmax_tile<NT, DT, true>(sc, pa, o, m_lo, m_hi, l_lo, l_hi, scale_log2,
+                                          k0 + 2 * t, qpos_lo, qpos_hi);
+        else
+            fa_softmax_tile<NT, DT, false>(sc, pa, o, m_lo, m_hi, l_lo, l_hi, scale_log2,
+                                           k0 + 2 * t, qpos_lo, qpos_hi);
         // O += P V: keys 16kk.. are S tiles 2kk and 2kk + 1; V's B fragments of
         // dims 8j.. and 8(j + 1).. in one transposed load
 #pragma unroll
