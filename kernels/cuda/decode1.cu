@@ -27,9 +27,15 @@
 //   Tasks are dealt round-robin over the blocks first (task t: block t %
 //   grid, warp t / grid), so that every SM streams in every phase.
 // - weights do not depend on the activations: before each barrier every
-//   warp asks L2 for the first rows of its tasks in the next GEMV phase (up
-//   to hx_cuda_set_decode1_prefetch's budget), so the barrier's wait and the
-//   attention phase, where HBM would idle, stream weights.
+//   warp copies the first batch of its next task (8 KB) into its own region
+//   of shared memory by cp.async (d1_preload: no registers held across the
+//   barrier, where they would spill), so that the phase's first FMAs wait
+//   neither for the barrier nor for its norm or vector load; and it asks L2
+//   for the first rows of its tasks in the next GEMV phase (up to
+//   hx_cuda_set_decode1_prefetch's budget), so the barrier's wait and the
+//   attention phase, where HBM would idle, stream weights. The regions take
+//   128 KB (160 KB of shared memory at the 1B shape: H100, H200, A100); a
+//   device with less (Ada's 99 KB) runs without them.
 // - what other blocks wrote in this kernel is read with ld.global.cg (L2:
 //   an SM's L1 is not coherent); the barrier orders it (a releasing add
 //   to arrive, an acquiring load to leave).
@@ -46,6 +52,7 @@
 #define D1_MAX_G 8                        // query heads per KV head, at most
 #define D1_PV_THREADS 256                 // threads of the P V product
 #define D1_LOG2E 1.4426950408889634f
+#define D1_PRE_BYTES 8192 // a warp's preloaded first batch (16 chunks of 16 bytes a lane)
 
 static int d1_pf_wanted = -1; // -1: not decided yet ($HX_CUDA_DECODE1_PF, default 8 KiB)
 
@@ -122,24 +129,41 @@ __device__ __forceinline__ size_t d1_row(const d1_gemv &g, int t, int k)
     return (size_t)(t / g.per) * g.stride + t % g.per + (size_t)k * g.kstep;
 }
 
+// Task t's weight rows, as 16-byte chunks.
+template <int NW>
+__device__ __forceinline__ void d1_rows(const uint4 *(&wr)[NW], const d1_gemv &g, int t)
+{
+#pragma unroll
+    for (int k = 0; k < NW; k++)
+        wr[k] = reinterpret_cast<const uint4 *>(g.w + d1_row(g, t, k) * g.in);
+}
+
+// Issues the loads of one batch: chunks c0 + 32 u (u < U) of each row, 0 past the row.
+template <int NW, int U>
+__device__ __forceinline__ void d1_issue(uint4 (&wv)[NW][U], const uint4 *const (&wr)[NW],
+                                         int c0, int chunks)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int k = 0; k < NW; k++) {
+            const int c = c0 + 32 * u;
+            wv[k][u] = c < chunks ? __ldcs(wr[k] + c) : make_uint4(0, 0, 0, 0);
+        }
+}
+
 // acc[k] = the dot product of weight row wr[k] and the vector vs (shared
-// memory, `chunks` chunks of 8 bf16), summed over the warp (every lane gets it).
+// memory, `chunks` chunks of 8 bf16), summed over the warp (every lane gets
+// it). wv holds the lane's first batch (chunks lane + 32 u), loaded already.
 template <int NW, int U>
 __device__ __forceinline__ void d1_dots(float (&acc)[NW], const uint4 *const (&wr)[NW],
-                                        const uint4 *vs, int chunks, int lane)
+                                        const uint4 *vs, int chunks, int lane,
+                                        uint4 (&wv)[NW][U])
 {
 #pragma unroll
     for (int k = 0; k < NW; k++)
         acc[k] = 0.0f;
-    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-        uint4 wv[NW][U];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int k = 0; k < NW; k++) {
-                const int c = c0 + 32 * u;
-                wv[k][u] = c < chunks ? __ldcs(wr[k] + c) : make_uint4(0, 0, 0, 0);
-            }
+    for (int c0 = lane;;) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int c = c0 + 32 * u;
@@ -158,28 +182,72 @@ __device__ __forceinline__ void d1_dots(float (&acc)[NW], const uint4 *const (&w
                 }
             }
         }
+        c0 += 32 * U;
+        if (c0 >= chunks)
+            break;
+        d1_issue<NW, U>(wv, wr, c0, chunks);
     }
 #pragma unroll
     for (int k = 0; k < NW; k++)
         acc[k] = hx_warp_sum(acc[k]);
 }
 
-// This warp's tasks gw, gw + nw, ... of g against vs; lane 0 hands each
-// task's sums to epi(t, acc, r), r = res[t] (read while the weights stream,
-// not after) when res is given, else 0.
+// The first batch of this warp's first task of g, copied (cp.async, no
+// registers held) into pre, the warp's D1_PRE_BYTES of shared memory (none when
+// pre is NULL: a device with too little shared memory for them): issued
+// before the barrier and the norm or vector load that the phase waits for
+// (the weights do not depend on them), so that its first FMAs wait for
+// neither. Lane l's chunk u of row k goes to pre[(u NW + k) 32 + l].
+template <int NW, int U>
+__device__ __forceinline__ void d1_preload(uint4 *pre, const d1_gemv &g, int gw, int lane)
+{
+    static_assert(NW * U * 32 * 16 <= D1_PRE_BYTES, "a batch fits a warp's region");
+    // hx_cp_async16 declares no memory effects: no read of the region (the last
+    // phase's batch) may sink below these copies
+    asm volatile("" ::: "memory");
+    if (!pre || gw >= g.tasks)
+        return;
+    const int chunks = g.in >> 3;
+    const uint4 *wr[NW];
+    d1_rows<NW>(wr, g, gw);
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int k = 0; k < NW; k++) {
+            const int c = lane + 32 * u;
+            hx_cp_async16(pre + (u * NW + k) * 32 + lane, wr[k] + (c < chunks ? c : 0),
+                          c < chunks);
+        }
+    hx_cp_commit();
+}
+
+// This warp's tasks gw, gw + nw, ... of g against vs, the first task's first
+// batch from pre (d1_preload) unless pre is NULL; lane 0 hands each task's sums to epi(t, acc,
+// r), r = res[t] (read while the weights stream, not after) when res is
+// given, else 0.
 template <int NW, int U, typename Epi>
 __device__ __forceinline__ void d1_gemv_phase(const d1_gemv &g, const uint4 *vs, int gw, int nw,
-                                              int lane, const float *res, Epi epi)
+                                              int lane, const uint4 *pre, const float *res,
+                                              Epi epi)
 {
     const int chunks = g.in >> 3;
     for (int t = gw; t < g.tasks; t += nw) {
         const uint4 *wr[NW];
+        d1_rows<NW>(wr, g, t);
+        uint4 wv[NW][U];
+        if (t == gw && pre) { // the lane's own copies: its wait makes them visible to it
+            hx_cp_wait<0>();
 #pragma unroll
-        for (int k = 0; k < NW; k++)
-            wr[k] = reinterpret_cast<const uint4 *>(g.w + d1_row(g, t, k) * g.in);
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int k = 0; k < NW; k++)
+                    wv[k][u] = pre[(u * NW + k) * 32 + lane];
+        } else {
+            d1_issue<NW, U>(wv, wr, lane, chunks);
+        }
         const float r = res && lane == 0 ? __ldcg(res + t) : 0.0f;
         float acc[NW];
-        d1_dots<NW, U>(acc, wr, vs, chunks, lane);
+        d1_dots<NW, U>(acc, wr, vs, chunks, lane, wv);
         if (lane == 0)
             epi(t, acc, r);
     }
@@ -421,9 +489,16 @@ __device__ void d1_attention(const hx_cuda_decode1_args &a, int layer, float *sm
 
 /* ---- the kernel ---- */
 
+// Bytes of shared memory before the preload regions: the GEMV's input vector (bf16,
+// vmax of them) and the norm's x and weights (fp32, hidden each), 16-byte aligned.
+__host__ __device__ __forceinline__ size_t d1_pre_off(int vmax, int hidden)
+{
+    return ((size_t)vmax * 2 + (size_t)hidden * 8 + 15) & ~(size_t)15;
+}
+
 template <int D>
 __global__ void __launch_bounds__(D1_THREADS, 1)
-    decode1_kernel(const hx_cuda_decode1_args a, unsigned pf_bytes)
+    decode1_kernel(const hx_cuda_decode1_args a, unsigned pf_bytes, int preload)
 {
     extern __shared__ uint4 d1_smem[];
     __shared__ float red[32];
@@ -452,7 +527,16 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
     rp.cos_t = a.d_cos;
     rp.sin_t = a.d_sin;
 
+    // each warp's region for its preloaded first batches, past the GEMV's bytes (the
+    // attention's overlap it: a barrier comes between)
+    uint4 *pre =
+        preload ? d1_smem + d1_pre_off(vmax, hid) / 16 + warp * (D1_PRE_BYTES / 16) : nullptr;
+
     hx_cuda_layer w = a.d_layers[0];
+    d1_preload<2, 8>(pre,
+                     {reinterpret_cast<const __nv_bfloat16 *>(w.wqkv), hid, nqkv * half, half, D,
+                      half},
+                     gw, lane);
     for (int l = 0; l < a.n_layers; l++) {
         const d1_gemv qkv = {reinterpret_cast<const __nv_bfloat16 *>(w.wqkv), hid, nqkv * half,
                              half, D, half};
@@ -463,45 +547,50 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         // A: norm, q/k/v, RoPE, the KV write
         d1_rmsnorm(hs, xf, wf, x, w.attn_norm, hid, a.eps, red);
         rp.layer = l;
-        d1_gemv_phase<2, 8>(qkv, vs, gw, nw, lane, nullptr, [&](int t, const float *acc, float) {
-            gemvn_rope_store(rp, 0, t / half, t % half, half, acc[0], acc[1]);
-        });
+        d1_gemv_phase<2, 8>(qkv, vs, gw, nw, lane, pre, nullptr,
+                            [&](int t, const float *acc, float) {
+                                gemvn_rope_store(rp, 0, t / half, t % half, half, acc[0], acc[1]);
+                            });
         d1_prefetch<1>(o, gw, nw, lane, pf_bytes);
         d1_prefetch<2>(gu, gw, nw, lane, pf_bytes);
         d1_grid_sync(a.d_sync);
 
         // B: attention
         d1_attention<D>(a, l, reinterpret_cast<float *>(d1_smem), &flag);
+        __syncthreads(); // its shared memory is the preload regions'
+        d1_preload<1, 8>(pre, o, gw, lane);
         d1_grid_sync(a.d_sync);
 
         // C: o, into the residual
         d1_load(vs, a.d_att, hd);
-        d1_gemv_phase<1, 8>(o, vs, gw, nw, lane, x, [&](int t, const float *acc, float r) {
-            x[t] = acc[0] + r;
-        });
+        d1_gemv_phase<1, 8>(o, vs, gw, nw, lane, pre, x,
+                            [&](int t, const float *acc, float r) { x[t] = acc[0] + r; });
+        d1_preload<2, 8>(pre, gu, gw, lane);
         d1_grid_sync(a.d_sync);
 
         // D: norm, gate/up, SwiGLU
         d1_rmsnorm(hs, xf, wf, x, w.ffn_norm, hid, a.eps, red);
-        d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, nullptr, [&](int t, const float *acc, float) {
-            const float g = __bfloat162float(__float2bfloat16_rn(acc[0]));
-            const float u = __bfloat162float(__float2bfloat16_rn(acc[1]));
-            act[t] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
-        });
+        d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, pre, nullptr,
+                            [&](int t, const float *acc, float) {
+                                const float g = __bfloat162float(__float2bfloat16_rn(acc[0]));
+                                const float u = __bfloat162float(__float2bfloat16_rn(acc[1]));
+                                act[t] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
+                            });
         d1_prefetch<1>(dn, gw, nw, lane, pf_bytes);
+        d1_preload<1, 16>(pre, dn, gw, lane);
         d1_grid_sync(a.d_sync);
 
         // E: down, into the residual
         d1_load(vs, a.d_act, F);
-        d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, x, [&](int t, const float *acc, float r) {
-            x[t] = acc[0] + r;
-        });
+        d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, pre, x,
+                             [&](int t, const float *acc, float r) { x[t] = acc[0] + r; });
         if (l + 1 == a.n_layers)
             break; // the kernel's end orders the rest
         w = a.d_layers[l + 1];
         const d1_gemv next = {reinterpret_cast<const __nv_bfloat16 *>(w.wqkv), hid, nqkv * half,
                               half, D, half};
         d1_prefetch<2>(next, gw, nw, lane, pf_bytes);
+        d1_preload<2, 8>(pre, next, gw, lane);
         d1_grid_sync(a.d_sync);
     }
 }
@@ -554,9 +643,9 @@ static hx_status d1_launch(const hx_cuda_decode1_args *a, cudaStream_t s, hx_err
     const int hd = a->heads * D;
     const int vmax = a->hidden > hd ? (a->hidden > a->ff ? a->hidden : a->ff)
                                     : (hd > a->ff ? hd : a->ff);
-    const size_t gemv_bytes = (size_t)vmax * 2 + (size_t)a->hidden * 8;
+    const size_t gemv_bytes = d1_pre_off(vmax, a->hidden);
+    const size_t pre_bytes = gemv_bytes + (size_t)D1_WARPS * D1_PRE_BYTES;
     const size_t attn_bytes = D1Attn<D>::floats * 4;
-    const size_t smem = gemv_bytes > attn_bytes ? gemv_bytes : attn_bytes;
     int dev = 0;
     d1_device d;
     hx_status st = hx_cuda_err(cudaGetDevice(&dev), err, "decode1");
@@ -568,6 +657,11 @@ static hx_status d1_launch(const hx_cuda_decode1_args *a, cudaStream_t s, hx_err
     if (!d.coop)
         return hx_err_set(err, HX_ENOTSUP, "cuda decode1: device %d has no cooperative launch",
                           dev);
+    // the preload regions where they fit (160 KB at the 1B shape: H100, H200, A100), else
+    // none (Ada's 99 KB)
+    const int preload = pre_bytes > attn_bytes ? pre_bytes + 1024 <= (size_t)max_smem : 1;
+    const size_t gemv_need = preload ? pre_bytes : gemv_bytes;
+    const size_t smem = gemv_need > attn_bytes ? gemv_need : attn_bytes;
     if (smem + 1024 > (size_t)max_smem)
         return hx_err_set(err, HX_ENOTSUP,
                           "cuda decode1: %zu bytes of shared memory a block, device %d has %d",
@@ -595,7 +689,7 @@ static hx_status d1_launch(const hx_cuda_decode1_args *a, cudaStream_t s, hx_err
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     const unsigned pf = (unsigned)d1_pf_kib() * 1024u;
-    const cudaError_t e = cudaLaunchKernelEx(&cfg, decode1_kernel<D>, *a, pf);
+    const cudaError_t e = cudaLaunchKernelEx(&cfg, decode1_kernel<D>, *a, pf, preload);
     if (e == cudaErrorCooperativeLaunchTooLarge) { // fewer SMs usable here (MPS, green contexts)
         (void)cudaGetLastError();
         return hx_err_set(err, HX_ENOTSUP, "cuda decode1: %d blocks cannot all be resident",
