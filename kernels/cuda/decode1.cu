@@ -254,20 +254,29 @@ __device__ __forceinline__ void d1_gemv_phase(const d1_gemv &g, const uint4 *vs,
 }
 
 // Asks L2 for up to `budget` bytes of the rows this warp's tasks of g read,
-// in the order it reads them: a request a lane per 128-byte line touched.
+// in the order it reads them, past the first `skip` bytes of each row of its
+// first task (what d1_preload copies at the same time): a request a lane per
+// 128-byte line touched.
 template <int NW>
 __device__ __forceinline__ void d1_prefetch(const d1_gemv &g, int gw, int nw, int lane,
-                                            size_t budget)
+                                            size_t budget, size_t skip)
 {
     const size_t row_bytes = (size_t)g.in * 2;
     for (int t = gw; t < g.tasks && budget > 0; t += nw)
         for (int k = 0; k < NW && budget > 0; k++) {
-            const size_t n = row_bytes < budget ? row_bytes : budget;
-            const size_t p = __cvta_generic_to_global(g.w + d1_row(g, t, k) * g.in);
+            const size_t from = t == gw ? (skip < row_bytes ? skip : row_bytes) : 0;
+            const size_t n = row_bytes - from < budget ? row_bytes - from : budget;
+            const size_t p = __cvta_generic_to_global(g.w + d1_row(g, t, k) * g.in) + from;
             for (size_t a = (p & ~(size_t)127) + (size_t)lane * 128; a < p + n; a += 32 * 128)
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
             budget -= n;
         }
+}
+
+// The bytes of each row of a warp's first task that d1_preload<NW, U> copies.
+template <int U> __device__ __forceinline__ size_t d1_pre_row_bytes(const uint4 *pre)
+{
+    return pre ? (size_t)U * 32 * 16 : 0;
 }
 
 // hs = bf16(x * scale * nw), scale = 1 / sqrt(mean(x^2) + eps): add_rmsnorm_kernel's
@@ -551,8 +560,9 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
                             [&](int t, const float *acc, float) {
                                 gemvn_rope_store(rp, 0, t / half, t % half, half, acc[0], acc[1]);
                             });
-        d1_prefetch<1>(o, gw, nw, lane, pf_bytes);
-        d1_prefetch<2>(gu, gw, nw, lane, pf_bytes);
+        // (their copies to shared memory come later: they will find these in L2)
+        d1_prefetch<1>(o, gw, nw, lane, pf_bytes, 0);
+        d1_prefetch<2>(gu, gw, nw, lane, pf_bytes, 0);
         d1_grid_sync(a.d_sync);
 
         // B: attention
@@ -576,7 +586,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
                                 const float u = __bfloat162float(__float2bfloat16_rn(acc[1]));
                                 act[t] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
                             });
-        d1_prefetch<1>(dn, gw, nw, lane, pf_bytes);
+        d1_prefetch<1>(dn, gw, nw, lane, pf_bytes, d1_pre_row_bytes<16>(pre));
         d1_preload<1, 16>(pre, dn, gw, lane);
         d1_grid_sync(a.d_sync);
 
@@ -589,7 +599,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         w = a.d_layers[l + 1];
         const d1_gemv next = {reinterpret_cast<const __nv_bfloat16 *>(w.wqkv), hid, nqkv * half,
                               half, D, half};
-        d1_prefetch<2>(next, gw, nw, lane, pf_bytes);
+        d1_prefetch<2>(next, gw, nw, lane, pf_bytes, d1_pre_row_bytes<8>(pre));
         d1_preload<2, 8>(pre, next, gw, lane);
         d1_grid_sync(a.d_sync);
     }
