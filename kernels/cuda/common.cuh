@@ -205,13 +205,15 @@ struct gemvn_rope {
     const float *cos_t, *sin_t; // [max_pos][head_dim / 2]
 };
 
-// The epilogue of such a GEMV for row r: a and b are outputs i and i + half of head hh (of
-// the q, k and v heads in that order): as rope_kv_kernel (ops.cu) computes them from the sums.
-__device__ __forceinline__ void gemvn_rope_store(const gemvn_rope &rp, int r, int hh, int i,
-                                                 int half, float a, float b)
+// The epilogue of such a GEMV for row r, its cache slot sl, and the cosine c and sine sn of
+// its position's angle i (unused for a value head): a and b are outputs i and i + half of
+// head hh (of the q, k and v heads in that order): as rope_kv_kernel (ops.cu) computes them
+// from the sums.
+__device__ __forceinline__ void gemvn_rope_put(const gemvn_rope &rp, int r, int hh, int i,
+                                               int half, float a, float b, int sl, float c,
+                                               float sn)
 {
     const int D = 2 * half, K = rp.kv.kv_heads;
-    const int sl = rp.slot[r];
     const int block = sl / rp.kv.block_tokens, off = sl % rp.kv.block_tokens;
     if (hh >= rp.heads + K) { // a value: as it is
         __nv_bfloat16 *vd = rp.cache + hx_kv_offset(rp.kv, block, rp.layer, 1, hh - rp.heads - K) +
@@ -220,8 +222,6 @@ __device__ __forceinline__ void gemvn_rope_store(const gemvn_rope &rp, int r, in
         vd[i + half] = __float2bfloat16_rn(b);
         return;
     }
-    const int p = rp.pos[r];
-    const float c = rp.cos_t[(size_t)p * half + i], sn = rp.sin_t[(size_t)p * half + i];
     const float2 v = hx_rope_pair(a, b, c, sn);
     __nv_bfloat16 *d = hh < rp.heads
                            ? rp.q + ((size_t)r * rp.heads + hh) * D
@@ -229,6 +229,15 @@ __device__ __forceinline__ void gemvn_rope_store(const gemvn_rope &rp, int r, in
                                  (size_t)off * D;
     d[i] = __float2bfloat16_rn(v.x);
     d[i + half] = __float2bfloat16_rn(v.y);
+}
+
+// The same, reading row r's slot, position and angle from rp.
+__device__ __forceinline__ void gemvn_rope_store(const gemvn_rope &rp, int r, int hh, int i,
+                                                 int half, float a, float b)
+{
+    const int p = rp.pos[r];
+    gemvn_rope_put(rp, r, hh, i, half, a, b, rp.slot[r], rp.cos_t[(size_t)p * half + i],
+                   rp.sin_t[(size_t)p * half + i]);
 }
 
 #endif // HX_CUDA_COMMON_CUH

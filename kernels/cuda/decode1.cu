@@ -222,12 +222,12 @@ __device__ __forceinline__ void d1_preload(uint4 *pre, const d1_gemv &g, int gw,
 }
 
 // This warp's tasks gw, gw + nw, ... of g against vs, the first task's first
-// batch from pre (d1_preload) unless pre is NULL; lane 0 hands each task's sums to epi(t, acc,
-// r), r = res[t] (read while the weights stream, not after) when res is
-// given, else 0.
-template <int NW, int U, typename Epi>
+// batch from pre (d1_preload) unless pre is NULL. Lane 0 hands each task's
+// sums to epi(t, acc, v), v = before(t): what the epilogue reads from memory,
+// read by lane 0 while the weights stream rather than after the sums.
+template <int NW, int U, typename Before, typename Epi>
 __device__ __forceinline__ void d1_gemv_phase(const d1_gemv &g, const uint4 *vs, int gw, int nw,
-                                              int lane, const uint4 *pre, const float *res,
+                                              int lane, const uint4 *pre, Before before,
                                               Epi epi)
 {
     const int chunks = g.in >> 3;
@@ -245,11 +245,11 @@ __device__ __forceinline__ void d1_gemv_phase(const d1_gemv &g, const uint4 *vs,
         } else {
             d1_issue<NW, U>(wv, wr, lane, chunks);
         }
-        const float r = res && lane == 0 ? __ldcg(res + t) : 0.0f;
+        const float2 v = lane == 0 ? before(t) : make_float2(0.0f, 0.0f);
         float acc[NW];
         d1_dots<NW, U>(acc, wr, vs, chunks, lane, wv);
         if (lane == 0)
-            epi(t, acc, r);
+            epi(t, acc, v);
     }
 }
 
@@ -541,6 +541,11 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
     uint4 *pre =
         preload ? d1_smem + d1_pre_off(vmax, hid) / 16 + warp * (D1_PRE_BYTES / 16) : nullptr;
 
+    // the step's token: its position and cache slot
+    const int pos = *a.d_pos, kv_slot = *a.d_kv_slot;
+    const auto residual = [&](int t) { return make_float2(__ldcg(x + t), 0.0f); };
+    const auto nothing = [](int) { return make_float2(0.0f, 0.0f); };
+
     hx_cuda_layer w = a.d_layers[0];
     d1_preload<2, 8>(pre,
                      {reinterpret_cast<const __nv_bfloat16 *>(w.wqkv), hid, nqkv * half, half, D,
@@ -556,10 +561,16 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         // A: norm, q/k/v, RoPE, the KV write
         d1_rmsnorm(hs, xf, wf, x, w.attn_norm, hid, a.eps, red);
         rp.layer = l;
-        d1_gemv_phase<2, 8>(qkv, vs, gw, nw, lane, pre, nullptr,
-                            [&](int t, const float *acc, float) {
-                                gemvn_rope_store(rp, 0, t / half, t % half, half, acc[0], acc[1]);
-                            });
+        d1_gemv_phase<2, 8>(
+            qkv, vs, gw, nw, lane, pre,
+            [&](int t) { // the angle of pair t % half at the token's position
+                const size_t i = (size_t)pos * half + t % half;
+                return make_float2(a.d_cos[i], a.d_sin[i]);
+            },
+            [&](int t, const float *acc, float2 cs) {
+                gemvn_rope_put(rp, 0, t / half, t % half, half, acc[0], acc[1], kv_slot, cs.x,
+                               cs.y);
+            });
         // (their copies to shared memory come later: they will find these in L2)
         d1_prefetch<1>(o, gw, nw, lane, pf_bytes, 0);
         d1_prefetch<2>(gu, gw, nw, lane, pf_bytes, 0);
@@ -573,15 +584,15 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
 
         // C: o, into the residual
         d1_load(vs, a.d_att, hd);
-        d1_gemv_phase<1, 8>(o, vs, gw, nw, lane, pre, x,
-                            [&](int t, const float *acc, float r) { x[t] = acc[0] + r; });
+        d1_gemv_phase<1, 8>(o, vs, gw, nw, lane, pre, residual,
+                            [&](int t, const float *acc, float2 r) { x[t] = acc[0] + r.x; });
         d1_preload<2, 8>(pre, gu, gw, lane);
         d1_grid_sync(a.d_sync);
 
         // D: norm, gate/up, SwiGLU
         d1_rmsnorm(hs, xf, wf, x, w.ffn_norm, hid, a.eps, red);
-        d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, pre, nullptr,
-                            [&](int t, const float *acc, float) {
+        d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, pre, nothing,
+                            [&](int t, const float *acc, float2) {
                                 const float g = __bfloat162float(__float2bfloat16_rn(acc[0]));
                                 const float u = __bfloat162float(__float2bfloat16_rn(acc[1]));
                                 act[t] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
@@ -592,8 +603,8 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
 
         // E: down, into the residual
         d1_load(vs, a.d_act, F);
-        d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, pre, x,
-                             [&](int t, const float *acc, float r) { x[t] = acc[0] + r; });
+        d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, pre, residual,
+                             [&](int t, const float *acc, float2 r) { x[t] = acc[0] + r.x; });
         if (l + 1 == a.n_layers)
             break; // the kernel's end orders the rest
         w = a.d_layers[l + 1];
