@@ -79,6 +79,13 @@ __device__ __forceinline__ unsigned d1_ld_acquire(const unsigned *p)
     return v;
 }
 
+__device__ __forceinline__ int d1_add_acq_rel(int *p, int v)
+{
+    int old;
+    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
 __device__ __forceinline__ unsigned long long d1_clock_ns()
 {
     unsigned long long t;
@@ -468,14 +475,14 @@ __device__ void d1_attention(const hx_cuda_decode1_args &a, int layer, float *sm
             o_part[((size_t)(kh * G + g) * a.max_parts + p) * D + d] = v;
         }
 
-        // the last chunk of this KV head to arrive merges them all
-        __threadfence();
+        // the last chunk of this KV head to arrive merges them all: the count's add
+        // releases this block's partials (ordered before it by the barrier) and
+        // acquires the others' (as the grid barrier does, without a fence)
         __syncthreads();
         if (tid == 0)
-            *flag = atomicAdd(counters + kh, 1) == np - 1;
+            *flag = d1_add_acq_rel(counters + kh, 1) == np - 1;
         __syncthreads();
         if (*flag) {
-            __threadfence();
             for (int i = tid; i < G * D; i += D1_THREADS) {
                 const int g = i / D, d = i % D;
                 const size_t base = (size_t)(kh * G + g) * a.max_parts;
