@@ -7,6 +7,9 @@
 #   env.txt           GPU, tools and libraries found
 #   test_cuda.txt     the unit tests' output (and sanitizer reruns of failures)
 #   gpu_bench.txt     benchmark table;  gpu_bench.json  the same as JSON
+#   test_cuda_new_defaults.txt  the engine's tests with the one-row decode
+#                     kernel and prefill attention 3 on (HX_CUDA_DECODE1=1,
+#                     HX_CUDA_PREFILL_ATTN=3): whether they can be the defaults
 #   gpu_bench_decode1.txt, .json  batch-1 decode with the one-row decode
 #                     kernel (gpu_bench --decode1, a process of its own)
 #   gpu_bench_prefill_fa.txt, .json  prefill with attention kernel 3 against 2
@@ -188,6 +191,14 @@ if [ -n "$BIN" ] && [ -x "$BIN/test_cuda" ]; then
         rc_new=${PIPESTATUS[0]}
         [ "$rc_test" = 0 ] && rc_test=$rc_new
     done
+    # the engine's tests with those kernels as the defaults would make them (for the
+    # decision; not in the exit status)
+    section "unit tests: the engine with HX_CUDA_DECODE1=1 HX_CUDA_PREFILL_ATTN=3"
+    (cd "$BIN" && CMOCKA_MESSAGE_OUTPUT=stdout HX_CUDA_DECODE1=1 HX_CUDA_PREFILL_ATTN=3 \
+        HX_CUDA_TEST_FILTER='test_engine_*' \
+        HX_CUDA_TEST_SKIP='test_engine_decode1,test_engine_prefill_others' timeout 120 \
+        ./test_cuda) 2>&1 | tee "$OUT/test_cuda_new_defaults.txt"
+    rc_new_defaults=${PIPESTATUS[0]}
     failed=$(grep -o '^\[  FAILED  \] test_[a-z0-9_]*' "$OUT/test_cuda.txt" | awk '{print $4}' | sort -u | head -2)
     for t in $failed; do
         section "rerun without programmatic dependent launch (HX_CUDA_PDL=0): $t"
@@ -254,6 +265,7 @@ section summary
     echo "build: $mode"
     echo "test_serve exit: $rc_serve (-1: not run)"
     echo "test_cuda exit: $rc_test (-1: not run)"
+    echo "test_cuda, engine with the new kernels as defaults: ${rc_new_defaults:--1}"
     echo "gpu_bench exit: $rc_bench (-1: not run)"
     echo "seconds: $(( $(date +%s) - START ))"
 } | tee "$OUT/summary.txt"

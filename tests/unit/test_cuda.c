@@ -1699,7 +1699,7 @@ static hx_cuda_engine *gpu_engine(int max_step_tokens, int graphs, int gemv_rows
     hx_cuda_options o;
     hx_cuda_options_init(&o);
     o.l2_prefetch_mb = engine_prefetch_mb;
-    o.decode1 = engine_decode1;
+    o.decode1 |= engine_decode1; /* or $HX_CUDA_DECODE1 (hx_cuda_options_init) */
     o.max_seqs = 8;
     o.max_step_tokens = max_step_tokens;
     o.max_seq_tokens = 256;
