@@ -9,7 +9,7 @@
 //   runs each layer's five phases with a grid barrier after each:
 //     A  RMSNorm of the fp32 residual (every block, into shared memory) and
 //        the q/k/v GEMV: a warp task is outputs i and i + D/2 of one head,
-//        rotated and written as q or into the cache (gemvn_rope_store, the
+//        rotated and written as q or into the cache (gemvn_rope_put, the
 //        fused-RoPE GEMV's epilogue)
 //     B  attention over the paged cache: (KV head, chunk) items over the
 //        blocks, each a chunk's partial softmax (K rows into registers, a
@@ -538,10 +538,8 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
     rp.cache = reinterpret_cast<__nv_bfloat16 *>(a.d_cache);
     rp.kv = a.kv;
     rp.heads = a.heads;
-    rp.pos = a.d_pos;
-    rp.slot = a.d_kv_slot;
-    rp.cos_t = a.d_cos;
-    rp.sin_t = a.d_sin;
+    rp.pos = rp.slot = nullptr; // gemvn_rope_put is given them (below)
+    rp.cos_t = rp.sin_t = nullptr;
 
     // each warp's region for its preloaded first batches, past the GEMV's bytes (the
     // attention's overlap it: a barrier comes between)
