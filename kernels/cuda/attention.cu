@@ -328,6 +328,38 @@ __device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
+// The end of an online-softmax step of a warp's 16-row tile (accumulator layout: c 0, 1
+// row g, c 2, 3 row g + 8): the probabilities prob(j, c) rounded to bf16 into the A
+// fragments pa of P, their bf16 values summed into the rows' l after l is rescaled by a,
+// and O rescaled by a. Shared by the mma.sync prefill kernels (their probabilities differ).
+template <int NT, int DT, typename Prob>
+__device__ __forceinline__ void pf_softmax_end(uint32_t (&pa)[NT][2], float (&o)[DT][4],
+                                               float &l_lo, float &l_hi, float a_lo, float a_hi,
+                                               Prob prob)
+{
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const __nv_bfloat16 p0 = __float2bfloat16_rn(prob(j, 0));
+        const __nv_bfloat16 p1 = __float2bfloat16_rn(prob(j, 1));
+        const __nv_bfloat16 p2 = __float2bfloat16_rn(prob(j, 2));
+        const __nv_bfloat16 p3 = __float2bfloat16_rn(prob(j, 3));
+        sum_lo += __bfloat162float(p0) + __bfloat162float(p1);
+        sum_hi += __bfloat162float(p2) + __bfloat162float(p3);
+        pa[j][0] = pack_bf16(p0, p1); // row g
+        pa[j][1] = pack_bf16(p2, p3); // row g + 8
+    }
+    l_lo = l_lo * a_lo + sum_lo;
+    l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        o[j][0] *= a_lo;
+        o[j][1] *= a_lo;
+        o[j][2] *= a_hi;
+        o[j][3] *= a_hi;
+    }
+}
+
 // One 64-key tile of the online softmax of a warp's 16 rows, in this lane's
 // registers (rows g and g + 8; S, O as C fragments, P as A fragments):
 // scales S to log2 units and, when mask, sets the keys above lim_lo / lim_hi
@@ -371,27 +403,9 @@ __device__ __forceinline__ void pf_softmax_tile(float (&sc)[NT][4], uint32_t (&p
     const float a_hi = mn_hi == -INFINITY ? 1.0f : exp2f(m_hi - base_hi);
     m_lo = mn_lo;
     m_hi = mn_hi;
-    float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NT; j++) {
-        const __nv_bfloat16 p0 = __float2bfloat16_rn(exp2f(sc[j][0] - base_lo));
-        const __nv_bfloat16 p1 = __float2bfloat16_rn(exp2f(sc[j][1] - base_lo));
-        const __nv_bfloat16 p2 = __float2bfloat16_rn(exp2f(sc[j][2] - base_hi));
-        const __nv_bfloat16 p3 = __float2bfloat16_rn(exp2f(sc[j][3] - base_hi));
-        sum_lo += __bfloat162float(p0) + __bfloat162float(p1);
-        sum_hi += __bfloat162float(p2) + __bfloat162float(p3);
-        pa[j][0] = pack_bf16(p0, p1); // row g
-        pa[j][1] = pack_bf16(p2, p3); // row g + 8
-    }
-    l_lo = l_lo * a_lo + sum_lo;
-    l_hi = l_hi * a_hi + sum_hi;
-#pragma unroll
-    for (int j = 0; j < DT; j++) {
-        o[j][0] *= a_lo;
-        o[j][1] *= a_lo;
-        o[j][2] *= a_hi;
-        o[j][3] *= a_hi;
-    }
+    pf_softmax_end(pa, o, l_lo, l_hi, a_lo, a_hi, [&](int j, int c) {
+        return exp2f(sc[j][c] - (c < 2 ? base_lo : base_hi));
+    });
 }
 
 // The end of a warp's 16 rows: the sums over the quad, then rows g (at o_lo) and
@@ -640,27 +654,9 @@ __device__ __forceinline__ void fa_softmax_tile(float (&sc)[NT][4], uint32_t (&p
     const float a_lo = fa_ex2(m_lo - base_lo), a_hi = fa_ex2(m_hi - base_hi);
     m_lo = mn_lo;
     m_hi = mn_hi;
-    float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NT; j++) {
-        const __nv_bfloat16 p0 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][0], scale_log2, -base_lo)));
-        const __nv_bfloat16 p1 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][1], scale_log2, -base_lo)));
-        const __nv_bfloat16 p2 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][2], scale_log2, -base_hi)));
-        const __nv_bfloat16 p3 = __float2bfloat16_rn(fa_ex2(fmaf(sc[j][3], scale_log2, -base_hi)));
-        sum_lo += __bfloat162float(p0) + __bfloat162float(p1);
-        sum_hi += __bfloat162float(p2) + __bfloat162float(p3);
-        pa[j][0] = pack_bf16(p0, p1); // row g
-        pa[j][1] = pack_bf16(p2, p3); // row g + 8
-    }
-    l_lo = l_lo * a_lo + sum_lo;
-    l_hi = l_hi * a_hi + sum_hi;
-#pragma unroll
-    for (int j = 0; j < DT; j++) {
-        o[j][0] *= a_lo;
-        o[j][1] *= a_lo;
-        o[j][2] *= a_hi;
-        o[j][3] *= a_hi;
-    }
+    pf_softmax_end(pa, o, l_lo, l_hi, a_lo, a_hi, [&](int j, int c) {
+        return fa_ex2(fmaf(sc[j][c], scale_log2, -(c < 2 ? base_lo : base_hi)));
+    });
 }
 
 // A thread's copies of a tile: FA_CPT rows r_u = tid / (D/8) + u FA_RSTEP of K and the
@@ -1080,17 +1076,8 @@ __global__ void __launch_bounds__(DC_THREADS)
     __threadfence();
     for (int i = tid; i < G * D; i += DC_THREADS) {
         const int gq = i / D, d = i % D;
-        const size_t base = (size_t)(g * G + gq) * parts;
-        float M = -INFINITY;
-        for (int pp = 0; pp < np; pp++)
-            M = fmaxf(M, __ldcg(ml_part + (base + pp) * 2));
-        float L = 0.0f, a = 0.0f;
-        for (int pp = 0; pp < np; pp++) {
-            const float wgt = exp2f(__ldcg(ml_part + (base + pp) * 2) - M);
-            L += wgt * __ldcg(ml_part + (base + pp) * 2 + 1);
-            a += wgt * __ldcg(o_part + (base + pp) * D + d);
-        }
-        orow[i] = __float2bfloat16_rn(L > 0.0f ? a / L : 0.0f);
+        orow[i] = __float2bfloat16_rn(
+            hx_decode_merge(o_part, ml_part, (size_t)(g * G + gq) * parts, np, D, d));
     }
     if (tid == 0)
         *counter = 0; // ready for the next call (a later kernel)

@@ -194,6 +194,25 @@ __device__ __forceinline__ size_t hx_kv_offset(const hx_cuda_kv_layout &kv, int 
            (size_t)kv.block_tokens * kv.head_dim;
 }
 
+// Decode attention's merge of np chunk partials of one query head, dimension d: each
+// chunk's (max, sum) of exp2 at ml_part[(base + p) 2 ..] and its P V sums at
+// o_part[(base + p) D + d], written by other blocks (read through L2). The output before
+// its bf16 rounding; 0 for an empty sum.
+__device__ __forceinline__ float hx_decode_merge(const float *o_part, const float *ml_part,
+                                                 size_t base, int np, int D, int d)
+{
+    float M = -INFINITY;
+    for (int p = 0; p < np; p++)
+        M = fmaxf(M, __ldcg(ml_part + (base + p) * 2));
+    float L = 0.0f, acc = 0.0f;
+    for (int p = 0; p < np; p++) {
+        const float wgt = exp2f(__ldcg(ml_part + (base + p) * 2) - M);
+        L += wgt * __ldcg(ml_part + (base + p) * 2 + 1);
+        acc += wgt * __ldcg(o_part + (base + p) * D + d);
+    }
+    return L > 0.0f ? acc / L : 0.0f;
+}
+
 // Where a GEMV that ends in RoPE writes its pairs of q/k/v outputs (hx_cuda_rope_kv's
 // arguments): gemm.cu's GEMVN_ROPE mode and decode1.cu.
 struct gemvn_rope {

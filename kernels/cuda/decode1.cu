@@ -485,17 +485,8 @@ __device__ void d1_attention(const hx_cuda_decode1_args &a, int layer, float *sm
         if (*flag) {
             for (int i = tid; i < G * D; i += D1_THREADS) {
                 const int g = i / D, d = i % D;
-                const size_t base = (size_t)(kh * G + g) * a.max_parts;
-                float M = -INFINITY;
-                for (int pp = 0; pp < np; pp++)
-                    M = fmaxf(M, __ldcg(ml_part + (base + pp) * 2));
-                float L = 0.0f, acc = 0.0f;
-                for (int pp = 0; pp < np; pp++) {
-                    const float wgt = exp2f(__ldcg(ml_part + (base + pp) * 2) - M);
-                    L += wgt * __ldcg(ml_part + (base + pp) * 2 + 1);
-                    acc += wgt * __ldcg(o_part + (base + pp) * D + d);
-                }
-                att[(size_t)(kh * G + g) * D + d] = __float2bfloat16_rn(L > 0.0f ? acc / L : 0.0f);
+                att[(size_t)(kh * G + g) * D + d] = __float2bfloat16_rn(
+                    hx_decode_merge(o_part, ml_part, (size_t)(kh * G + g) * a.max_parts, np, D, d));
             }
             if (tid == 0)
                 atomicExch(counters + kh, 0); // ready for the next layer's (and call's) items
