@@ -422,6 +422,15 @@ typedef struct hx_cuda_decode1_args {
                                       max_parts) bytes, zeroed once: shared with that call */
     int max_parts;                 /* *d_len <= max_parts * HX_CUDA_DECODE_CHUNK_MAX */
     unsigned *d_sync;              /* HX_CUDA_DECODE1_SYNC_BYTES, zeroed once: the grid barrier */
+    /* the step's ends, in the same kernel (hx_cuda_embed's and the final norm + LM head's
+       maths); NULL: not done here */
+    const hx_bf16 *d_embed;        /* [vocab][hidden]: first d_x = row *d_token, as hx_cuda_embed */
+    const int *d_token;            /* [1] */
+    const float *d_final_norm;     /* [hidden]: after the layers, d_logits = the LM head of
+                                      RMSNorm(d_x) (d_x is left as it is) */
+    const hx_bf16 *d_lm_head;      /* [vocab][hidden] */
+    float *d_logits;               /* [vocab] */
+    int vocab;
 } hx_cuda_decode1_args;
 
 #define HX_CUDA_DECODE1_SYNC_BYTES 256
@@ -435,8 +444,11 @@ typedef struct hx_cuda_decode1_args {
  * into d_x: the maths and rounding points of hx_cuda_gemm_rmsnorm_rope_kv,
  * hx_cuda_decode_attention, hx_cuda_gemm (beta 1) and
  * hx_cuda_gemm_rmsnorm_swiglu at one row, fp32 sums in another order.
- * Instead of ~7 launches a layer the blocks (one an SM, co-resident by a
- * cooperative launch) pass 5 grid barriers a layer, and before each barrier
+ * With d_embed and d_final_norm set, also the embedding lookup before the
+ * layers and the final RMSNorm + LM head after them (hx_cuda_embed,
+ * hx_cuda_add_rmsnorm, hx_cuda_gemm's maths), so that a step is this kernel
+ * and the sampling. Instead of ~7 launches a layer the blocks (one an SM,
+ * co-resident by a cooperative launch) pass 5 grid barriers a layer, and before each barrier
  * every warp asks the L2 cache for the weight rows it reads next
  * (hx_cuda_set_decode1_prefetch), so that the wait streams weights.
  * Limits (HX_ENOTSUP): head_dim 64 or 128, at most 8 query heads per KV

@@ -125,8 +125,11 @@ static inline hx_status hx_cuda_decode1_check(const hx_cuda_decode1_args *a, hx_
                           a->hidden, a->ff, a->heads * a->kv.head_dim);
     if (!a->d_x || !a->d_layers || !a->d_cache || !a->d_block_tables || !a->d_seq || !a->d_pos ||
         !a->d_kv_slot || !a->d_len || !a->d_cos || !a->d_sin || !a->d_q || !a->d_att ||
-        !a->d_act || !a->d_part || !a->d_sync)
+        !a->d_act || !a->d_part || !a->d_sync || (a->d_embed && !a->d_token) ||
+        (a->d_final_norm && (!a->d_lm_head || !a->d_logits)))
         return hx_err_set(err, HX_EINVAL, "cuda decode1: a NULL buffer");
+    if ((a->d_embed || a->d_final_norm) && a->vocab < 1)
+        return hx_err_set(err, HX_EINVAL, "cuda decode1: a vocabulary of %d", a->vocab);
     return HX_OK;
 }
 

@@ -152,6 +152,8 @@ struct hx_cuda_engine {
     int64_t steps, graph_steps;
     int fwd_decode1;                   /* the last forward ran the one-row decode kernel */
     int capturing;                     /* a forward being captured into a graph */
+    int decode1_head;                  /* the kernel does the final norm and LM head too
+                                          (the last stage; $HX_CUDA_DECODE1_HEAD not "0") */
     int decode1_refused;               /* a capture refused it (decode1()) */
     int graph_decode1[MAX_BUCKETS];    /* the bucket's graph holds it */
     int64_t decode1_steps;
@@ -494,6 +496,8 @@ static hx_status setup_buffers(hx_cuda_engine *e, hx_err *err)
         return st;
 
     /* the one-row decode kernel's layer table (the weights are in place) and barrier */
+    const char *d1_head = getenv("HX_CUDA_DECODE1_HEAD"); /* "0": not the LM head (a way out) */
+    e->decode1_head = e->has_head && !(d1_head && strcmp(d1_head, "0") == 0);
     if (o->decode1 && e->tp == 1) {
         hx_cuda_layer *tab = malloc((size_t)e->L * sizeof *tab);
         if (!tab)
@@ -1504,7 +1508,15 @@ static hx_status decode1(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int *
                                     .d_act = e->act,
                                     .d_part = e->part,
                                     .max_parts = e->max_parts,
-                                    .d_sync = e->d_sync};
+                                    .d_sync = e->d_sync,
+                                    /* the step's ends too: the embedding, the final norm
+                                       and the LM head (into row 0 of logits) */
+                                    .d_embed = e->has_embed ? e->embed : NULL,
+                                    .d_token = dio(e, e->io_tok),
+                                    .d_final_norm = e->decode1_head ? e->final_norm : NULL,
+                                    .d_lm_head = e->lm_head,
+                                    .d_logits = e->logits,
+                                    .vocab = e->V};
     hx_err why;
     hx_err_clear(&why);
     hx_status st = hx_cuda_decode1(&a, e->stream, &why);
@@ -1541,19 +1553,20 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
     hx_err inner;
     inner.msg[0] = '\0';
     hx_status st = hx_cuda_memcpy_async(e->d_io, e->h_io, e->io_bytes, s, err);
-    if (st == HX_OK && e->has_embed) {
-        st = hx_cuda_embed(e->x, e->embed, dio(e, e->io_tok), rows, hid, e->V, s, err);
-    } else if (st == HX_OK) {
+    if (st == HX_OK && !e->has_embed) {
         /* h_rows is free: the previous step ended with the stream synchronised */
         if ((st = e->comm.recv_rows(e->comm.ctx, e->h_rows, rows, hid, &inner)) != HX_OK)
             return hx_batch_comm_failed(&e->site, st, "recv_rows", &inner, err);
         st = hx_cuda_memcpy_async(e->x, e->h_rows, x_bytes, s, err);
     }
-    /* one decode row: every layer in one kernel, when the engine has it */
+    /* one decode row: every layer in one kernel (the embedding, final norm and LM head
+       too), when the engine has it */
     int one = 0;
     if (st == HX_OK)
         st = decode1(e, rows, n_dec, n_pf, &one, err);
     e->fwd_decode1 = one;
+    if (st == HX_OK && !one && e->has_embed)
+        st = hx_cuda_embed(e->x, e->embed, dio(e, e->io_tok), rows, hid, e->V, s, err);
     /* a decode step that streams the weights: L2 prefetches on the side stream */
     const int pf = !one && e->side && n_pf == 0 && rows <= e->opt.gemv_max_rows;
     int forked = 0; /* the side stream waits on this step's work: join it back, error or not */
@@ -1616,10 +1629,12 @@ static hx_status forward(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int m
     }
     if (n_out == 0) /* prompt chunks that finish no prompt: nothing to sample */
         return st;
-    st = hx_cuda_add_rmsnorm(e->x, NULL, e->final_norm, e->hn, dio(e, e->io_out_row), n_out, hid,
-                             e->eps, s, err);
-    if (st == HX_OK)
-        st = hx_cuda_gemm(b, e->logits, 0, e->hn, e->lm_head, n_out, hid, e->V, 0.0f, s, err);
+    if (!(one && e->decode1_head)) { /* else the one-row kernel wrote row 0's logits */
+        st = hx_cuda_add_rmsnorm(e->x, NULL, e->final_norm, e->hn, dio(e, e->io_out_row), n_out,
+                                 hid, e->eps, s, err);
+        if (st == HX_OK)
+            st = hx_cuda_gemm(b, e->logits, 0, e->hn, e->lm_head, n_out, hid, e->V, 0.0f, s, err);
+    }
     if (st == HX_OK)
         st = hx_cuda_sample(e->d_tok_out, e->logits, n_out, e->V, dio(e, e->io_temp),
                             dio(e, e->io_topp), dio(e, e->io_out_slot), e->d_rng, s, err);

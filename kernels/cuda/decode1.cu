@@ -287,14 +287,24 @@ template <int U> __device__ __forceinline__ size_t d1_pre_row_bytes(const uint4 
 }
 
 // hs = bf16(x * scale * nw), scale = 1 / sqrt(mean(x^2) + eps): add_rmsnorm_kernel's
-// rounding points (its sum in another order). xf, wf: n floats of scratch each.
-__device__ __forceinline__ void d1_rmsnorm(__nv_bfloat16 *hs, float *xf, float *wf,
-                                           const float *x, const float *nw, int n, float eps,
-                                           float *red)
+// rounding points (its sum in another order). xf, wf: n floats of scratch each. EMBED:
+// x is the embedding row erow instead (embed_kernel's values), which block 0 writes
+// into x too.
+template <bool EMBED>
+__device__ __forceinline__ void d1_rmsnorm(__nv_bfloat16 *hs, float *xf, float *wf, float *x,
+                                           const __nv_bfloat16 *erow, const float *nw, int n,
+                                           float eps, float *red)
 {
     float ss = 0.0f;
     for (int i = threadIdx.x; i < n; i += D1_THREADS) {
-        const float v = __ldcg(x + i);
+        float v;
+        if (EMBED) {
+            v = __bfloat162float(erow[i]);
+            if (blockIdx.x == 0)
+                x[i] = v;
+        } else {
+            v = __ldcg(x + i);
+        }
         xf[i] = v;
         wf[i] = __ldg(nw + i);
         ss += v * v;
@@ -537,8 +547,14 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
     uint4 *pre =
         preload ? d1_smem + d1_pre_off(vmax, hid) / 16 + warp * (D1_PRE_BYTES / 16) : nullptr;
 
-    // the step's token: its position and cache slot
+    // the step's token: its position and cache slot, and its embedding when embedded here
     const int pos = *a.d_pos, kv_slot = *a.d_kv_slot;
+    const __nv_bfloat16 *erow = nullptr;
+    if (a.d_embed) { // as embed_kernel: the host validates; never read outside
+        const int tok = *a.d_token;
+        erow = reinterpret_cast<const __nv_bfloat16 *>(a.d_embed) +
+               (size_t)(tok < 0 ? 0 : tok >= a.vocab ? a.vocab - 1 : tok) * hid;
+    }
     const auto residual = [&](int t) { return make_float2(__ldcg(x + t), 0.0f); };
     const auto nothing = [](int) { return make_float2(0.0f, 0.0f); };
 
@@ -555,7 +571,10 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         const d1_gemv dn = {reinterpret_cast<const __nv_bfloat16 *>(w.wdown), F, hid, hid, 0, 0};
 
         // A: norm, q/k/v, RoPE, the KV write
-        d1_rmsnorm(hs, xf, wf, x, w.attn_norm, hid, a.eps, red);
+        if (l == 0 && erow) // the first layer's input: the token's embedding
+            d1_rmsnorm<true>(hs, xf, wf, x, erow, w.attn_norm, hid, a.eps, red);
+        else
+            d1_rmsnorm<false>(hs, xf, wf, x, nullptr, w.attn_norm, hid, a.eps, red);
         rp.layer = l;
         d1_gemv_phase<2, 8>(
             qkv, vs, gw, nw, lane, pre,
@@ -586,7 +605,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         d1_grid_sync(a.d_sync);
 
         // D: norm, gate/up, SwiGLU
-        d1_rmsnorm(hs, xf, wf, x, w.ffn_norm, hid, a.eps, red);
+        d1_rmsnorm<false>(hs, xf, wf, x, nullptr, w.ffn_norm, hid, a.eps, red);
         d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, pre, nothing,
                             [&](int t, const float *acc, float2) {
                                 const float g = __bfloat162float(__float2bfloat16_rn(acc[0]));
@@ -601,8 +620,20 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         d1_load(vs, a.d_act, F);
         d1_gemv_phase<1, 16>(dn, vs, gw, nw, lane, pre, residual,
                              [&](int t, const float *acc, float2 r) { x[t] = acc[0] + r.x; });
-        if (l + 1 == a.n_layers)
-            break; // the kernel's end orders the rest
+        if (l + 1 == a.n_layers) {
+            if (!a.d_final_norm)
+                break; // the kernel's end orders the rest
+            // F: the final norm and the LM head (x stays as it is)
+            const d1_gemv head = {reinterpret_cast<const __nv_bfloat16 *>(a.d_lm_head), hid,
+                                  a.vocab, a.vocab, 0, 0};
+            d1_prefetch<1>(head, gw, nw, lane, pf_bytes, d1_pre_row_bytes<8>(pre));
+            d1_preload<1, 8>(pre, head, gw, lane);
+            d1_grid_sync(a.d_sync);
+            d1_rmsnorm<false>(hs, xf, wf, x, nullptr, a.d_final_norm, hid, a.eps, red);
+            d1_gemv_phase<1, 8>(head, vs, gw, nw, lane, pre, nothing,
+                                [&](int t, const float *acc, float2) { a.d_logits[t] = acc[0]; });
+            break;
+        }
         w = a.d_layers[l + 1];
         const d1_gemv next = {reinterpret_cast<const __nv_bfloat16 *>(w.wqkv), hid, nqkv * half,
                               half, D, half};

@@ -2214,9 +2214,10 @@ static void *kernel_scratch(size_t bytes)
 
 /*
  * decode1_kernel, layer by layer: the calls it fuses, at one row, with their
- * maths and rounding points (the norm + q/k/v GEMV, RoPE and the KV write,
- * decode attention, the o GEMV into x, the norm + gate/up GEMV + SwiGLU, the
- * down GEMV into x). The GPU kernel sums in other orders and may split the
+ * maths and rounding points (the embedding when asked; per layer the norm +
+ * q/k/v GEMV, RoPE and the KV write, decode attention, the o GEMV into x, the
+ * norm + gate/up GEMV + SwiGLU, the down GEMV into x; the final norm and the
+ * LM head when asked). The GPU kernel sums in other orders and may split the
  * attention into other chunks: fp32 differences only.
  */
 static void run_decode1(const void *p)
@@ -2225,11 +2226,18 @@ static void run_decode1(const void *p)
     const int D = a->kv.head_dim, hd = a->heads * D, n_qkv = (a->heads + 2 * a->kv.kv_heads) * D;
     if (!emu_need(a->d_layers, (size_t)a->n_layers * sizeof *a->d_layers, "d_layers"))
         return;
-    float *qkv = kernel_scratch((size_t)n_qkv * 4 + sizeof(int)); /* and the row index, 0 */
-    if (!qkv)
+    /* the final norm's output (16-byte aligned, as the GEMV reads it), q/k/v, the row index 0 */
+    const size_t hn_bytes = ((size_t)a->hidden * 2 + 15) & ~(size_t)15;
+    hx_bf16 *hn = kernel_scratch(hn_bytes + (size_t)n_qkv * 4 + sizeof(int));
+    if (!hn)
         return;
+    float *qkv = (float *)((char *)hn + hn_bytes);
     int *row = (int *)(qkv + n_qkv);
     *row = 0;
+    if (a->d_embed) {
+        const embed_args ea = {a->d_x, a->d_embed, a->d_token, 1, a->hidden, a->vocab};
+        run_embed(&ea);
+    }
     for (int l = 0; l < a->n_layers && !sticky_set(); l++) {
         const hx_cuda_layer w = a->d_layers[l];
         const gemvn_args qa = {qkv, a->d_x, w.attn_norm, w.wqkv, a->eps, 1, a->hidden, n_qkv, 0};
@@ -2249,7 +2257,13 @@ static void run_decode1(const void *p)
         const gemm_args fa = {a->d_x, a->d_act, w.wdown, 0, 1, a->ff, a->hidden, 1.0f, 1};
         run_gemm(&fa);
     }
-    heap_free(qkv, MEM_DEVICE);
+    if (a->d_final_norm && !sticky_set()) {
+        const norm_args na = {a->d_x, NULL, a->d_final_norm, hn, NULL, 1, a->hidden, a->eps};
+        run_add_rmsnorm(&na);
+        const gemm_args ha = {a->d_logits, hn, a->d_lm_head, 0, 1, a->hidden, a->vocab, 0.0f, 1};
+        run_gemm(&ha);
+    }
+    heap_free(hn, MEM_DEVICE);
 }
 
 static atomic_int coop_capture_refused; /* emu_refuse_coop_capture */

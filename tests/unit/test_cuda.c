@@ -1192,9 +1192,9 @@ static void test_decode_attention(void **state)
  * differ); a second run from the same state gives the same bits (the
  * attention's merge counters and the barrier are left as found).
  */
-static void decode1_case(int D, int H, int K, int len)
+static void decode1_case(int D, int H, int K, int len, int ends)
 {
-    enum { L = 2, HID = 256, F = 512, BT = 16, PARTS = 8 };
+    enum { L = 2, HID = 256, F = 512, BT = 16, PARTS = 8, V = 300, TOK = 77 };
     const int hd = H * D, n_qkv = (H + 2 * K) * D, pos = len - 1;
     hx_cuda_blas *blas = NULL;
     CHECK(hx_cuda_blas_new(8, &blas, E));
@@ -1252,7 +1252,22 @@ static void decode1_case(int D, int H, int K, int len)
     CHECK(hx_cuda_malloc(&dsync, HX_CUDA_DECODE1_SYNC_BYTES, E));
     CHECK(hx_cuda_memset(dsync, 0, HX_CUDA_DECODE1_SYNC_BYTES, E));
 
+    /* ends: the embedding of TOK first, the final norm and LM head after */
+    float *hw_e = NULL, *hw_h = NULL, *hfn = malloc(HID * 4);
+    hx_bf16 *dtab = rand_bf16((size_t)V * HID, -1, 1, &hw_e);
+    hx_bf16 *dhead = rand_bf16((size_t)V * HID, -a_h, a_h, &hw_h);
+    for (int i = 0; i < HID; i++)
+        hfn[i] = frand(0.9f, 1.1f);
+    float *dfn = to_dev(hfn, HID * 4);
+    const int tok = TOK;
+    int *dtok = to_dev(&tok, 4);
+    void *dlog = NULL, *dhn = NULL;
+    CHECK(hx_cuda_malloc(&dlog, (size_t)V * 4, E));
+    CHECK(hx_cuda_malloc(&dhn, (size_t)HID * 2, E));
+
     /* the calls one by one */
+    if (ends)
+        CHECK(hx_cuda_embed(dx, dtab, dtok, 1, HID, V, NULL, E));
     for (int l = 0; l < L; l++) {
         CHECK(hx_cuda_gemm_rmsnorm_rope_kv(blas, dq, c.d, dqkv, dx, lw[l].attn_norm, 1e-5f, dh,
                                            lw[l].wqkv, 1, HID, H, &c.kv, l, dpos, dslot, dcs,
@@ -1263,6 +1278,12 @@ static void decode1_case(int D, int H, int K, int len)
         CHECK(hx_cuda_gemm_rmsnorm_swiglu(blas, dact, dgu, dx, lw[l].ffn_norm, 1e-5f, dh,
                                           lw[l].wgu, 1, HID, F, NULL, E));
         CHECK(hx_cuda_gemm(blas, dx, 0, dact, lw[l].wdown, 1, F, HID, 1.0f, NULL, E));
+    }
+    float *log_ref = NULL;
+    if (ends) {
+        CHECK(hx_cuda_add_rmsnorm(dx, NULL, dfn, dhn, NULL, 1, HID, 1e-5f, NULL, E));
+        CHECK(hx_cuda_gemm(blas, dlog, 0, dhn, dhead, 1, HID, V, 0.0f, NULL, E));
+        log_ref = from_dev_f32(dlog, V);
     }
     float *x_ref = from_dev_f32(dx, HID);
     const size_t cache_elems = (size_t)c.n_blocks * L * 2 * K * BT * D;
@@ -1290,18 +1311,43 @@ static void decode1_case(int D, int H, int K, int len)
                               .d_act = dact,
                               .d_part = dpart,
                               .max_parts = PARTS,
-                              .d_sync = dsync};
-    float *x_got[2], *c_got = NULL;
+                              .d_sync = dsync,
+                              .d_embed = ends ? dtab : NULL,
+                              .d_token = dtok,
+                              .d_final_norm = ends ? dfn : NULL,
+                              .d_lm_head = dhead,
+                              .d_logits = dlog,
+                              .vocab = V};
+    float *x_got[2], *c_got = NULL, *log_got[2] = {NULL, NULL};
     for (int run = 0; run < 2; run++) {
-        CHECK(hx_cuda_memcpy(dx, x0, HID * 4, E));
+        CHECK(hx_cuda_memcpy(dx, ends ? x_ref : x0, HID * 4, E)); /* (ends: overwritten) */
+        CHECK(hx_cuda_memset(dlog, 0, (size_t)V * 4, E));
         CHECK(hx_cuda_decode1(&a, NULL, E));
         CHECK(hx_cuda_sync(E));
         x_got[run] = from_dev_f32(dx, HID);
+        if (ends)
+            log_got[run] = from_dev_f32(dlog, V);
         if (run == 0)
             c_got = from_dev_bf16(c.d, cache_elems);
     }
     assert_memory_equal(x_got[0], x_got[1], HID * 4);
     char what[96];
+    if (ends) {
+        assert_memory_equal(log_got[0], log_got[1], (size_t)V * 4);
+        double wl[V], maxl = 0;
+        for (int i = 0; i < V; i++) {
+            wl[i] = log_ref[i];
+            maxl = fmax(maxl, fabs(wl[i]));
+        }
+        assert_true(maxl > 0.1); /* real logits, not zeros */
+        snprintf(what, sizeof what, "decode1 D=%d H=%d K=%d len %d: logits", D, H, K, len);
+        expect_close(what, log_got[0], wl, V, 2e-2, 2e-2);
+    } else {
+        float *lg = from_dev_f32(dlog, V); /* not asked for: left alone */
+        for (int i = 0; i < V; i++)
+            assert_true(lg[i] == 0.0f);
+        free(lg);
+    }
     double *want = malloc((size_t)(cache_elems > HID ? cache_elems : HID) * sizeof *want);
     for (int i = 0; i < HID; i++)
         want[i] = x_ref[i];
@@ -1328,6 +1374,15 @@ static void decode1_case(int D, int H, int K, int len)
     assert_int_equal(hx_cuda_decode1(&bad, NULL, &e2), HX_EINVAL);
     assert_non_null(strstr(e2.msg, "3 layers of a 2-layer cache"));
     bad = a;
+    bad.d_final_norm = dfn;
+    bad.d_logits = NULL;
+    assert_int_equal(hx_cuda_decode1(&bad, NULL, &e2), HX_EINVAL);
+    bad = a;
+    bad.d_embed = dtab;
+    bad.vocab = 0;
+    assert_int_equal(hx_cuda_decode1(&bad, NULL, &e2), HX_EINVAL);
+    assert_non_null(strstr(e2.msg, "vocabulary of 0"));
+    bad = a;
     bad.d_sync = NULL;
     assert_int_equal(hx_cuda_decode1(&bad, NULL, &e2), HX_EINVAL);
     bad = a;
@@ -1336,6 +1391,12 @@ static void decode1_case(int D, int H, int K, int len)
 
     free(want);
     free(x_ref);
+    free(log_ref);
+    free(log_got[0]);
+    free(log_got[1]);
+    free(hw_e);
+    free(hw_h);
+    free(hfn);
     free(c_ref);
     free(c_got);
     free(x_got[0]);
@@ -1347,8 +1408,8 @@ static void decode1_case(int D, int H, int K, int len)
     free(vals);
     for (int i = 0; i < 6 * L; i++)
         hx_cuda_free(owned[i]);
-    void *dev[] = {dlayers, dx, dcs, dsn, dseq, drow, dpos, dslot, dlen,
-                   dq,      datt, dact, dqkv, dh, dgu, dpart, dsync};
+    void *dev[] = {dlayers, dx,   dcs,   dsn,  dseq, drow, dpos,  dslot, dlen, dq,  datt,
+                   dact,    dqkv, dh,    dgu,  dpart, dsync, dtab, dhead, dfn, dtok, dlog, dhn};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         hx_cuda_free(dev[i]);
     cache_free(&c);
@@ -1359,10 +1420,10 @@ static void test_decode1(void **state)
 {
     (void)state;
     NEED_GPU();
-    decode1_case(64, 4, 2, 1);    /* the token alone */
-    decode1_case(64, 4, 2, 37);   /* a chunk or a few */
-    decode1_case(64, 8, 1, 700);  /* 8 query heads on one KV head, chunks of up to 256 */
-    decode1_case(128, 8, 2, 300); /* head_dim 128 */
+    decode1_case(64, 4, 2, 1, 0);    /* the token alone */
+    decode1_case(64, 4, 2, 37, 1);   /* a chunk or a few; with the embedding and LM head */
+    decode1_case(64, 8, 1, 700, 0);  /* 8 query heads on one KV head, chunks of up to 256 */
+    decode1_case(128, 8, 2, 300, 1); /* head_dim 128 */
 }
 
 static void test_sample_greedy(void **state)
