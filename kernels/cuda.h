@@ -403,7 +403,8 @@ typedef struct hx_cuda_layer {
  * replays it for every step.
  */
 typedef struct hx_cuda_decode1_args {
-    float *d_x;                    /* [hidden] fp32 residual stream: in, and out after the layers */
+    float *d_x;                    /* [hidden] fp32 residual stream: in (unless d_embed), and
+                                      out after the layers */
     const hx_cuda_layer *d_layers; /* [n_layers] */
     int n_layers, hidden, heads, ff;
     float eps;                     /* RMSNorm's */
@@ -444,9 +445,10 @@ typedef struct hx_cuda_decode1_args {
  * into d_x: the maths and rounding points of hx_cuda_gemm_rmsnorm_rope_kv,
  * hx_cuda_decode_attention, hx_cuda_gemm (beta 1) and
  * hx_cuda_gemm_rmsnorm_swiglu at one row, fp32 sums in another order.
- * With d_embed and d_final_norm set, also the embedding lookup before the
- * layers and the final RMSNorm + LM head after them (hx_cuda_embed,
- * hx_cuda_add_rmsnorm, hx_cuda_gemm's maths), so that a step is this kernel
+ * With d_embed set, also the embedding lookup before the layers, and with
+ * d_final_norm set the final RMSNorm + LM head after them (hx_cuda_embed,
+ * hx_cuda_add_rmsnorm, hx_cuda_gemm's maths; each on its own, as a stage
+ * holds the one or the other), so that a whole model's step is this kernel
  * and the sampling. Instead of ~7 launches a layer the blocks (one an SM,
  * co-resident by a cooperative launch) pass 5 grid barriers a layer, and before each barrier
  * every warp asks the L2 cache for the weight rows it reads next

@@ -1473,8 +1473,9 @@ static hx_status prefetch(hx_cuda_engine *e, const void *a, size_t na, const voi
 }
 
 /*
- * A one-row decode step's layers in one kernel (hx_cuda_decode1), when the
- * engine has it: *ran = 1 when enqueued; 0 when this step takes the kernels
+ * A one-row decode step's layers in one kernel (hx_cuda_decode1), with the
+ * embedding (first stage) and the final norm and LM head (last stage,
+ * unless decode1_head is off), when the engine has it: *ran = 1 when enqueued; 0 when this step takes the kernels
  * one by one: not a lone decode row, or the device refused the kernel
  * (HX_ENOTSUP: its shared memory, no cooperative launch), after which the
  * engine no longer tries it. A launch that fails while the stream is being

@@ -287,10 +287,9 @@ template <int U> __device__ __forceinline__ size_t d1_pre_row_bytes(const uint4 
 }
 
 // hs = bf16(x * scale * nw), scale = 1 / sqrt(mean(x^2) + eps): add_rmsnorm_kernel's
-// rounding points (its sum in another order). xf, wf: n floats of scratch each. EMBED:
-// x is the embedding row erow instead (embed_kernel's values), which block 0 writes
-// into x too.
-template <bool EMBED>
+// rounding points (its sum in another order). xf, wf: n floats of scratch each. With
+// erow not NULL: x is that embedding row instead (embed_kernel's values), which block 0
+// writes into x too.
 __device__ __forceinline__ void d1_rmsnorm(__nv_bfloat16 *hs, float *xf, float *wf, float *x,
                                            const __nv_bfloat16 *erow, const float *nw, int n,
                                            float eps, float *red)
@@ -298,7 +297,7 @@ __device__ __forceinline__ void d1_rmsnorm(__nv_bfloat16 *hs, float *xf, float *
     float ss = 0.0f;
     for (int i = threadIdx.x; i < n; i += D1_THREADS) {
         float v;
-        if (EMBED) {
+        if (erow) {
             v = __bfloat162float(erow[i]);
             if (blockIdx.x == 0)
                 x[i] = v;
@@ -571,10 +570,8 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         const d1_gemv dn = {reinterpret_cast<const __nv_bfloat16 *>(w.wdown), F, hid, hid, 0, 0};
 
         // A: norm, q/k/v, RoPE, the KV write
-        if (l == 0 && erow) // the first layer's input: the token's embedding
-            d1_rmsnorm<true>(hs, xf, wf, x, erow, w.attn_norm, hid, a.eps, red);
-        else
-            d1_rmsnorm<false>(hs, xf, wf, x, nullptr, w.attn_norm, hid, a.eps, red);
+        // (the first layer's input: the token's embedding, when embedded here)
+        d1_rmsnorm(hs, xf, wf, x, l == 0 ? erow : nullptr, w.attn_norm, hid, a.eps, red);
         rp.layer = l;
         d1_gemv_phase<2, 8>(
             qkv, vs, gw, nw, lane, pre,
@@ -605,7 +602,7 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         d1_grid_sync(a.d_sync);
 
         // D: norm, gate/up, SwiGLU
-        d1_rmsnorm<false>(hs, xf, wf, x, nullptr, w.ffn_norm, hid, a.eps, red);
+        d1_rmsnorm(hs, xf, wf, x, nullptr, w.ffn_norm, hid, a.eps, red);
         d1_gemv_phase<2, 8>(gu, vs, gw, nw, lane, pre, nothing,
                             [&](int t, const float *acc, float2) {
                                 const float g = __bfloat162float(__float2bfloat16_rn(acc[0]));
@@ -623,15 +620,34 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
         if (l + 1 == a.n_layers) {
             if (!a.d_final_norm)
                 break; // the kernel's end orders the rest
-            // F: the final norm and the LM head (x stays as it is)
-            const d1_gemv head = {reinterpret_cast<const __nv_bfloat16 *>(a.d_lm_head), hid,
-                                  a.vocab, a.vocab, 0, 0};
-            d1_prefetch<1>(head, gw, nw, lane, pf_bytes, d1_pre_row_bytes<8>(pre));
-            d1_preload<1, 8>(pre, head, gw, lane);
+            // F: the final norm and the LM head (x stays as it is); a task is rows t and
+            // t + vocab / 2 (8 KB in flight a warp, as the other phases), or one row for an
+            // odd vocabulary
+            const __nv_bfloat16 *lm = reinterpret_cast<const __nv_bfloat16 *>(a.d_lm_head);
+            const int hv = a.vocab / 2;
+            const d1_gemv head2 = {lm, hid, hv, hv, 0, hv};
+            const d1_gemv head1 = {lm, hid, a.vocab, a.vocab, 0, 0};
+            const bool two = a.vocab % 2 == 0;
+            if (two) {
+                d1_prefetch<2>(head2, gw, nw, lane, pf_bytes, d1_pre_row_bytes<8>(pre));
+                d1_preload<2, 8>(pre, head2, gw, lane);
+            } else {
+                d1_prefetch<1>(head1, gw, nw, lane, pf_bytes, d1_pre_row_bytes<8>(pre));
+                d1_preload<1, 8>(pre, head1, gw, lane);
+            }
             d1_grid_sync(a.d_sync);
-            d1_rmsnorm<false>(hs, xf, wf, x, nullptr, a.d_final_norm, hid, a.eps, red);
-            d1_gemv_phase<1, 8>(head, vs, gw, nw, lane, pre, nothing,
-                                [&](int t, const float *acc, float2) { a.d_logits[t] = acc[0]; });
+            d1_rmsnorm(hs, xf, wf, x, nullptr, a.d_final_norm, hid, a.eps, red);
+            if (two)
+                d1_gemv_phase<2, 8>(head2, vs, gw, nw, lane, pre, nothing,
+                                    [&](int t, const float *acc, float2) {
+                                        a.d_logits[t] = acc[0];
+                                        a.d_logits[t + hv] = acc[1];
+                                    });
+            else
+                d1_gemv_phase<1, 8>(head1, vs, gw, nw, lane, pre, nothing,
+                                    [&](int t, const float *acc, float2) {
+                                        a.d_logits[t] = acc[0];
+                                    });
             break;
         }
         w = a.d_layers[l + 1];
