@@ -1190,7 +1190,9 @@ static void test_decode_attention(void **state)
  * (2 layers): the residual after them and the token's K and V in every
  * layer agree within bf16 roundings (the sums and the attention's chunks
  * differ); a second run from the same state gives the same bits (the
- * attention's merge counters and the barrier are left as found).
+ * attention's merge counters and the barrier are left as found). ends: with
+ * the embedding lookup before and the final norm + LM head after (2: an odd
+ * vocabulary), the logits agree with hx_cuda_embed's and the LM head GEMM's.
  */
 static void decode1_case(int D, int H, int K, int len, int ends)
 {
