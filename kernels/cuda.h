@@ -454,8 +454,10 @@ typedef struct hx_cuda_decode1_args {
  * every warp asks the L2 cache for the weight rows it reads next
  * (hx_cuda_set_decode1_prefetch), so that the wait streams weights.
  * Limits (HX_ENOTSUP): head_dim 64 or 128, at most 8 query heads per KV
- * head, hidden, heads * head_dim and ff multiples of 8. One call at a time
- * per d_sync and d_part.
+ * head, hidden, heads * head_dim and ff multiples of 8; a device without
+ * cooperative launch, with too little shared memory a block (head_dim 128
+ * needs 110 KB: not Ada's 99) or fewer SMs usable than it has. One call at
+ * a time per d_sync and d_part.
  */
 hx_status hx_cuda_decode1(const hx_cuda_decode1_args *a, hx_cuda_stream *stream, hx_err *err);
 

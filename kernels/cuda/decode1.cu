@@ -35,7 +35,8 @@
 //   hx_cuda_set_decode1_prefetch's budget), so the barrier's wait and the
 //   attention phase, where HBM would idle, stream weights. The regions take
 //   128 KB (160 KB of shared memory at the 1B shape: H100, H200, A100); a
-//   device with less (Ada's 99 KB) runs without them.
+//   device with less runs without them (Ada's 99 KB at head_dim 64; at 128
+//   the attention alone needs 109 KB there: HX_ENOTSUP).
 // - what other blocks wrote in this kernel is read with ld.global.cg (L2:
 //   an SM's L1 is not coherent); the barrier orders it (a releasing add
 //   to arrive, an acquiring load to leave).
@@ -58,16 +59,19 @@ static int d1_pf_wanted = -1; // -1: not decided yet ($HX_CUDA_DECODE1_PF, defau
 
 extern "C" void hx_cuda_set_decode1_prefetch(int kib)
 {
-    d1_pf_wanted = kib < 0 ? 0 : kib > 1024 ? 1024 : kib;
+    __atomic_store_n(&d1_pf_wanted, kib < 0 ? 0 : kib > 1024 ? 1024 : kib, __ATOMIC_RELAXED);
 }
 
 static int d1_pf_kib(void)
 {
-    if (d1_pf_wanted < 0) {
+    if (__atomic_load_n(&d1_pf_wanted, __ATOMIC_RELAXED) < 0) {
         const char *env = getenv("HX_CUDA_DECODE1_PF");
-        hx_cuda_set_decode1_prefetch(env ? atoi(env) : 8);
+        const int kib = env ? atoi(env) : 8;
+        int unset = -1; // a setter's value, if one came first, stays
+        __atomic_compare_exchange_n(&d1_pf_wanted, &unset, kib < 0 ? 0 : kib > 1024 ? 1024 : kib,
+                                    false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     }
-    return d1_pf_wanted;
+    return __atomic_load_n(&d1_pf_wanted, __ATOMIC_RELAXED);
 }
 
 /* ---- the grid barrier ---- */
@@ -722,7 +726,7 @@ static hx_status d1_launch(const hx_cuda_decode1_args *a, cudaStream_t s, hx_err
         return hx_err_set(err, HX_ENOTSUP, "cuda decode1: device %d has no cooperative launch",
                           dev);
     // the preload regions where they fit (160 KB at the 1B shape: H100, H200, A100), else
-    // none (Ada's 99 KB)
+    // none (Ada's 99 KB, at head_dim 64)
     const int preload = pre_bytes > attn_bytes ? pre_bytes + 1024 <= (size_t)max_smem : 1;
     const size_t gemv_need = preload ? pre_bytes : gemv_bytes;
     const size_t smem = gemv_need > attn_bytes ? gemv_need : attn_bytes;
@@ -730,8 +734,11 @@ static hx_status d1_launch(const hx_cuda_decode1_args *a, cudaStream_t s, hx_err
         return hx_err_set(err, HX_ENOTSUP,
                           "cuda decode1: %zu bytes of shared memory a block, device %d has %d",
                           smem, dev, max_smem);
+    // the device's whole allowance, the same whatever the shape: threads launching other
+    // shapes at once never lower it under each other
     st = hx_cuda_err(cudaFuncSetAttribute(decode1_kernel<D>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          max_smem - 1024),
                      err, "decode1");
     int per_sm = 0;
     if (st == HX_OK)
