@@ -267,6 +267,12 @@ section summary
     echo "test_cuda exit: $rc_test (-1: not run)"
     echo "test_cuda, engine with the new kernels as defaults: ${rc_new_defaults:--1}"
     echo "gpu_bench exit: $rc_bench (-1: not run)"
+    # what decides the defaults, at a glance (the tail of this script's output)
+    echo "failed tests: $(grep -ho '^\[  FAILED  \] test_[a-z0-9_]*' "$OUT"/test_cuda*.txt \
+        2>/dev/null | awk '{print $4}' | sort -u | tr '\n' ' ')"
+    grep -h -e '^decode  graphs (defaults) *batch   1' -e 'decode1' -e 'one-row kernel' \
+        -e '^prefill' "$OUT/gpu_bench.txt" "$OUT/gpu_bench_decode1.txt" "$OUT/gpu_bench_prefill_fa.txt" \
+        2>/dev/null | cut -c1-150
     echo "seconds: $(( $(date +%s) - START ))"
 } | tee "$OUT/summary.txt"
 [ "$rc_test" = 0 ] && [ "$rc_bench" = 0 ]
