@@ -1966,10 +1966,14 @@ static int64_t engine_alone_vs_cpu(const gen_case *cases, int graphs)
     return d1;
 }
 
+static void gs_case(const gen_case *cases, int stages, int tp, int nccl);
+
 /*
  * The engine with the one-row decode kernel: the same tokens; every decode
  * step of one row ran it (a prompt's first token comes from its prefill
- * step), and steps of more rows take the kernels one by one.
+ * step), and steps of more rows take the kernels one by one. Also with the
+ * final norm and LM head left to their kernels ($HX_CUDA_DECODE1_HEAD=0), and
+ * in pipeline stages (the first embeds, the last ends with the LM head).
  */
 static void test_engine_decode1(void **state)
 {
@@ -1983,6 +1987,10 @@ static void test_engine_decode1(void **state)
     assert_int_equal(engine_alone_vs_cpu(cases, 0), N_REQ * (GEN_STEPS - 1));
     assert_int_equal(engine_alone_vs_cpu(cases, 1), N_REQ * (GEN_STEPS - 1)); /* captured */
     engine_vs_cpu(cases, 16, 1, 8); /* batches of several rows, and prompt chunks */
+    setenv("HX_CUDA_DECODE1_HEAD", "0", 1);
+    assert_int_equal(engine_alone_vs_cpu(cases, 1), N_REQ * (GEN_STEPS - 1));
+    unsetenv("HX_CUDA_DECODE1_HEAD");
+    gs_case(cases, 2, 1, 0);
 #ifdef HX_CUDA_EMU
     /* a capture that refuses the cooperative launch: that step runs again without it, and
        the engine goes on without it (the bucket's first, eager, step ran it) */
@@ -2580,6 +2588,7 @@ static void gs_case(const gen_case *cases, int stages, int tp, int nccl)
             o.num_layers = L / stages;
             o.tp_rank = r;
             o.tp_size = tp;
+            o.decode1 |= engine_decode1;
             CHECK(hx_cuda_engine_new(tiny_dir, &o, &me->e, E));
             int l0 = -1, nl = -1, k0 = -1, nk = -1;
             hx_cuda_engine_slice(me->e, &l0, &nl, &k0, &nk);
