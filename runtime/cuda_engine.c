@@ -150,11 +150,10 @@ struct hx_cuda_engine {
     hx_cpu_pool *crc_pool; /* checksums packed segments in pieces */
 
     int64_t steps, graph_steps;
-    int fwd_decode1;                   /* the last forward ran the one-row decode kernel */
-    int capturing;                     /* a forward being captured into a graph */
+    int fwd_decode1;                   /* this step ran the one-row decode kernel (its forward
+                                          or the graph it replayed) */
     int decode1_head;                  /* the kernel does the final norm and LM head too
                                           (the last stage; $HX_CUDA_DECODE1_HEAD not "0") */
-    int decode1_refused;               /* a capture refused it (decode1()) */
     int graph_decode1[MAX_BUCKETS];    /* the bucket's graph holds it */
     int64_t decode1_steps;
 };
@@ -1475,13 +1474,12 @@ static hx_status prefetch(hx_cuda_engine *e, const void *a, size_t na, const voi
 /*
  * A one-row decode step's layers in one kernel (hx_cuda_decode1), with the
  * embedding (first stage) and the final norm and LM head (last stage,
- * unless decode1_head is off), when the engine has it: *ran = 1 when enqueued; 0 when this step takes the kernels
- * one by one: not a lone decode row, or the device refused the kernel
- * (HX_ENOTSUP: its shared memory, no cooperative launch), after which the
- * engine no longer tries it. A launch that fails while the stream is being
- * captured (a driver that cannot capture a cooperative launch) gives it up
- * too, and sets decode1_refused: the capture is lost, and the step's caller
- * runs it again without.
+ * unless decode1_head is off), when the engine has it: *ran = 1 when
+ * enqueued; 0 when this step takes the kernels one by one (not a lone
+ * decode row). A call that fails gives the kernel up for good (d_layers
+ * NULL): HX_ENOTSUP (the device refuses it; nothing was enqueued) returns
+ * HX_OK and the step goes on without; another error (a launch a capture
+ * refuses) is the step's, whose caller may run it again without.
  */
 static hx_status decode1(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int *ran, hx_err *err)
 {
@@ -1520,20 +1518,16 @@ static hx_status decode1(hx_cuda_engine *e, int rows, int n_dec, int n_pf, int *
                                     .vocab = e->V};
     hx_err why;
     hx_err_clear(&why);
-    hx_status st = hx_cuda_decode1(&a, e->stream, &why);
-    if (st == HX_ENOTSUP) { /* nothing was enqueued */
-        hx_cuda_free(e->d_layers);
-        e->d_layers = NULL;
-        return HX_OK;
-    }
-    if (st != HX_OK && e->capturing) {
-        hx_cuda_free(e->d_layers);
-        e->d_layers = NULL;
-        e->decode1_refused = 1;
-    }
-    if (st != HX_OK && err)
-        *err = why;
+    const hx_status st = hx_cuda_decode1(&a, e->stream, &why);
     *ran = st == HX_OK;
+    if (st == HX_OK)
+        return HX_OK;
+    hx_cuda_free(e->d_layers);
+    e->d_layers = NULL;
+    if (st == HX_ENOTSUP)
+        return HX_OK;
+    if (err)
+        *err = why;
     return st;
 }
 
@@ -1723,7 +1717,7 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
        them (the tokens reach the other TP ranks after the step, outside the graph) */
     const int graphs =
         e->opt.graphs && e->has_embed && e->has_head && (e->tp == 1 || e->nccl != NULL);
-    int used_graph = 0, used_decode1 = 0;
+    int used_graph = 0;
     e->fwd_decode1 = 0;
     if (n_pf == 0 && graphs) {
         int bi = 0;
@@ -1747,38 +1741,34 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
         if (e->graph[bi]) {
             st = hx_cuda_graph_launch(e->graph[bi], e->stream, err);
             used_graph = 1;
-            used_decode1 = e->graph_decode1[bi];
+            e->fwd_decode1 = e->graph_decode1[bi];
         } else if (e->bucket_uses[bi] >= 1) {
             /* second use: capture (the first ran eagerly, loading every kernel) */
+            const int had_decode1 = e->d_layers != NULL;
             st = hx_cuda_graph_begin(e->stream, err);
             if (st == HX_OK) {
-                e->capturing = 1;
-                e->decode1_refused = 0;
                 st = forward(e, B, B, 0, 0, B, err);
-                e->capturing = 0;
                 if (st != HX_OK)
                     hx_cuda_graph_abort(e->stream);
                 else
                     st = hx_cuda_graph_end(e->stream, &e->graph[bi], err);
             }
-            if (st != HX_OK && e->decode1_refused) {
-                /* without the one-row kernel, now eagerly; captured at the next use */
+            if (st != HX_OK && had_decode1 && !e->d_layers) {
+                /* the capture refused the one-row kernel: without it, now eagerly;
+                   captured at the next use */
                 hx_err_clear(err);
                 st = forward(e, B, B, 0, 0, B, err);
             } else if (st == HX_OK) {
                 e->graph_decode1[bi] = e->fwd_decode1;
                 st = hx_cuda_graph_launch(e->graph[bi], e->stream, err);
                 used_graph = 1;
-                used_decode1 = e->fwd_decode1;
             }
         } else {
             st = forward(e, B, B, 0, 0, B, err);
-            used_decode1 = e->fwd_decode1;
         }
         e->bucket_uses[bi]++;
     } else {
         st = forward(e, rows, n_dec, n_pf, max_pf_n, n_out, err);
-        used_decode1 = e->fwd_decode1;
     }
     if (st == HX_OK)
         st = sync_stream(e, err);
@@ -1795,7 +1785,7 @@ hx_status hx_cuda_engine_step(hx_cuda_engine *e, const hx_batch_event **events, 
         return st;
     e->steps++;
     e->graph_steps += used_graph;
-    e->decode1_steps += used_decode1;
+    e->decode1_steps += e->fwd_decode1;
 
     /* prompt progress */
     for (int i = 0; i < n_pf; i++) {

@@ -66,10 +66,7 @@ static int d1_pf_kib(void)
 {
     if (__atomic_load_n(&d1_pf_wanted, __ATOMIC_RELAXED) < 0) {
         const char *env = getenv("HX_CUDA_DECODE1_PF");
-        const int kib = env ? atoi(env) : 8;
-        int unset = -1; // a setter's value, if one came first, stays
-        __atomic_compare_exchange_n(&d1_pf_wanted, &unset, kib < 0 ? 0 : kib > 1024 ? 1024 : kib,
-                                    false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+        hx_cuda_set_decode1_prefetch(env ? atoi(env) : 8);
     }
     return __atomic_load_n(&d1_pf_wanted, __ATOMIC_RELAXED);
 }
@@ -663,43 +660,22 @@ __global__ void __launch_bounds__(D1_THREADS, 1)
     }
 }
 
-// What the launch needs of a device (fixed for its life): asked once per device.
+// What the launch needs of the current device: its SMs, its shared-memory allowance a
+// block, whether it launches cooperatively (the driver answers from its own cache).
 struct d1_device {
-    int ready, sms, max_smem, coop;
+    int sms, max_smem, coop;
 };
-static d1_device d1_devices[32];
 
-static hx_status d1_device_of(int dev, d1_device *out, hx_err *err)
+static hx_status d1_device_of(int dev, d1_device *d, hx_err *err)
 {
-    d1_device *c = dev >= 0 && dev < 32 ? &d1_devices[dev] : NULL;
-    if (c && __atomic_load_n(&c->ready, __ATOMIC_ACQUIRE)) {
-        out->ready = 1;
-        out->sms = __atomic_load_n(&c->sms, __ATOMIC_RELAXED);
-        out->max_smem = __atomic_load_n(&c->max_smem, __ATOMIC_RELAXED);
-        out->coop = __atomic_load_n(&c->coop, __ATOMIC_RELAXED);
-        return HX_OK;
-    }
-    d1_device d = {1, 0, 0, 0};
-    hx_status st =
-        hx_cuda_err(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev), err,
-                    "decode1");
-    if (st == HX_OK)
-        st = hx_cuda_err(
-            cudaDeviceGetAttribute(&d.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-            err, "decode1");
-    if (st == HX_OK)
-        st = hx_cuda_err(cudaDeviceGetAttribute(&d.coop, cudaDevAttrCooperativeLaunch, dev), err,
-                         "decode1");
-    if (st != HX_OK)
-        return st;
-    if (c) { // the same values whoever writes (threads may race here)
-        __atomic_store_n(&c->sms, d.sms, __ATOMIC_RELAXED);
-        __atomic_store_n(&c->max_smem, d.max_smem, __ATOMIC_RELAXED);
-        __atomic_store_n(&c->coop, d.coop, __ATOMIC_RELAXED);
-        __atomic_store_n(&c->ready, 1, __ATOMIC_RELEASE);
-    }
-    *out = d;
-    return HX_OK;
+    const cudaDeviceAttr what[3] = {cudaDevAttrMultiProcessorCount,
+                                    cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                    cudaDevAttrCooperativeLaunch};
+    int *into[3] = {&d->sms, &d->max_smem, &d->coop};
+    hx_status st = HX_OK;
+    for (int i = 0; i < 3 && st == HX_OK; i++)
+        st = hx_cuda_err(cudaDeviceGetAttribute(into[i], what[i], dev), err, "decode1");
+    return st;
 }
 
 // Launched with the cooperative attribute and WITHOUT programmatic dependent launch
@@ -740,15 +716,8 @@ static hx_status d1_launch(const hx_cuda_decode1_args *a, cudaStream_t s, hx_err
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           max_smem - 1024),
                      err, "decode1");
-    int per_sm = 0;
-    if (st == HX_OK)
-        st = hx_cuda_err(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode1_kernel<D>,
-                                                                        D1_THREADS, smem),
-                         err, "decode1");
     if (st != HX_OK)
         return st;
-    if (per_sm < 1)
-        return hx_err_set(err, HX_ENOTSUP, "cuda decode1: a block does not fit an SM");
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeCooperative;
     attr[0].val.cooperative = 1;
@@ -761,7 +730,8 @@ static hx_status d1_launch(const hx_cuda_decode1_args *a, cudaStream_t s, hx_err
     cfg.numAttrs = 1;
     const unsigned pf = (unsigned)d1_pf_kib() * 1024u;
     const cudaError_t e = cudaLaunchKernelEx(&cfg, decode1_kernel<D>, *a, pf, preload);
-    if (e == cudaErrorCooperativeLaunchTooLarge) { // fewer SMs usable here (MPS, green contexts)
+    // a block that does not fit an SM, or fewer SMs usable here (MPS, green contexts)
+    if (e == cudaErrorCooperativeLaunchTooLarge) {
         (void)cudaGetLastError();
         return hx_err_set(err, HX_ENOTSUP, "cuda decode1: %d blocks cannot all be resident",
                           sms);

@@ -1807,6 +1807,17 @@ static void run_to_end(hx_cuda_engine *e, int got[][GEN_STEPS], int *n_got, int 
     }
 }
 
+/* Request i's tokens got[0 .. n_got) are the CPU's greedy ones (how: the run, for messages). */
+static void expect_cpu_tokens(const gen_case *cases, int i, const int *got, int n_got,
+                              const char *how)
+{
+    assert_int_equal(n_got, GEN_STEPS);
+    for (int t = 0; t < GEN_STEPS; t++)
+        if (got[t] != cases[i].tokens[t])
+            fail_msg("request %d (%s): token %d is %d on the GPU, %d on the CPU", i, how, t,
+                     got[t], cases[i].tokens[t]);
+}
+
 static void engine_vs_cpu(const gen_case *cases, int max_step_tokens, int graphs, int gemv_rows)
 {
     hx_cuda_engine *e = gpu_engine(max_step_tokens, graphs, gemv_rows, 0);
@@ -1823,15 +1834,11 @@ static void engine_vs_cpu(const gen_case *cases, int max_step_tokens, int graphs
            max_step_tokens, graphs, gemv_rows, (long long)steps, (long long)graph_steps);
     if (graphs)
         assert_true(graph_steps > 0);
-    for (int i = 0; i < N_REQ; i++) {
-        assert_int_equal(n_got[i], GEN_STEPS);
-        for (int t = 0; t < GEN_STEPS; t++)
-            if (got[i][t] != cases[i].tokens[t])
-                fail_msg("request %d (step rows %d, graphs %d, gemv %d): token %d is %d on the "
-                         "GPU, %d on the CPU",
-                         i, max_step_tokens, graphs, gemv_rows, t, got[i][t],
-                         cases[i].tokens[t]);
-    }
+    char how[64];
+    snprintf(how, sizeof how, "step rows %d, graphs %d, gemv %d", max_step_tokens, graphs,
+             gemv_rows);
+    for (int i = 0; i < N_REQ; i++)
+        expect_cpu_tokens(cases, i, got[i], n_got[i], how);
     assert_int_equal(hx_cuda_engine_seq_count(e), 0);
     assert_int_equal(hx_cuda_engine_free_blocks(e), 128); /* 8 slots x 256 / 16 */
     hx_cuda_engine_free(e);
@@ -1949,12 +1956,9 @@ static int64_t engine_alone_vs_cpu(const gen_case *cases, int graphs)
         hx_batch_request r = greedy_req((uint64_t)i, cases[i].prompt, cases[i].n, GEN_STEPS);
         CHECK(hx_cuda_engine_add(e, &r, E));
         run_to_end(e, got, n_got, 0);
-        assert_int_equal(n_got[i], GEN_STEPS);
-        for (int t = 0; t < GEN_STEPS; t++)
-            if (got[i][t] != cases[i].tokens[t])
-                fail_msg("request %d alone (graphs %d, decode1 %d): token %d is %d on the GPU, "
-                         "%d on the CPU",
-                         i, graphs, engine_decode1, t, got[i][t], cases[i].tokens[t]);
+        char how[64];
+        snprintf(how, sizeof how, "alone, graphs %d, decode1 %d", graphs, engine_decode1);
+        expect_cpu_tokens(cases, i, got[i], n_got[i], how);
     }
     int64_t steps = 0, graph_steps = 0;
     hx_cuda_engine_stats(e, &steps, &graph_steps);
